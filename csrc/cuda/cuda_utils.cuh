@@ -1,0 +1,54 @@
+// Small helpers shared by moequant's CUDA kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace moequant {
+
+inline bool is_aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// A contiguous tensor whose data pointer is 16-byte aligned (vector loads); copies only when a
+// view starts at an unaligned offset.
+inline at::Tensor contiguous_aligned16(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (!is_aligned(c.const_data_ptr(), 16)) c = c.clone();
+  return c;
+}
+
+// Grid size for a grid-stride loop: enough CTAs to fill the device a few times over.
+inline int64_t grid_for(int64_t work_items, int threads) {
+  const int64_t needed = (work_items + threads - 1) / threads;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max<int64_t>(1, std::min<int64_t>(needed, int64_t{sms} * 16));
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// ATen scalar type -> CUDA native type.
+template <typename T> struct native { using type = T; };
+template <> struct native<at::BFloat16> { using type = __nv_bfloat16; };
+template <> struct native<at::Half> { using type = __half; };
+
+}  // namespace moequant

@@ -1,0 +1,8 @@
+#include <torch/library.h>
+
+#include "../csrc/kernels.h"
+
+TORCH_LIBRARY_IMPL(moequant, CUDA, m) {
+  m.impl("quantize_nf4", &moequant::quantize_nf4_cuda);
+  m.impl("dequant_expert", &moequant::dequant_expert_cuda);
+}
