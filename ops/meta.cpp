@@ -24,3 +24,58 @@ TORCH_LIBRARY_IMPL(moequant, Meta, m) {
   m.impl("quantize_nf4", &moequant::quantize_nf4_meta);
   m.impl("dequant_expert", &moequant::dequant_expert_meta);
 }
+
+// ---- experts ops ----
+#include "../csrc/experts_checks.h"
+
+namespace moequant {
+
+#define MOEQUANT_EXPERTS_ARG_NAMES                                                                 \
+  gate_up_packed, gate_up_absmax, down_packed, down_absmax, blocksize, activation, transposed,   \
+      interleaved, gate_up_bias, down_bias, gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling, \
+      down_lora_A, down_lora_B, down_lora_scaling, act_alpha, act_limit
+
+static at::Tensor experts_forward_meta(const at::Tensor& hidden_states, const at::Tensor& top_k_index,
+                                       const at::Tensor& top_k_weights, MOEQUANT_EXPERTS_PARAMS) {
+  check_experts_args("moequant.experts_forward", hidden_states, top_k_index, top_k_weights,
+                     MOEQUANT_EXPERTS_ARG_NAMES);
+  return at::empty_like(hidden_states, at::MemoryFormat::Contiguous);
+}
+
+static std::tuple<at::Tensor, at::Tensor> experts_forward_train_meta(const at::Tensor& hidden_states,
+                                                                     const at::Tensor& top_k_index,
+                                                                     const at::Tensor& top_k_weights,
+                                                                     MOEQUANT_EXPERTS_PARAMS) {
+  const ExpertsProblem p = check_experts_args("moequant._experts_forward_train", hidden_states, top_k_index,
+                                              top_k_weights, MOEQUANT_EXPERTS_ARG_NAMES);
+  return {at::empty_like(hidden_states, at::MemoryFormat::Contiguous),
+          at::empty_symint({p.tokens * p.top_k, p.intermediate * 2}, hidden_states.options())};
+}
+
+static at::Tensor lora_grad_meta(const std::optional<at::Tensor>& factor, const at::Tensor& hidden) {
+  return factor.has_value() ? at::empty_like(*factor, at::MemoryFormat::Contiguous)
+                            : at::empty({0}, hidden.options());
+}
+
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_meta(
+    const at::Tensor& grad_out, const at::Tensor& hidden_states, const at::Tensor& top_k_index,
+    const at::Tensor& top_k_weights, const std::optional<at::Tensor>& gate_up_out, MOEQUANT_EXPERTS_PARAMS) {
+  const ExpertsProblem p = check_experts_args("moequant.experts_backward", hidden_states, top_k_index,
+                                              top_k_weights, MOEQUANT_EXPERTS_ARG_NAMES);
+  TORCH_CHECK(grad_out.sym_sizes() == hidden_states.sym_sizes(), "moequant.experts_backward: grad_out must "
+              "have shape ", hidden_states.sym_sizes(), ", got ", grad_out.sym_sizes());
+  return {at::empty_like(hidden_states, at::MemoryFormat::Contiguous),
+          at::empty_like(top_k_weights, at::MemoryFormat::Contiguous),
+          lora_grad_meta(gate_up_lora_A, hidden_states),
+          lora_grad_meta(gate_up_lora_B, hidden_states),
+          lora_grad_meta(down_lora_A, hidden_states),
+          lora_grad_meta(down_lora_B, hidden_states)};
+}
+
+}  // namespace moequant
+
+TORCH_LIBRARY_IMPL(moequant, Meta, m) {
+  m.impl("experts_forward", &moequant::experts_forward_meta);
+  m.impl("_experts_forward_train", &moequant::experts_forward_train_meta);
+  m.impl("experts_backward", &moequant::experts_backward_meta);
+}

@@ -1,0 +1,254 @@
+// CPU kernels of the experts ops: route (stable counting sort of the T*k pairs by expert), then
+// per expert dequantize its two matrices once into fp32 (fp64 for fp64 inputs), run the
+// projections with ATen's BLAS-backed mm, and reduce the k slots of each token in a fixed order.
+// Deterministic; the reference and oracle for the CUDA kernels.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "../experts_checks.h"
+#include "../gated_activation.h"
+#include "../kernels.h"
+
+namespace moequant {
+namespace {
+
+// Pairs p = t*k + j grouped by expert (stable): rows [offsets[e], offsets[e+1]) of `order`.
+// Sentinel pairs (index >= E) are left out.
+struct CpuRouting {
+  std::vector<int64_t> offsets;  // E + 1
+  at::Tensor order;              // int64 [routed pairs]
+};
+
+CpuRouting route_cpu(const at::Tensor& top_k_index, int64_t experts) {
+  const at::Tensor idx = top_k_index.to(at::kLong).contiguous().view(-1);
+  const int64_t* ids = idx.const_data_ptr<int64_t>();
+  const int64_t pairs = idx.numel();
+  CpuRouting r;
+  r.offsets.assign(experts + 1, 0);
+  for (int64_t p = 0; p < pairs; ++p) {
+    TORCH_CHECK(ids[p] >= 0, "moequant.experts: top_k_index must be >= 0 (indices >= E are "
+                "expert-parallel sentinels), got ", ids[p], " at flat position ", p);
+    if (ids[p] < experts) ++r.offsets[ids[p] + 1];
+  }
+  for (int64_t e = 0; e < experts; ++e) r.offsets[e + 1] += r.offsets[e];
+  r.order = at::empty({r.offsets[experts]}, idx.options());
+  int64_t* order = r.order.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> cursor(r.offsets.begin(), r.offsets.end() - 1);
+  for (int64_t p = 0; p < pairs; ++p) {
+    if (ids[p] < experts) order[cursor[ids[p]]++] = p;
+  }
+  return r;
+}
+
+// The arguments of one call, with everything converted to the compute dtype.
+struct CpuExperts {
+  ExpertsProblem problem;
+  at::ScalarType compute;
+  const at::Tensor& gate_up_packed;
+  const at::Tensor& gate_up_absmax;
+  const at::Tensor& down_packed;
+  const at::Tensor& down_absmax;
+  int64_t blocksize;
+  bool transposed, interleaved;
+  double alpha, limit;
+  at::Tensor gate_up_bias, down_bias;                        // undefined when absent
+  at::Tensor gu_A, gu_B, d_A, d_B;                           // undefined when absent
+  double gu_scaling, d_scaling;
+
+  // Expert e's dequantized matrix of a stack, in the compute dtype.
+  at::Tensor weight(const at::Tensor& packed, const at::Tensor& absmax, int64_t e) const {
+    at::Tensor w = at::empty({packed.size(1), packed.size(2) * 2}, packed.options().dtype(compute));
+    const int64_t numel = w.numel();
+    const uint8_t* p = packed.const_data_ptr<uint8_t>() + e * (numel / 2);
+    const float* a = absmax.const_data_ptr<float>() + e * (numel / blocksize);
+    if (compute == at::kDouble) {
+      dequant_nf4_blocks_cpu<double>(p, a, w.mutable_data_ptr<double>(), numel / blocksize, blocksize);
+    } else {
+      dequant_nf4_blocks_cpu<float>(p, a, w.mutable_data_ptr<float>(), numel / blocksize, blocksize);
+    }
+    return w;
+  }
+  // Weight as [in, out] so that y = x.mm(w_in_out).
+  at::Tensor gate_up_in_out(int64_t e) const {
+    at::Tensor w = weight(gate_up_packed, gate_up_absmax, e);
+    return transposed ? w : w.t();
+  }
+  at::Tensor down_in_out(int64_t e) const {
+    at::Tensor w = weight(down_packed, down_absmax, e);
+    return transposed ? w : w.t();
+  }
+  at::Tensor gate_up(const at::Tensor& x, const at::Tensor& w_in_out, int64_t e) const {
+    at::Tensor h = x.mm(w_in_out);
+    if (gate_up_bias.defined()) h += gate_up_bias[e];
+    if (gu_A.defined()) h += x.mm(gu_A[e].t()).mm(gu_B[e].t()) * gu_scaling;
+    return h;
+  }
+};
+
+at::Tensor opt_to(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
+  return t.has_value() ? t->to(dtype).contiguous() : at::Tensor();
+}
+
+CpuExperts make_problem(const char* op, const at::Tensor& hidden_states, const at::Tensor& top_k_index,
+                        const at::Tensor& top_k_weights, MOEQUANT_EXPERTS_PARAMS) {
+  ExpertsProblem problem = check_experts_args(op, hidden_states, top_k_index, top_k_weights, gate_up_packed,
+                                              gate_up_absmax, down_packed, down_absmax, blocksize, activation,
+                                              transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A,
+                                              gate_up_lora_B, gate_up_lora_scaling, down_lora_A, down_lora_B,
+                                              down_lora_scaling, act_alpha, act_limit);
+  TORCH_CHECK(hidden_states.device().is_cpu(), op, " (CPU kernel): hidden_states must be on CPU");
+  const at::ScalarType compute = hidden_states.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return CpuExperts{problem,
+                    compute,
+                    gate_up_packed,
+                    gate_up_absmax,
+                    down_packed,
+                    down_absmax,
+                    blocksize,
+                    transposed,
+                    interleaved,
+                    act_alpha,
+                    act_limit,
+                    opt_to(gate_up_bias, compute),
+                    opt_to(down_bias, compute),
+                    opt_to(gate_up_lora_A, compute),
+                    opt_to(gate_up_lora_B, compute),
+                    opt_to(down_lora_A, compute),
+                    opt_to(down_lora_B, compute),
+                    gate_up_lora_scaling,
+                    down_lora_scaling};
+}
+
+// Shared forward; also fills `gate_up_out` (routing order) when it is defined.
+at::Tensor forward_cpu(const CpuExperts& c, const at::Tensor& hidden_states, const at::Tensor& top_k_index,
+                       const at::Tensor& top_k_weights, at::Tensor gate_up_out) {
+  const int64_t T = hidden_states.size(0), k = top_k_index.size(1), H = hidden_states.size(1);
+  const int64_t E = c.problem.experts.expect_int();
+  const CpuRouting r = route_cpu(top_k_index, E);
+  const at::Tensor x = hidden_states.to(c.compute).contiguous();
+  const at::Tensor w = top_k_weights.to(c.compute).contiguous().view(-1);
+  at::Tensor y_pairs = at::zeros({T * k, H}, x.options());  // weighted expert outputs, pair order
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t begin = r.offsets[e], end = r.offsets[e + 1];
+    if (begin == end) continue;
+    const at::Tensor pairs = r.order.slice(0, begin, end);
+    const at::Tensor xe = x.index_select(0, at::floor_divide(pairs, k));
+    const at::Tensor h = c.gate_up(xe, c.gate_up_in_out(e), e);
+    if (gate_up_out.defined()) gate_up_out.slice(0, begin, end).copy_(h);
+    const at::Tensor a = gated_activation_forward(h, c.problem.activation, c.interleaved, c.alpha, c.limit);
+    at::Tensor y = a.mm(c.down_in_out(e));
+    if (c.down_bias.defined()) y += c.down_bias[e];
+    if (c.d_A.defined()) y += a.mm(c.d_A[e].t()).mm(c.d_B[e].t()) * c.d_scaling;
+    y_pairs.index_copy_(0, pairs, y * w.index_select(0, pairs).unsqueeze(1));
+  }
+  // Fixed-order fp32 reduction over the k slots of each token.
+  return y_pairs.view({T, k, H}).sum(1).to(hidden_states.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor experts_forward_cpu(const at::Tensor& hidden_states, const at::Tensor& top_k_index,
+                               const at::Tensor& top_k_weights, MOEQUANT_EXPERTS_PARAMS) {
+  const CpuExperts c = make_problem("moequant.experts_forward", hidden_states, top_k_index, top_k_weights,
+                                    gate_up_packed, gate_up_absmax, down_packed, down_absmax, blocksize, activation,
+                                    transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A, gate_up_lora_B,
+                                    gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling, act_alpha,
+                                    act_limit);
+  return forward_cpu(c, hidden_states, top_k_index, top_k_weights, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor> experts_forward_train_cpu(const at::Tensor& hidden_states,
+                                                             const at::Tensor& top_k_index,
+                                                             const at::Tensor& top_k_weights,
+                                                             MOEQUANT_EXPERTS_PARAMS) {
+  const CpuExperts c = make_problem("moequant._experts_forward_train", hidden_states, top_k_index, top_k_weights,
+                                    gate_up_packed, gate_up_absmax, down_packed, down_absmax, blocksize, activation,
+                                    transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A, gate_up_lora_B,
+                                    gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling, act_alpha,
+                                    act_limit);
+  const int64_t pairs = top_k_index.numel();
+  const int64_t features = c.problem.intermediate.expect_int() * 2;
+  // Sentinel rows at the tail stay zero.
+  at::Tensor gate_up_out = at::zeros({pairs, features}, hidden_states.options());
+  at::Tensor gate_up_compute = gate_up_out.scalar_type() == c.compute ? gate_up_out
+                                                                       : at::zeros({pairs, features},
+                                                                                   hidden_states.options().dtype(c.compute));
+  at::Tensor out = forward_cpu(c, hidden_states, top_k_index, top_k_weights, gate_up_compute);
+  if (!gate_up_compute.is_same(gate_up_out)) gate_up_out.copy_(gate_up_compute);
+  return {out, gate_up_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& hidden_states, const at::Tensor& top_k_index,
+    const at::Tensor& top_k_weights, const std::optional<at::Tensor>& gate_up_out, MOEQUANT_EXPERTS_PARAMS) {
+  const char* op = "moequant.experts_backward";
+  const CpuExperts c = make_problem(op, hidden_states, top_k_index, top_k_weights, gate_up_packed, gate_up_absmax,
+                                    down_packed, down_absmax, blocksize, activation, transposed, interleaved,
+                                    gate_up_bias, down_bias, gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling,
+                                    down_lora_A, down_lora_B, down_lora_scaling, act_alpha, act_limit);
+  const int64_t T = hidden_states.size(0), k = top_k_index.size(1), H = hidden_states.size(1);
+  const int64_t E = c.problem.experts.expect_int();
+  const int64_t features = c.problem.intermediate.expect_int() * 2;
+  TORCH_CHECK(grad_out.sizes() == hidden_states.sizes(), op, ": grad_out must have shape ", hidden_states.sizes(),
+              ", got ", grad_out.sizes());
+  if (gate_up_out.has_value()) {
+    TORCH_CHECK(gate_up_out->dim() == 2 && gate_up_out->size(0) == T * k && gate_up_out->size(1) == features, op,
+                ": gate_up_out must have shape [", T * k, ", ", features, "], got ", gate_up_out->sizes());
+  }
+  const CpuRouting r = route_cpu(top_k_index, E);
+  const at::Tensor x = hidden_states.to(c.compute).contiguous();
+  const at::Tensor g = grad_out.to(c.compute).contiguous();
+  const at::Tensor w = top_k_weights.to(c.compute).contiguous().view(-1);
+  at::Tensor grad_x_pairs = at::zeros({T * k, H}, x.options());
+  at::Tensor grad_w = at::zeros({T * k}, x.options());
+  at::Tensor g_guA = c.gu_A.defined() ? at::zeros_like(c.gu_A) : at::Tensor();
+  at::Tensor g_guB = c.gu_B.defined() ? at::zeros_like(c.gu_B) : at::Tensor();
+  at::Tensor g_dA = c.d_A.defined() ? at::zeros_like(c.d_A) : at::Tensor();
+  at::Tensor g_dB = c.d_B.defined() ? at::zeros_like(c.d_B) : at::Tensor();
+
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t begin = r.offsets[e], end = r.offsets[e + 1];
+    if (begin == end) continue;
+    const at::Tensor pairs = r.order.slice(0, begin, end);
+    const at::Tensor tokens = at::floor_divide(pairs, k);
+    const at::Tensor xe = x.index_select(0, tokens);
+    const at::Tensor ge = g.index_select(0, tokens);  // gradient of the token, before routing weight
+    const at::Tensor we = w.index_select(0, pairs).unsqueeze(1);
+    const at::Tensor w_gu = c.gate_up_in_out(e);  // recomputed from the packed stack
+    const at::Tensor h = gate_up_out.has_value() ? gate_up_out->slice(0, begin, end).to(c.compute)
+                                                 : c.gate_up(xe, w_gu, e);
+    const at::Tensor a = gated_activation_forward(h, c.problem.activation, c.interleaved, c.alpha, c.limit);
+    // ga = grad_out · W_d,eff (unweighted): gives both d(routing weight) and d(activation).
+    at::Tensor ga = ge.mm(c.down_in_out(e).t());
+    if (c.d_A.defined()) ga += ge.mm(c.d_B[e]).mm(c.d_A[e]) * c.d_scaling;
+    at::Tensor gw = (ga * a).sum(1);
+    if (c.down_bias.defined()) gw += ge.mv(c.down_bias[e]);
+    grad_w.index_copy_(0, pairs, gw);
+    const at::Tensor gy = ge * we;  // gradient of this expert's down output
+    if (c.d_A.defined()) {
+      g_dB[e].copy_(gy.t().mm(a.mm(c.d_A[e].t())) * c.d_scaling);
+      g_dA[e].copy_(gy.mm(c.d_B[e]).t().mm(a) * c.d_scaling);
+    }
+    const at::Tensor dh = gated_activation_backward(h, ga * we, c.problem.activation, c.interleaved, c.alpha,
+                                                    c.limit);
+    at::Tensor dx = dh.mm(w_gu.t());
+    if (c.gu_A.defined()) {
+      const at::Tensor dh_B = dh.mm(c.gu_B[e]);
+      dx += dh_B.mm(c.gu_A[e]) * c.gu_scaling;
+      g_guB[e].copy_(dh.t().mm(xe.mm(c.gu_A[e].t())) * c.gu_scaling);
+      g_guA[e].copy_(dh_B.t().mm(xe) * c.gu_scaling);
+    }
+    grad_x_pairs.index_copy_(0, pairs, dx);
+  }
+  auto lora_grad = [&](const at::Tensor& grad, const std::optional<at::Tensor>& factor) {
+    return grad.defined() ? grad.to(factor->scalar_type()) : at::empty({0}, hidden_states.options());
+  };
+  return {grad_x_pairs.view({T, k, H}).sum(1).to(hidden_states.scalar_type()),
+          grad_w.view({T, k}).to(top_k_weights.scalar_type()),
+          lora_grad(g_guA, gate_up_lora_A),
+          lora_grad(g_guB, gate_up_lora_B),
+          lora_grad(g_dA, down_lora_A),
+          lora_grad(g_dB, down_lora_B)};
+}
+
+}  // namespace moequant
