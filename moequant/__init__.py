@@ -5,7 +5,8 @@ typed wrappers and the integrations with transformers, PEFT and Axolotl.
 """
 
 from ._ops import ops
+from .experts import experts_forward
 from .nf4 import NF4Stack, dequant_expert, quantize_nf4
 
-__all__ = ["ops", "NF4Stack", "quantize_nf4", "dequant_expert"]
+__all__ = ["ops", "NF4Stack", "quantize_nf4", "dequant_expert", "experts_forward"]
 __version__ = "0.1.0"

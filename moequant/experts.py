@@ -1,0 +1,75 @@
+"""Typed entry point of the fused experts op (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._ops import ops
+from .nf4 import NF4Stack
+
+
+def experts_forward(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: NF4Stack,
+    down: NF4Stack,
+    *,
+    activation: str = "silu",
+    transposed: bool = False,
+    interleaved: bool = False,
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
+    gate_up_lora: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None,
+    down_lora: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None,
+    act_alpha: float = 1.702,
+    act_limit: float = 7.0,
+) -> torch.Tensor:
+    """The routed, gated experts MLP computed from NF4 stacks: ``[T, H] -> [T, H]``.
+
+    Args:
+        hidden_states: ``[T, H]`` activations (float32/float16/bfloat16; float64 on CPU).
+        top_k_index: ``[T, k]`` expert ids (int64 or int32); ids ``>= E`` contribute zero.
+        top_k_weights: ``[T, k]`` routing weights.
+        gate_up, down: the quantized stacks, logical ``[E, 2I, H]`` and ``[E, H, I]``
+            (``[E, H, 2I]`` and ``[E, I, H]`` when ``transposed``).
+        activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"swiglu_oai"`` (gpt-oss).
+        interleaved: gate/up in even/odd output features instead of two halves.
+        gate_up_bias, down_bias: optional ``[E, 2I]`` and ``[E, H]`` biases (frozen).
+        gate_up_lora, down_lora: optional ``(A [E, r, in], B [E, out, r], scaling)``; the
+            weight used is ``W + scaling * B @ A``, computed factored (no ``[E, out, in]`` delta).
+
+    Differentiable w.r.t. ``hidden_states``, ``top_k_weights`` and the LoRA factors; the backward
+    recomputes dequantized weights from the packed stacks.
+    """
+    if gate_up.blocksize != down.blocksize:
+        raise ValueError(
+            f"experts_forward: gate_up and down must share a blocksize, got {gate_up.blocksize} and {down.blocksize}"
+        )
+    gu_a, gu_b, gu_s = gate_up_lora if gate_up_lora is not None else (None, None, 1.0)
+    d_a, d_b, d_s = down_lora if down_lora is not None else (None, None, 1.0)
+    return ops.experts_forward(
+        hidden_states,
+        top_k_index,
+        top_k_weights,
+        gate_up.packed,
+        gate_up.absmax,
+        down.packed,
+        down.absmax,
+        blocksize=gate_up.blocksize,
+        activation=activation,
+        transposed=transposed,
+        interleaved=interleaved,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
+        gate_up_lora_A=gu_a,
+        gate_up_lora_B=gu_b,
+        gate_up_lora_scaling=float(gu_s),
+        down_lora_A=d_a,
+        down_lora_B=d_b,
+        down_lora_scaling=float(d_s),
+        act_alpha=act_alpha,
+        act_limit=act_limit,
+    )
