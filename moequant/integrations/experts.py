@@ -1,0 +1,169 @@
+"""The "moequant" experts implementation for transformers' ``ExpertsInterface``.
+
+transformers' ``@use_experts_implementation`` experts modules dispatch their forward through
+``ALL_EXPERTS_FUNCTIONS[config._experts_implementation]``. :func:`moequant_experts_forward` is
+registered there as "moequant": it hands the packed NF4 stacks (and, while PEFT LoRA is active,
+the low-rank factors) to ``torch.ops.moequant.experts_forward``, so neither a dense stack nor an
+``[E, N, K]`` LoRA delta is ever built.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .parametrize import is_quantized, nf4_stack_of
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION_NAME = "moequant"
+# Used for experts modules of the same model that moequant did not quantize (the config, and so
+# the chosen implementation, is shared by every experts module of a model).
+FALLBACK_IMPLEMENTATION = "grouped_mm"
+
+# Experts classes whose custom `_apply_gate` is the gpt-oss clamped SwiGLU, ``(up + 1) * gate * sigmoid(alpha * gate)``.
+_SWIGLU_OAI_CLASSES = ("GptOssExperts", "OpenAIPrivacyFilterExperts")
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How one experts module stores and applies its weights (the op's layout arguments)."""
+
+    gate_up_name: str
+    down_name: str
+    activation: str
+    transposed: bool
+    interleaved: bool
+    has_bias: bool
+    act_alpha: float = 1.702
+    act_limit: float = 7.0
+
+    @property
+    def weight_names(self) -> tuple[str, str]:
+        return (self.gate_up_name, self.down_name)
+
+
+def _activation_name(act_fn: nn.Module) -> Optional[str]:
+    cls = type(act_fn).__name__
+    if cls in ("SiLUActivation", "SiLU"):
+        return "silu"
+    if cls == "GELU":
+        return "gelu_tanh" if getattr(act_fn, "approximate", "none") == "tanh" else "gelu"
+    if cls == "GELUActivation":
+        return "gelu"
+    if cls in ("GELUTanh", "NewGELUActivation", "PytorchGELUTanh", "GELUPytorchTanh"):
+        return "gelu_tanh"
+    return None
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers fused-experts module (``@use_experts_implementation``)."""
+    return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and hasattr(module, "down_proj")
+
+
+def experts_layout(module: nn.Module) -> ExpertsLayout:
+    """Read the layout of a transformers experts module; raise ``ValueError`` naming what is unsupported."""
+    name = type(module).__name__
+    if not is_experts_module(module):
+        raise ValueError(
+            f"{name} is not a transformers fused-experts module (expected the attributes has_gate, is_transposed "
+            "and down_proj set by @use_experts_implementation)"
+        )
+    if not module.has_gate:
+        raise ValueError(f"{name} has no gate (has_gate=False, an up_proj-only MLP); moequant supports gated experts only")
+    transposed = bool(module.is_transposed)
+    interleaved = not bool(getattr(module, "is_concatenated", True))
+    has_bias = bool(module.has_bias)
+    from transformers.integrations.moe import _default_apply_gate
+
+    custom_gate = getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate
+    if custom_gate:
+        if name not in _SWIGLU_OAI_CLASSES:
+            raise ValueError(
+                f"{name} defines its own _apply_gate; moequant supports the default gate (act_fn(gate) * up) and the "
+                f"gpt-oss clamped SwiGLU of {_SWIGLU_OAI_CLASSES}"
+            )
+        activation = "swiglu_oai"
+        alpha, limit = float(module.alpha), float(module.limit)
+    else:
+        activation = _activation_name(getattr(module, "act_fn", None))
+        if activation is None:
+            raise ValueError(
+                f"{name}.act_fn is {type(getattr(module, 'act_fn', None)).__name__}; moequant supports SiLU, GELU "
+                "and tanh-GELU gates"
+            )
+        alpha, limit = 1.702, 7.0
+    return ExpertsLayout("gate_up_proj", "down_proj", activation, transposed, interleaved, has_bias, alpha, limit)
+
+
+def _lora_kwargs(module: nn.Module, name: str, prefix: str) -> dict:
+    """The op's LoRA arguments for projection ``name`` while a PEFT adapter is active (see peft.py)."""
+    factors = getattr(module, "_moequant_lora", {}).get(name)
+    if factors is None:
+        return {}
+    lora_a, lora_b, scaling = factors
+    return {f"{prefix}_lora_A": lora_a, f"{prefix}_lora_B": lora_b, f"{prefix}_lora_scaling": float(scaling)}
+
+
+def moequant_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """``ExpertsInterface`` entry: ``[T, H]`` tokens routed to ``top_k_index [T, k]`` -> ``[T, H]``."""
+    layout: Optional[ExpertsLayout] = getattr(self, "_moequant_layout", None)
+    if layout is None or not all(is_quantized(self, n) for n in layout.weight_names):
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        fallback = ALL_EXPERTS_FUNCTIONS.get(FALLBACK_IMPLEMENTATION)
+        return fallback(self, hidden_states, top_k_index, top_k_weights)
+    gate_up = nf4_stack_of(self, layout.gate_up_name)
+    down = nf4_stack_of(self, layout.down_name)
+    if gate_up.blocksize != down.blocksize:
+        raise ValueError(
+            f"{type(self).__name__}: gate_up and down stacks use blocksizes {gate_up.blocksize} and {down.blocksize}; "
+            "moequant needs one blocksize per experts module"
+        )
+    kwargs = {}
+    if layout.has_bias:
+        kwargs["gate_up_bias"] = getattr(self, f"{layout.gate_up_name}_bias")
+        kwargs["down_bias"] = getattr(self, f"{layout.down_name}_bias")
+    kwargs.update(_lora_kwargs(self, layout.gate_up_name, "gate_up"))
+    kwargs.update(_lora_kwargs(self, layout.down_name, "down"))
+    return torch.ops.moequant.experts_forward(
+        hidden_states,
+        top_k_index,
+        top_k_weights,
+        gate_up_packed=gate_up.packed,
+        gate_up_absmax=gate_up.absmax,
+        down_packed=down.packed,
+        down_absmax=down.absmax,
+        blocksize=gate_up.blocksize,
+        activation=layout.activation,
+        transposed=layout.transposed,
+        interleaved=layout.interleaved,
+        act_alpha=layout.act_alpha,
+        act_limit=layout.act_limit,
+        **kwargs,
+    )
+
+
+def register_experts_implementation() -> None:
+    """Register "moequant" in transformers' ``ALL_EXPERTS_FUNCTIONS`` (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if IMPLEMENTATION_NAME not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION_NAME, moequant_experts_forward)
+
+
+def select_experts_implementation(module: nn.Module) -> None:
+    """Make ``module`` (and every experts module sharing its config) dispatch to "moequant"."""
+    register_experts_implementation()
+    config = getattr(module, "config", None)
+    if config is None:
+        raise ValueError(f"{type(module).__name__} has no .config; cannot select the moequant experts implementation")
+    if config._experts_implementation != IMPLEMENTATION_NAME:
+        logger.debug("experts implementation %r -> %r", config._experts_implementation, IMPLEMENTATION_NAME)
+        config._experts_implementation = IMPLEMENTATION_NAME

@@ -1,0 +1,193 @@
+"""PEFT LoRA on quantized experts: ``LoraConfig(target_parameters=["mlp.experts.gate_up_proj", ...])``.
+
+PEFT's ``ParamWrapper`` adapts one ``nn.Parameter`` by registering, around each forward, a
+parametrization that makes the parameter read as ``W + scaling * B @ A`` (a dense ``[E, N, K]``
+tensor). On a moequant-quantized experts module that would dequantize the whole stack and build
+the delta on every forward. :func:`patch_peft` changes four things, only for wrappers whose base
+parameter is quantized by moequant (every other wrapper behaves exactly as before):
+
+* injection: PEFT finds target parameters through ``named_parameters(recurse=False)``, which does
+  not list parametrized parameters, and nests its wrappers in that order. Quantized experts are
+  matched (exact name or ``.suffix``, as PEFT does) in the order the dense module registered its
+  parameters, so an adapter trained here has exactly the keys of one trained on the bf16 model;
+* ``get_param``: a zero-stride stand-in with the logical shape, dtype and device (PEFT only reads
+  those), instead of a dequantized stack;
+* ``_activate_lora``: stores the low-rank factors ``A [E, r, in]``, ``B [E, out, r]`` and the scaling
+  on the experts module, where the "moequant" experts implementation passes them to
+  ``torch.ops.moequant.experts_forward``;
+* ``merge``: dequantizes that parameter to a dense one, then merges as PEFT does (the result is the
+  bf16 model with the adapter folded in; ``unmerge`` then works on the dense weight).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .parametrize import dequantize_parameter, is_quantized, nf4_stack_of
+
+logger = logging.getLogger(__name__)
+
+_ORIGINALS: dict = {}
+
+
+def _quantized_base(wrapper) -> Optional[nn.Module]:
+    """The experts module under ``wrapper`` if the parameter it adapts is quantized by moequant."""
+    base = wrapper.get_base_layer()
+    return base if is_quantized(base, wrapper.parameter_name) else None
+
+
+def lora_factors(wrapper, adapters: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A [E, r, in], B [E, out, r], scaling)`` of the active adapters of one ``ParamWrapper``.
+
+    PEFT stores one expert's factors interleaved in ``nn.Linear`` weights: ``lora_A.weight`` is
+    ``[E*r, in]`` (expert-major) and ``lora_B.weight`` is ``[out, r*E]`` (expert-minor). Its
+    ``in_features``/``out_features`` are the projection's real input/output sizes whether or not the
+    parameter is stored transposed, which is also the op's convention. Several active adapters are
+    concatenated along the rank with their scalings folded into ``B``.
+    """
+    num_experts = wrapper.num_experts
+    a_list, b_list, scalings = [], [], []
+    for name in adapters:
+        weight_a = wrapper.lora_A[name].weight
+        weight_b = wrapper.lora_B[name].weight
+        a_list.append(weight_a.reshape(num_experts, -1, weight_a.shape[-1]).to(dtype))
+        b_list.append(weight_b.reshape(weight_b.shape[0], -1, num_experts).permute(2, 0, 1).to(dtype))
+        scalings.append(float(wrapper.scaling[name]))
+    if len(adapters) == 1:
+        return a_list[0].contiguous(), b_list[0].contiguous(), scalings[0]
+    lora_a = torch.cat(a_list, dim=1).contiguous()
+    lora_b = torch.cat([b * s for b, s in zip(b_list, scalings)], dim=2).contiguous()
+    return lora_a, lora_b, 1.0
+
+
+def _get_param(self):
+    base = _quantized_base(self)
+    if base is None:
+        return _ORIGINALS["get_param"](self)
+    stack = nf4_stack_of(base, self.parameter_name)
+    return torch.empty((), dtype=stack.dtype, device=stack.device).expand(stack.shape)
+
+
+@contextlib.contextmanager
+def _activate_lora(self, active_adapters: list[str]):
+    base = _quantized_base(self)
+    if base is None:
+        with _ORIGINALS["_activate_lora"](self, active_adapters):
+            yield
+        return
+    adapters = [a for a in (active_adapters or []) if a in self.lora_A]
+    if not adapters:
+        yield
+        return
+    factors = lora_factors(self, adapters, nf4_stack_of(base, self.parameter_name).dtype)
+    active = base.__dict__.setdefault("_moequant_lora", {})
+    previous = active.get(self.parameter_name)
+    active[self.parameter_name] = factors
+    try:
+        yield
+    finally:
+        if previous is None:
+            active.pop(self.parameter_name, None)
+        else:
+            active[self.parameter_name] = previous
+
+
+def _merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    base = _quantized_base(self)
+    if base is not None:
+        logger.info("moequant: dequantizing %s.%s to merge LoRA into it", type(base).__name__, self.parameter_name)
+        dequantize_parameter(base, self.parameter_name)
+    return _ORIGINALS["merge"](self, safe_merge=safe_merge, adapter_names=adapter_names)
+
+
+def _strip_base_layer(module_name: str) -> str:
+    """``a.experts.base_layer.base_layer`` -> ``a.experts`` (PEFT's name for a wrapped module)."""
+    return module_name.replace(".base_layer", "")
+
+
+def _matches(key: str, targets: list[str]) -> bool:
+    return key in targets or any(key.endswith(f".{t}") for t in targets)
+
+
+def _inject_parameters(self, peft_config, model, adapter_name, low_cpu_mem_usage):
+    """PEFT's parameter injection, plus quantized experts matched in their dense parameter order."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import _get_submodules
+
+    targets = sorted(set(peft_config.target_parameters))
+    # (module name, unwrapped name, experts module) of every quantized experts module, collected
+    # before any replacement so that wrapping does not disturb the walk.
+    quantized = []
+    for module_name, module in model.named_modules():
+        if getattr(module, "_moequant_layout", None) is None or not hasattr(module, "parametrizations"):
+            continue
+        unwrapped = _strip_base_layer(module_name)
+        quantized.append((module_name, unwrapped, module))
+    quantized_keys = {
+        f"{unwrapped}.{p}" for _, unwrapped, m in quantized for p in m._moequant_layout.weight_names if is_quantized(m, p)
+    }
+
+    # PEFT matches an already-parametrized parameter by its exact full name; keep those for us.
+    saved_targets = peft_config.target_parameters
+    peft_config.target_parameters = [t for t in saved_targets if t not in quantized_keys]
+    try:
+        targeted = list(_ORIGINALS["_inject_parameters"](self, peft_config, model, adapter_name, low_cpu_mem_usage))
+    finally:
+        peft_config.target_parameters = saved_targets
+
+    ctx = contextlib.nullcontext
+    if low_cpu_mem_usage:
+        from accelerate import init_empty_weights as ctx
+    for module_name, unwrapped, module in quantized:
+        order = [p for p in getattr(module, "_moequant_param_order", ()) if hasattr(module, p)]
+        for param_name in order:
+            key = f"{unwrapped}.{param_name}"
+            if not _matches(key, targets):
+                continue
+            if peft_config.lora_dropout:
+                raise ValueError(
+                    f"LoRA on the moequant-quantized parameter {key} needs lora_dropout=0 (dropout on the input "
+                    f"cannot be factored out of a fused experts op); got lora_dropout={peft_config.lora_dropout}"
+                )
+            parent, target, target_name = _get_submodules(model, module_name)
+            wrapper = model.get_submodule(unwrapped)
+            while isinstance(wrapper, BaseTunerLayer) and type(wrapper).__name__ == "ParamWrapper":
+                if wrapper.parameter_name == param_name:  # a previous adapter wraps it: add to that wrapper
+                    target = wrapper
+                    break
+                wrapper = wrapper.base_layer
+            self._check_target_module_compatiblity(peft_config, model, target_name)
+            with ctx():
+                self._create_and_replace(
+                    peft_config, adapter_name, target, target_name, parent, current_key=key, parameter_name=param_name
+                )
+            targeted.append(key)
+    return targeted
+
+
+def patch_peft() -> bool:
+    """Install the moequant behaviour of PEFT's ``ParamWrapper`` (idempotent); False without PEFT."""
+    if _ORIGINALS:
+        return True
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+        from peft.tuners.tuners_utils import BaseTuner
+    except ImportError:
+        return False
+    _ORIGINALS.update(
+        get_param=ParamWrapper.get_param,
+        _activate_lora=ParamWrapper._activate_lora,
+        merge=ParamWrapper.merge,
+        _inject_parameters=BaseTuner._inject_parameters,
+    )
+    ParamWrapper.get_param = _get_param
+    ParamWrapper._activate_lora = _activate_lora
+    ParamWrapper.merge = _merge
+    BaseTuner._inject_parameters = _inject_parameters
+    logger.debug("moequant: PEFT ParamWrapper patched for quantized experts")
+    return True

@@ -1,0 +1,340 @@
+"""Quantize transformers' fused MoE experts to NF4 while ``from_pretrained`` loads them.
+
+    with moequant.quantize_experts_on_load():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+
+How: transformers' loader calls ``transformers.core_model_loading.set_param_for_module`` once
+per final (already fused, already on its target device) tensor. While the context is active that
+function is wrapped: right after an experts module's ``gate_up_proj`` / ``down_proj`` is set, it is
+quantized and the dense tensor dropped, before the loader materializes the next tensor. This is
+independent of any ``quantization_config``, so bitsandbytes' 4-bit ``nn.Linear`` replacement
+(``BitsAndBytesConfig(load_in_4bit=True)``) composes with it, and it works without bitsandbytes.
+
+Two loader features would otherwise hold many dense expert tensors at once and erase the saving;
+the context disables both, and only while it is active: ``caching_allocator_warmup`` (reserves
+the whole model at its dense size on the GPU) and the asynchronous loader, whose thread pool
+prefetches many dense tensors ahead of the one being set (``HF_DEACTIVATE_ASYNC_LOAD``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import types
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .experts import ExpertsLayout, experts_layout, is_experts_module, select_experts_implementation
+from .parametrize import is_quantized, nf4_stack_of, quantize_parameter
+from .peft import patch_peft
+
+logger = logging.getLogger(__name__)
+
+_MB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizing modules and models
+# ---------------------------------------------------------------------------------------------
+
+
+def find_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every transformers fused-experts module (``@use_experts_implementation``)."""
+    return [(name, m) for name, m in model.named_modules() if is_experts_module(m)]
+
+
+def _check_model(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    experts = find_experts_modules(model)
+    if not experts:
+        raise ValueError(
+            f"{type(model).__name__} has no fused experts module (a transformers module decorated with "
+            "@use_experts_implementation holding 3-D gate_up_proj/down_proj parameters); moequant has nothing to quantize"
+        )
+    for name, module in experts:
+        try:
+            module._moequant_layout = experts_layout(module)
+        except ValueError as err:
+            raise ValueError(f"{type(model).__name__}.{name}: {err}") from None
+        # PEFT nests its ParamWrappers in the order of named_parameters(recurse=False), which loses
+        # parametrized parameters: remember the dense order so adapters keep the bf16 model's keys.
+        if not hasattr(module, "_moequant_param_order"):
+            module._moequant_param_order = tuple(n for n, _ in module.named_parameters(recurse=False))
+    return experts
+
+
+def quantize_experts_module(module: nn.Module, blocksize: int = 64) -> int:
+    """Quantize the dense, materialized expert weights of one experts module; returns bytes freed."""
+    layout: ExpertsLayout = getattr(module, "_moequant_layout", None) or experts_layout(module)
+    module._moequant_layout = layout
+    freed = 0
+    for name in layout.weight_names:
+        if is_quantized(module, name):
+            continue
+        weight = getattr(module, name)
+        if weight.device.type == "meta" and not getattr(module, "_moequant_allow_meta", False):
+            continue
+        freed += weight.numel() * weight.element_size()
+        del weight
+        quantize_parameter(module, name, blocksize)
+    select_experts_implementation(module)
+    patch_peft()
+    return freed
+
+
+def quantize_model_experts(model: nn.Module, blocksize: int = 64) -> nn.Module:
+    """Quantize every fused experts module of an already-built model in place (also works on ``meta``)."""
+    for _, module in _check_model(model):
+        module._moequant_allow_meta = True
+        try:
+            quantize_experts_module(module, blocksize)
+        finally:
+            del module._moequant_allow_meta
+    install_parameter_accounting(model)
+    return model
+
+
+def quantized_stacks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """``(qualified name, experts module, parameter name)`` of every quantized expert stack."""
+    for name, module in model.named_modules():
+        layout = getattr(module, "_moequant_layout", None)
+        if layout is None:
+            continue
+        for pname in layout.weight_names:
+            if is_quantized(module, pname):
+                yield f"{name}.{pname}" if name else pname, module, pname
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounting
+# ---------------------------------------------------------------------------------------------
+
+
+def _num_parameters_with_logical_experts(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    total = type(self).num_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+    if only_trainable:  # the packed codes are frozen; so are the logical weights they stand for
+        return total
+    for _, module, pname in quantized_stacks(self):
+        stack = nf4_stack_of(module, pname)
+        total += stack.shape.numel() - stack.packed.numel()
+    return total
+
+
+def install_parameter_accounting(model: nn.Module) -> None:
+    """Make ``model.num_parameters()`` count each quantized stack as its logical ``E*N*K`` weights.
+
+    (``get_memory_footprint()`` needs nothing: it already sums the packed ``uint8`` parameter and the
+    ``absmax`` buffer, the real bytes.)
+    """
+    if hasattr(type(model), "num_parameters"):
+        model.num_parameters = types.MethodType(_num_parameters_with_logical_experts, model)
+
+
+@dataclass
+class MemorySummary:
+    """Bytes of a model with quantized experts; ``experts_dense_bytes`` is what the experts took before."""
+
+    experts_dense_bytes: int = 0
+    experts_packed_bytes: int = 0
+    other_bytes: int = 0
+    num_stacks: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.experts_packed_bytes + self.other_bytes
+
+    def format(self) -> str:
+        ratio = self.experts_dense_bytes / max(self.experts_packed_bytes, 1)
+        return (
+            f"{self.num_stacks} expert stacks: {self.experts_dense_bytes / _MB:.1f} MB dense -> "
+            f"{self.experts_packed_bytes / _MB:.1f} MB NF4 ({ratio:.2f}x smaller); "
+            f"other weights {self.other_bytes / _MB:.1f} MB; model {self.total_bytes / _MB:.1f} MB"
+        )
+
+
+def memory_summary(model: nn.Module) -> MemorySummary:
+    """Dense vs packed bytes of the quantized experts, and the bytes of everything else."""
+    summary = MemorySummary()
+    packed_ids = set()
+    for _, module, pname in quantized_stacks(model):
+        stack = nf4_stack_of(module, pname)
+        summary.num_stacks += 1
+        summary.experts_dense_bytes += stack.shape.numel() * torch.empty((), dtype=stack.dtype).element_size()
+        summary.experts_packed_bytes += stack.nbytes()
+        packed_ids.update((id(stack.packed), id(stack.absmax)))
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in packed_ids or id(t) in seen:
+            continue
+        seen.add(id(t))
+        summary.other_bytes += t.numel() * t.element_size()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader hook
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadStats:
+    """What the hook did during one ``from_pretrained``; ``peak_resident_bytes`` counts the model's
+    tensors plus the dense expert tensor being quantized (the loader's own transient buffers aside)."""
+
+    blocksize: int = 64
+    num_stacks: int = 0
+    dense_bytes: int = 0
+    packed_bytes: int = 0
+    resident_bytes: int = 0
+    peak_resident_bytes: int = 0
+    quantize_seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    cuda_peak_bytes: dict = field(default_factory=dict)
+
+
+class _Hook:
+    """Process-wide state of the patched loader (the context manager may be nested or re-entered)."""
+
+    lock = threading.RLock()
+    depth = 0
+    saved: dict = {}
+    blocksize = 64
+    stats: "weakref.WeakKeyDictionary[nn.Module, LoadStats]" = weakref.WeakKeyDictionary()
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return 0 if t.device.type == "meta" else t.numel() * t.element_size()
+
+
+def _set_param_and_quantize(model, target_name, param_value, *args, **kwargs):
+    """Wraps ``core_model_loading.set_param_for_module`` (its signature changed during 5.x: pass through)."""
+    stats = _Hook.stats.get(model)
+    if stats is None:
+        _check_model(model)  # fail fast, before anything is loaded, on unsupported layouts
+        stats = _Hook.stats[model] = LoadStats(blocksize=_Hook.blocksize)
+        logger.info("moequant: quantizing fused experts of %s to NF4 while loading", type(model).__name__)
+    _Hook.saved["set_param_for_module"](model, target_name, param_value, *args, **kwargs)
+
+    module_path, _, param_name = target_name.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    layout = getattr(module, "_moequant_layout", None)
+    incoming = _tensor_bytes(param_value)
+    del param_value
+    if layout is None or param_name not in layout.weight_names or is_quantized(module, param_name):
+        stats.resident_bytes += incoming
+        stats.peak_resident_bytes = max(stats.peak_resident_bytes, stats.resident_bytes)
+        return
+    if getattr(module, param_name).device.type == "meta":
+        return
+    stats.peak_resident_bytes = max(stats.peak_resident_bytes, stats.resident_bytes + incoming)
+    start = time.perf_counter()
+    stack = quantize_parameter(module, param_name, stats.blocksize)
+    if all(is_quantized(module, n) for n in layout.weight_names):
+        select_experts_implementation(module)
+        patch_peft()
+    stats.quantize_seconds += time.perf_counter() - start
+    stats.num_stacks += 1
+    stats.dense_bytes += incoming
+    stats.packed_bytes += stack.nbytes()
+    stats.resident_bytes += stack.nbytes()
+    stats.peak_resident_bytes = max(stats.peak_resident_bytes, stats.resident_bytes)
+    if stack.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(stack.device)
+        stats.cuda_peak_bytes[str(stack.device)] = max(stats.cuda_peak_bytes.get(str(stack.device), 0), peak)
+    if stats.num_stacks % 16 == 0:
+        logger.info(
+            "moequant: %d expert stacks quantized (%.1f MB dense -> %.1f MB NF4)",
+            stats.num_stacks, stats.dense_bytes / _MB, stats.packed_bytes / _MB,
+        )
+
+
+def _skip_caching_allocator_warmup(*args, **kwargs) -> None:
+    logger.debug("moequant: caching_allocator_warmup skipped (it would reserve the dense expert size)")
+
+
+def _finish(model: nn.Module, stats: LoadStats) -> None:
+    """After ``from_pretrained``: quantize experts the checkpoint lacked (initialized by transformers)."""
+    for _, module in find_experts_modules(model):
+        quantize_experts_module(module, stats.blocksize)
+    install_parameter_accounting(model)
+    summary = memory_summary(model)
+    logger.info(
+        "moequant: loaded %s in %.2f s (%.2f s quantizing): %s; peak resident while loading %.1f MB%s",
+        type(model).__name__, time.perf_counter() - stats.started, stats.quantize_seconds, summary.format(),
+        stats.peak_resident_bytes / _MB,
+        "".join(f"; {d} peak allocated {b / _MB:.1f} MB" for d, b in stats.cuda_peak_bytes.items()),
+    )
+    model._moequant_load_stats = stats
+
+
+def _patch() -> None:
+    import transformers.core_model_loading as loading
+    import transformers.modeling_utils as modeling_utils
+
+    if not hasattr(loading, "set_param_for_module"):
+        raise ValueError(
+            "moequant.quantize_experts_on_load needs transformers>=5 (transformers.core_model_loading."
+            "set_param_for_module); this transformers has no such function"
+        )
+    _Hook.saved = {
+        "set_param_for_module": loading.set_param_for_module,
+        "caching_allocator_warmup": getattr(modeling_utils, "caching_allocator_warmup", None),
+        "HF_DEACTIVATE_ASYNC_LOAD": os.environ.get("HF_DEACTIVATE_ASYNC_LOAD"),
+    }
+    loading.set_param_for_module = _set_param_and_quantize
+    if _Hook.saved["caching_allocator_warmup"] is not None:
+        modeling_utils.caching_allocator_warmup = _skip_caching_allocator_warmup
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+
+
+def _unpatch() -> None:
+    import transformers.core_model_loading as loading
+    import transformers.modeling_utils as modeling_utils
+
+    loading.set_param_for_module = _Hook.saved["set_param_for_module"]
+    if _Hook.saved["caching_allocator_warmup"] is not None:
+        modeling_utils.caching_allocator_warmup = _Hook.saved["caching_allocator_warmup"]
+    if _Hook.saved["HF_DEACTIVATE_ASYNC_LOAD"] is None:
+        os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+    else:
+        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = _Hook.saved["HF_DEACTIVATE_ASYNC_LOAD"]
+    _Hook.saved = {}
+
+
+@contextlib.contextmanager
+def quantize_experts_on_load(blocksize: int = 64):
+    """Quantize fused MoE experts to NF4 inside ``from_pretrained`` calls made in this context.
+
+    Every experts module then keeps its class, its ``gate_up_proj`` / ``down_proj`` read as dense
+    (dequantized) tensors, and its forward runs the "moequant" experts implementation on the packed
+    weights. Raises ``ValueError`` if a loaded model has no fused experts or an unsupported layout.
+    """
+    if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize}")
+    with _Hook.lock:
+        if _Hook.depth == 0:
+            _patch()
+        _Hook.depth += 1
+        previous_blocksize, _Hook.blocksize = _Hook.blocksize, blocksize
+    try:
+        yield
+        for model, stats in list(_Hook.stats.items()):
+            _finish(model, stats)
+    finally:
+        with _Hook.lock:
+            _Hook.stats = weakref.WeakKeyDictionary()
+            _Hook.blocksize = previous_blocksize
+            _Hook.depth -= 1
+            if _Hook.depth == 0:
+                _unpatch()
+
+
+def load_stats(model: nn.Module) -> Optional[LoadStats]:
+    """What :func:`quantize_experts_on_load` recorded while loading ``model`` (None if it did not)."""
+    return getattr(model, "_moequant_load_stats", None)

@@ -1,0 +1,308 @@
+"""transformers integration: quantize-on-load, the "moequant" experts implementation, accounting,
+saving and the pre-quantized cache. Tiny random checkpoints, built and saved by the tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+
+import pytest
+import torch
+
+from _integration_models import ARCHITECTURES, build_tiny_model, save_fused_checkpoint, save_tiny_checkpoint
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import moequant  # noqa: E402
+import moequant.integrations.parametrize  # noqa: E402
+from moequant.integrations import (  # noqa: E402
+    find_experts_modules,
+    is_quantized,
+    load_quantized,
+    load_stats,
+    memory_summary,
+    nf4_stack_of,
+    quantize_experts_on_load,
+    quantize_model_experts,
+    save_quantized,
+)
+from moequant.integrations.experts import experts_layout  # noqa: E402
+from moequant.integrations.parametrize import NF4Parametrization  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One saved tiny checkpoint per architecture (transformers saves experts per expert)."""
+    return {arch: save_tiny_checkpoint(arch, str(tmp_path_factory.mktemp(arch))) for arch in ARCHITECTURES}
+
+
+def load_quantized_on_load(path, dtype=torch.bfloat16, **kwargs):
+    with quantize_experts_on_load():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+
+
+def dequantized_reference(path, quantized, dtype=torch.bfloat16):
+    """The model whose expert weights are exactly the dequantized NF4 stacks (grouped_mm experts)."""
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="grouped_mm")
+    modules = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, module in find_experts_modules(reference):
+            for pname in experts_layout(module).weight_names:
+                getattr(module, pname).copy_(nf4_stack_of(modules[name], pname).dequantize())
+    return reference.eval()
+
+
+def sample_ids(batch=2, length=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 96, (batch, length), generator=g)
+
+
+class _NoDenseRead:
+    """Fails the test if anything dequantizes a whole stack through the parametrization."""
+
+    def __enter__(self):
+        self.saved = NF4Parametrization.forward
+
+        def forbidden(module, packed):
+            raise AssertionError("a quantized expert stack was dequantized through its parametrization")
+
+        NF4Parametrization.forward = forbidden
+
+    def __exit__(self, *exc):
+        NF4Parametrization.forward = self.saved
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_quantized_logits_match_dequantized_bf16(arch, checkpoints):
+    # float32 so that bf16 rounding cannot flip a router's top-k between the two models
+    path = checkpoints[arch]
+    model = load_quantized_on_load(path, dtype=torch.float32)
+    experts = find_experts_modules(model)
+    assert experts and all(is_quantized(m, p) for _, m in experts for p in ("gate_up_proj", "down_proj"))
+    assert model.config._experts_implementation == "moequant"
+    name, module = experts[0]
+    # The class is kept (parametrize derives a subclass) and the parameter reads as the dense tensor.
+    assert isinstance(module, type(dict(build_tiny_model(arch).named_modules())[name]))
+    stack = nf4_stack_of(module, "gate_up_proj")
+    assert torch.equal(module.gate_up_proj, moequant.dequant_expert(stack))
+    assert module.parametrizations.gate_up_proj.original.dtype == torch.uint8
+
+    reference = dequantized_reference(path, model, torch.float32)
+    ids = sample_ids()
+    with torch.no_grad(), _NoDenseRead():
+        logits = model(ids).logits
+    with torch.no_grad():
+        expected = reference(ids).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    # the quantization error itself is much larger than that: the comparison is meaningful
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        unquantized = plain(ids).logits.float()
+    assert (logits - expected).abs().max() < 0.01 * (unquantized - expected).abs().max()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_memory_accounting(arch, checkpoints):
+    path = checkpoints[arch]
+    model = load_quantized_on_load(path)
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    assert model.num_parameters() == plain.num_parameters()
+    summary = memory_summary(model)
+    dense = sum(p.numel() * 2 for n, p in plain.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj")))
+    assert summary.experts_dense_bytes == dense
+    packed = 0
+    for _, module in find_experts_modules(model):
+        for pname in ("gate_up_proj", "down_proj"):
+            stack = nf4_stack_of(module, pname)
+            assert stack.packed.numel() * 2 == stack.shape.numel()
+            packed += stack.shape.numel() // 2 + stack.absmax.numel() * 4
+    assert summary.experts_packed_bytes == packed
+    assert model.get_memory_footprint() == plain.get_memory_footprint() - dense + packed
+    stats = load_stats(model)
+    assert stats.num_stacks == summary.num_stacks and stats.packed_bytes == packed
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_fused_checkpoint_loads(arch, tmp_path):
+    source = build_tiny_model(arch)
+    path = save_fused_checkpoint(source, str(tmp_path))
+    model = load_quantized_on_load(path, dtype=torch.float32)
+    ids = sample_ids()
+    reference = dequantized_reference(path, model, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+    assert memory_summary(model).num_stacks == 2 * source.config.num_hidden_layers
+
+
+def test_load_peak_and_loader_traps_neutralised(tmp_path, monkeypatch):
+    """Deep enough that the experts dominate: the load never holds more than the final model plus
+    one dense expert tensor, warmup is skipped and the async prefetch is off, only while active."""
+    import os
+
+    import transformers.core_model_loading as loading
+    import transformers.modeling_utils as modeling_utils
+
+    path = save_tiny_checkpoint("qwen3_moe", str(tmp_path), num_hidden_layers=24)
+    seen = {}
+    real_convert = loading.convert_and_load_state_dict_in_model
+
+    def spy(*args, **kwargs):
+        seen["async_off"] = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+        seen["warmup"] = modeling_utils.caching_allocator_warmup.__name__
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "convert_and_load_state_dict_in_model", spy)
+    monkeypatch.setattr(modeling_utils, "convert_and_load_state_dict_in_model", spy, raising=False)
+    warmup, setter = modeling_utils.caching_allocator_warmup, loading.set_param_for_module
+    model = load_quantized_on_load(path)
+    assert seen == {"async_off": "1", "warmup": "_skip_caching_allocator_warmup"}
+    assert modeling_utils.caching_allocator_warmup is warmup and loading.set_param_for_module is setter
+    assert "HF_DEACTIVATE_ASYNC_LOAD" not in os.environ or os.environ["HF_DEACTIVATE_ASYNC_LOAD"] != "1"
+
+    stats = load_stats(model)
+    final = memory_summary(model).total_bytes
+    assert stats.num_stacks == 48
+    assert stats.peak_resident_bytes <= 1.10 * final, (stats.peak_resident_bytes, final)
+
+
+def test_load_logs_progress_and_summary(checkpoints, caplog):
+    with caplog.at_level(logging.INFO, logger="moequant"):
+        load_quantized_on_load(checkpoints["qwen3_moe"])
+    text = caplog.text
+    assert "quantizing fused experts of Qwen3MoeForCausalLM" in text
+    assert "MB dense ->" in text and "peak resident while loading" in text
+
+
+def test_unsupported_models_raise_clear_errors(tmp_path):
+    from torch import nn
+    from transformers import LlamaConfig
+    from transformers.integrations.moe import use_experts_implementation
+
+    llama = AutoModelForCausalLM.from_config(
+        LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4)
+    )
+    llama.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no fused experts module"):
+        load_quantized_on_load(str(tmp_path))
+
+    @use_experts_implementation(has_gate=False)
+    class UngatedExperts(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.up_proj = nn.Parameter(torch.zeros(4, 32, 64))
+            self.down_proj = nn.Parameter(torch.zeros(4, 64, 32))
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = UngatedExperts(llama.config)
+
+    with pytest.raises(ValueError, match=r"Wrapper.experts: UngatedExperts has no gate \(has_gate=False"):
+        quantize_model_experts(Wrapper())
+
+
+def test_state_dict_round_trip_and_cached_load(checkpoints, tmp_path, monkeypatch, caplog):
+    path = checkpoints["qwen3_moe"]
+    start = time.perf_counter()
+    model = load_quantized_on_load(path)
+    quantize_load_s = time.perf_counter() - start
+
+    # plain state dict round trip into a second quantized model
+    other = load_quantized_on_load(checkpoints["qwen3_moe"])
+    with torch.no_grad():
+        for _, module in find_experts_modules(other):
+            module.parametrizations.gate_up_proj.original.zero_()
+    other.load_state_dict(model.state_dict())
+    ids = sample_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(other(ids).logits, expected, atol=0, rtol=0)
+
+    # the pre-quantized cache loads without calling the quantizer
+    save_quantized(model, str(tmp_path / "cache"))
+    calls = []
+    real_quantize = moequant.integrations.parametrize.quantize_nf4
+
+    def counting(weight, blocksize=64):
+        if weight.device.type != "meta":
+            calls.append(tuple(weight.shape))
+        return real_quantize(weight, blocksize)
+
+    monkeypatch.setattr(moequant.integrations.parametrize, "quantize_nf4", counting)
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="moequant"):
+        cached = load_quantized(str(tmp_path / "cache"))
+    cached_load_s = time.perf_counter() - start
+    assert calls == []
+    assert cached.config._experts_implementation == "moequant"
+    with torch.no_grad():
+        torch.testing.assert_close(cached(ids).logits, expected, atol=0, rtol=0)
+    assert cached.num_parameters() == model.num_parameters()
+    logging.getLogger(__name__).info(
+        "qwen3_moe tiny: quantize-on-load %.3f s, pre-quantized cache %.3f s", quantize_load_s, cached_load_s
+    )
+
+
+def test_gradient_checkpointing_keeps_no_dense_stack(checkpoints):
+    """Reentrant and non-reentrant checkpointing: nothing saved for backward is a dense stack."""
+    path = checkpoints["qwen3_moe"]
+    for reentrant in (True, False):
+        model = load_quantized_on_load(path)
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+        dense_shapes = {tuple(nf4_stack_of(m, p).shape) for _, m in find_experts_modules(model) for p in ("gate_up_proj", "down_proj")}
+        saved = []
+
+        def pack(t):
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+
+        ids = sample_ids()
+        with _NoDenseRead(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        assert not [s for s in saved if s[0] in dense_shapes and s[1].is_floating_point], reentrant
+        assert getattr(find_experts_modules(model)[0][1], "_moequant_lora", {}) == {}
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes")
+def test_composes_with_bitsandbytes_4bit_linear(checkpoints):
+    from transformers import BitsAndBytesConfig
+
+    path = checkpoints["qwen3_moe"]
+    try:
+        model = load_quantized_on_load(
+            path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        )
+    except (ImportError, RuntimeError, ValueError) as err:  # bitsandbytes without a backend for this device
+        if "moequant" in str(err):
+            raise
+        pytest.skip(f"bitsandbytes 4-bit unavailable here: {err}")
+    import bitsandbytes as bnb
+
+    attn = model.model.layers[0].self_attn.q_proj
+    assert isinstance(attn, bnb.nn.Linear4bit)
+    assert memory_summary(model).num_stacks == 4
+    with torch.no_grad():
+        logits = model(sample_ids()).logits
+    assert torch.isfinite(logits).all()
+
+
+@requires_cuda
+def test_cuda_load_peak(tmp_path):
+    path = save_tiny_checkpoint("qwen3_moe", str(tmp_path), num_hidden_layers=24)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = load_quantized_on_load(path, device_map="cuda")
+    peak = torch.cuda.max_memory_allocated() - base
+    final = torch.cuda.memory_allocated() - base
+    assert nf4_stack_of(find_experts_modules(model)[0][1], "down_proj").device.type == "cuda"
+    assert peak <= 1.10 * final + 2 * 1024 * 1024, (peak, final)  # allocator rounding on tiny tensors
+    with torch.no_grad():
+        assert torch.isfinite(model(sample_ids().cuda()).logits).all()
