@@ -1,0 +1,210 @@
+"""PEFT LoRA on quantized experts: target_parameters matching, training through the fused op,
+adapter keys identical to the bf16 model's, save/load, merge, and the errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _integration_models import ARCHITECTURES, save_tiny_checkpoint
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from moequant.integrations import find_experts_modules, nf4_stack_of, quantize_experts_on_load  # noqa: E402
+from moequant.integrations.experts import experts_layout  # noqa: E402
+from moequant.integrations.parametrize import NF4Parametrization  # noqa: E402
+
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {arch: save_tiny_checkpoint(arch, str(tmp_path_factory.mktemp(arch))) for arch in ARCHITECTURES}
+
+
+def lora_config(**overrides):
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["o_proj"], target_parameters=EXPERT_TARGETS, lora_dropout=0.0)
+    kwargs.update(overrides)
+    return LoraConfig(**kwargs)
+
+
+def quantized(path, dtype=torch.bfloat16):
+    with quantize_experts_on_load():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def dequantized_twin(path, model, dtype=torch.bfloat16):
+    """The plain (unquantized) model class with the dequantized expert weights: what serving would load."""
+    twin = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="grouped_mm")
+    # the quantized experts by their unwrapped names (PeftModel prefixes them, ParamWrappers nest them)
+    sources = {
+        n.removeprefix("base_model.model.").replace(".base_layer", ""): m
+        for n, m in model.named_modules()
+        if getattr(m, "_moequant_layout", None) is not None
+    }
+    with torch.no_grad():
+        for name, module in find_experts_modules(twin):
+            source = sources[name]
+            for pname in experts_layout(module).weight_names:
+                getattr(module, pname).copy_(nf4_stack_of(source, pname).dequantize())
+    return twin.eval()
+
+
+def batch(seed=3, length=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 96, (2, length), generator=g)
+
+
+def lora_keys(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if "lora_" in k}
+
+
+class _NoDenseRead:
+    def __enter__(self):
+        self.saved = NF4Parametrization.forward
+
+        def forbidden(module, packed):
+            raise AssertionError("a quantized expert stack was dequantized")
+
+        NF4Parametrization.forward = forbidden
+
+    def __exit__(self, *exc):
+        NF4Parametrization.forward = self.saved
+
+
+def train(model, ids, steps=STEPS, lr=2e-2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lora_on_quantized_experts(arch, checkpoints, tmp_path):
+    # float32 weights so that rounding cannot flip a router's top-k between the compared models
+    # (bf16 is covered by test_bf16_train_merge_and_reload); the experts are NF4 either way.
+    dtype = torch.float32
+    path = checkpoints[arch]
+    model = get_peft_model(quantized(path, dtype), lora_config())
+    # same adapter layout as on the plain model (PEFT's nesting order included)
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), lora_config())
+    assert lora_keys(model) == lora_keys(plain)
+    assert any("experts.base_layer.lora_A" in k for k in lora_keys(model))
+
+    ids = batch()
+    with _NoDenseRead():
+        losses = train(model, ids)
+    assert losses[-1] < 0.8 * losses[0], losses
+    experts_lora = [p for n, p in model.named_parameters() if "experts" in n and "lora_B" in n]
+    assert experts_lora and all(p.abs().sum() > 0 for p in experts_lora)  # gradients reached the factors
+
+    with torch.no_grad():
+        adapted = model(ids).logits
+
+    # save / reload onto a fresh quantized model: identical outputs
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(quantized(path, dtype), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, adapted, atol=0, rtol=0)
+
+    # the adapter loads onto the unquantized model holding the dequantized weights, and merges there
+    twin = PeftModel.from_pretrained(dequantized_twin(path, model, dtype), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, adapted, atol=2e-4, rtol=2e-4)
+    merged_twin = twin.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged_twin(ids).logits, adapted, atol=2e-4, rtol=2e-4)
+
+    # merge_and_unload on the quantized model: dense experts with the adapter folded in
+    merged = reloaded.merge_and_unload()
+    experts = find_experts_modules(merged)[0][1]
+    assert experts.gate_up_proj.dtype == dtype and not hasattr(experts, "parametrizations")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted, atol=2e-4, rtol=2e-4)
+
+
+def test_bf16_train_merge_and_reload(checkpoints, tmp_path):
+    path = checkpoints["qwen3_moe"]
+    model = get_peft_model(quantized(path), lora_config())
+    ids = batch()
+    losses = train(model, ids)
+    assert losses[-1] < 0.8 * losses[0], losses
+    with torch.no_grad():
+        adapted = model(ids).logits.float()
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(quantized(path), tmp_path / "adapter").eval()
+    merged = reloaded.merge_and_unload()
+    assert find_experts_modules(merged)[0][1].down_proj.dtype == torch.bfloat16
+    with torch.no_grad():
+        diff = (merged(ids).logits.float() - adapted).abs()
+    # bf16 rounding of W + delta (and the odd top-k flip it causes) stays small on average
+    assert diff.mean() < 0.05 * adapted.abs().mean(), (diff.mean(), adapted.abs().mean())
+
+
+def test_lora_factors_match_peft_dense_delta(checkpoints):
+    """Float32, so the comparison is tight: moequant's factored LoRA equals PEFT's dense W + scaling*B@A."""
+    for arch in ("qwen3_moe", "gpt_oss"):
+        path = checkpoints[arch]
+        model = get_peft_model(quantized(path, torch.float32), lora_config(init_lora_weights=False))
+        twin = get_peft_model(dequantized_twin(path, model.base_model.model, torch.float32), lora_config())
+        twin.load_state_dict(model.state_dict(), strict=False)
+        ids = batch()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, twin.eval()(ids).logits, atol=2e-4, rtol=2e-4)
+
+
+def test_multiple_adapters_and_disable(checkpoints):
+    path = checkpoints["qwen3_moe"]
+    model = get_peft_model(quantized(path, torch.float32), lora_config(init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", lora_config(init_lora_weights=False))
+    ids = batch()
+    with torch.no_grad():
+        model.set_adapter("a")
+        out_a = model(ids).logits
+        with model.disable_adapter():
+            base = model(ids).logits
+        model.base_model.set_adapter(["a", "b"])
+        out_ab = model(ids).logits
+    assert not torch.allclose(out_a, base) and not torch.allclose(out_ab, out_a)
+    twin = get_peft_model(dequantized_twin(path, model.base_model.model, torch.float32), lora_config(), adapter_name="a")
+    twin.add_adapter("b", lora_config())
+    twin.load_state_dict(model.state_dict(), strict=False)
+    twin.base_model.set_adapter(["a", "b"])
+    with torch.no_grad():
+        torch.testing.assert_close(out_ab, twin.eval()(ids).logits, atol=2e-4, rtol=2e-4)
+
+
+def test_lora_dropout_is_rejected(checkpoints):
+    with pytest.raises(ValueError, match="lora_dropout"):
+        get_peft_model(quantized(checkpoints["qwen3_moe"]), lora_config(lora_dropout=0.1))
+
+
+def test_full_name_targets_and_gradient_checkpointing(checkpoints):
+    path = checkpoints["qwen3_moe"]
+    full = [f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")]
+    model = get_peft_model(quantized(path), lora_config(target_parameters=full, target_modules=None))
+    plain = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16),
+        lora_config(target_parameters=EXPERT_TARGETS, target_modules=None),
+    )
+    assert lora_keys(model) == lora_keys(plain)
+    for reentrant in (True, False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+        with _NoDenseRead():
+            losses = train(model, batch(), steps=3)
+        assert losses[-1] < losses[0]
+        for _, module in find_experts_modules(model):
+            assert getattr(module, "_moequant_lora", {}) == {}
