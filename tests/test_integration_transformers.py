@@ -30,6 +30,7 @@ from moequant.integrations import (  # noqa: E402
 )
 from moequant.integrations.experts import experts_layout  # noqa: E402
 from moequant.integrations.parametrize import NF4Parametrization  # noqa: E402
+from moequant.integrations.transformers import _is_expert_fusion  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -154,13 +155,15 @@ def test_load_peak_and_loader_traps_neutralised(tmp_path, monkeypatch):
     def spy(*args, **kwargs):
         seen["async_off"] = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
         seen["warmup"] = modeling_utils.caching_allocator_warmup.__name__
+        fusions = [c for c in kwargs["load_config"].weight_mapping if _is_expert_fusion(c)]
+        seen["fused_on_cpu"] = bool(fusions) and all(c.force_cpu for c in fusions)
         return real_convert(*args, **kwargs)
 
     monkeypatch.setattr(loading, "convert_and_load_state_dict_in_model", spy)
     monkeypatch.setattr(modeling_utils, "convert_and_load_state_dict_in_model", spy, raising=False)
     warmup, setter = modeling_utils.caching_allocator_warmup, loading.set_param_for_module
     model = load_quantized_on_load(path)
-    assert seen == {"async_off": "1", "warmup": "_skip_caching_allocator_warmup"}
+    assert seen == {"async_off": "1", "warmup": "_skip_caching_allocator_warmup", "fused_on_cpu": True}
     assert modeling_utils.caching_allocator_warmup is warmup and loading.set_param_for_module is setter
     assert "HF_DEACTIVATE_ASYNC_LOAD" not in os.environ or os.environ["HF_DEACTIVATE_ASYNC_LOAD"] != "1"
 

@@ -10,10 +10,14 @@ quantized and the dense tensor dropped, before the loader materializes the next 
 independent of any ``quantization_config``, so bitsandbytes' 4-bit ``nn.Linear`` replacement
 (``BitsAndBytesConfig(load_in_4bit=True)``) composes with it, and it works without bitsandbytes.
 
-Two loader features would otherwise hold many dense expert tensors at once and erase the saving;
-the context disables both, and only while it is active: ``caching_allocator_warmup`` (reserves
-the whole model at its dense size on the GPU) and the asynchronous loader, whose thread pool
-prefetches many dense tensors ahead of the one being set (``HF_DEACTIVATE_ASYNC_LOAD``).
+Three loader behaviours would otherwise hold several dense expert tensors at once and erase the
+saving; the context changes them, and only while it is active: ``caching_allocator_warmup``
+(reserves the whole model at its dense size on the GPU) is skipped; the asynchronous loader, whose
+thread pool prefetches many dense tensors ahead of the one being set, is turned off
+(``HF_DEACTIVATE_ASYNC_LOAD``); and with ``fuse_on_cpu`` (default), checkpoints that store one
+tensor per expert are fused on the CPU (the converters' ``force_cpu``), so the accelerator never
+holds the per-expert pieces, their stack and their concatenation at once, only the fused tensor
+being quantized.
 """
 
 from __future__ import annotations
@@ -205,6 +209,7 @@ class _Hook:
     depth = 0
     saved: dict = {}
     blocksize = 64
+    fuse_on_cpu = True
     stats: "weakref.WeakKeyDictionary[nn.Module, LoadStats]" = weakref.WeakKeyDictionary()
 
 
@@ -254,6 +259,34 @@ def _set_param_and_quantize(model, target_name, param_value, *args, **kwargs):
         )
 
 
+def _is_expert_fusion(converter) -> bool:
+    """A converter that stacks per-expert checkpoint tensors into a fused experts parameter."""
+    from transformers.core_model_loading import MergeModulelist, WeightConverter
+
+    return (
+        isinstance(converter, WeightConverter)
+        and any(isinstance(op, MergeModulelist) for op in converter.operations)
+        and any(".experts." in t or t.startswith("experts.") for t in converter.target_patterns)
+    )
+
+
+def _convert_and_load_fusing_on_cpu(*args, **kwargs):
+    """Wraps ``convert_and_load_state_dict_in_model``: expert fusion runs on the CPU while active."""
+    original = _Hook.saved["convert_and_load_state_dict_in_model"]
+    load_config = kwargs.get("load_config", args[2] if len(args) > 2 else None)
+    converters = [c for c in (getattr(load_config, "weight_mapping", None) or []) if _is_expert_fusion(c)]
+    if not _Hook.fuse_on_cpu or not converters:
+        return original(*args, **kwargs)
+    previous = [c.force_cpu for c in converters]
+    for c in converters:
+        c.force_cpu = True
+    try:
+        return original(*args, **kwargs)
+    finally:
+        for c, value in zip(converters, previous):
+            c.force_cpu = value
+
+
 def _skip_caching_allocator_warmup(*args, **kwargs) -> None:
     logger.debug("moequant: caching_allocator_warmup skipped (it would reserve the dense expert size)")
 
@@ -284,10 +317,13 @@ def _patch() -> None:
         )
     _Hook.saved = {
         "set_param_for_module": loading.set_param_for_module,
+        "convert_and_load_state_dict_in_model": getattr(modeling_utils, "convert_and_load_state_dict_in_model", None),
         "caching_allocator_warmup": getattr(modeling_utils, "caching_allocator_warmup", None),
         "HF_DEACTIVATE_ASYNC_LOAD": os.environ.get("HF_DEACTIVATE_ASYNC_LOAD"),
     }
     loading.set_param_for_module = _set_param_and_quantize
+    if _Hook.saved["convert_and_load_state_dict_in_model"] is not None:
+        modeling_utils.convert_and_load_state_dict_in_model = _convert_and_load_fusing_on_cpu
     if _Hook.saved["caching_allocator_warmup"] is not None:
         modeling_utils.caching_allocator_warmup = _skip_caching_allocator_warmup
     os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
@@ -298,6 +334,8 @@ def _unpatch() -> None:
     import transformers.modeling_utils as modeling_utils
 
     loading.set_param_for_module = _Hook.saved["set_param_for_module"]
+    if _Hook.saved["convert_and_load_state_dict_in_model"] is not None:
+        modeling_utils.convert_and_load_state_dict_in_model = _Hook.saved["convert_and_load_state_dict_in_model"]
     if _Hook.saved["caching_allocator_warmup"] is not None:
         modeling_utils.caching_allocator_warmup = _Hook.saved["caching_allocator_warmup"]
     if _Hook.saved["HF_DEACTIVATE_ASYNC_LOAD"] is None:
@@ -308,8 +346,11 @@ def _unpatch() -> None:
 
 
 @contextlib.contextmanager
-def quantize_experts_on_load(blocksize: int = 64):
+def quantize_experts_on_load(blocksize: int = 64, fuse_on_cpu: bool = True):
     """Quantize fused MoE experts to NF4 inside ``from_pretrained`` calls made in this context.
+
+    ``fuse_on_cpu=False`` lets transformers fuse per-expert checkpoint tensors on the target
+    device (faster on a GPU, but the load then peaks at several dense expert tensors).
 
     Every experts module then keeps its class, its ``gate_up_proj`` / ``down_proj`` read as dense
     (dequantized) tensors, and its forward runs the "moequant" experts implementation on the packed
@@ -321,7 +362,8 @@ def quantize_experts_on_load(blocksize: int = 64):
         if _Hook.depth == 0:
             _patch()
         _Hook.depth += 1
-        previous_blocksize, _Hook.blocksize = _Hook.blocksize, blocksize
+        previous = (_Hook.blocksize, _Hook.fuse_on_cpu)
+        _Hook.blocksize, _Hook.fuse_on_cpu = blocksize, fuse_on_cpu
     try:
         yield
         for model, stats in list(_Hook.stats.items()):
@@ -329,7 +371,7 @@ def quantize_experts_on_load(blocksize: int = 64):
     finally:
         with _Hook.lock:
             _Hook.stats = weakref.WeakKeyDictionary()
-            _Hook.blocksize = previous_blocksize
+            _Hook.blocksize, _Hook.fuse_on_cpu = previous
             _Hook.depth -= 1
             if _Hook.depth == 0:
                 _unpatch()
