@@ -208,3 +208,43 @@ def test_full_name_targets_and_gradient_checkpointing(checkpoints):
         assert losses[-1] < losses[0]
         for _, module in find_experts_modules(model):
             assert getattr(module, "_moequant_lora", {}) == {}
+
+
+def test_qlora_with_bitsandbytes_linear(checkpoints):
+    """BitsAndBytesConfig(load_in_4bit=True) for the nn.Linear layers, moequant for the experts."""
+    pytest.importorskip("bitsandbytes")
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    path = checkpoints["qwen3_moe"]
+    try:
+        with quantize_experts_on_load():
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.bfloat16,
+                quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16),
+            )
+    except (ImportError, RuntimeError) as err:
+        pytest.skip(f"bitsandbytes 4-bit unavailable here: {err}")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, lora_config(target_modules=["q_proj", "o_proj"]))
+    with _NoDenseRead():
+        losses = train(model, batch(), steps=10)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_lora_on_cuda_matches_cpu(arch, checkpoints):
+    path = checkpoints[arch]
+    with quantize_experts_on_load():
+        gpu = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cuda")
+    cpu = quantized(path, torch.float32)
+    gpu = get_peft_model(gpu, lora_config(init_lora_weights=False))
+    cpu = get_peft_model(cpu, lora_config(init_lora_weights=False))
+    cpu.load_state_dict({k: v.cpu() for k, v in gpu.state_dict().items() if "lora_" in k}, strict=False)
+    ids = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(ids.cuda()).logits.cpu(), cpu(ids).logits, atol=1e-3, rtol=1e-3)
+    with _NoDenseRead():
+        losses = train(gpu, ids.cuda(), steps=10)
+    assert losses[-1] < losses[0]

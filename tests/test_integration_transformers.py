@@ -209,14 +209,15 @@ def test_unsupported_models_raise_clear_errors(tmp_path):
         quantize_model_experts(Wrapper())
 
 
-def test_state_dict_round_trip_and_cached_load(checkpoints, tmp_path, monkeypatch, caplog):
-    path = checkpoints["qwen3_moe"]
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_state_dict_round_trip_and_cached_load(arch, checkpoints, tmp_path, monkeypatch, caplog):
+    path = checkpoints[arch]
     start = time.perf_counter()
     model = load_quantized_on_load(path)
     quantize_load_s = time.perf_counter() - start
 
     # plain state dict round trip into a second quantized model
-    other = load_quantized_on_load(checkpoints["qwen3_moe"])
+    other = load_quantized_on_load(path)
     with torch.no_grad():
         for _, module in find_experts_modules(other):
             module.parametrizations.gate_up_proj.original.zero_()
@@ -247,8 +248,23 @@ def test_state_dict_round_trip_and_cached_load(checkpoints, tmp_path, monkeypatc
         torch.testing.assert_close(cached(ids).logits, expected, atol=0, rtol=0)
     assert cached.num_parameters() == model.num_parameters()
     logging.getLogger(__name__).info(
-        "qwen3_moe tiny: quantize-on-load %.3f s, pre-quantized cache %.3f s", quantize_load_s, cached_load_s
+        "%s tiny: quantize-on-load %.3f s, pre-quantized cache %.3f s", arch, quantize_load_s, cached_load_s
     )
+
+
+def test_dtype_and_device_map(checkpoints):
+    path = checkpoints["qwen3_moe"]
+    model = load_quantized_on_load(path, device_map="auto")
+    ids = sample_ids()
+    with torch.no_grad():
+        bf16 = model(ids).logits
+    stack = nf4_stack_of(find_experts_modules(model)[0][1], "gate_up_proj")
+    model.float()  # the absmax stays float32, the stacks now read as float32
+    stack32 = nf4_stack_of(find_experts_modules(model)[0][1], "gate_up_proj")
+    assert stack32.absmax.dtype == torch.float32 and torch.equal(stack32.absmax, stack.absmax)
+    assert find_experts_modules(model)[0][1].gate_up_proj.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.to(bf16.dtype), bf16, atol=0.05, rtol=0.05)
 
 
 def test_gradient_checkpointing_keeps_no_dense_stack(checkpoints):

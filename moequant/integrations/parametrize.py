@@ -32,6 +32,19 @@ class NF4Parametrization(nn.Module):
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         return ops.dequant_expert(packed, self.absmax, self.blocksize, self.dtype, None)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() would cast the float32 absmax like any float buffer; the NF4
+        # format defines it as float32, so only its device follows. The dtype the stack reads as
+        # follows the conversion, as a dense parameter's would.
+        absmax = self.absmax
+        super()._apply(fn, recurse)
+        if self.absmax.dtype != torch.float32:
+            self.absmax = absmax.to(self.absmax.device)
+        probe = fn(torch.empty(0, dtype=self.dtype))
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+        return self
+
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, blocksize={self.blocksize}, dtype={self.dtype}"
 
