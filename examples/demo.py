@@ -116,10 +116,8 @@ def main() -> None:
         r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
-    logical = model.num_parameters()  # counts each NF4 stack as its E*N*K logical weights
     model = get_peft_model(model, lora)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"   trainable LoRA parameters: {trainable:,} of {logical + trainable:,}")
+    model.print_trainable_parameters()  # counts each NF4 stack as its E*N*K logical weights
     with open(DATA, encoding="utf-8") as f:
         text = f.read()
     ids = torch.tensor(tok.encode(text)[1:])

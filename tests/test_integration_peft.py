@@ -102,6 +102,7 @@ def test_lora_on_quantized_experts(arch, checkpoints, tmp_path):
     plain = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), lora_config())
     assert lora_keys(model) == lora_keys(plain)
     assert any("experts.base_layer.lora_A" in k for k in lora_keys(model))
+    assert model.get_nb_trainable_parameters() == plain.get_nb_trainable_parameters()
 
     ids = batch()
     with _NoDenseRead():
@@ -248,3 +249,23 @@ def test_lora_on_cuda_matches_cpu(arch, checkpoints):
     with _NoDenseRead():
         losses = train(gpu, ids.cuda(), steps=10)
     assert losses[-1] < losses[0]
+
+
+def test_lora_moe_block_compiles_fullgraph_without_recompiles(checkpoints):
+    """The factored LoRA reaches the op as plain tensors: no parametrization re-registered per call,
+    so a MoE block with adapters traces with fullgraph=True and stays one graph across calls."""
+    import torch._dynamo.testing
+
+    model = get_peft_model(quantized(checkpoints["qwen3_moe"], torch.float32), lora_config(init_lora_weights=False))
+    block = model.base_model.model.model.layers[0].mlp
+    hidden = torch.randn(2, 16, 64)
+    with torch.no_grad():
+        expected = block(hidden)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            out = compiled(hidden)
+    torch._dynamo.reset()
+    assert counter.frame_count == 1
+    torch.testing.assert_close(out, expected)

@@ -325,3 +325,32 @@ def test_cuda_load_peak(tmp_path):
     assert peak <= 1.10 * final + 2 * 1024 * 1024, (peak, final)  # allocator rounding on tiny tensors
     with torch.no_grad():
         assert torch.isfinite(model(sample_ids().cuda()).logits).all()
+
+
+def test_auto_device_map_sizes_experts_at_nf4(tmp_path):
+    """With a memory budget that fits the NF4 model but not the bf16 one, device_map="auto" keeps
+    every layer on the device instead of offloading experts sized at bf16."""
+    import transformers.integrations.accelerate as accelerate_integration
+    from accelerate import init_empty_weights
+
+    path = save_tiny_checkpoint("qwen3_moe", str(tmp_path), num_hidden_layers=4)
+    config = transformers.AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    dense, _ = accelerate_integration.compute_module_sizes(meta)
+    with quantize_experts_on_load():
+        packed, leaves = accelerate_integration.compute_module_sizes(meta)
+    experts = meta.model.layers[0].mlp.experts
+    numel = experts.gate_up_proj.numel() + experts.down_proj.numel()
+    assert dense["model.layers.0.mlp.experts"] == numel * 2
+    assert packed["model.layers.0.mlp.experts"] == leaves["model.layers.0.mlp.experts"] == numel // 2 + numel // 64 * 4
+    assert dense[""] - packed[""] == 4 * (numel * 2 - (numel // 2 + numel // 64 * 4))
+
+    budget = int(packed[""] * 1.3)
+    assert budget < dense[""]
+    with pytest.raises(ValueError, match="offloaded to the disk"):  # what bf16 sizing does with that budget
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": budget})
+    model = load_quantized_on_load(path, device_map="auto", max_memory={"cpu": budget})
+    assert set(getattr(model, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert memory_summary(model).num_stacks == 8

@@ -17,6 +17,9 @@ parameter is quantized by moequant (every other wrapper behaves exactly as befor
   ``torch.ops.moequant.experts_forward``;
 * ``merge``: dequantizes that parameter to a dense one, then merges as PEFT does (the result is the
   bf16 model with the adapter folded in; ``unmerge`` then works on the dense weight).
+
+``PeftModel.get_nb_trainable_parameters`` (``print_trainable_parameters``) also counts each NF4
+stack as its logical weights.
 """
 
 from __future__ import annotations
@@ -170,11 +173,24 @@ def _inject_parameters(self, peft_config, model, adapter_name, low_cpu_mem_usage
     return targeted
 
 
+def _get_nb_trainable_parameters(self) -> tuple[int, int]:
+    """PEFT's count, with each NF4 stack counted as its logical weights rather than its packed bytes."""
+    trainable, total = _ORIGINALS["get_nb_trainable_parameters"](self)
+    for module in self.modules():
+        layout = getattr(module, "_moequant_layout", None)
+        for name in layout.weight_names if layout is not None else ():
+            if is_quantized(module, name):
+                stack = nf4_stack_of(module, name)
+                total += stack.shape.numel() - stack.packed.numel()
+    return trainable, total
+
+
 def patch_peft() -> bool:
     """Install the moequant behaviour of PEFT's ``ParamWrapper`` (idempotent); False without PEFT."""
     if _ORIGINALS:
         return True
     try:
+        from peft import PeftModel
         from peft.tuners.lora.layer import ParamWrapper
         from peft.tuners.tuners_utils import BaseTuner
     except ImportError:
@@ -184,10 +200,12 @@ def patch_peft() -> bool:
         _activate_lora=ParamWrapper._activate_lora,
         merge=ParamWrapper.merge,
         _inject_parameters=BaseTuner._inject_parameters,
+        get_nb_trainable_parameters=PeftModel.get_nb_trainable_parameters,
     )
     ParamWrapper.get_param = _get_param
     ParamWrapper._activate_lora = _activate_lora
     ParamWrapper.merge = _merge
     BaseTuner._inject_parameters = _inject_parameters
+    PeftModel.get_nb_trainable_parameters = _get_nb_trainable_parameters
     logger.debug("moequant: PEFT ParamWrapper patched for quantized experts")
     return True

@@ -14,10 +14,11 @@ Three loader behaviours would otherwise hold several dense expert tensors at onc
 saving; the context changes them, and only while it is active: ``caching_allocator_warmup``
 (reserves the whole model at its dense size on the GPU) is skipped; the asynchronous loader, whose
 thread pool prefetches many dense tensors ahead of the one being set, is turned off
-(``HF_DEACTIVATE_ASYNC_LOAD``); and with ``fuse_on_cpu`` (default), checkpoints that store one
+(``HF_DEACTIVATE_ASYNC_LOAD``); with ``fuse_on_cpu`` (default), checkpoints that store one
 tensor per expert are fused on the CPU (the converters' ``force_cpu``), so the accelerator never
 holds the per-expert pieces, their stack and their concatenation at once, only the fused tensor
-being quantized.
+being quantized; and ``device_map="auto"`` sizes expert tensors at their NF4 size
+(``compute_module_sizes``), instead of offloading layers that would fit once quantized.
 """
 
 from __future__ import annotations
@@ -287,6 +288,34 @@ def _convert_and_load_fusing_on_cpu(*args, **kwargs):
             c.force_cpu = value
 
 
+def nf4_nbytes(numel: int, blocksize: int) -> int:
+    """Bytes of an NF4 stack of ``numel`` weights: 4-bit codes plus one float32 absmax per block."""
+    return numel // 2 + (numel // blocksize) * 4
+
+
+def _module_sizes_at_nf4(model, hf_quantizer=None, *args, **kwargs):
+    """Wraps accelerate-integration ``compute_module_sizes``: expert tensors count at their NF4 size."""
+    all_sizes, leaf_sizes = _Hook.saved["compute_module_sizes"](model, hf_quantizer, *args, **kwargs)
+    buffers_only = kwargs.get("buffers_only", args[0] if args else False)
+    if buffers_only:
+        return all_sizes, leaf_sizes
+    for module_name, module in find_experts_modules(model):
+        for pname in ("gate_up_proj", "down_proj"):
+            param = module._parameters.get(pname)
+            if param is None or param.dim() != 3 or not param.is_floating_point():
+                continue
+            name = f"{module_name}.{pname}"
+            element = hf_quantizer.param_element_size(model, name, param) if hf_quantizer else param.element_size()
+            saved = param.numel() * element - nf4_nbytes(param.numel(), _Hook.blocksize)
+            parts = name.split(".")
+            for i in range(len(parts)):
+                all_sizes[".".join(parts[:i])] -= saved
+            if name in all_sizes:
+                all_sizes[name] -= saved
+            leaf_sizes[module_name] -= saved
+    return all_sizes, leaf_sizes
+
+
 def _skip_caching_allocator_warmup(*args, **kwargs) -> None:
     logger.debug("moequant: caching_allocator_warmup skipped (it would reserve the dense expert size)")
 
@@ -308,6 +337,7 @@ def _finish(model: nn.Module, stats: LoadStats) -> None:
 
 def _patch() -> None:
     import transformers.core_model_loading as loading
+    import transformers.integrations.accelerate as accelerate_integration
     import transformers.modeling_utils as modeling_utils
 
     if not hasattr(loading, "set_param_for_module"):
@@ -319,6 +349,7 @@ def _patch() -> None:
         "set_param_for_module": loading.set_param_for_module,
         "convert_and_load_state_dict_in_model": getattr(modeling_utils, "convert_and_load_state_dict_in_model", None),
         "caching_allocator_warmup": getattr(modeling_utils, "caching_allocator_warmup", None),
+        "compute_module_sizes": getattr(accelerate_integration, "compute_module_sizes", None),
         "HF_DEACTIVATE_ASYNC_LOAD": os.environ.get("HF_DEACTIVATE_ASYNC_LOAD"),
     }
     loading.set_param_for_module = _set_param_and_quantize
@@ -326,13 +357,18 @@ def _patch() -> None:
         modeling_utils.convert_and_load_state_dict_in_model = _convert_and_load_fusing_on_cpu
     if _Hook.saved["caching_allocator_warmup"] is not None:
         modeling_utils.caching_allocator_warmup = _skip_caching_allocator_warmup
+    if _Hook.saved["compute_module_sizes"] is not None:
+        accelerate_integration.compute_module_sizes = _module_sizes_at_nf4
     os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
 
 
 def _unpatch() -> None:
     import transformers.core_model_loading as loading
+    import transformers.integrations.accelerate as accelerate_integration
     import transformers.modeling_utils as modeling_utils
 
+    if _Hook.saved["compute_module_sizes"] is not None:
+        accelerate_integration.compute_module_sizes = _Hook.saved["compute_module_sizes"]
     loading.set_param_for_module = _Hook.saved["set_param_for_module"]
     if _Hook.saved["convert_and_load_state_dict_in_model"] is not None:
         modeling_utils.convert_and_load_state_dict_in_model = _Hook.saved["convert_and_load_state_dict_in_model"]
