@@ -168,21 +168,21 @@ def test_lora_factors_match_peft_dense_delta(checkpoints):
 
 def test_multiple_adapters_and_disable(checkpoints):
     path = checkpoints["qwen3_moe"]
-    model = get_peft_model(quantized(path, torch.float32), lora_config(init_lora_weights=False), adapter_name="a")
-    model.add_adapter("b", lora_config(init_lora_weights=False))
+    model = get_peft_model(quantized(path, torch.float32), lora_config(init_lora_weights=False), adapter_name="first")
+    model.add_adapter("second", lora_config(init_lora_weights=False))
     ids = batch()
     with torch.no_grad():
-        model.set_adapter("a")
+        model.set_adapter("first")
         out_a = model(ids).logits
         with model.disable_adapter():
             base = model(ids).logits
-        model.base_model.set_adapter(["a", "b"])
+        model.base_model.set_adapter(["first", "second"])
         out_ab = model(ids).logits
     assert not torch.allclose(out_a, base) and not torch.allclose(out_ab, out_a)
-    twin = get_peft_model(dequantized_twin(path, model.base_model.model, torch.float32), lora_config(), adapter_name="a")
-    twin.add_adapter("b", lora_config())
+    twin = get_peft_model(dequantized_twin(path, model.base_model.model, torch.float32), lora_config(), adapter_name="first")
+    twin.add_adapter("second", lora_config())
     twin.load_state_dict(model.state_dict(), strict=False)
-    twin.base_model.set_adapter(["a", "b"])
+    twin.base_model.set_adapter(["first", "second"])
     with torch.no_grad():
         torch.testing.assert_close(out_ab, twin.eval()(ids).logits, atol=2e-4, rtol=2e-4)
 

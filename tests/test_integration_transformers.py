@@ -162,7 +162,21 @@ def test_load_peak_and_loader_traps_neutralised(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "convert_and_load_state_dict_in_model", spy)
     monkeypatch.setattr(modeling_utils, "convert_and_load_state_dict_in_model", spy, raising=False)
     warmup, setter = modeling_utils.caching_allocator_warmup, loading.set_param_for_module
-    model = load_quantized_on_load(path)
+    released = []
+    with quantize_experts_on_load():
+        hooked = loading.set_param_for_module
+
+        def watch(model, target_name, value, *args, **kwargs):
+            hooked(model, target_name, value, *args, **kwargs)
+            if target_name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                released.append(value.numel() == 0)  # the loader's own reference no longer holds the storage
+
+        loading.set_param_for_module = watch
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        finally:
+            loading.set_param_for_module = hooked
+    assert released == [True] * 48
     assert seen == {"async_off": "1", "warmup": "_skip_caching_allocator_warmup", "fused_on_cpu": True}
     assert modeling_utils.caching_allocator_warmup is warmup and loading.set_param_for_module is setter
     assert "HF_DEACTIVATE_ASYNC_LOAD" not in os.environ or os.environ["HF_DEACTIVATE_ASYNC_LOAD"] != "1"

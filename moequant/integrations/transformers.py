@@ -231,7 +231,6 @@ def _set_param_and_quantize(model, target_name, param_value, *args, **kwargs):
     module = model.get_submodule(module_path) if module_path else model
     layout = getattr(module, "_moequant_layout", None)
     incoming = _tensor_bytes(param_value)
-    del param_value
     if layout is None or param_name not in layout.weight_names or is_quantized(module, param_name):
         stats.resident_bytes += incoming
         stats.peak_resident_bytes = max(stats.peak_resident_bytes, stats.resident_bytes)
@@ -241,6 +240,11 @@ def _set_param_and_quantize(model, target_name, param_value, *args, **kwargs):
     stats.peak_resident_bytes = max(stats.peak_resident_bytes, stats.resident_bytes + incoming)
     start = time.perf_counter()
     stack = quantize_parameter(module, param_name, stats.blocksize)
+    # The loader keeps its own reference to the dense tensor until it has materialized the next
+    # one (a loop variable); release the storage now so two dense tensors never coexist.
+    if isinstance(param_value, torch.Tensor) and not isinstance(param_value, nn.Parameter):
+        param_value.data = torch.empty(0, dtype=param_value.dtype, device=param_value.device)
+    del param_value
     if all(is_quantized(module, n) for n in layout.weight_names):
         select_experts_implementation(module)
         patch_peft()
