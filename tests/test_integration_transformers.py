@@ -261,6 +261,8 @@ def test_state_dict_round_trip_and_cached_load(arch, checkpoints, tmp_path, monk
     with torch.no_grad():
         torch.testing.assert_close(cached(ids).logits, expected, atol=0, rtol=0)
     assert cached.num_parameters() == model.num_parameters()
+    assert memory_summary(cached) == memory_summary(model)
+    assert find_experts_modules(cached)[0][1].down_proj.dtype == torch.bfloat16
     logging.getLogger(__name__).info(
         "%s tiny: quantize-on-load %.3f s, pre-quantized cache %.3f s", arch, quantize_load_s, cached_load_s
     )

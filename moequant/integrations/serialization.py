@@ -18,6 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .parametrize import nf4_stack_of
 from .transformers import install_parameter_accounting, quantize_model_experts, quantized_stacks
 
 logger = logging.getLogger(__name__)
@@ -40,11 +41,17 @@ def save_quantized(model: nn.Module, save_directory: Union[str, os.PathLike]) ->
         )
     os.makedirs(save_directory, exist_ok=True)
     model.config.save_pretrained(save_directory)
-    blocksizes = sorted({module.parametrizations[p][0].blocksize for _, module, p in stacks})
-    if len(blocksizes) != 1:
-        raise ValueError(f"save_quantized: one blocksize per model expected, found {blocksizes}")
+    nf4 = [nf4_stack_of(module, p) for _, module, p in stacks]
+    blocksizes = sorted({s.blocksize for s in nf4})
+    dtypes = sorted({str(s.dtype).removeprefix("torch.") for s in nf4})
+    if len(blocksizes) != 1 or len(dtypes) != 1:
+        raise ValueError(f"save_quantized: one blocksize and dtype per model expected, found {blocksizes}, {dtypes}")
     with open(os.path.join(save_directory, METADATA_NAME), "w") as f:
-        json.dump({"format": "moequant-nf4", "blocksize": blocksizes[0], "num_stacks": len(stacks)}, f, indent=2)
+        json.dump(
+            {"format": "moequant-nf4", "blocksize": blocksizes[0], "dtype": dtypes[0], "num_stacks": len(stacks)},
+            f,
+            indent=2,
+        )
 
     # safetensors refuses tensors sharing storage (tied embeddings): keep the first name of each.
     state, seen = {}, set()
@@ -66,8 +73,8 @@ def load_quantized(
 ) -> nn.Module:
     """Load what :func:`save_quantized` wrote, on ``device``, in eval mode.
 
-    ``model_class`` defaults to ``AutoModelForCausalLM``; ``dtype`` is the dtype of the non-expert
-    weights to build (the saved tensors keep theirs).
+    ``model_class`` defaults to ``AutoModelForCausalLM``; ``dtype`` is the dtype the model is built
+    in (default: the dtype the experts were quantized from); the saved tensors keep their own.
     """
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
@@ -83,8 +90,9 @@ def load_quantized(
         raise ValueError(f"load_quantized: unknown format {meta.get('format')!r} in {meta_path}")
     config = AutoConfig.from_pretrained(save_directory)
     model_class = model_class or AutoModelForCausalLM
+    dtype = dtype or getattr(torch, meta.get("dtype", "bfloat16"))
     with init_empty_weights(include_buffers=False):
-        model = model_class.from_config(config, dtype=dtype) if dtype else model_class.from_config(config)
+        model = model_class.from_config(config, dtype=dtype)
     quantize_model_experts(model, blocksize=int(meta["blocksize"]))  # empty (meta) stacks of the right shapes
 
     state = load_file(os.path.join(save_directory, WEIGHTS_NAME), device=str(device))
