@@ -1,74 +1,162 @@
-// CUDA kernel of quantize_nf4. LANES threads share one NF4 block of LANES*EPL elements: each lane
-// loads EPL elements as 8-element (16-byte for 16-bit types) chunks, the group reduces absmax
-// with warp shuffles, then each lane encodes its chunks from registers. Chunks are interleaved
-// across lanes so that loads and the 4-byte stores of packed codes are coalesced.
+// CUDA kernel of quantize_nf4. LANES threads share one NF4 block of LANES * CHUNKS * 8 elements:
+// each lane loads its 8-element chunks (16-byte loads for 16-bit types), the group reduces absmax
+// with warp shuffles, then each lane encodes its chunks and stores 4 packed bytes per chunk.
+// Chunk c of lane l starts at element (c * LANES + l) * 8, so loads and stores are coalesced.
+// Encoding uses the exact bin table of nf4_encode_lut.h (the 15-compare nf4_encode made the
+// kernel issue-bound) and falls back to nf4_encode for blocks whose absmax is NaN/Inf.
+// Bit-exact with the CPU kernel: IEEE division for the scale and __fmul_rn, no fast math.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <type_traits>
 
 #include "../kernels.h"
 #include "../nf4_checks.h"
 #include "../nf4_format.h"
 #include "cuda_utils.cuh"
+#include "nf4_encode_lut.h"
+
+// fp32, fp16, bf16 only (the checks reject other dtypes; no dead double kernels).
+#define MOEQUANT_DISPATCH_NF4_TYPES(TYPE, NAME, ...)                                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)           \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace moequant {
 
 constexpr int kQuantizeThreads = 256;
 
+__device__ __constant__ NF4BinTable kNF4BinTableDevice = kNF4BinTable;
+
 template <typename T>
-struct alignas(sizeof(T) * 8) Vec8 {
+struct alignas(16) Chunk8 {
   T v[8];
 };
 
-template <typename T, int LANES, int EPL>
+// One 8-element chunk: one 16-byte load, or two for fp32.
+template <typename T>
+__device__ __forceinline__ Chunk8<T> load_chunk(const T* p) {
+  Chunk8<T> c;
+  constexpr int kVecs = sizeof(Chunk8<T>) / 16;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) reinterpret_cast<uint4*>(&c)[i] = reinterpret_cast<const uint4*>(p)[i];
+  return c;
+}
+
+// max(m, |x|) that propagates NaN like torch.max (and nf4_absmax_step), in one instruction.
+__device__ __forceinline__ float absmax_nan(float m, float x) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(m), "f"(fabsf(x)));
+  return r;
+}
+
+// Exact code of x = w * scale when the block's absmax is finite (then |x| <= 1 + 2^-20).
+__device__ __forceinline__ uint32_t encode_finite(float x, const NF4Bin* bins) {
+  const uint32_t bin = __float_as_uint(__fmaf_rn(x, 128.0f, kNF4BinMagic)) & 63u;
+  const NF4Bin e = bins[bin];
+  return e.base + (x > e.thr ? 1u : 0u);
+}
+
+template <bool kFinite>
+__device__ __forceinline__ uint32_t encode(float x, const NF4Bin* bins) {
+  if constexpr (kFinite) return encode_finite(x, bins);
+  else return nf4_encode(x);
+}
+
+// Packs the codes of one chunk into a little-endian word: element 2i in the high nibble of byte i.
+template <bool kFinite, typename T>
+__device__ __forceinline__ uint32_t encode_chunk(const Chunk8<T>& c, float scale, const NF4Bin* bins) {
+  uint32_t word = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t hi = encode<kFinite>(__fmul_rn(to_float(c.v[2 * i]), scale), bins);
+    const uint32_t lo = encode<kFinite>(__fmul_rn(to_float(c.v[2 * i + 1]), scale), bins);
+    word |= ((hi << 4) | lo) << (8 * i);
+  }
+  return word;
+}
+
+// BATCH chunks per lane are held in registers at a time. With BATCH == CHUNKS the block is read
+// once; larger blocks (2048, 4096) take two passes, the second reading the block again (mostly
+// from L1/L2), instead of holding up to 128 values per thread.
+template <typename T, int LANES, int CHUNKS, int BATCH>
 __global__ void __launch_bounds__(kQuantizeThreads)
 quantize_nf4_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed,
                     float* __restrict__ absmax, int64_t num_blocks) {
-  constexpr int kChunks = EPL / 8;
-  constexpr int kGroupsPerCta = kQuantizeThreads / LANES;
-  const int lane = threadIdx.x % LANES;
-  const int64_t first_group = int64_t{blockIdx.x} * kGroupsPerCta + threadIdx.x / LANES;
-  const int64_t group_stride = int64_t{gridDim.x} * kGroupsPerCta;
+  static_assert(32 % LANES == 0 && CHUNKS % BATCH == 0);
+  constexpr int kGroupsPerWarp = 32 / LANES;
+  constexpr int64_t kBlock = int64_t{LANES} * CHUNKS * 8;
+  constexpr bool kOnePass = BATCH == CHUNKS;
 
-  for (int64_t b = first_group; b < num_blocks; b += group_stride) {
-    const int64_t base = b * (LANES * EPL);
-    float x[EPL];
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      const Vec8<T> chunk = *reinterpret_cast<const Vec8<T>*>(weight + base + (int64_t{c} * LANES + lane) * 8);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) x[c * 8 + i] = to_float(chunk.v[i]);
-    }
+  __shared__ NF4Bin bins[kNF4Bins];
+  for (int i = threadIdx.x; i < kNF4Bins; i += blockDim.x) bins[i] = kNF4BinTableDevice.bins[i];
+  __syncthreads();
+
+  const int lane = threadIdx.x % LANES;
+  const int group = (threadIdx.x % 32) / LANES;
+  const int64_t warp = (int64_t{blockIdx.x} * kQuantizeThreads + threadIdx.x) / 32;
+  const int64_t num_warps = int64_t{gridDim.x} * (kQuantizeThreads / 32);
+
+  // Warp-uniform loop, so every lane takes part in the shuffles; inactive groups idle.
+  for (int64_t first = warp * kGroupsPerWarp; first < num_blocks; first += num_warps * kGroupsPerWarp) {
+    const int64_t b = first + group;
+    const bool active = b < num_blocks;
+    const T* w = weight + b * kBlock + lane * 8;
+    uint32_t* out = reinterpret_cast<uint32_t*>(packed + b * (kBlock / 2)) + lane;
+
+    Chunk8<T> x[BATCH];
     float amax = 0.0f;
+#pragma unroll 1  // keeps one batch of loads live at a time
+    for (int c0 = 0; c0 < CHUNKS; c0 += BATCH) {
 #pragma unroll
-    for (int i = 0; i < EPL; ++i) amax = nf4_absmax_step(amax, x[i]);
-    // Butterfly reduction inside the LANES-wide group (LANES divides 32).
+      for (int c = 0; c < BATCH; ++c) {
+        if (active) x[c] = load_chunk(w + (c0 + c) * (LANES * 8));
+        else x[c] = Chunk8<T>{};
+      }
+#pragma unroll
+      for (int c = 0; c < BATCH; ++c) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) amax = absmax_nan(amax, to_float(x[c].v[i]));
+      }
+    }
 #pragma unroll
     for (int offset = LANES / 2; offset > 0; offset /= 2) {
-      amax = nf4_absmax_step(amax, __shfl_xor_sync(0xffffffffu, amax, offset, LANES));
+      amax = absmax_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
     }
+    if (!active) continue;
     if (lane == 0) absmax[b] = amax;
     const float scale = nf4_block_scale(amax);
+    const bool finite = isfinite(amax);  // uniform across the group
+#pragma unroll 1
+    for (int c0 = 0; c0 < CHUNKS; c0 += BATCH) {
+      if constexpr (!kOnePass) {
 #pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      uint32_t word = 0;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint32_t hi = nf4_encode(__fmul_rn(x[c * 8 + 2 * i], scale));
-        const uint32_t lo = nf4_encode(__fmul_rn(x[c * 8 + 2 * i + 1], scale));
-        word |= ((hi << 4) | lo) << (8 * i);
+        for (int c = 0; c < BATCH; ++c) x[c] = load_chunk(w + (c0 + c) * (LANES * 8));
       }
-      *reinterpret_cast<uint32_t*>(packed + base / 2 + (int64_t{c} * LANES + lane) * 4) = word;
+#pragma unroll
+      for (int c = 0; c < BATCH; ++c) {
+        out[(c0 + c) * LANES] = finite ? encode_chunk<true>(x[c], scale, bins)
+                                       : encode_chunk<false>(x[c], scale, bins);
+      }
     }
   }
 }
 
-template <typename T, int LANES, int EPL>
+// Enough CTAs to fill every SM once at the kernel's occupancy (the loop strides over the rest).
+template <typename Kernel>
+static int64_t persistent_grid(Kernel kernel, int threads, int64_t ctas_needed) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max<int64_t>(1, std::min<int64_t>(ctas_needed, int64_t{sms} * std::max(per_sm, 1)));
+}
+
+template <typename T, int LANES, int CHUNKS, int BATCH = CHUNKS>
 static void launch_quantize(const T* w, uint8_t* p, float* a, int64_t num_blocks) {
-  constexpr int kGroupsPerCta = kQuantizeThreads / LANES;
-  const int64_t grid = grid_for(num_blocks * LANES, kQuantizeThreads);
-  (void)kGroupsPerCta;
-  quantize_nf4_kernel<T, LANES, EPL><<<grid, kQuantizeThreads, 0, at::cuda::getCurrentCUDAStream()>>>(w, p, a, num_blocks);
+  constexpr int kBlocksPerCta = kQuantizeThreads / LANES;
+  auto kernel = quantize_nf4_kernel<T, LANES, CHUNKS, BATCH>;
+  const int64_t grid = persistent_grid(kernel, kQuantizeThreads, (num_blocks + kBlocksPerCta - 1) / kBlocksPerCta);
+  kernel<<<grid, kQuantizeThreads, 0, at::cuda::getCurrentCUDAStream()>>>(w, p, a, num_blocks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -81,20 +169,20 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& weight, i
   at::Tensor absmax = at::empty_symint(shape.absmax_sizes(blocksize), w.options().dtype(at::kFloat));
   const int64_t num_blocks = shape.numel().expect_int() / blocksize;
   if (num_blocks == 0) return {packed, absmax};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "quantize_nf4_cuda", [&] {
+  MOEQUANT_DISPATCH_NF4_TYPES(w.scalar_type(), "quantize_nf4_cuda", [&] {
     using T = typename native<scalar_t>::type;
     const T* wp = reinterpret_cast<const T*>(w.const_data_ptr<scalar_t>());
     uint8_t* pp = packed.mutable_data_ptr<uint8_t>();
     float* ap = absmax.mutable_data_ptr<float>();
     switch (blocksize) {
-      case 32: launch_quantize<T, 4, 8>(wp, pp, ap, num_blocks); break;
-      case 64: launch_quantize<T, 8, 8>(wp, pp, ap, num_blocks); break;
-      case 128: launch_quantize<T, 16, 8>(wp, pp, ap, num_blocks); break;
-      case 256: launch_quantize<T, 32, 8>(wp, pp, ap, num_blocks); break;
-      case 512: launch_quantize<T, 32, 16>(wp, pp, ap, num_blocks); break;
-      case 1024: launch_quantize<T, 32, 32>(wp, pp, ap, num_blocks); break;
-      case 2048: launch_quantize<T, 32, 64>(wp, pp, ap, num_blocks); break;
-      case 4096: launch_quantize<T, 32, 128>(wp, pp, ap, num_blocks); break;
+      case 32: launch_quantize<T, 4, 1>(wp, pp, ap, num_blocks); break;
+      case 64: launch_quantize<T, 8, 1>(wp, pp, ap, num_blocks); break;
+      case 128: launch_quantize<T, 16, 1>(wp, pp, ap, num_blocks); break;
+      case 256: launch_quantize<T, 32, 1>(wp, pp, ap, num_blocks); break;
+      case 512: launch_quantize<T, 32, 2>(wp, pp, ap, num_blocks); break;
+      case 1024: launch_quantize<T, 32, 4>(wp, pp, ap, num_blocks); break;
+      case 2048: launch_quantize<T, 32, 8, 4>(wp, pp, ap, num_blocks); break;
+      case 4096: launch_quantize<T, 32, 16, 4>(wp, pp, ap, num_blocks); break;
       default: TORCH_CHECK(false, "moequant.quantize_nf4: unsupported blocksize ", blocksize);
     }
   });
