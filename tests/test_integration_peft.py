@@ -155,15 +155,26 @@ def test_bf16_train_merge_and_reload(checkpoints, tmp_path):
 
 
 def test_lora_factors_match_peft_dense_delta(checkpoints):
-    """Float32, so the comparison is tight: moequant's factored LoRA equals PEFT's dense W + scaling*B@A."""
+    """Float32, so the comparison is tight: moequant's factored LoRA equals PEFT's dense W + scaling*B@A,
+    in the logits and in every LoRA gradient (the op's backward maps onto PEFT's factor layout)."""
     for arch in ("qwen3_moe", "gpt_oss"):
         path = checkpoints[arch]
         model = get_peft_model(quantized(path, torch.float32), lora_config(init_lora_weights=False))
         twin = get_peft_model(dequantized_twin(path, model.base_model.model, torch.float32), lora_config())
         twin.load_state_dict(model.state_dict(), strict=False)
         ids = batch()
-        with torch.no_grad():
-            torch.testing.assert_close(model(ids).logits, twin.eval()(ids).logits, atol=2e-4, rtol=2e-4)
+        logits = model(input_ids=ids).logits
+        expected = twin(input_ids=ids).logits
+        torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
+        (logits.square().mean()).backward()
+        (expected.square().mean()).backward()
+        twin_params = dict(twin.named_parameters())
+        checked = 0
+        for name, param in model.named_parameters():
+            if "lora_" in name and "experts" in name:
+                torch.testing.assert_close(param.grad, twin_params[name].grad, atol=1e-5, rtol=1e-3)
+                checked += 1
+        assert checked == 4 * model.base_model.model.config.num_hidden_layers
 
 
 def test_multiple_adapters_and_disable(checkpoints):
