@@ -383,3 +383,21 @@ def test_auto_device_map_sizes_experts_at_nf4(tmp_path):
     assert set(getattr(model, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     assert memory_summary(model).num_stacks == 8
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_save_pretrained_writes_dequantized_experts(arch, checkpoints, tmp_path):
+    """A plain load of the saved model is the dequantized twin; quantizing it again is lossless."""
+    path = checkpoints[arch]
+    model = load_quantized_on_load(path, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    reference = dequantized_reference(path, model, torch.float32)
+    ids = sample_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, reference(ids).logits, atol=0, rtol=0)
+    again = load_quantized_on_load(str(tmp_path), dtype=torch.float32)
+    for (_, m1), (_, m2) in zip(find_experts_modules(model), find_experts_modules(again)):
+        for pname in ("gate_up_proj", "down_proj"):
+            s1, s2 = nf4_stack_of(m1, pname), nf4_stack_of(m2, pname)
+            assert torch.equal(s1.packed, s2.packed) and torch.equal(s1.absmax, s2.absmax)

@@ -131,14 +131,42 @@ def _num_parameters_with_logical_experts(self, only_trainable: bool = False, exc
     return total
 
 
-def install_parameter_accounting(model: nn.Module) -> None:
-    """Make ``model.num_parameters()`` count each quantized stack as its logical ``E*N*K`` weights.
+def dense_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` with every quantized stack replaced by its dequantized tensor under the
+    dense name (``…experts.gate_up_proj``), moved to the CPU one stack at a time."""
+    state = model.state_dict()
+    for name, module, pname in quantized_stacks(model):
+        prefix = name[: -len(pname)]
+        state.pop(f"{prefix}parametrizations.{pname}.original", None)
+        state.pop(f"{prefix}parametrizations.{pname}.0.absmax", None)
+        state[name] = nf4_stack_of(module, pname).dequantize().cpu()
+    return state
 
+
+def _save_pretrained_dense(self, save_directory, *args, state_dict=None, **kwargs):
+    if state_dict is None and next(quantized_stacks(self), None) is not None:
+        logger.warning(
+            "moequant: save_pretrained writes the experts dequantized (a plain %s checkpoint, reloadable with or "
+            "without quantize-on-load); moequant.save_quantized keeps them packed",
+            type(self).__name__,
+        )
+        state_dict = dense_state_dict(self)
+    return type(self).save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
+
+
+def install_parameter_accounting(model: nn.Module) -> None:
+    """Per-instance methods of a model with quantized experts.
+
+    ``num_parameters()`` counts each quantized stack as its logical ``E*N*K`` weights
     (``get_memory_footprint()`` needs nothing: it already sums the packed ``uint8`` parameter and the
-    ``absmax`` buffer, the real bytes.)
+    ``absmax`` buffer, the real bytes). ``save_pretrained()`` writes a plain checkpoint with the
+    dequantized experts under their usual names, instead of parametrization keys that a plain load
+    would silently drop.
     """
     if hasattr(type(model), "num_parameters"):
         model.num_parameters = types.MethodType(_num_parameters_with_logical_experts, model)
+    if hasattr(type(model), "save_pretrained"):
+        model.save_pretrained = types.MethodType(_save_pretrained_dense, model)
 
 
 @dataclass
