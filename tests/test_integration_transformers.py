@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import time
 
 import pytest
@@ -143,8 +144,6 @@ def test_fused_checkpoint_loads(arch, tmp_path):
 def test_load_peak_and_loader_traps_neutralised(tmp_path, monkeypatch):
     """Deep enough that the experts dominate: the load never holds more than the final model plus
     one dense expert tensor, warmup is skipped and the async prefetch is off, only while active."""
-    import os
-
     import transformers.core_model_loading as loading
     import transformers.modeling_utils as modeling_utils
 
@@ -401,3 +400,17 @@ def test_save_pretrained_writes_dequantized_experts(arch, checkpoints, tmp_path)
         for pname in ("gate_up_proj", "down_proj"):
             s1, s2 = nf4_stack_of(m1, pname), nf4_stack_of(m2, pname)
             assert torch.equal(s1.packed, s2.packed) and torch.equal(s1.absmax, s2.absmax)
+
+
+def test_experts_missing_from_checkpoint_are_quantized_after_init(tmp_path):
+    """transformers initializes parameters the checkpoint lacks after loading; those get quantized too."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_checkpoint("gpt_oss", str(tmp_path))  # gpt-oss stores its experts fused
+    weights = os.path.join(path, "model.safetensors")
+    state = {k: v for k, v in load_file(weights).items() if "layers.1.mlp.experts.down_proj" not in k or "bias" in k}
+    save_file(state, weights, metadata={"format": "pt"})
+    model = load_quantized_on_load(path)
+    experts = find_experts_modules(model)
+    assert all(is_quantized(m, p) for _, m in experts for p in ("gate_up_proj", "down_proj"))
+    assert load_stats(model).num_stacks == 3  # quantized while loading; the fourth after initialization

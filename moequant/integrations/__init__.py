@@ -8,6 +8,7 @@ from .serialization import load_quantized, save_quantized
 from .transformers import (
     LoadStats,
     MemorySummary,
+    dense_state_dict,
     find_experts_modules,
     load_stats,
     memory_summary,
@@ -20,6 +21,7 @@ __all__ = [
     "LoadStats",
     "MemorySummary",
     "NF4Parametrization",
+    "dense_state_dict",
     "dequantize_parameter",
     "experts_layout",
     "find_experts_modules",
