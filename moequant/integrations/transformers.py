@@ -263,8 +263,15 @@ def _set_param_and_quantize(model, target_name, param_value, *args, **kwargs):
         stats.resident_bytes += incoming
         stats.peak_resident_bytes = max(stats.peak_resident_bytes, stats.resident_bytes)
         return
-    if getattr(module, param_name).device.type == "meta":
+    dense = getattr(module, param_name)
+    if dense.device.type == "meta":
         return
+    if type(dense).__name__ == "DTensor":
+        raise ValueError(
+            f"{target_name} was loaded as a DTensor (tensor parallel / FSDP sharding); moequant quantizes whole "
+            "expert stacks on one device and does not support sharded loading yet"
+        )
+    del dense
     stats.peak_resident_bytes = max(stats.peak_resident_bytes, stats.resident_bytes + incoming)
     start = time.perf_counter()
     stack = quantize_parameter(module, param_name, stats.blocksize)
