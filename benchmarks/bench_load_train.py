@@ -294,17 +294,23 @@ def main() -> None:
     if "error" not in tb and "error" not in tm:
         results["train_ratios"] = {
             "step_time_moequant_over_bf16_peft": ratio(tm["step_ms"], tb["step_ms"]),
-            "step_peak_moequant_over_bf16_peft": ratio(tm["step_peak_above_resident_mb"], tb["step_peak_above_resident_mb"]),
+            "step_peak_moequant_over_bf16_peft": ratio(
+                tm["step_peak_above_resident_mb"], tb["step_peak_above_resident_mb"]
+            ),
             "resident_moequant_over_bf16": ratio(tm["resident_mb"], tb["resident_mb"]),
         }
 
     print(f"\n{'toy (--smoke)' if args.smoke else 'Qwen3-30B-A3B'} shapes, {args.layers} layers, {results['device']}")
     print(f"{'load':<22}{'seconds':>10}{'peak MB':>12}{'final MB':>12}")
     for kind, r in load.items():
-        print(f"{kind:<22}" + (f"{r['seconds']:10.2f}{r['peak_mb']:12.0f}{r['final_mb']:12.0f}" if "error" not in r else f"  {r['error']}"))
+        row = f"{r['seconds']:10.2f}{r['peak_mb']:12.0f}{r['final_mb']:12.0f}" if "error" not in r else f"  {r['error']}"
+        print(f"{kind:<22}{row}")
     print(f"{'train':<10}{'step ms':>10}{'resident MB':>12}{'step peak MB':>14}")
     for kind, r in train.items():
-        print(f"{kind:<10}" + (f"{r['step_ms']:10.1f}{r['resident_mb']:12.0f}{r['step_peak_above_resident_mb']:14.0f}" if "error" not in r else f"  {r['error']}"))
+        if "error" in r:
+            print(f"{kind:<10}  {r['error']}")
+        else:
+            print(f"{kind:<10}{r['step_ms']:10.1f}{r['resident_mb']:12.0f}{r['step_peak_above_resident_mb']:14.0f}")
     for key in ("load_ratios", "train_ratios"):
         if key in results:
             print(key, json.dumps({k: v if v is None else round(v, 3) for k, v in results[key].items()}))

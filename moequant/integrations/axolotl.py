@@ -63,7 +63,8 @@ class MoequantPlugin(BasePlugin):
             )
         if cfg.get("lora_target_parameters") and cfg.get("lora_dropout"):
             raise ValueError(
-                f"lora_target_parameters on moequant-quantized experts needs lora_dropout: 0, got {cfg.get('lora_dropout')}"
+                "lora_target_parameters on moequant-quantized experts needs lora_dropout: 0, "
+                f"got {cfg.get('lora_dropout')}"
             )
         cfg["quantize_moe_experts"] = False  # Axolotl's own expert quantization stays off
         self._loading = contextlib.ExitStack()

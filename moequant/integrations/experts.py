@@ -74,7 +74,9 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
             "and down_proj set by @use_experts_implementation)"
         )
     if not module.has_gate:
-        raise ValueError(f"{name} has no gate (has_gate=False, an up_proj-only MLP); moequant supports gated experts only")
+        raise ValueError(
+            f"{name} has no gate (has_gate=False, an up_proj-only MLP); moequant supports gated experts only"
+        )
     transposed = bool(module.is_transposed)
     interleaved = not bool(getattr(module, "is_concatenated", True))
     has_bias = bool(module.has_bias)

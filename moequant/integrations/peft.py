@@ -132,7 +132,10 @@ def _inject_parameters(self, peft_config, model, adapter_name, low_cpu_mem_usage
         unwrapped = _strip_base_layer(module_name)
         quantized.append((module_name, unwrapped, module))
     quantized_keys = {
-        f"{unwrapped}.{p}" for _, unwrapped, m in quantized for p in m._moequant_layout.weight_names if is_quantized(m, p)
+        f"{unwrapped}.{p}"
+        for _, unwrapped, m in quantized
+        for p in m._moequant_layout.weight_names
+        if is_quantized(m, p)
     }
 
     # PEFT matches an already-parametrized parameter by its exact full name; keep those for us.

@@ -60,7 +60,8 @@ def _check_model(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if not experts:
         raise ValueError(
             f"{type(model).__name__} has no fused experts module (a transformers module decorated with "
-            "@use_experts_implementation holding 3-D gate_up_proj/down_proj parameters); moequant has nothing to quantize"
+            "@use_experts_implementation holding 3-D gate_up_proj/down_proj parameters); moequant has nothing "
+            "to quantize"
         )
     for name, module in experts:
         try:
