@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <cub/cub.cuh>
 
+#include <string>
+
 #include "cuda_utils.cuh"
 #include "experts_routing.cuh"
 
@@ -42,13 +44,13 @@ inverse_permutation_kernel(const int32_t* __restrict__ sorted_pair, int32_t* __r
 
 ExpertsRouting route_pairs(const char* op, const at::Tensor& top_k_index, int64_t num_experts) {
   TORCH_CHECK(num_experts >= 1 && num_experts < (int64_t{1} << 30), op,
-              ": the number of experts E must be in [1, 2^30), got ", num_experts);
+              ": the number of experts E must be in [1, 2^30), got ", std::to_string(num_experts));
   const at::Tensor index = top_k_index.contiguous();
   ExpertsRouting r;
   r.num_pairs = index.numel();
   r.top_k = index.size(1);
   r.num_experts = num_experts;
-  TORCH_CHECK(r.num_pairs < (int64_t{1} << 31), op, ": T*k must be below 2^31, got ", r.num_pairs);
+  TORCH_CHECK(r.num_pairs < (int64_t{1} << 31), op, ": T*k must be below 2^31, got ", std::to_string(r.num_pairs));
   const auto int_opts = index.options().dtype(at::kInt);
   const int64_t P = r.num_pairs;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -85,7 +87,8 @@ ExpertsRouting route_pairs(const char* op, const at::Tensor& top_k_index, int64_
   const at::Tensor counts_host = counts.to(at::kCPU);  // the one host sync of an experts call
   const int32_t* c = counts_host.const_data_ptr<int32_t>();
   TORCH_CHECK(c[num_experts + 1] == 0, op, ": top_k_index holds a negative expert id; ids must be in [0, ",
-              num_experts, ") (or >= ", num_experts, " for sentinel slots that contribute zero)");
+              std::to_string(num_experts), ") (or >= ", std::to_string(num_experts),
+              " for sentinel slots that contribute zero)");
   r.row_offsets.assign(num_experts + 1, 0);
   for (int64_t e = 0; e < num_experts; ++e) {
     r.row_offsets[e + 1] = r.row_offsets[e] + c[e];

@@ -1,0 +1,229 @@
+"""moequant's CUDA experts ops against transformers' bf16 `grouped_mm` experts and PEFT LoRA
+(`target_parameters`, r=16) over them, in the same process, on the reference shapes of
+BENCHMARKS.md.
+
+For each shape and token count T: forward with grad enabled (input requires grad), forward under
+no_grad (decode/inference), forward+backward, each with and without LoRA r=16 on both
+projections; the transient peak (max_memory_allocated minus what was resident before the call);
+and ratios moequant / baseline. Timing: CUDA events around each call after warm-up, median.
+
+    python benchmarks/bench_experts.py [--shapes qwen3_30b_a3b,...] [--tokens 1,8,256,4096,16384]
+        [--reps 10] [--out benchmarks/results/bench_experts-<device>.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import moequant  # noqa: E402
+from moequant import ops  # noqa: E402
+
+# name: (hidden H, expert intermediate I, experts E, top-k)
+SHAPES = {
+    "qwen3_30b_a3b": (2048, 768, 128, 8),
+    "olmoe_1b_7b": (2048, 1024, 64, 8),
+    "mixtral_8x7b": (4096, 14336, 8, 2),
+    "deepseek_v3": (7168, 2048, 256, 8),
+}
+RANK = 16
+LORA_ALPHA = 32
+
+
+def time_ms(fn, reps, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def transient_mb(fn):
+    """Peak bytes allocated during fn() beyond what was allocated before it, in MB."""
+    torch.cuda.synchronize()
+    gc.collect()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 1e6
+
+
+def routing(T, E, k, device, gen):
+    logits = torch.randn(T, E, device=device, generator=gen)
+    w, idx = torch.softmax(logits, dim=-1).topk(k, dim=-1)
+    return idx, (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)
+
+
+def build_bf16_experts(H, I, E, k, device):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k,
+                            hidden_act="silu")
+    config._experts_implementation = "grouped_mm"
+    experts = Qwen3MoeExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj = torch.nn.Parameter(torch.randn(E, 2 * I, H, dtype=torch.bfloat16, device=device)
+                                                  * H ** -0.5)
+        experts.down_proj = torch.nn.Parameter(torch.randn(E, H, I, dtype=torch.bfloat16, device=device) * I ** -0.5)
+    experts.requires_grad_(False)
+    return experts
+
+
+class Holder(torch.nn.Module):
+    def __init__(self, experts):
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, x, idx, w):
+        return self.experts(x, idx, w)
+
+
+def peft_wrap(experts):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                     target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    model = get_peft_model(Holder(experts), cfg)
+    for n, p in model.named_parameters():
+        if "lora" in n:
+            p.data = p.data.to(torch.bfloat16)
+            if "lora_B" in n:  # non-zero B so the LoRA path does real work
+                torch.nn.init.normal_(p, std=0.01)
+    return model
+
+
+def measure(fwd, x, grad, reps):
+    """fwd(x) -> out. Returns fwd (grad enabled), fwd under no_grad, fwd+bwd ms and fwd+bwd transient MB."""
+    def f_grad():
+        return fwd(x)
+
+    def f_nograd():
+        with torch.no_grad():
+            return fwd(x)
+
+    def f_train():
+        out = fwd(x)
+        out.backward(grad)
+        x.grad = None
+
+    return {
+        "fwd_ms": time_ms(f_grad, reps),
+        "fwd_nograd_ms": time_ms(f_nograd, reps),
+        "fwd_bwd_ms": time_ms(f_train, reps),
+        "fwd_bwd_transient_mb": transient_mb(f_train),
+        "fwd_nograd_transient_mb": transient_mb(f_nograd),
+    }
+
+
+def bench_shape(name, tokens, reps, rows, device):
+    H, I, E, k = SHAPES[name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    experts = build_bf16_experts(H, I, E, k, device)
+    layer_mb = (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 2 / 1e6
+    gate_up = moequant.quantize_nf4(experts.gate_up_proj.detach(), 64)
+    down = moequant.quantize_nf4(experts.down_proj.detach(), 64)
+    lora = {
+        "gate_up_lora_A": torch.randn(E, RANK, H, device=device, dtype=torch.bfloat16) * H ** -0.5,
+        "gate_up_lora_B": torch.randn(E, 2 * I, RANK, device=device, dtype=torch.bfloat16) * 0.01,
+        "gate_up_lora_scaling": LORA_ALPHA / RANK,
+        "down_lora_A": torch.randn(E, RANK, I, device=device, dtype=torch.bfloat16) * I ** -0.5,
+        "down_lora_B": torch.randn(E, H, RANK, device=device, dtype=torch.bfloat16) * 0.01,
+        "down_lora_scaling": LORA_ALPHA / RANK,
+    }
+    for key, v in lora.items():
+        if torch.is_tensor(v):
+            v.requires_grad_(True)
+    peft_model = None
+    for T in tokens:
+        idx, w = routing(T, E, k, device, gen)
+        x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+        grad = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
+
+        def mq(kw):
+            return lambda xx: ops.experts_forward(xx, idx, w, gate_up.packed, gate_up.absmax, down.packed,
+                                                  down.absmax, **kw)
+
+        results = {}
+        try:
+            results["moequant"] = measure(mq({}), x, grad, reps)
+            results["moequant_lora"] = measure(mq(lora), x, grad, reps)
+            results["bf16_grouped_mm"] = measure(lambda xx: experts(xx, idx, w), x, grad, reps)
+            if peft_model is None:
+                peft_model = peft_wrap(experts)
+            results["peft_lora_bf16"] = measure(lambda xx: peft_model(xx, idx, w), x, grad, reps)
+        except torch.OutOfMemoryError as err:
+            print(f"{name} T={T}: out of memory ({err}); skipped", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        for impl, r in results.items():
+            rows.append(dict(shape=name, T=T, H=H, I=I, E=E, k=k, impl=impl, layer_bf16_mb=layer_mb, **r))
+        base, peft = results["bf16_grouped_mm"], results["peft_lora_bf16"]
+        m, ml = results["moequant"], results["moequant_lora"]
+        ratio = dict(shape=name, T=T, impl="ratios",
+                     fwd_vs_bf16=m["fwd_ms"] / base["fwd_ms"],
+                     fwd_nograd_vs_bf16=m["fwd_nograd_ms"] / base["fwd_nograd_ms"],
+                     fwd_bwd_vs_bf16=m["fwd_bwd_ms"] / base["fwd_bwd_ms"],
+                     lora_fwd_bwd_vs_bf16=ml["fwd_bwd_ms"] / base["fwd_bwd_ms"],
+                     lora_fwd_bwd_vs_peft=ml["fwd_bwd_ms"] / peft["fwd_bwd_ms"],
+                     lora_transient_vs_layer=ml["fwd_bwd_transient_mb"] / layer_mb)
+        rows.append(ratio)
+        print(f"{name:14s} T={T:6d} | fwd {m['fwd_ms']:8.3f} vs {base['fwd_ms']:8.3f} ({ratio['fwd_vs_bf16']:.2f}x)"
+              f" | nograd {m['fwd_nograd_ms']:8.3f} vs {base['fwd_nograd_ms']:8.3f} ({ratio['fwd_nograd_vs_bf16']:.2f}x)"
+              f" | f+b {m['fwd_bwd_ms']:8.3f} vs {base['fwd_bwd_ms']:8.3f} ({ratio['fwd_bwd_vs_bf16']:.2f}x)"
+              f" | LoRA f+b {ml['fwd_bwd_ms']:8.3f} vs peft {peft['fwd_bwd_ms']:8.3f} ({ratio['lora_fwd_bwd_vs_bf16']:.2f}x bf16)"
+              f" | LoRA transient {ml['fwd_bwd_transient_mb']:7.0f} MB vs peft {peft['fwd_bwd_transient_mb']:7.0f} MB"
+              f" (layer {layer_mb:.0f} MB)", flush=True)
+        del x, grad, idx, w
+    del experts, peft_model, gate_up, down, lora
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--tokens", default="1,8,256,4096,16384")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import peft
+    import transformers
+
+    device = torch.device("cuda")
+    dev_name = torch.cuda.get_device_name(device)
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", dev_name).strip("_")
+    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                        f"bench_experts-{slug}.json")
+    rows = []
+    meta = dict(device=dev_name, torch=torch.__version__, transformers=transformers.__version__,
+                peft=peft.__version__, python=platform.python_version(), command=" ".join(sys.argv),
+                rank=RANK, timing="CUDA events, 3 warm-ups, median of --reps", rows=rows)
+    for name in args.shapes.split(","):
+        bench_shape(name, [int(t) for t in args.tokens.split(",")], args.reps, rows, device)
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        with open(out_path, "w") as f:
+            json.dump(meta, f, indent=1)
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

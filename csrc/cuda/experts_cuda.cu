@@ -1,0 +1,265 @@
+// CUDA kernels of experts_forward, _experts_forward_train and experts_backward (rung (a) of
+// DESIGN.md §4, plus the decode GEMV for few rows): route pairs by expert, gather rows, products
+// with the packed stacks through bounded dequant scratch, fused bias/activation, LoRA as
+// low-rank per-expert products in the same routing order, and a deterministic combine.
+//
+// Backward, per routed row (t, j) of expert e with weight w and gate_up output h:
+//   z      = g[t] @ Wd_eff[e]                  (unweighted; Wd_eff includes the down LoRA)
+//   grad_w = <z, act(h)> + <g[t], bd[e]>       (never needs the down-projection output)
+//   dh     = act'(h) * (w z)
+//   dx     = dh @ Wgu_eff[e], summed over the k slots of each token in slot order.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../experts_checks.h"
+#include "../kernels.h"
+#include "experts_activation.cuh"
+#include "experts_common.cuh"
+#include "experts_decode_gemv.cuh"
+#include "experts_grouped_gemm.cuh"
+#include "experts_routing.cuh"
+#include "experts_rows.cuh"
+#include "experts_stack_gemm.cuh"
+
+namespace moequant {
+namespace {
+
+struct LoraFactors {
+  at::Tensor A, B;  // [E, r, in], [E, out, r] in the compute dtype; undefined when absent
+  double scaling = 1.0;
+  at::ScalarType A_dtype = at::kFloat, B_dtype = at::kFloat;
+  bool present() const { return A.defined(); }
+};
+
+// Everything one experts call needs, normalized once (contiguity, dtypes, shapes).
+struct ExpertsCall {
+  int64_t T = 0, k = 0, H = 0, I = 0, E = 0;
+  at::ScalarType dtype = at::kBFloat16;
+  bool transposed = false;
+  PackedStack gate_up, down;
+  ActivationSpec act;
+  at::Tensor gate_up_bias, down_bias;  // float32 [E, 2I] / [E, H], or undefined
+  LoraFactors gate_up_lora, down_lora;
+  int64_t scratch_bytes = 0;
+};
+
+LoraFactors lora_factors(const std::optional<at::Tensor>& A, const std::optional<at::Tensor>& B, double scaling,
+                         at::ScalarType dtype) {
+  LoraFactors f;
+  if (!A.has_value()) return f;
+  f.A_dtype = A->scalar_type();
+  f.B_dtype = B->scalar_type();
+  f.A = A->to(dtype).contiguous();
+  f.B = B->to(dtype).contiguous();
+  f.scaling = scaling;
+  return f;
+}
+
+PackedStack packed_stack(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize) {
+  PackedStack s;
+  s.packed = packed;
+  s.absmax = absmax;
+  s.experts = packed.size(0);
+  s.rows = packed.size(1);
+  s.cols = packed.size(2) * 2;
+  s.blocksize = blocksize;
+  return s;
+}
+
+ExpertsCall prepare_call(const char* op, const at::Tensor& hidden, const at::Tensor& index, const at::Tensor& weights,
+                         MOEQUANT_EXPERTS_PARAMS) {
+  const ExpertsProblem p =
+      check_experts_args(op, hidden, index, weights, gate_up_packed, gate_up_absmax, down_packed, down_absmax,
+                         blocksize, activation, transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A,
+                         gate_up_lora_B, gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling, act_alpha,
+                         act_limit);
+  TORCH_CHECK(hidden.is_cuda(), op, " (CUDA kernel): hidden_states must be a CUDA tensor");
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kHalf ||
+                  hidden.scalar_type() == at::kBFloat16,
+              op, " (CUDA kernel): hidden_states must be float32, float16 or bfloat16, got ", hidden.scalar_type());
+  ExpertsCall c;
+  c.T = p.tokens.expect_int();
+  c.k = p.top_k.expect_int();
+  c.H = p.hidden.expect_int();
+  c.I = p.intermediate.expect_int();
+  c.E = p.experts.expect_int();
+  c.dtype = hidden.scalar_type();
+  c.transposed = transposed;
+  c.gate_up = packed_stack(gate_up_packed, gate_up_absmax, blocksize);
+  c.down = packed_stack(down_packed, down_absmax, blocksize);
+  c.act.kind = p.activation;
+  c.act.interleaved = interleaved;
+  c.act.alpha = static_cast<float>(act_alpha);
+  c.act.limit = static_cast<float>(act_limit);
+  if (gate_up_bias.has_value()) c.gate_up_bias = gate_up_bias->to(at::kFloat).contiguous();
+  if (down_bias.has_value()) c.down_bias = down_bias->to(at::kFloat).contiguous();
+  c.gate_up_lora = lora_factors(gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling, c.dtype);
+  c.down_lora = lora_factors(down_lora_A, down_lora_B, down_lora_scaling, c.dtype);
+  c.scratch_bytes = experts_scratch_bytes(c.gate_up, c.down);
+  return c;
+}
+
+// The LoRA term (x A^T) B^T [R, out] of one projection, unscaled (consumers fuse the scaling into
+// their epilogue); undefined when the projection has no LoRA or there are no rows.
+at::Tensor lora_delta(const ExpertsRouting& r, const LoraFactors& lora, const at::Tensor& x) {
+  if (!lora.present() || r.num_rows == 0) return at::Tensor();
+  const at::Tensor u = stack_rows_gemm(x, lora.A.transpose(1, 2), r);  // [R, rank]
+  return stack_rows_gemm(u, lora.B.transpose(1, 2), r);
+}
+
+// The gate_up projection output with LoRA and bias, in routing order: fills h [R, 2I] and
+// returns act(h) [R, I].
+at::Tensor gate_up_forward(const ExpertsCall& c, const ExpertsRouting& r, const at::Tensor& x, at::Tensor& h) {
+  packed_stack_gemm(x, h, c.gate_up, /*transpose_stored=*/!c.transposed, r, c.scratch_bytes);
+  const at::Tensor delta = lora_delta(r, c.gate_up_lora, x);
+  return gate_up_bias_activation(h, delta, static_cast<float>(c.gate_up_lora.scaling), c.gate_up_bias, r, c.act);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, bool train, const at::Tensor& hidden,
+                                                const at::Tensor& index, const at::Tensor& weights,
+                                                MOEQUANT_EXPERTS_PARAMS) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const ExpertsCall c =
+      prepare_call(op, hidden, index, weights, gate_up_packed, gate_up_absmax, down_packed, down_absmax, blocksize,
+                   activation, transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A, gate_up_lora_B,
+                   gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling, act_alpha, act_limit);
+  const at::Tensor pair_weights = weights.to(at::kFloat).contiguous().view({-1});
+  if (!train && !c.gate_up_lora.present() && !c.down_lora.present() &&
+      decode_gemv_applies(c.T * c.k, c.transposed, c.gate_up, c.down)) {
+    return {decode_gemv_forward(hidden, index, pair_weights, c.gate_up, c.down, c.act,
+                                c.gate_up_bias, c.down_bias),
+            at::Tensor()};
+  }
+  const ExpertsRouting r = route_pairs(op, index, c.E);
+  const at::Tensor x = gather_rows(hidden.to(c.dtype), r);
+  at::Tensor gate_up_out, h;
+  if (train) {
+    gate_up_out = at::empty({r.num_pairs, 2 * c.I}, hidden.options());
+    gate_up_out.narrow(0, r.num_rows, r.num_pairs - r.num_rows).zero_();  // sentinel rows
+    h = gate_up_out.narrow(0, 0, r.num_rows);
+  } else {
+    h = at::empty({r.num_rows, 2 * c.I}, hidden.options());
+  }
+  const at::Tensor a = gate_up_forward(c, r, x, h);
+  at::Tensor y = at::empty({r.num_rows, c.H}, hidden.options());
+  packed_stack_gemm(a, y, c.down, /*transpose_stored=*/!c.transposed, r, c.scratch_bytes);
+  const at::Tensor y_lora = lora_delta(r, c.down_lora, a);
+  at::Tensor out = combine_rows(y, y_lora, static_cast<float>(c.down_lora.scaling), r, pair_weights, c.down_bias,
+                                c.T, c.dtype);
+  return {out, gate_up_out};
+}
+
+// Rows scaled by the float32 per-row weights, rounded back to the rows' dtype.
+at::Tensor scale_rows(const at::Tensor& rows, const at::Tensor& row_weights) {
+  return (rows.to(at::kFloat) * row_weights.unsqueeze(1)).to(rows.scalar_type());
+}
+
+at::Tensor lora_grad(const at::Tensor& g, double scaling, at::ScalarType dtype) {
+  return g.mul_(scaling).to(dtype).contiguous();
+}
+
+}  // namespace
+
+at::Tensor experts_forward_cuda(const at::Tensor& hidden_states, const at::Tensor& top_k_index,
+                                const at::Tensor& top_k_weights, MOEQUANT_EXPERTS_PARAMS) {
+  return std::get<0>(forward_impl("moequant.experts_forward", /*train=*/false, hidden_states, top_k_index,
+                                  top_k_weights, gate_up_packed, gate_up_absmax, down_packed, down_absmax, blocksize,
+                                  activation, transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A,
+                                  gate_up_lora_B, gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling,
+                                  act_alpha, act_limit));
+}
+
+std::tuple<at::Tensor, at::Tensor> experts_forward_train_cuda(const at::Tensor& hidden_states,
+                                                              const at::Tensor& top_k_index,
+                                                              const at::Tensor& top_k_weights,
+                                                              MOEQUANT_EXPERTS_PARAMS) {
+  return forward_impl("moequant._experts_forward_train", /*train=*/true, hidden_states, top_k_index, top_k_weights,
+                      gate_up_packed, gate_up_absmax, down_packed, down_absmax, blocksize, activation, transposed,
+                      interleaved, gate_up_bias, down_bias, gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling,
+                      down_lora_A, down_lora_B, down_lora_scaling, act_alpha, act_limit);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& hidden_states, const at::Tensor& top_k_index,
+    const at::Tensor& top_k_weights, const std::optional<at::Tensor>& gate_up_out, MOEQUANT_EXPERTS_PARAMS) {
+  const char* op = "moequant.experts_backward";
+  const c10::cuda::CUDAGuard guard(hidden_states.device());
+  const ExpertsCall c =
+      prepare_call(op, hidden_states, top_k_index, top_k_weights, gate_up_packed, gate_up_absmax, down_packed,
+                   down_absmax, blocksize, activation, transposed, interleaved, gate_up_bias, down_bias,
+                   gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling,
+                   act_alpha, act_limit);
+  TORCH_CHECK(grad_out.sizes() == hidden_states.sizes(), op, ": grad_out must have shape ",
+              dims_str(hidden_states.sizes()), " like hidden_states, got ", dims_str(grad_out.sizes()));
+  TORCH_CHECK(grad_out.device() == hidden_states.device(), op, ": grad_out must be on hidden_states' device");
+  const ExpertsRouting r = route_pairs(op, top_k_index, c.E);
+  const auto opts = hidden_states.options();
+  const at::Tensor pair_weights = top_k_weights.to(at::kFloat).contiguous().view({-1});
+  const at::Tensor row_weights = pair_weights.index_select(0, r.sorted_pair.narrow(0, 0, r.num_rows));
+
+  const bool need_x = !gate_up_out.has_value() || c.gate_up_lora.present();
+  const at::Tensor x = need_x ? gather_rows(hidden_states, r) : at::Tensor();
+  at::Tensor h;
+  if (gate_up_out.has_value()) {
+    TORCH_CHECK(gate_up_out->dim() == 2 && gate_up_out->size(0) == r.num_pairs && gate_up_out->size(1) == 2 * c.I,
+                op, ": gate_up_out must be [T*k, 2I] = ", dims_str({r.num_pairs, 2 * c.I}),
+                " (from _experts_forward_train), got ", dims_str(gate_up_out->sizes()));
+    TORCH_CHECK(gate_up_out->device() == hidden_states.device(), op,
+                ": gate_up_out must be on hidden_states' device");
+    h = gate_up_out->to(c.dtype).contiguous().narrow(0, 0, r.num_rows);
+  } else {
+    h = at::empty({r.num_rows, 2 * c.I}, opts);
+    gate_up_forward(c, r, x, h);
+  }
+
+  // Down projection, transposed: z = g @ Wd_eff (unweighted).
+  const at::Tensor g = gather_rows(grad_out.to(c.dtype), r);  // [R, H]
+  at::Tensor z = at::empty({r.num_rows, c.I}, opts);
+  packed_stack_gemm(g, z, c.down, /*transpose_stored=*/c.transposed, r, c.scratch_bytes);
+  at::Tensor g_down_B, z_lora;  // g @ B_d [R, rank], (g @ B_d) @ A_d [R, I]
+  if (c.down_lora.present() && r.num_rows > 0) {
+    g_down_B = stack_rows_gemm(g, c.down_lora.B, r);
+    z_lora = stack_rows_gemm(g_down_B, c.down_lora.A, r);
+  }
+  const ActivationGrads ag = gate_up_activation_backward(h, z, z_lora, static_cast<float>(c.down_lora.scaling),
+                                                         row_weights, g, c.down_bias, r, c.act,
+                                                         c.down_lora.present());
+
+  at::Tensor grad_dA = at::empty({0}, opts), grad_dB = at::empty({0}, opts);
+  if (c.down_lora.present()) {
+    if (r.num_rows > 0) {
+      const at::Tensor u = stack_rows_gemm(ag.act, c.down_lora.A.transpose(1, 2), r);  // a @ A_d^T [R, r]
+      grad_dB = lora_grad(stack_weight_grad(g, scale_rows(u, row_weights), r), c.down_lora.scaling, c.down_lora.B_dtype);
+      grad_dA = lora_grad(stack_weight_grad(scale_rows(g_down_B, row_weights), ag.act, r), c.down_lora.scaling,
+                          c.down_lora.A_dtype);
+    } else {
+      grad_dA = at::zeros(c.down_lora.A.sizes(), opts.dtype(c.down_lora.A_dtype));
+      grad_dB = at::zeros(c.down_lora.B.sizes(), opts.dtype(c.down_lora.B_dtype));
+    }
+  }
+
+  // Gate_up projection, transposed: dx = dh @ Wgu_eff.
+  const at::Tensor& dh = ag.grad_gate_up;
+  at::Tensor dx = at::empty({r.num_rows, c.H}, opts);
+  packed_stack_gemm(dh, dx, c.gate_up, /*transpose_stored=*/c.transposed, r, c.scratch_bytes);
+  at::Tensor grad_guA = at::empty({0}, opts), grad_guB = at::empty({0}, opts), dx_lora;
+  if (c.gate_up_lora.present()) {
+    const LoraFactors& l = c.gate_up_lora;
+    if (r.num_rows > 0) {
+      const at::Tensor dh_B = stack_rows_gemm(dh, l.B, r);  // [R, rank]
+      dx_lora = stack_rows_gemm(dh_B, l.A, r);             // [R, H], scaled in the combine
+      const at::Tensor u = stack_rows_gemm(x, l.A.transpose(1, 2), r);  // x @ A^T [R, r]
+      grad_guB = lora_grad(stack_weight_grad(dh, u, r), l.scaling, l.B_dtype);
+      grad_guA = lora_grad(stack_weight_grad(dh_B, x, r), l.scaling, l.A_dtype);
+    } else {
+      grad_guA = at::zeros(l.A.sizes(), opts.dtype(l.A_dtype));
+      grad_guB = at::zeros(l.B.sizes(), opts.dtype(l.B_dtype));
+    }
+  }
+  at::Tensor grad_hidden = combine_rows(dx, dx_lora, static_cast<float>(c.gate_up_lora.scaling), r, at::Tensor(),
+                                       at::Tensor(), c.T, c.dtype);
+  at::Tensor grad_weights = ag.grad_pair_weights.view({c.T, c.k}).to(top_k_weights.scalar_type());
+  return {grad_hidden, grad_weights, grad_guA, grad_guB, grad_dA, grad_dB};
+}
+
+}  // namespace moequant

@@ -1,0 +1,182 @@
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdlib>
+#include <numeric>
+
+#include "experts_common.cuh"
+#include "experts_grouped_gemm.cuh"
+#include "experts_stack_gemm.cuh"
+#include "nf4_dequant.cuh"
+
+namespace moequant {
+
+constexpr int kScratchDequantThreads = 256;
+constexpr int kMaxChunkExperts = 256;
+
+// Expert ids of one chunk, passed by value as a kernel parameter (no host-to-device copy).
+struct ChunkExpertIds {
+  int32_t ids[kMaxChunkExperts];
+};
+
+// Dequantizes stored rows [row_begin, row_begin + units_per_expert*32/K) of the experts in
+// `chunk` into scratch [G, rows, K]; blockIdx.y picks the expert. 32-element units never
+// straddle an NF4 block and start 16-byte aligned (row_begin * K is a multiple of B >= 32).
+template <typename T>
+__global__ void __launch_bounds__(kScratchDequantThreads)
+dequant_chunk_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax, T* __restrict__ scratch,
+                     const ChunkExpertIds chunk, int64_t matrix_numel, int64_t first_elem, int64_t units_per_expert,
+                     int log2_units_per_block) {
+  __shared__ float codebook[16];
+  if (threadIdx.x < 16) codebook[threadIdx.x] = kNF4ValuesDevice[threadIdx.x];
+  __syncthreads();
+  const int64_t e = chunk.ids[blockIdx.y];
+  const int64_t src_unit0 = (e * matrix_numel + first_elem) / 32;
+  T* dst = scratch + int64_t{blockIdx.y} * units_per_expert * 32;
+  for (int64_t u = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; u < units_per_expert;
+       u += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t src_unit = src_unit0 + u;
+    const uint4 bytes = reinterpret_cast<const uint4*>(packed)[src_unit];
+    dequant_unit32(bytes, absmax[src_unit >> log2_units_per_block], codebook, dst + u * 32);
+  }
+}
+
+int64_t experts_scratch_bytes(const PackedStack& gate_up, const PackedStack& down) {
+  if (const char* v = std::getenv("MOEQUANT_EXPERTS_SCRATCH_BYTES")) {
+    const long long bytes = std::atoll(v);
+    if (bytes > 0) return bytes;
+  }
+  const int64_t layer_bf16 =
+      2 * (gate_up.experts * gate_up.rows * gate_up.cols + down.experts * down.rows * down.cols);
+  return std::max<int64_t>(layer_bf16 / 20, std::min<int64_t>(layer_bf16, int64_t{8} << 20));
+}
+
+namespace {
+
+// A piece of work: experts active[first, first+count) with stored rows [row_begin, row_end).
+// Row-sliced pieces hold one expert.
+struct Chunk {
+  int64_t first = 0, count = 0, row_begin = 0, row_end = 0;
+};
+
+std::vector<Chunk> plan_chunks(const PackedStack& w, const ExpertsRouting& r, int64_t elem_bytes,
+                               int64_t scratch_bytes) {
+  std::vector<Chunk> chunks;
+  const int64_t n_active = static_cast<int64_t>(r.active_experts.size());
+  const int64_t row_bytes = w.cols * elem_bytes;
+  const int64_t expert_bytes = w.rows * row_bytes;
+  if (expert_bytes <= scratch_bytes) {
+    const int64_t per_chunk = std::min<int64_t>(scratch_bytes / std::max<int64_t>(expert_bytes, 1), kMaxChunkExperts);
+    for (int64_t i = 0; i < n_active; i += per_chunk) {
+      chunks.push_back({i, std::min(per_chunk, n_active - i), 0, w.rows});
+    }
+    return chunks;
+  }
+  // Slices of whole NF4 blocks: g rows hold a multiple of B elements.
+  const int64_t g = w.blocksize / std::gcd(w.cols, w.blocksize);
+  const int64_t slice_rows = std::max<int64_t>(g, (scratch_bytes / row_bytes) / g * g);
+  for (int64_t i = 0; i < n_active; ++i) {
+    for (int64_t r0 = 0; r0 < w.rows; r0 += slice_rows) chunks.push_back({i, 1, r0, std::min(w.rows, r0 + slice_rows)});
+  }
+  return chunks;
+}
+
+void dequant_chunk(const PackedStack& w, const at::Tensor& packed, const at::Tensor& absmax, const ExpertsRouting& r,
+                   const Chunk& c, at::Tensor& scratch) {
+  ChunkExpertIds ids{};
+  for (int64_t g = 0; g < c.count; ++g) ids.ids[g] = r.active_experts[c.first + g];
+  const int64_t units = (c.row_end - c.row_begin) * w.cols / 32;
+  const int log2_units_per_block = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32));
+  const int64_t grid_x = std::min<int64_t>((units + kScratchDequantThreads - 1) / kScratchDequantThreads,
+                                           std::max<int64_t>(1, grid_for(units * c.count, kScratchDequantThreads) / c.count));
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(grid_x, 1)), static_cast<unsigned>(c.count));
+  MOEQUANT_DISPATCH_EXPERTS_TYPES(scratch.scalar_type(), "moequant_dequant_chunk", [&] {
+    using T = typename native<scalar_t>::type;
+    dequant_chunk_kernel<T><<<grid, kScratchDequantThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), reinterpret_cast<T*>(scratch.mutable_data_ptr()),
+        ids, w.rows * w.cols, c.row_begin * w.cols, units, log2_units_per_block);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+void packed_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
+                       const ExpertsRouting& r, int64_t scratch_bytes) {
+  const int64_t in_dim = transpose_stored ? w.cols : w.rows;
+  const int64_t out_dim = transpose_stored ? w.rows : w.cols;
+  TORCH_CHECK(in.dim() == 2 && in.size(0) == r.num_rows && in.size(1) == in_dim,
+              "moequant: packed_stack_gemm input must be ", dims_str({r.num_rows, in_dim}), ", got ", dims_str(in.sizes()));
+  TORCH_CHECK(out.is_contiguous() && out.size(0) == r.num_rows && out.size(1) == out_dim &&
+                  out.scalar_type() == in.scalar_type(),
+              "moequant: packed_stack_gemm output must be contiguous ", dims_str({r.num_rows, out_dim}));
+  if (r.num_rows == 0 || out_dim == 0) return;
+  if (in_dim == 0) {
+    out.zero_();
+    return;
+  }
+  const at::Tensor packed = contiguous_aligned16(w.packed);
+  const at::Tensor absmax = w.absmax.contiguous();
+  // One scratch buffer, reused chunk after chunk in stream order. (Double-buffering on a side
+  // stream, each buffer half the budget, measured slower on H100: twice the chunks, and these
+  // calls are launch-bound below a few thousand tokens.)
+  const std::vector<Chunk> chunks = plan_chunks(w, r, in.element_size(), scratch_bytes);
+  int64_t buffer_elems = 0;
+  for (const Chunk& c : chunks) buffer_elems = std::max(buffer_elems, c.count * (c.row_end - c.row_begin) * w.cols);
+  at::Tensor scratch = at::empty({buffer_elems}, in.options());
+
+  // Group offsets of every multi-expert chunk, relative to the chunk's first row: one copy.
+  const bool grouped = grouped_mm_enabled(in.scalar_type());
+  std::vector<int64_t> offs_start(chunks.size(), -1);
+  at::Tensor offs_device;
+  if (grouped) {
+    std::vector<int32_t> offs;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      const Chunk& c = chunks[i];
+      if (c.count < 2) continue;
+      offs_start[i] = static_cast<int64_t>(offs.size());
+      const int64_t base = r.row_offsets[r.active_experts[c.first]];
+      for (int64_t g = 0; g < c.count; ++g) {
+        offs.push_back(static_cast<int32_t>(r.row_offsets[r.active_experts[c.first + g] + 1] - base));
+      }
+    }
+    if (!offs.empty()) {
+      at::Tensor host = at::empty({static_cast<int64_t>(offs.size())}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+      std::copy(offs.begin(), offs.end(), host.mutable_data_ptr<int32_t>());
+      offs_device = host.to(in.device(), /*non_blocking=*/true);
+    }
+  }
+
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const Chunk& c = chunks[i];
+    dequant_chunk(w, packed, absmax, r, c, scratch);
+    const int64_t slice_rows = c.row_end - c.row_begin;
+    const at::Tensor stored = scratch.narrow(0, 0, c.count * slice_rows * w.cols).view({c.count, slice_rows, w.cols});
+    const int64_t row0 = r.row_offsets[r.active_experts[c.first]];
+    const int64_t row1 = r.row_offsets[r.active_experts[c.first + c.count - 1] + 1];
+    const at::Tensor mats = transpose_stored ? stored.transpose(1, 2) : stored;
+    const at::Tensor rows_in = in.narrow(0, row0, row1 - row0);
+    if (offs_start[i] >= 0 && grouped_mm_operands_ok(rows_in, mats)) {
+      out.narrow(0, row0, row1 - row0).copy_(at::_grouped_mm(rows_in, mats, offs_device.narrow(0, offs_start[i], c.count)));
+      continue;
+    }
+    for (int64_t g = 0; g < c.count; ++g) {
+      const int32_t e = r.active_experts[c.first + g];
+      const int64_t e0 = r.row_offsets[e], n = r.rows_of(e);
+      const at::Tensor x = in.narrow(0, e0, n);
+      at::Tensor y = out.narrow(0, e0, n);
+      const at::Tensor s = stored.select(0, g);  // [slice_rows, K]
+      if (transpose_stored) {  // stored rows are output features
+        at::Tensor y_cols = y.narrow(1, c.row_begin, slice_rows);
+        at::mm_out(y_cols, x, s.t());
+      } else if (c.row_begin == 0) {  // stored rows are input features: accumulate over slices
+        at::mm_out(y, x.narrow(1, 0, slice_rows), s);
+      } else {
+        y.addmm_(x.narrow(1, c.row_begin, slice_rows), s);
+      }
+    }
+  }
+}
+
+}  // namespace moequant

@@ -1,0 +1,32 @@
+// Rung (a) of DESIGN.md §4: products with a packed NF4 expert stack, computed chunk by chunk.
+// Each chunk of experts (or a row slice of one expert too large for the budget) is dequantized
+// into a bounded scratch buffer, then multiplied with torch._grouped_mm (bf16, sm90) or cuBLAS.
+// Only experts that received rows are dequantized.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "experts_routing.cuh"
+
+namespace moequant {
+
+// One packed stack: logical [E, N, K] stored as packed uint8 [E, N, K/2] + absmax [E, N*K/B].
+struct PackedStack {
+  at::Tensor packed;
+  at::Tensor absmax;
+  int64_t experts = 0, rows = 0, cols = 0, blocksize = 64;  // E, N, K, B
+};
+
+// Scratch bytes for one experts call: 5% of the layer's two stacks at bf16 (never below 8 MiB
+// unless the layer is smaller). MOEQUANT_EXPERTS_SCRATCH_BYTES overrides it (tests use it to
+// force row slicing).
+int64_t experts_scratch_bytes(const PackedStack& gate_up, const PackedStack& down);
+
+// out[rows of e] = in[rows of e] @ M_e for every expert with rows, where M_e is the dequantized
+// stored matrix S_e [N, K] (`transpose_stored` = false: in [R, N] -> out [R, K]) or its
+// transpose (`transpose_stored` = true: in [R, K] -> out [R, N]). Computes in in's dtype; `out`
+// must be a contiguous [R, out_dim] tensor of that dtype; it is fully overwritten.
+void packed_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
+                       const ExpertsRouting& routing, int64_t scratch_bytes);
+
+}  // namespace moequant

@@ -1,0 +1,272 @@
+"""CUDA experts kernels (experts_forward, _experts_forward_train, experts_backward) against the
+plain-PyTorch reference (fp32 arithmetic on upcast inputs) and its autograd gradients."""
+
+import os
+
+import pytest
+import torch
+
+import moequant  # noqa: F401
+from moequant import ops
+from moequant.reference import experts_forward_reference
+
+from experts_cases import make_case, rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Relative Frobenius error allowed against the fp32 reference, by compute dtype.
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+LORA_NAMES = ("gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B")
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """Sets MOEQUANT_* environment knobs the CUDA kernels read on every call."""
+    return monkeypatch.setenv
+
+
+def cuda_case(**kw):
+    kw.setdefault("device", "cuda")
+    return make_case(**kw)
+
+
+def fp32_inputs(case):
+    """Detached fp32 leaf copies of the differentiable inputs, plus the matching kwargs."""
+    hidden = case.hidden.detach().float().requires_grad_()
+    weights = case.weights.detach().float().requires_grad_()
+    kwargs = dict(case.kwargs)
+    leaves = [hidden, weights]
+    for name in LORA_NAMES:
+        if kwargs.get(name) is not None:
+            kwargs[name] = kwargs[name].detach().float().requires_grad_()
+            leaves.append(kwargs[name])
+    for name in ("gate_up_bias", "down_bias"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = kwargs[name].float()
+    return hidden, weights, kwargs, leaves
+
+
+def reference(case, grad_out):
+    hidden, weights, kwargs, leaves = fp32_inputs(case)
+    packed = case.args()[3:]
+    out = experts_forward_reference(hidden, case.index, weights, *packed, **kwargs)
+    grads = torch.autograd.grad(out, leaves, grad_out.float(), allow_unused=True) if out.numel() else None
+    return out, grads
+
+
+def check_case(case, dtype, tol_scale=1.0):
+    tol = TOL[dtype] * tol_scale
+    args, kw = case.args(), case.kwargs
+    out = ops.experts_forward(*[a.detach() for a in args], **{k: (v.detach() if torch.is_tensor(v) else v)
+                                                                for k, v in kw.items()})
+    assert out.shape == case.hidden.shape and out.dtype == case.hidden.dtype and out.is_cuda
+    grad_out = torch.randn_like(out)
+    ref_out, ref_grads = reference(case, grad_out)
+    if out.numel():
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref_out) < tol, rel_err(out, ref_out)
+    # Backward through the train forward + experts_backward, directly and via autograd.
+    det = [a.detach() for a in args]
+    det_kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    out_t, gate_up_out = ops._experts_forward_train(*det, **det_kw)
+    assert torch.equal(out_t, out) or out.shape[0] * case.index.shape[1] <= 64  # decode path may differ
+    grads = ops.experts_backward(grad_out, *det[:3], gate_up_out, *det[3:], **det_kw)
+    assert grads[0].dtype == case.hidden.dtype and grads[1].dtype == case.weights.dtype
+    present = [n for n in LORA_NAMES if kw.get(n) is not None]
+    got = [grads[0], grads[1]] + [grads[2 + LORA_NAMES.index(n)] for n in present]
+    for n, g in zip(LORA_NAMES, grads[2:]):
+        if kw.get(n) is None:
+            assert g.numel() == 0
+        else:
+            assert g.shape == kw[n].shape and g.dtype == kw[n].dtype
+    if ref_grads is not None:
+        for name, g, w in zip(["hidden", "weights"] + present, got, ref_grads):
+            assert torch.isfinite(g).all(), name
+            if w is None or w.norm() == 0:
+                assert g.float().norm() == 0, name
+                continue
+            assert rel_err(g, w) < 2 * tol, (name, rel_err(g, w))
+    return out, gate_up_out, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "swiglu_oai"])
+@pytest.mark.parametrize("layout", ["plain", "transposed", "interleaved", "transposed_interleaved"])
+def test_activations_layouts(dtype, activation, layout):
+    case = cuda_case(T=40, dtype=dtype, activation=activation, transposed="transposed" in layout,
+                     interleaved="interleaved" in layout, bias=layout != "plain", E=8, k=4)
+    check_case(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("lora", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_lora(dtype, lora, rank):
+    case = cuda_case(T=48, dtype=dtype, lora=lora, rank=rank, bias=True, E=8, k=4)
+    check_case(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("routing", ["uniform", "skewed"])
+@pytest.mark.parametrize("sentinels", [False, True])
+def test_routing(dtype, routing, sentinels):
+    case = cuda_case(T=64, dtype=dtype, routing=routing, sentinels=sentinels, lora=(True, True), rank=8,
+                     bias=True, E=16, k=4)
+    check_case(case, dtype)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
+def test_top_k(k):
+    check_case(cuda_case(T=33, k=k, E=8, dtype=torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("T", [0, 1, 2, 5])
+@pytest.mark.parametrize("decode", ["gemv", "grouped"])
+def test_token_counts(T, decode, env):
+    env("MOEQUANT_DECODE_MAX_PAIRS", "64" if decode == "gemv" else "0")
+    case = cuda_case(T=T, dtype=torch.bfloat16, bias=True, sentinels=True, k=4, E=8)
+    out, _, grads = check_case(case, torch.bfloat16)
+    assert out.shape == (T, 64) and grads[0].shape == (T, 64) and grads[1].shape == (T, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
+def test_decode_gemv_matches_grouped_path(dtype, activation, env):
+    case = cuda_case(T=3, k=8, E=16, H=128, I=64, dtype=dtype, activation=activation, bias=True, sentinels=True,
+                     interleaved=activation == "swiglu_oai", requires_grad=False)
+    env("MOEQUANT_DECODE_MAX_PAIRS", "64")
+    gemv = ops.experts_forward(*case.args(), **case.kwargs)
+    env("MOEQUANT_DECODE_MAX_PAIRS", "0")
+    grouped = ops.experts_forward(*case.args(), **case.kwargs)
+    ref = experts_forward_reference(*case.args(), **case.kwargs)
+    assert rel_err(gemv, ref) < TOL[dtype] and rel_err(grouped, ref) < TOL[dtype]
+
+
+def test_int32_index():
+    check_case(cuda_case(T=20, index_dtype=torch.int32, sentinels=True, dtype=torch.bfloat16, lora=(True, True),
+                         rank=8), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_row_sliced_scratch(dtype, transposed, env):
+    # A scratch budget below one expert forces row slices of a single expert per chunk.
+    env("MOEQUANT_EXPERTS_SCRATCH_BYTES", "8192")
+    env("MOEQUANT_DECODE_MAX_PAIRS", "0")
+    case = cuda_case(T=30, H=128, I=64, E=4, k=2, dtype=dtype, transposed=transposed, lora=(True, True), rank=8,
+                     bias=True)
+    check_case(case, dtype)
+
+
+def test_blocksize_32_and_odd_shapes():
+    case = cuda_case(T=17, H=96, I=48, E=5, k=3, blocksize=32, dtype=torch.bfloat16, lora=(True, True), rank=8,
+                     bias=True, sentinels=True)
+    check_case(case, torch.bfloat16)
+
+
+def test_gate_up_out_is_routing_order():
+    case = cuda_case(T=21, E=6, k=3, dtype=torch.float32, bias=True, lora=(True, False), sentinels=True,
+                     requires_grad=False)
+    _, h = ops._experts_forward_train(*case.args(), **case.kwargs)
+    E, k = 6, 3
+    idx = case.index.long().flatten()
+    order = torch.sort(idx.clamp(max=E), stable=True).indices
+    w = ops.dequant_expert(case.gate_up.packed, case.gate_up.absmax, 64, torch.float32, None)
+    x = case.hidden[order // k]
+    valid = idx[order] < E
+    kw = case.kwargs
+    rows = []
+    for p, e in zip(order.tolist(), idx[order].tolist()):
+        if e >= E:
+            rows.append(torch.zeros(h.shape[1], device="cuda"))
+            continue
+        xe = case.hidden[p // k]
+        r = xe @ w[e].t() + kw["gate_up_bias"][e] + kw["gate_up_lora_scaling"] * (
+            (xe @ kw["gate_up_lora_A"][e].t()) @ kw["gate_up_lora_B"][e].t())
+        rows.append(r)
+    want = torch.stack(rows)
+    assert rel_err(h[valid], want[valid]) < 1e-4
+    assert torch.count_nonzero(h[~valid]) == 0
+    del x
+
+
+def test_backward_recompute_matches_saved():
+    case = cuda_case(T=50, E=8, k=4, dtype=torch.bfloat16, bias=True, lora=(True, True), rank=8,
+                     requires_grad=False)
+    out, h = ops._experts_forward_train(*case.args(), **case.kwargs)
+    g = torch.randn_like(out)
+    saved = ops.experts_backward(g, *case.args()[:3], h, *case.args()[3:], **case.kwargs)
+    recomputed = ops.experts_backward(g, *case.args()[:3], None, *case.args()[3:], **case.kwargs)
+    for a, b in zip(saved, recomputed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DTYPE_IDS.get)
+def test_deterministic(dtype):
+    case = cuda_case(T=300, E=16, k=8, dtype=dtype, bias=True, lora=(True, True), rank=16, requires_grad=False,
+                     routing="skewed")
+    out, h = ops._experts_forward_train(*case.args(), **case.kwargs)
+    g = torch.randn_like(out)
+    runs = [ops.experts_backward(g, *case.args()[:3], h, *case.args()[3:], **case.kwargs) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    out2, h2 = ops._experts_forward_train(*case.args(), **case.kwargs)
+    assert torch.equal(out, out2) and torch.equal(h, h2)
+
+
+def test_autograd_matches_reference():
+    case = cuda_case(T=40, E=8, k=4, dtype=torch.bfloat16, bias=True, lora=(True, True), rank=8)
+    out = ops.experts_forward(*case.args(), **case.kwargs)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, case.differentiable(), grad_out)
+    _, want = reference(case, grad_out)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 4e-2
+
+
+def test_zero_token_experts_get_zero_lora_grads():
+    case = cuda_case(T=40, routing="skewed", lora=(True, True), rank=8, E=8, k=2, dtype=torch.bfloat16,
+                     requires_grad=False)
+    out, h = ops._experts_forward_train(*case.args(), **case.kwargs)
+    grads = ops.experts_backward(torch.randn_like(out), *case.args()[:3], h, *case.args()[3:], **case.kwargs)
+    idle = [e for e in range(8) if not (case.index == e).any()]
+    assert idle
+    for g in grads[2:]:
+        assert torch.count_nonzero(g[idle]) == 0 and torch.count_nonzero(g) > 0
+
+
+def test_all_pairs_sentinel():
+    case = cuda_case(T=7, E=4, k=2, dtype=torch.bfloat16, lora=(True, True), rank=8, bias=True,
+                     requires_grad=False)
+    idx = torch.full_like(case.index, 4)
+    out, h = ops._experts_forward_train(case.hidden, idx, case.weights, *case.args()[3:], **case.kwargs)
+    assert torch.count_nonzero(out) == 0 and torch.count_nonzero(h) == 0
+    grads = ops.experts_backward(torch.randn_like(out), case.hidden, idx, case.weights, h, *case.args()[3:],
+                                 **case.kwargs)
+    for g in grads:
+        assert torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("decode", ["gemv", "grouped"])
+def test_negative_index_raises(decode, env):
+    env("MOEQUANT_DECODE_MAX_PAIRS", "64" if decode == "gemv" else "0")
+    case = cuda_case(T=4, k=2, E=4, requires_grad=False)
+    idx = case.index.clone()
+    idx[1, 0] = -1
+    with pytest.raises(RuntimeError, match="negative expert id"):
+        ops.experts_forward(case.hidden, idx, case.weights, *case.args()[3:], **case.kwargs)
+    with pytest.raises(RuntimeError, match="negative expert id"):
+        ops._experts_forward_train(case.hidden, idx, case.weights, *case.args()[3:], **case.kwargs)
+
+
+def test_bad_inputs_raise():
+    case = cuda_case(T=4, k=2, E=4, requires_grad=False)
+    with pytest.raises(RuntimeError, match="activation"):
+        ops.experts_forward(*case.args(), **dict(case.kwargs, activation="relu"))
+    with pytest.raises(RuntimeError, match="float64|float32, float16 or bfloat16"):
+        ops.experts_forward(case.hidden.double(), case.index, case.weights, *case.args()[3:], **case.kwargs)
+    out, h = ops._experts_forward_train(*case.args(), **case.kwargs)
+    with pytest.raises(RuntimeError, match="gate_up_out"):
+        ops.experts_backward(out, *case.args()[:3], h[:3], *case.args()[3:], **case.kwargs)
