@@ -1,5 +1,7 @@
 #include "nf4_checks.h"
 
+#include "error_text.h"
+
 namespace moequant {
 
 c10::SymInt NF4StackShape::matrices() const {
@@ -30,7 +32,7 @@ std::vector<c10::SymInt> NF4StackShape::absmax_sizes(int64_t blocksize) const {
 
 void check_blocksize(int64_t blocksize) {
   TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
-              "moequant: blocksize must be a power of two in [32, 4096], got ", blocksize);
+              "moequant: blocksize must be a power of two in [32, 4096], got ", num_str(blocksize));
 }
 
 static bool is_nf4_float_dtype(at::ScalarType t) {
@@ -52,15 +54,15 @@ NF4StackShape check_quantize_args(const at::Tensor& weight, int64_t blocksize) {
               weight.scalar_type());
   TORCH_CHECK(weight.dim() >= 2,
               "moequant.quantize_nf4: weight must have at least 2 dims ([..., N, K]), got shape ",
-              weight.sym_sizes());
+              dims_str(weight.sym_sizes()));
   const NF4StackShape shape = shape_of(weight.sym_sizes(), /*packed=*/false);
   TORCH_CHECK(shape.cols % 2 == 0,
               "moequant.quantize_nf4: the last dim K of weight must be even (two 4-bit codes per "
               "byte), got shape ",
-              weight.sym_sizes());
+              dims_str(weight.sym_sizes()));
   TORCH_CHECK(shape.matrix_numel() % blocksize == 0,
               "moequant.quantize_nf4: N*K of each matrix must be a multiple of blocksize=",
-              blocksize, " (a block never straddles two experts), got shape ", weight.sym_sizes());
+              num_str(blocksize), " (a block never straddles two experts), got shape ", dims_str(weight.sym_sizes()));
   return shape;
 }
 
@@ -79,26 +81,26 @@ NF4StackShape check_dequant_args(const at::Tensor& packed, const at::Tensor& abs
   TORCH_CHECK(packed.dim() >= 2,
               "moequant.dequant_expert: packed must have at least 2 dims ([..., N, K/2]), got "
               "shape ",
-              packed.sym_sizes());
+              dims_str(packed.sym_sizes()));
   TORCH_CHECK(packed.device() == absmax.device(),
               "moequant.dequant_expert: packed and absmax must be on the same device, got ",
               packed.device(), " and ", absmax.device());
   const NF4StackShape shape = shape_of(packed.sym_sizes(), /*packed=*/true);
   TORCH_CHECK(shape.matrix_numel() % blocksize == 0,
               "moequant.dequant_expert: N*K of each matrix must be a multiple of blocksize=",
-              blocksize, ", got packed shape ", packed.sym_sizes());
+              num_str(blocksize), ", got packed shape ", dims_str(packed.sym_sizes()));
   const auto expected = shape.absmax_sizes(blocksize);
   TORCH_CHECK(absmax.sym_sizes() == c10::SymIntArrayRef(expected),
-              "moequant.dequant_expert: absmax must have shape ", c10::SymIntArrayRef(expected),
-              " for packed of shape ", packed.sym_sizes(), " and blocksize ", blocksize,
-              ", got ", absmax.sym_sizes());
+              "moequant.dequant_expert: absmax must have shape ", dims_str(c10::SymIntArrayRef(expected)),
+              " for packed of shape ", dims_str(packed.sym_sizes()), " and blocksize ", num_str(blocksize),
+              ", got ", dims_str(absmax.sym_sizes()));
   if (expert.has_value()) {
     TORCH_CHECK(packed.dim() >= 3,
                 "moequant.dequant_expert: expert= needs a stack [E, N, K/2], got packed of shape ",
-                packed.sym_sizes());
+                dims_str(packed.sym_sizes()));
     TORCH_CHECK(*expert >= 0 && packed.sym_size(0) > *expert,
-                "moequant.dequant_expert: expert must be in [0, ", packed.sym_size(0), "), got ",
-                *expert);
+                "moequant.dequant_expert: expert must be in [0, ", num_str(packed.sym_size(0)), "), got ",
+                num_str(*expert));
   }
   return shape;
 }

@@ -26,6 +26,7 @@ TORCH_LIBRARY_IMPL(moequant, Meta, m) {
 }
 
 // ---- experts ops ----
+#include "../csrc/error_text.h"
 #include "../csrc/experts_checks.h"
 
 namespace moequant {
@@ -63,7 +64,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
   const ExpertsProblem p = check_experts_args("moequant.experts_backward", hidden_states, top_k_index,
                                               top_k_weights, MOEQUANT_EXPERTS_ARG_NAMES);
   TORCH_CHECK(grad_out.sym_sizes() == hidden_states.sym_sizes(), "moequant.experts_backward: grad_out must "
-              "have shape ", hidden_states.sym_sizes(), ", got ", grad_out.sym_sizes());
+              "have shape ", dims_str(hidden_states.sym_sizes()), ", got ", dims_str(grad_out.sym_sizes()));
   return {at::empty_like(hidden_states, at::MemoryFormat::Contiguous),
           at::empty_like(top_k_weights, at::MemoryFormat::Contiguous),
           lora_grad_meta(gate_up_lora_A, hidden_states),

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "../error_text.h"
 #include "../experts_checks.h"
 #include "../gated_activation.h"
 #include "../kernels.h"
@@ -27,7 +28,7 @@ CpuRouting route_cpu(const at::Tensor& top_k_index, int64_t experts) {
   r.offsets.assign(experts + 1, 0);
   for (int64_t p = 0; p < pairs; ++p) {
     TORCH_CHECK(ids[p] >= 0, "moequant.experts: top_k_index must be >= 0 (indices >= E are "
-                "expert-parallel sentinels), got ", ids[p], " at flat position ", p);
+                "expert-parallel sentinels), got ", num_str(ids[p]), " at flat position ", num_str(p));
     if (ids[p] < experts) ++r.offsets[ids[p] + 1];
   }
   for (int64_t e = 0; e < experts; ++e) r.offsets[e + 1] += r.offsets[e];
@@ -189,11 +190,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t T = hidden_states.size(0), k = top_k_index.size(1), H = hidden_states.size(1);
   const int64_t E = c.problem.experts.expect_int();
   const int64_t features = c.problem.intermediate.expect_int() * 2;
-  TORCH_CHECK(grad_out.sizes() == hidden_states.sizes(), op, ": grad_out must have shape ", hidden_states.sizes(),
-              ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.sizes() == hidden_states.sizes(), op, ": grad_out must have shape ", dims_str(hidden_states.sizes()),
+              ", got ", dims_str(grad_out.sizes()));
   if (gate_up_out.has_value()) {
     TORCH_CHECK(gate_up_out->dim() == 2 && gate_up_out->size(0) == T * k && gate_up_out->size(1) == features, op,
-                ": gate_up_out must have shape [", T * k, ", ", features, "], got ", gate_up_out->sizes());
+                ": gate_up_out must have shape [", num_str(T * k), ", ", num_str(features), "], got ", dims_str(gate_up_out->sizes()));
   }
   const CpuRouting r = route_cpu(top_k_index, E);
   const at::Tensor x = hidden_states.to(c.compute).contiguous();

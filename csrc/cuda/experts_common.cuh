@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "../error_text.h"
 #include "cuda_utils.cuh"
 
 // The dtypes the CUDA experts kernels compute in (hidden_states' dtype).
@@ -14,15 +15,6 @@
                              AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace moequant {
-
-// Error-message text for sizes, built with std::to_string: streaming integers into the message
-// (c10::str) crashed inside the extension on the device image (libstdc++ mismatch between the
-// build compiler and the loaded runtime), so the experts kernels never stream integers.
-inline std::string dims_str(at::IntArrayRef dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
 
 // Sum over a CTA of `kThreads` threads in a fixed tree order (bitwise reproducible). Every
 // thread gets the result. `scratch` holds kThreads / 32 floats.
