@@ -7,6 +7,7 @@
 #include <c10/core/SymInt.h>
 #include <c10/util/ArrayRef.h>
 
+#include <initializer_list>
 #include <string>
 
 namespace moequant {
@@ -29,5 +30,6 @@ std::string join_dims(c10::ArrayRef<T> dims) {
 
 inline std::string dims_str(c10::IntArrayRef dims) { return detail::join_dims(dims); }
 inline std::string dims_str(c10::SymIntArrayRef dims) { return detail::join_dims(dims); }
+inline std::string dims_str(std::initializer_list<int64_t> dims) { return dims_str(c10::IntArrayRef(dims)); }
 
 }  // namespace moequant

@@ -30,6 +30,15 @@ inline int64_t grid_for(int64_t work_items, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>(needed, int64_t{sms} * 16));
 }
 
+// Enough CTAs to fill every SM once at the kernel's occupancy (the loop strides over the rest).
+template <typename Kernel>
+inline int64_t persistent_grid(Kernel kernel, int threads, int64_t ctas_needed) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max<int64_t>(1, std::min<int64_t>(ctas_needed, int64_t{sms} * std::max(per_sm, 1)));
+}
+
 template <typename T>
 __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
 template <>

@@ -47,40 +47,8 @@ dequant_chunk_kernel(const uint8_t* __restrict__ packed, const float* __restrict
 // Warp-contiguous variant (opt-in, MOEQUANT_EXPERTS_DEQUANT=warp16 — not yet measured or tested
 // on a GPU): each lane decodes 4 packed bytes (2 for fp32) into one 16-byte store and a warp's
 // loads and stores are contiguous, the layout with which dequant_expert reaches 84-89% of copy
-// bandwidth on H100 (csrc/cuda/nf4_dequant_cuda.cu). dequant_chunk_kernel above stores 64 bytes
+// bandwidth on H100 (same decode_chunk, nf4_dequant.cuh). dequant_chunk_kernel above stores 64 bytes
 // per thread and measured ~0.8 TB/s inside experts calls on H100. Both decode bit-identically.
-template <typename T>
-__device__ __forceinline__ uint32_t scratch_pack2(float a, float b) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ uint4 scratch_decode16(uint32_t bytes, float amax, const float* codebook) {
-  uint4 out;
-  uint32_t* o = reinterpret_cast<uint32_t*>(&out);
-  if constexpr (std::is_same_v<T, float>) {  // 2 bytes -> 4 fp32 values, high nibble first
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t code = (bytes >> (i % 2 == 0 ? 8 * (i / 2) + 4 : 8 * (i / 2))) & 0xFu;
-      o[i] = __float_as_uint(__fmul_rn(codebook[code], amax));
-    }
-  } else {  // 4 bytes -> 8 16-bit values
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float hi = __fmul_rn(codebook[(bytes >> (8 * i + 4)) & 0xFu], amax);
-      const float lo = __fmul_rn(codebook[(bytes >> (8 * i)) & 0xFu], amax);
-      o[i] = scratch_pack2<T>(hi, lo);
-    }
-  }
-  return out;
-}
-
 constexpr int kWarpDequantChunks = 8;  // 16-byte output chunks per lane per step
 
 template <typename T>
@@ -115,7 +83,7 @@ dequant_chunk_warp16_kernel(const uint8_t* __restrict__ packed, const float* __r
 #pragma unroll
     for (int c = 0; c < kWarpDequantChunks; ++c) {
       const int64_t g = tile + c * 32 + lane;
-      if (g < chunks_per_expert) dst[g] = scratch_decode16<T>(bytes[c], amax[c], codebook);
+      if (g < chunks_per_expert) dst[g] = decode_chunk<T>(bytes[c], amax[c], codebook);
     }
   }
 }

@@ -28,42 +28,6 @@ namespace moequant {
 
 constexpr int kDequantThreads = 256;
 
-// Two decoded values rounded to nearest-even and packed into 4 bytes.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
-
-// Decodes one chunk (the codes of `bytes`, high nibble first) into a 16-byte vector.
-template <typename T>
-__device__ __forceinline__ uint4 decode_chunk(uint32_t bytes, float amax, const float* codebook) {
-  uint4 out;
-  uint32_t* o = reinterpret_cast<uint32_t*>(&out);
-  if constexpr (std::is_same_v<T, float>) {
-    // 2 bytes -> 4 fp32 values.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t code = (bytes >> (i % 2 == 0 ? 8 * (i / 2) + 4 : 8 * (i / 2))) & 0xFu;
-      o[i] = __float_as_uint(__fmul_rn(codebook[code], amax));
-    }
-  } else {
-    // 4 bytes -> 8 16-bit values.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float hi = __fmul_rn(codebook[(bytes >> (8 * i + 4)) & 0xFu], amax);
-      const float lo = __fmul_rn(codebook[(bytes >> (8 * i)) & 0xFu], amax);
-      o[i] = pack2<T>(hi, lo);
-    }
-  }
-  return out;
-}
-
 template <typename T, int CHUNKS>
 __global__ void __launch_bounds__(kDequantThreads)
 dequant_nf4_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
@@ -99,14 +63,6 @@ dequant_nf4_kernel(const uint8_t* __restrict__ packed, const float* __restrict__
       if (g < num_chunks) __stcs(dst + g, decode_chunk<T>(bytes[c], amax[c], codebook));
     }
   }
-}
-
-template <typename Kernel>
-static int64_t persistent_grid(Kernel kernel, int threads, int64_t ctas_needed) {
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return std::max<int64_t>(1, std::min<int64_t>(ctas_needed, int64_t{sms} * std::max(per_sm, 1)));
 }
 
 at::Tensor dequant_expert_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,

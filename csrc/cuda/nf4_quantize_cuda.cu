@@ -142,15 +142,6 @@ quantize_nf4_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed,
   }
 }
 
-// Enough CTAs to fill every SM once at the kernel's occupancy (the loop strides over the rest).
-template <typename Kernel>
-static int64_t persistent_grid(Kernel kernel, int threads, int64_t ctas_needed) {
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return std::max<int64_t>(1, std::min<int64_t>(ctas_needed, int64_t{sms} * std::max(per_sm, 1)));
-}
-
 template <typename T, int LANES, int CHUNKS, int BATCH = CHUNKS>
 static void launch_quantize(const T* w, uint8_t* p, float* a, int64_t num_blocks) {
   constexpr int kBlocksPerCta = kQuantizeThreads / LANES;
