@@ -17,10 +17,14 @@ $PY -m pip install -q --no-deps bitsandbytes==0.50.2 || {
   [ -n "${CI:-}" ] && exit 1
   echo "warning: bitsandbytes unavailable; bit-exactness tests against it will skip" >&2
 }
-# GoogleTest and CMake for tests/cpp.
-if ! [ -f /usr/lib/x86_64-linux-gnu/cmake/GTest/GTestConfig.cmake ] && ! [ -f /usr/lib/aarch64-linux-gnu/cmake/GTest/GTestConfig.cmake ] \
-   || ! command -v cmake >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq libgtest-dev cmake >/dev/null
+# GoogleTest and CMake for tests/cpp. Outside CI, a machine that cannot install them (e.g. an
+# offline GPU box) skips the C++ suite with a warning; in CI that is an error.
+if ! ls /usr/lib/*/cmake/GTest/GTestConfig.cmake >/dev/null 2>&1 || ! command -v cmake >/dev/null; then
+  if ! { apt-get update -qq && apt-get install -y -qq libgtest-dev cmake >/dev/null; }; then
+    [ -n "${CI:-}" ] && exit 1
+    echo "warning: GoogleTest/CMake unavailable; skipping the C++ suite" >&2
+    export MOEQUANT_SKIP_CPP_TESTS=1
+  fi
 fi
 
 MAX_JOBS=${MAX_JOBS:-$(nproc)} $PY -m pip install -q --no-build-isolation -e .
