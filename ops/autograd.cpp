@@ -15,11 +15,9 @@ using torch::autograd::variable_list;
 
 // autograd::Function records device/dtype of every tensor argument, so absent optional inputs
 // travel as defined placeholders plus a presence bit mask.
-struct Optionals {
-  static at::Tensor pack(const std::optional<at::Tensor>& t, const at::Tensor& like) {
-    return t.has_value() ? *t : at::empty({0}, like.options());
-  }
-};
+at::Tensor tensor_or_placeholder(const std::optional<at::Tensor>& t, const at::Tensor& like) {
+  return t.has_value() ? *t : at::empty({0}, like.options());
+}
 
 std::optional<at::Tensor> present_or_none(const at::Tensor& t, bool present) {
   return present ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -131,10 +129,10 @@ at::Tensor experts_forward_autograd(const at::Tensor& hidden, const at::Tensor& 
                            act_alpha, act_limit);
   }
   return ExpertsForward::apply(hidden, index, weights, gu_packed, gu_absmax, d_packed, d_absmax, blocksize,
-                               std::string(activation), transposed, interleaved, Optionals::pack(gu_bias, hidden),
-                               Optionals::pack(d_bias, hidden), Optionals::pack(gu_A, hidden),
-                               Optionals::pack(gu_B, hidden), gu_scaling, Optionals::pack(d_A, hidden),
-                               Optionals::pack(d_B, hidden), d_scaling, act_alpha, act_limit,
+                               std::string(activation), transposed, interleaved, tensor_or_placeholder(gu_bias, hidden),
+                               tensor_or_placeholder(d_bias, hidden), tensor_or_placeholder(gu_A, hidden),
+                               tensor_or_placeholder(gu_B, hidden), gu_scaling, tensor_or_placeholder(d_A, hidden),
+                               tensor_or_placeholder(d_B, hidden), d_scaling, act_alpha, act_limit,
                                int64_t{gu_bias.has_value()} | int64_t{d_bias.has_value()} << 1 |
                                    int64_t{gu_A.has_value()} << 2 | int64_t{d_A.has_value()} << 3);
 }
