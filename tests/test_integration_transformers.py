@@ -270,7 +270,7 @@ def test_state_dict_round_trip_and_cached_load(arch, checkpoints, tmp_path, monk
 def test_dtype_and_device_map(checkpoints):
     path = checkpoints["qwen3_moe"]
     model = load_quantized_on_load(path, device_map="auto")
-    ids = sample_ids()
+    ids = sample_ids().to(model.device)  # "auto" places the model on the GPU when there is one
     with torch.no_grad():
         bf16 = model(ids).logits
     stack = nf4_stack_of(find_experts_modules(model)[0][1], "gate_up_proj")
@@ -324,7 +324,7 @@ def test_composes_with_bitsandbytes_4bit_linear(checkpoints):
     assert isinstance(attn, bnb.nn.Linear4bit)
     assert memory_summary(model).num_stacks == 4
     with torch.no_grad():
-        logits = model(sample_ids()).logits
+        logits = model(sample_ids().to(model.device)).logits  # bitsandbytes moves the model to the GPU if any
     assert torch.isfinite(logits).all()
 
 

@@ -88,7 +88,11 @@ def _activate_lora(self, active_adapters: list[str]):
         yield
         return
     factors = lora_factors(self, adapters, nf4_stack_of(base, self.parameter_name).dtype)
-    active = base.__dict__.setdefault("_moequant_lora", {})
+    # getattr/setattr rather than __dict__.setdefault: dynamo (torch 2.11) cannot trace the latter.
+    active = getattr(base, "_moequant_lora", None)
+    if active is None:
+        active = {}
+        base._moequant_lora = active
     previous = active.get(self.parameter_name)
     active[self.parameter_name] = factors
     try:
