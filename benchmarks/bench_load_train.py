@@ -7,11 +7,11 @@ fuses them, as for the real checkpoint). Every measurement runs in its own subpr
 CUDA context and allocator), after the checkpoint files have been read once (warm page cache):
 
 * load:  ``from_pretrained(device_map="cuda", dtype=bf16)`` plain, with
-  ``moequant.quantize_experts_on_load()``, and ``moequant.load_quantized`` of the pre-quantized
-  cache: wall time, peak ``max_memory_allocated`` and the final allocated bytes (also with
-  ``fuse_on_cpu=False``: per-expert tensors fused on the GPU, faster, higher peak). The target is a
-  peak within 10% of the final model (plus one dense expert tensor in flight, which for a few
-  layers is not negligible: it is reported) and a load time <= 1.3x the bf16 load.
+  ``moequant.quantize_experts_on_load()`` (``fuse="quantized"``: per-expert tensors quantized one
+  at a time into the packed stack), with ``fuse="cpu"`` and ``fuse="device"`` (transformers fuses
+  each projection densely on the CPU or the GPU first), and ``moequant.load_quantized`` of the
+  pre-quantized cache: wall time, peak ``max_memory_allocated`` and the final allocated bytes. The
+  targets are a peak within 10% of the final model and a load time <= 1.3x the bf16 load.
 * train: PEFT LoRA r=16 (``target_parameters`` = both expert projections, ``target_modules`` = the
   attention projections, lora_dropout=0), one AdamW step on --tokens tokens; bf16 + PEFT
   (grouped_mm experts, PEFT's dense delta) vs moequant (NF4 experts, factored LoRA in the op).
@@ -21,7 +21,10 @@ CUDA context and allocator), after the checkpoint files have been read once (war
         [--gradient-checkpointing] [--workdir /tmp/moequant-bench] [--out benchmarks/results/...]
 
 ``--bnb`` also quantizes the attention/lm_head ``nn.Linear`` layers with
-``BitsAndBytesConfig(load_in_4bit=True)`` in the moequant runs (QLoRA as users run it).
+``BitsAndBytesConfig(load_in_4bit=True)`` in the moequant runs (QLoRA as users run it), and adds
+the train kind ``bnb_param``: the same bitsandbytes linears plus bitsandbytes' 4-bit
+parametrization of each fused expert stack (``replace_parameter_4bit``, today's Axolotl route),
+which dequantizes the whole stack on every access, under the same PEFT LoRA.
 """
 
 from __future__ import annotations
@@ -118,13 +121,30 @@ def _load(kind: str, args):
     kwargs = dict(dtype=torch.bfloat16, device_map=DEVICE)
     if kind == "bf16":
         return AutoModelForCausalLM.from_pretrained(args.checkpoint, experts_implementation="grouped_mm", **kwargs)
-    if kind in ("moequant", "moequant_fuse_on_gpu"):
+    if kind in ("moequant", "moequant_fuse_cpu", "moequant_fuse_device"):
         if args.bnb:
             kwargs["quantization_config"] = _bnb_config()
-        with moequant.quantize_experts_on_load(fuse_on_cpu=kind == "moequant"):
+        fuse = {"moequant": "quantized", "moequant_fuse_cpu": "cpu", "moequant_fuse_device": "device"}[kind]
+        with moequant.quantize_experts_on_load(fuse=fuse):
             return AutoModelForCausalLM.from_pretrained(args.checkpoint, **kwargs)
     if kind == "cached":
         return moequant.load_quantized(args.cache, device=DEVICE)
+    if kind == "bnb_param":
+        # Today's QLoRA-on-experts route (Axolotl's): bitsandbytes nn.Linear layers, then each
+        # fused expert stack replaced by bitsandbytes' 4-bit parametrization, which dequantizes
+        # the whole stack on every access; the experts run bf16 grouped_mm on that.
+        from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+        from moequant.integrations.transformers import find_experts_modules
+
+        model = AutoModelForCausalLM.from_pretrained(
+            args.checkpoint, experts_implementation="grouped_mm", quantization_config=_bnb_config(), **kwargs
+        )
+        for _, experts in find_experts_modules(model):
+            for name in ("gate_up_proj", "down_proj"):
+                replace_parameter_4bit(experts, name, quant_type="nf4", blocksize=64)
+        torch.cuda.empty_cache() if _cuda() else None
+        return model
     raise ValueError(kind)
 
 
@@ -247,6 +267,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.seq_len <= 0 or args.tokens < args.seq_len or args.tokens % args.seq_len:
+        parser.error(f"--tokens ({args.tokens}) must be a positive multiple of --seq-len ({args.seq_len})")
 
     global DEVICE
     DEVICE = "cuda" if torch.cuda.is_available() or not args.smoke else "cpu"
@@ -275,11 +297,12 @@ def main() -> None:
         results["make"] = run_phase(args, "make")
     warm_page_cache(args.checkpoint)
 
-    load = {kind: run_phase(args, "load", kind) for kind in ("bf16", "moequant", "moequant_fuse_on_gpu")}
+    load = {kind: run_phase(args, "load", kind) for kind in ("bf16", "moequant", "moequant_fuse_cpu", "moequant_fuse_device")}
     if not args.bnb and "error" not in load["moequant"]:
         warm_page_cache(args.cache)
         load["cached"] = run_phase(args, "load", "cached")
-    train = {kind: run_phase(args, "train", kind) for kind in ("bf16", "moequant")}
+    train_kinds = ("bf16", "moequant") + (("bnb_param",) if args.bnb else ())
+    train = {kind: run_phase(args, "train", kind) for kind in train_kinds}
     results.update(load=load, train=train)
 
     bf16, mq = load["bf16"], load["moequant"]
@@ -299,6 +322,12 @@ def main() -> None:
             ),
             "resident_moequant_over_bf16": ratio(tm["resident_mb"], tb["resident_mb"]),
         }
+    tp = train.get("bnb_param")
+    if tp is not None and "error" not in tp and "error" not in tm:
+        results["train_ratios"].update(
+            step_time_moequant_over_bnb_param=ratio(tm["step_ms"], tp["step_ms"]),
+            step_peak_moequant_over_bnb_param=ratio(tm["step_peak_above_resident_mb"], tp["step_peak_above_resident_mb"]),
+        )
 
     print(f"\n{'toy (--smoke)' if args.smoke else 'Qwen3-30B-A3B'} shapes, {args.layers} layers, {results['device']}")
     print(f"{'load':<22}{'seconds':>10}{'peak MB':>12}{'final MB':>12}")

@@ -31,7 +31,7 @@ from moequant.integrations import (  # noqa: E402
 )
 from moequant.integrations.experts import experts_layout  # noqa: E402
 from moequant.integrations.parametrize import NF4Parametrization  # noqa: E402
-from moequant.integrations.transformers import _is_expert_fusion  # noqa: E402
+from moequant.integrations.transformers import _is_expert_fusion, quantized_stacks  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -141,11 +141,52 @@ def test_fused_checkpoint_loads(arch, tmp_path):
     assert memory_summary(model).num_stacks == 2 * source.config.num_hidden_layers
 
 
-def test_load_peak_and_loader_traps_neutralised(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_per_expert_quantization_equals_fused_quantization(arch, checkpoints, monkeypatch):
+    """fuse="quantized" (experts quantized one by one into the stack) stores the same codes and
+    absmax as quantizing transformers' fused tensor (fuse="cpu"), for every architecture; it is
+    used wherever the checkpoint stores one tensor per expert."""
+    import moequant.integrations.transformers as integration
+
+    streamed = []
+    real = integration._quantize_experts_streaming
+
+    def counting(sources, blocksize):
+        stack = real(sources, blocksize)
+        streamed.append(stack is not None)
+        return stack
+
+    monkeypatch.setattr(integration, "_quantize_experts_streaming", counting)
+    models = {}
+    for fuse in ("quantized", "cpu"):
+        with quantize_experts_on_load(fuse=fuse):
+            models[fuse] = AutoModelForCausalLM.from_pretrained(checkpoints[arch], dtype=torch.bfloat16)
+    per_expert_checkpoint = arch != "gpt_oss"  # gpt-oss checkpoints store the experts fused
+    assert (len(streamed) > 0 and all(streamed)) == per_expert_checkpoint, streamed
+    pairs = zip(quantized_stacks(models["quantized"]), quantized_stacks(models["cpu"]))
+    count = 0
+    for (name_a, module_a, p_a), (name_b, module_b, p_b) in pairs:
+        assert (name_a, p_a) == (name_b, p_b)
+        a, b = nf4_stack_of(module_a, p_a), nf4_stack_of(module_b, p_b)
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax), (name_a, p_a)
+        assert (a.shape, a.dtype, a.blocksize) == (b.shape, b.dtype, b.blocksize)
+        count += 1
+    assert count == memory_summary(models["cpu"]).num_stacks > 0
+    ids = sample_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(models["quantized"](ids).logits, models["cpu"](ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fuse", ["quantized", "cpu"])
+def test_load_peak_and_loader_traps_neutralised(tmp_path, monkeypatch, fuse):
     """Deep enough that the experts dominate: the load never holds more than the final model plus
-    one dense expert tensor, warmup is skipped and the async prefetch is off, only while active."""
+    one dense expert tensor, warmup is skipped and the async prefetch is off, only while active.
+    fuse="quantized" hands the loader packed stacks (no dense fused tensor at all); fuse="cpu"
+    fuses on the CPU and releases each dense tensor as soon as it is quantized."""
     import transformers.core_model_loading as loading
     import transformers.modeling_utils as modeling_utils
+
+    from moequant.integrations.transformers import _QuantizedExperts
 
     path = save_tiny_checkpoint("qwen3_moe", str(tmp_path), num_hidden_layers=24)
     seen = {}
@@ -161,23 +202,26 @@ def test_load_peak_and_loader_traps_neutralised(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "convert_and_load_state_dict_in_model", spy)
     monkeypatch.setattr(modeling_utils, "convert_and_load_state_dict_in_model", spy, raising=False)
     warmup, setter = modeling_utils.caching_allocator_warmup, loading.set_param_for_module
-    released = []
-    with quantize_experts_on_load():
+    converter_convert = loading.WeightConverter.convert
+    values = []
+    with quantize_experts_on_load(fuse=fuse):
         hooked = loading.set_param_for_module
 
         def watch(model, target_name, value, *args, **kwargs):
             hooked(model, target_name, value, *args, **kwargs)
             if target_name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                released.append(value.numel() == 0)  # the loader's own reference no longer holds the storage
+                # packed, or dense with its storage released (the loader's reference holds nothing)
+                values.append("packed" if isinstance(value, _QuantizedExperts) else value.numel() == 0)
 
         loading.set_param_for_module = watch
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         finally:
             loading.set_param_for_module = hooked
-    assert released == [True] * 48
-    assert seen == {"async_off": "1", "warmup": "_skip_caching_allocator_warmup", "fused_on_cpu": True}
+    assert values == ["packed" if fuse == "quantized" else True] * 48
+    assert seen == {"async_off": "1", "warmup": "_skip_caching_allocator_warmup", "fused_on_cpu": fuse == "cpu"}
     assert modeling_utils.caching_allocator_warmup is warmup and loading.set_param_for_module is setter
+    assert loading.WeightConverter.convert is converter_convert
     assert "HF_DEACTIVATE_ASYNC_LOAD" not in os.environ or os.environ["HF_DEACTIVATE_ASYNC_LOAD"] != "1"
 
     stats = load_stats(model)
@@ -329,10 +373,11 @@ def test_composes_with_bitsandbytes_4bit_linear(checkpoints):
 
 
 @requires_cuda
-@pytest.mark.parametrize("fuse_on_cpu", [True, False])
-def test_cuda_load_peak(tmp_path, fuse_on_cpu):
+@pytest.mark.parametrize("fuse", ["quantized", "cpu", "device"])
+def test_cuda_load_peak(tmp_path, fuse):
     """On the GPU the allocator's peak during the load stays within 10% of the final model
-    (experts large enough here for the bound to mean something: one dense gate_up is ~7%)."""
+    (experts large enough here for the bound to mean something: one dense gate_up is ~7%); per
+    expert quantization peaks at the final model plus one expert's tensor."""
     from transformers import Qwen3MoeConfig
 
     config = Qwen3MoeConfig(vocab_size=96, hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
@@ -343,14 +388,17 @@ def test_cuda_load_peak(tmp_path, fuse_on_cpu):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    with quantize_experts_on_load(fuse_on_cpu=fuse_on_cpu):
+    with quantize_experts_on_load(fuse=fuse):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cuda")
     peak = torch.cuda.max_memory_allocated() - base
     final = torch.cuda.memory_allocated() - base
     assert nf4_stack_of(find_experts_modules(model)[0][1], "down_proj").device.type == "cuda"
-    logging.getLogger(__name__).info("cuda load fuse_on_cpu=%s: peak %d, final %d", fuse_on_cpu, peak, final)
-    if fuse_on_cpu:
+    logging.getLogger(__name__).info("cuda load fuse=%s: peak %d, final %d", fuse, peak, final)
+    dense_gate_up = 16 * 2 * 256 * 256 * 2
+    if fuse == "cpu":
         assert peak <= 1.10 * final, (peak, final)
+    if fuse == "quantized":
+        assert peak - final < dense_gate_up / 4, (peak, final)  # never a dense fused stack
     with torch.no_grad():
         assert torch.isfinite(model(sample_ids().cuda()).logits).all()
 

@@ -3,7 +3,6 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <numeric>
 #include <type_traits>
 
@@ -22,40 +21,20 @@ struct ChunkExpertIds {
   int32_t ids[kMaxChunkExperts];
 };
 
-// Dequantizes stored rows [row_begin, row_begin + units_per_expert*32/K) of the experts in
-// `chunk` into scratch [G, rows, K]; blockIdx.y picks the expert. 32-element units never
-// straddle an NF4 block and start 16-byte aligned (row_begin * K is a multiple of B >= 32).
-template <typename T>
-__global__ void __launch_bounds__(kScratchDequantThreads)
-dequant_chunk_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax, T* __restrict__ scratch,
-                     const ChunkExpertIds chunk, int64_t matrix_numel, int64_t first_elem, int64_t units_per_expert,
-                     int log2_units_per_block) {
-  __shared__ float codebook[16];
-  if (threadIdx.x < 16) codebook[threadIdx.x] = kNF4ValuesDevice[threadIdx.x];
-  __syncthreads();
-  const int64_t e = chunk.ids[blockIdx.y];
-  const int64_t src_unit0 = (e * matrix_numel + first_elem) / 32;
-  T* dst = scratch + int64_t{blockIdx.y} * units_per_expert * 32;
-  for (int64_t u = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; u < units_per_expert;
-       u += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t src_unit = src_unit0 + u;
-    const uint4 bytes = reinterpret_cast<const uint4*>(packed)[src_unit];
-    dequant_unit32(bytes, absmax[src_unit >> log2_units_per_block], codebook, dst + u * 32);
-  }
-}
-
-// Warp-contiguous variant (opt-in, MOEQUANT_EXPERTS_DEQUANT=warp16 — not yet measured or tested
-// on a GPU): each lane decodes 4 packed bytes (2 for fp32) into one 16-byte store and a warp's
-// loads and stores are contiguous, the layout with which dequant_expert reaches 84-89% of copy
-// bandwidth on H100 (same decode_chunk, nf4_dequant.cuh). dequant_chunk_kernel above stores 64 bytes
-// per thread and measured ~0.8 TB/s inside experts calls on H100. Both decode bit-identically.
+// Dequantizes stored rows [row_begin, row_begin + chunks_per_expert*kElems/K) of the experts in
+// `chunk` into scratch [G, rows, K]; blockIdx.y picks the expert. Each lane decodes 4 packed bytes
+// (2 for fp32) into one 16-byte store and a warp's loads and stores are contiguous, the layout of
+// dequant_expert (nf4_dequant_cuda.cu, same decode_chunk). A chunk never straddles an NF4 block and
+// every slice starts 16-byte aligned (row_begin * K is a multiple of B >= 32). H100, bench_experts
+// T=4096: this layout took qwen3 fwd from 1.20x to 1.03x bf16 over one thread per 16 packed bytes
+// (64-byte stores per thread, ~0.8 TB/s).
 constexpr int kWarpDequantChunks = 8;  // 16-byte output chunks per lane per step
 
 template <typename T>
 __global__ void __launch_bounds__(kScratchDequantThreads)
-dequant_chunk_warp16_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                            T* __restrict__ scratch, const ChunkExpertIds chunk, int64_t matrix_numel,
-                            int64_t first_elem, int64_t chunks_per_expert, int log2_chunks_per_block) {
+dequant_chunk_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax, T* __restrict__ scratch,
+                     const ChunkExpertIds chunk, int64_t matrix_numel, int64_t first_elem, int64_t chunks_per_expert,
+                     int log2_chunks_per_block) {
   using In = std::conditional_t<sizeof(T) == 4, uint16_t, uint32_t>;  // packed bytes of one chunk
   constexpr int kElems = 16 / sizeof(T);
   constexpr int kTile = 32 * kWarpDequantChunks;
@@ -128,42 +107,24 @@ std::vector<Chunk> plan_chunks(const PackedStack& w, const ExpertsRouting& r, in
   return chunks;
 }
 
-bool warp16_dequant_enabled() {
-  const char* v = std::getenv("MOEQUANT_EXPERTS_DEQUANT");
-  return v != nullptr && std::strcmp(v, "warp16") == 0;
-}
-
 void dequant_chunk(const PackedStack& w, const at::Tensor& packed, const at::Tensor& absmax, const ExpertsRouting& r,
                    const Chunk& c, at::Tensor& scratch) {
   ChunkExpertIds ids{};
   for (int64_t g = 0; g < c.count; ++g) ids.ids[g] = r.active_experts[c.first + g];
   const int64_t elems = (c.row_end - c.row_begin) * w.cols;  // per expert
-  const int64_t units = elems / 32;
-  const int log2_units_per_block = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32));
-  const int64_t grid_x = std::min<int64_t>((units + kScratchDequantThreads - 1) / kScratchDequantThreads,
-                                           std::max<int64_t>(1, grid_for(units * c.count, kScratchDequantThreads) / c.count));
-  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(grid_x, 1)), static_cast<unsigned>(c.count));
-  const bool warp16 = warp16_dequant_enabled();
   MOEQUANT_DISPATCH_EXPERTS_TYPES(scratch.scalar_type(), "moequant_dequant_chunk", [&] {
     using T = typename native<scalar_t>::type;
-    if (warp16) {
-      constexpr int64_t kElems = 16 / sizeof(T);
-      const int64_t chunks = elems / kElems;
-      constexpr int64_t kPerCta = int64_t{kScratchDequantThreads} * kWarpDequantChunks;
-      const int64_t ctas = std::min<int64_t>((chunks + kPerCta - 1) / kPerCta,
-                                             std::max<int64_t>(1, grid_for(chunks * c.count / kWarpDequantChunks,
-                                                                           kScratchDequantThreads) / c.count));
-      const int log2_chunks_per_block = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / kElems));
-      dequant_chunk_warp16_kernel<T><<<dim3(static_cast<unsigned>(std::max<int64_t>(ctas, 1)),
-                                            static_cast<unsigned>(c.count)),
-                                       kScratchDequantThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), reinterpret_cast<T*>(scratch.mutable_data_ptr()),
-          ids, w.rows * w.cols, c.row_begin * w.cols, chunks, log2_chunks_per_block);
-    } else {
-      dequant_chunk_kernel<T><<<grid, kScratchDequantThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), reinterpret_cast<T*>(scratch.mutable_data_ptr()),
-          ids, w.rows * w.cols, c.row_begin * w.cols, units, log2_units_per_block);
-    }
+    constexpr int64_t kElems = 16 / sizeof(T);
+    const int64_t chunks = elems / kElems;
+    constexpr int64_t kPerCta = int64_t{kScratchDequantThreads} * kWarpDequantChunks;
+    const int64_t ctas = std::min<int64_t>(
+        (chunks + kPerCta - 1) / kPerCta,
+        std::max<int64_t>(1, grid_for(chunks * c.count / kWarpDequantChunks, kScratchDequantThreads) / c.count));
+    const int log2_chunks_per_block = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / kElems));
+    dequant_chunk_kernel<T><<<dim3(static_cast<unsigned>(std::max<int64_t>(ctas, 1)), static_cast<unsigned>(c.count)),
+                              kScratchDequantThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), reinterpret_cast<T*>(scratch.mutable_data_ptr()),
+        ids, w.rows * w.cols, c.row_begin * w.cols, chunks, log2_chunks_per_block);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -8,7 +8,7 @@
     lora_target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]
     lora_dropout: 0.0           # required when experts are targeted
     moequant_blocksize: 64      # optional
-    moequant_fuse_on_cpu: true  # optional, see moequant.quantize_experts_on_load
+    moequant_fuse: quantized  # optional: quantized | cpu | device, see moequant.quantize_experts_on_load
 
 The plugin takes the option over from Axolotl's own expert quantization: it clears
 ``cfg.quantize_moe_experts`` before the model is loaded (so Axolotl's loader patch stays off),
@@ -39,7 +39,7 @@ class MoequantArgs(BaseModel):
     """The Axolotl config keys this plugin reads (``quantize_moe_experts`` is Axolotl's own)."""
 
     moequant_blocksize: int = 64
-    moequant_fuse_on_cpu: bool = True
+    moequant_fuse: str = "quantized"
 
 
 class MoequantPlugin(BasePlugin):
@@ -71,7 +71,7 @@ class MoequantPlugin(BasePlugin):
         self._loading.enter_context(
             quantize_experts_on_load(
                 blocksize=int(cfg.get("moequant_blocksize") or 64),
-                fuse_on_cpu=bool(cfg.get("moequant_fuse_on_cpu", True)),
+                fuse=str(cfg.get("moequant_fuse", "quantized")),
             )
         )
         logger.info("moequant: quantize_moe_experts handled by moequant (NF4 experts, fused LoRA op)")

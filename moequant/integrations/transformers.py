@@ -14,16 +14,27 @@ Three loader behaviours would otherwise hold several dense expert tensors at onc
 saving; the context changes them, and only while it is active: ``caching_allocator_warmup``
 (reserves the whole model at its dense size on the GPU) is skipped; the asynchronous loader, whose
 thread pool prefetches many dense tensors ahead of the one being set, is turned off
-(``HF_DEACTIVATE_ASYNC_LOAD``); with ``fuse_on_cpu`` (default), checkpoints that store one
-tensor per expert are fused on the CPU (the converters' ``force_cpu``), so the accelerator never
-holds the per-expert pieces, their stack and their concatenation at once, only the fused tensor
-being quantized; and ``device_map="auto"`` sizes expert tensors at their NF4 size
+(``HF_DEACTIVATE_ASYNC_LOAD``); and ``device_map="auto"`` sizes expert tensors at their NF4 size
 (``compute_module_sizes``), instead of offloading layers that would fit once quantized.
+
+Checkpoints that store one tensor per expert (transformers fuses them with ``MergeModulelist`` /
+``Concatenate`` converters) are handled according to ``fuse``:
+
+* ``"quantized"`` (default): each per-expert tensor is read onto the target device and quantized
+  straight into its rows of the packed stack, then dropped; no dense fused tensor ever exists, so
+  the load peaks at the final model plus one expert's tensor, at the speed of a device-side load.
+  The packed result is bit-identical to quantizing the fused tensor (a block never straddles two
+  experts or two concatenated projections). Converter chains of another form fall back to ``"cpu"``.
+* ``"cpu"``: transformers fuses on the CPU (the converters' ``force_cpu``); the device holds one
+  dense fused tensor at a time.
+* ``"device"``: transformers fuses on the target device (its pieces, their stack and their
+  concatenation coexist there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -239,7 +250,8 @@ class _Hook:
     depth = 0
     saved: dict = {}
     blocksize = 64
-    fuse_on_cpu = True
+    fuse = "quantized"
+    device_map = None  # of the from_pretrained call being served
     stats: "weakref.WeakKeyDictionary[nn.Module, LoadStats]" = weakref.WeakKeyDictionary()
 
 
@@ -254,10 +266,13 @@ def _set_param_and_quantize(model, target_name, param_value, *args, **kwargs):
         _check_model(model)  # fail fast, before anything is loaded, on unsupported layouts
         stats = _Hook.stats[model] = LoadStats(blocksize=_Hook.blocksize)
         logger.info("moequant: quantizing fused experts of %s to NF4 while loading", type(model).__name__)
-    _Hook.saved["set_param_for_module"](model, target_name, param_value, *args, **kwargs)
-
     module_path, _, param_name = target_name.rpartition(".")
     module = model.get_submodule(module_path) if module_path else model
+    if isinstance(param_value, _QuantizedExperts):
+        _install_quantized_experts(module, target_name, param_name, param_value, stats, *args, **kwargs)
+        return
+    _Hook.saved["set_param_for_module"](model, target_name, param_value, *args, **kwargs)
+
     layout = getattr(module, "_moequant_layout", None)
     incoming = _tensor_bytes(param_value)
     if layout is None or param_name not in layout.weight_names or is_quantized(module, param_name):
@@ -281,12 +296,17 @@ def _set_param_and_quantize(model, target_name, param_value, *args, **kwargs):
     if isinstance(param_value, torch.Tensor) and not isinstance(param_value, nn.Parameter):
         param_value.data = torch.empty(0, dtype=param_value.dtype, device=param_value.device)
     del param_value
+    stats.quantize_seconds += time.perf_counter() - start
+    _record_stack(module, layout, stack, incoming, stats)
+
+
+def _record_stack(module: nn.Module, layout: ExpertsLayout, stack, dense_bytes: int, stats: "LoadStats") -> None:
+    """Bookkeeping after one expert stack of ``module`` was installed in NF4."""
     if all(is_quantized(module, n) for n in layout.weight_names):
         select_experts_implementation(module)
         patch_peft()
-    stats.quantize_seconds += time.perf_counter() - start
     stats.num_stacks += 1
-    stats.dense_bytes += incoming
+    stats.dense_bytes += dense_bytes
     stats.packed_bytes += stack.nbytes()
     stats.resident_bytes += stack.nbytes()
     stats.peak_resident_bytes = max(stats.peak_resident_bytes, stats.resident_bytes)
@@ -311,21 +331,146 @@ def _is_expert_fusion(converter) -> bool:
     )
 
 
-def _convert_and_load_fusing_on_cpu(*args, **kwargs):
-    """Wraps ``convert_and_load_state_dict_in_model``: expert fusion runs on the CPU while active."""
+class _QuantizedExperts:
+    """What a per-expert converter hands to ``set_param_for_module`` in place of a dense fused tensor."""
+
+    def __init__(self, stack, seconds: float):
+        self.stack = stack
+        self.seconds = seconds  # spent loading and quantizing the expert tensors
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.stack.shape
+
+
+def _install_quantized_experts(module, target_name, param_name, value, stats, *args, **kwargs) -> None:
+    """``set_param_for_module`` for a stack quantized expert by expert: checks it against the
+    model's (meta) parameter and installs it; what transformers' function does for a tensor."""
+    layout = getattr(module, "_moequant_layout", None)
+    if layout is None or param_name not in layout.weight_names:
+        raise ValueError(f"moequant: {target_name} was quantized per expert but is not an expert weight of a "
+                         f"supported experts module ({type(module).__name__})")
+    ref = getattr(module, param_name)
+    if tuple(ref.shape) != tuple(value.shape):
+        raise ValueError(f"moequant: checkpoint experts for {target_name} fuse to shape {tuple(value.shape)}, the "
+                         f"model expects {tuple(ref.shape)}")
+    stack = dataclasses.replace(value.stack, dtype=ref.dtype)  # the model's dtype; codes and absmax do not depend on it
+    loading_info = kwargs.get("loading_info", args[0] if args else None)
+    if loading_info is not None:
+        loading_info.missing_keys.discard(target_name)
+    del ref
+    quantize_parameter(module, param_name, stack=stack)
+    module.parametrizations[param_name].original._is_hf_initialized = True  # keep _init_weights off it
+    stats.quantize_seconds += value.seconds
+    _record_stack(module, layout, stack, stack.shape.numel() * torch.finfo(stack.dtype).bits // 8, stats)
+
+
+def _fusion_layout(converter) -> Optional[str]:
+    """``"stack"`` for ``[MergeModulelist(0)]`` of one source, ``"stack_cat"`` for
+    ``[MergeModulelist(0), Concatenate(1)]``, None for any other chain."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = converter.operations
+    if getattr(converter, "quantization_operation", None) is not None or len(converter.target_patterns) != 1:
+        return None
+    if not ops or not isinstance(ops[0], MergeModulelist) or ops[0].dim != 0:
+        return None
+    if len(ops) == 1 and len(converter.source_patterns) == 1:
+        return "stack"
+    if len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1:
+        return "stack_cat"
+    return None
+
+
+def _streamable(converter) -> bool:
+    device_map = _Hook.device_map
+    offloads = isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}
+    return _Hook.fuse == "quantized" and not offloads and _is_expert_fusion(converter) and _fusion_layout(converter) is not None
+
+
+def _quantize_experts_streaming(sources: list[list], blocksize: int):
+    """Quantize ``sources[s][e]()`` (deferred loads of expert e's tensor [N_s, K] for source s) into
+    one NF4 stack ``[E, sum N_s, K]``, loading and releasing one expert tensor at a time. Returns
+    None (nothing loaded beyond expert 0, which is kept in ``sources`` as loaded tensors) when the
+    tensors do not allow it."""
+    from ..nf4 import NF4Stack
+    from .. import _ops  # noqa: F401  (registers torch.ops.moequant)
+
+    num_experts = len(sources[0])
+    if num_experts == 0 or any(len(s) != num_experts for s in sources):
+        return None
+    first = []
+    for s in sources:
+        t = s[0]()
+        s[0] = (lambda t=t: t)
+        first.append(t)
+    k = first[0].shape[-1] if first[0] is not None else 0
+    if any(t is None or t.dim() != 2 or t.shape[-1] != k or not t.is_floating_point() or t.device.type not in ("cuda", "cpu")
+           or (t.shape[0] * k) % blocksize or k % 2 for t in first):
+        return None
+    rows = [t.shape[0] for t in first]
+    dtype, device = first[0].dtype, first[0].device
+    del first
+    n = sum(rows)
+    packed = torch.empty((num_experts, n, k // 2), dtype=torch.uint8, device=device)
+    absmax = torch.empty((num_experts, n * k // blocksize), dtype=torch.float32, device=device)
+    for e in range(num_experts):
+        row = 0
+        for s, n_s in zip(sources, rows):
+            t = s[e]()
+            s[e] = None
+            if t is None or tuple(t.shape) != (n_s, k):
+                raise ValueError(f"moequant: expert {e} of a fused projection has shape "
+                                 f"{None if t is None else tuple(t.shape)}, expected {(n_s, k)}")
+            p, a = torch.ops.moequant.quantize_nf4(t.to(device), blocksize)
+            del t
+            packed[e, row:row + n_s] = p
+            absmax[e, row * k // blocksize:(row + n_s) * k // blocksize] = a
+            row += n_s
+    return NF4Stack(packed, absmax, torch.Size((num_experts, n, k)), blocksize, dtype)
+
+
+def _weight_converter_convert(self, layer_name, *args, **kwargs):
+    """Wraps ``WeightConverter.convert``: expert fusions are quantized per expert (``fuse="quantized"``)."""
+    original = _Hook.saved["WeightConverter.convert"]
+    pending = getattr(self, "collected_tensors", None) or {}
+    lists = [pending.get(p) for p in self.source_patterns if p in pending]
+    deferred = bool(lists) and all(lst and all(callable(f) for f in lst) for lst in lists)  # sync loading
+    if not deferred or not _streamable(self):
+        return original(self, layer_name, *args, **kwargs)
+    start = time.perf_counter()
+    stack = _quantize_experts_streaming(lists, _Hook.blocksize)
+    if stack is None:  # shapes it cannot take: transformers' own chain on what was left
+        return original(self, layer_name, *args, **kwargs)
+    for p in self.source_patterns:
+        pending.pop(p, None)
+    target = self.target_patterns[0]
+    full_name = layer_name.replace("*.", "0.") if "*." in layer_name else layer_name
+    name = target
+    if target in full_name:
+        prefix, _, suffix = full_name.partition(target)
+        name = prefix + target + suffix
+    logger.debug("moequant: %s quantized expert by expert in %.3f s", name, time.perf_counter() - start)
+    return {name: _QuantizedExperts(stack, time.perf_counter() - start)}
+
+
+def _convert_and_load(*args, **kwargs):
+    """Wraps ``convert_and_load_state_dict_in_model``: records the device map; expert fusions that
+    cannot be quantized per expert run on the CPU (``fuse`` "quantized" or "cpu")."""
     original = _Hook.saved["convert_and_load_state_dict_in_model"]
     load_config = kwargs.get("load_config", args[2] if len(args) > 2 else None)
     converters = [c for c in (getattr(load_config, "weight_mapping", None) or []) if _is_expert_fusion(c)]
-    if not _Hook.fuse_on_cpu or not converters:
-        return original(*args, **kwargs)
-    previous = [c.force_cpu for c in converters]
-    for c in converters:
+    _Hook.device_map = getattr(load_config, "device_map", None)
+    on_cpu = [c for c in converters if _Hook.fuse == "cpu" or (_Hook.fuse == "quantized" and not _streamable(c))]
+    previous = [c.force_cpu for c in on_cpu]
+    for c in on_cpu:
         c.force_cpu = True
     try:
         return original(*args, **kwargs)
     finally:
-        for c, value in zip(converters, previous):
+        for c, value in zip(on_cpu, previous):
             c.force_cpu = value
+        _Hook.device_map = None
 
 
 def nf4_nbytes(numel: int, blocksize: int) -> int:
@@ -391,10 +536,13 @@ def _patch() -> None:
         "caching_allocator_warmup": getattr(modeling_utils, "caching_allocator_warmup", None),
         "compute_module_sizes": getattr(accelerate_integration, "compute_module_sizes", None),
         "HF_DEACTIVATE_ASYNC_LOAD": os.environ.get("HF_DEACTIVATE_ASYNC_LOAD"),
+        "WeightConverter.convert": getattr(getattr(loading, "WeightConverter", None), "convert", None),
     }
     loading.set_param_for_module = _set_param_and_quantize
     if _Hook.saved["convert_and_load_state_dict_in_model"] is not None:
-        modeling_utils.convert_and_load_state_dict_in_model = _convert_and_load_fusing_on_cpu
+        modeling_utils.convert_and_load_state_dict_in_model = _convert_and_load
+    if _Hook.saved["WeightConverter.convert"] is not None:
+        loading.WeightConverter.convert = _weight_converter_convert
     if _Hook.saved["caching_allocator_warmup"] is not None:
         modeling_utils.caching_allocator_warmup = _skip_caching_allocator_warmup
     if _Hook.saved["compute_module_sizes"] is not None:
@@ -410,6 +558,8 @@ def _unpatch() -> None:
     if _Hook.saved["compute_module_sizes"] is not None:
         accelerate_integration.compute_module_sizes = _Hook.saved["compute_module_sizes"]
     loading.set_param_for_module = _Hook.saved["set_param_for_module"]
+    if _Hook.saved["WeightConverter.convert"] is not None:
+        loading.WeightConverter.convert = _Hook.saved["WeightConverter.convert"]
     if _Hook.saved["convert_and_load_state_dict_in_model"] is not None:
         modeling_utils.convert_and_load_state_dict_in_model = _Hook.saved["convert_and_load_state_dict_in_model"]
     if _Hook.saved["caching_allocator_warmup"] is not None:
@@ -421,12 +571,19 @@ def _unpatch() -> None:
     _Hook.saved = {}
 
 
+_FUSE_MODES = ("quantized", "cpu", "device")
+
+
 @contextlib.contextmanager
-def quantize_experts_on_load(blocksize: int = 64, fuse_on_cpu: bool = True):
+def quantize_experts_on_load(blocksize: int = 64, fuse: str = "quantized"):
     """Quantize fused MoE experts to NF4 inside ``from_pretrained`` calls made in this context.
 
-    ``fuse_on_cpu=False`` lets transformers fuse per-expert checkpoint tensors on the target
-    device (faster on a GPU, but the load then peaks at several dense expert tensors).
+    ``fuse`` says how checkpoints that store one tensor per expert become a fused stack:
+    ``"quantized"`` (default) quantizes expert by expert straight into the packed stack on the
+    target device (peak: final model plus one expert tensor; as fast as a device-side load);
+    ``"cpu"`` lets transformers fuse on the CPU and quantizes the fused tensor on the device;
+    ``"device"`` lets transformers fuse on the target device (the load then peaks at several
+    dense expert tensors). Checkpoints that store experts already fused load the same either way.
 
     Every experts module then keeps its class, its ``gate_up_proj`` / ``down_proj`` read as dense
     (dequantized) tensors, and its forward runs the "moequant" experts implementation on the packed
@@ -434,12 +591,14 @@ def quantize_experts_on_load(blocksize: int = 64, fuse_on_cpu: bool = True):
     """
     if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
         raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize}")
+    if fuse not in _FUSE_MODES:
+        raise ValueError(f"fuse must be one of {_FUSE_MODES}, got {fuse!r}")
     with _Hook.lock:
         if _Hook.depth == 0:
             _patch()
         _Hook.depth += 1
-        previous = (_Hook.blocksize, _Hook.fuse_on_cpu)
-        _Hook.blocksize, _Hook.fuse_on_cpu = blocksize, fuse_on_cpu
+        previous = (_Hook.blocksize, _Hook.fuse)
+        _Hook.blocksize, _Hook.fuse = blocksize, fuse
     try:
         yield
         for model, stats in list(_Hook.stats.items()):
@@ -447,7 +606,7 @@ def quantize_experts_on_load(blocksize: int = 64, fuse_on_cpu: bool = True):
     finally:
         with _Hook.lock:
             _Hook.stats = weakref.WeakKeyDictionary()
-            _Hook.blocksize, _Hook.fuse_on_cpu = previous
+            _Hook.blocksize, _Hook.fuse = previous
             _Hook.depth -= 1
             if _Hook.depth == 0:
                 _unpatch()

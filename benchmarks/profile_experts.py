@@ -1,0 +1,81 @@
+"""Where the time of one experts call goes: a torch.profiler kernel table (CUDA).
+
+    python benchmarks/profile_experts.py --shape mixtral_8x7b --tokens 4096 [--backward] [--lora]
+
+Prints the CUDA kernels of a few calls of ``experts_forward`` (and its backward with --backward),
+sorted by total device time, beside the bf16 ``grouped_mm`` layer on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench_experts import LORA_ALPHA, RANK, SHAPES, build_bf16_experts, routing
+
+import moequant
+from moequant import ops
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="mixtral_8x7b", choices=sorted(SHAPES))
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--rows", type=int, default=14, help="kernel rows to print")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_experts.py needs a CUDA device")
+    dev = "cuda"
+    H, I, E, k = SHAPES[args.shape]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    experts = build_bf16_experts(H, I, E, k, dev)
+    gate_up = moequant.quantize_nf4(experts.gate_up_proj.detach(), 64)
+    down = moequant.quantize_nf4(experts.down_proj.detach(), 64)
+    lora = {}
+    if args.lora:
+        lora = dict(
+            gate_up_lora_A=torch.randn(E, RANK, H, device=dev, dtype=torch.bfloat16, requires_grad=True),
+            gate_up_lora_B=torch.zeros(E, 2 * I, RANK, device=dev, dtype=torch.bfloat16, requires_grad=True),
+            gate_up_lora_scaling=LORA_ALPHA / RANK,
+            down_lora_A=torch.randn(E, RANK, I, device=dev, dtype=torch.bfloat16, requires_grad=True),
+            down_lora_B=torch.zeros(E, H, RANK, device=dev, dtype=torch.bfloat16, requires_grad=True),
+            down_lora_scaling=LORA_ALPHA / RANK,
+        )
+    idx, w = routing(args.tokens, E, k, dev, gen)
+    x = torch.randn(args.tokens, H, device=dev, dtype=torch.bfloat16, generator=gen)
+    x.requires_grad_(args.backward)
+
+    def run(fn):
+        out = fn()
+        if args.backward:
+            out.backward(torch.ones_like(out))
+
+    impls = {
+        "moequant": lambda: ops.experts_forward(x, idx, w, gate_up.packed, gate_up.absmax, down.packed, down.absmax,
+                                                **lora),
+        "bf16_grouped_mm": lambda: experts(x, idx, w),
+    }
+    for name, fn in impls.items():
+        with torch.no_grad() if not args.backward else torch.enable_grad():
+            for _ in range(2):
+                run(fn)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.reps):
+                    run(fn)
+                torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        total = sum(e.self_device_time_total for e in events) / 1e3 / args.reps
+        print(f"\n{args.shape} T={args.tokens} {name}{' fwd+bwd' if args.backward else ' fwd'}: "
+              f"{total:.3f} ms of kernels per call")
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.rows]:
+            print(f"  {e.self_device_time_total / 1e3 / args.reps:8.3f} ms  {e.count // args.reps:4d}x  {e.key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
