@@ -21,9 +21,9 @@ CUDA context and allocator), after the checkpoint files have been read once (war
         [--gradient-checkpointing] [--workdir /tmp/moequant-bench] [--out benchmarks/results/...]
 
 ``--bnb`` also quantizes the attention/lm_head ``nn.Linear`` layers with
-``BitsAndBytesConfig(load_in_4bit=True)`` in the moequant runs (QLoRA as users run it), and adds
-the train kind ``bnb_param``: the same bitsandbytes linears plus bitsandbytes' 4-bit
-parametrization of each fused expert stack (``replace_parameter_4bit``, today's Axolotl route),
+``BitsAndBytesConfig(load_in_4bit=True)`` in the moequant and bnb_param runs (QLoRA as users run
+it). The train kind ``bnb_param`` (run when bitsandbytes is importable) is today's Axolotl route:
+bitsandbytes' 4-bit parametrization of each fused expert stack (``replace_parameter_4bit``),
 which dequantizes the whole stack on every access, under the same PEFT LoRA.
 """
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -130,16 +131,16 @@ def _load(kind: str, args):
     if kind == "cached":
         return moequant.load_quantized(args.cache, device=DEVICE)
     if kind == "bnb_param":
-        # Today's QLoRA-on-experts route (Axolotl's): bitsandbytes nn.Linear layers, then each
-        # fused expert stack replaced by bitsandbytes' 4-bit parametrization, which dequantizes
-        # the whole stack on every access; the experts run bf16 grouped_mm on that.
+        # Today's QLoRA-on-experts route (Axolotl's): each fused expert stack replaced by
+        # bitsandbytes' 4-bit parametrization, which dequantizes the whole stack on every access;
+        # the experts run bf16 grouped_mm on that (with --bnb, bitsandbytes linears as well).
         from bitsandbytes.nn.parametrize import replace_parameter_4bit
 
         from moequant.integrations.transformers import find_experts_modules
 
-        model = AutoModelForCausalLM.from_pretrained(
-            args.checkpoint, experts_implementation="grouped_mm", quantization_config=_bnb_config(), **kwargs
-        )
+        if args.bnb:  # the moequant runs quantize the linears too
+            kwargs["quantization_config"] = _bnb_config()
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, experts_implementation="grouped_mm", **kwargs)
         for _, experts in find_experts_modules(model):
             for name in ("gate_up_proj", "down_proj"):
                 replace_parameter_4bit(experts, name, quant_type="nf4", blocksize=64)
@@ -236,6 +237,7 @@ def run_phase(args, phase: str, kind: str = "") -> dict:
     cmd += ["--bnb"] if args.bnb else []
     cmd += ["--smoke"] if args.smoke else []
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    print(f"[{time.strftime('%H:%M:%S')}] {phase} {kind}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
@@ -259,6 +261,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bnb", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--loads", default="bf16,moequant,moequant_fuse_cpu,moequant_fuse_device,cached",
+                        help="load kinds to measure (comma-separated)")
+    parser.add_argument("--trains", default=None,
+                        help="train kinds (default: bf16,moequant, plus bnb_param when bitsandbytes is importable)")
     parser.add_argument("--workdir", default="/tmp/moequant-bench")
     parser.add_argument("--out", default=None)
     parser.add_argument("--smoke", action="store_true", help="toy shapes, CPU allowed: checks the script only")
@@ -297,15 +303,17 @@ def main() -> None:
         results["make"] = run_phase(args, "make")
     warm_page_cache(args.checkpoint)
 
-    load = {kind: run_phase(args, "load", kind) for kind in ("bf16", "moequant", "moequant_fuse_cpu", "moequant_fuse_device")}
-    if not args.bnb and "error" not in load["moequant"]:
+    load_kinds = args.loads.split(",")
+    load = {kind: run_phase(args, "load", kind) for kind in load_kinds if kind != "cached"}
+    if "cached" in load_kinds and not args.bnb and "error" not in load.get("moequant", {"error": 1}):
         warm_page_cache(args.cache)
         load["cached"] = run_phase(args, "load", "cached")
-    train_kinds = ("bf16", "moequant") + (("bnb_param",) if args.bnb else ())
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    train_kinds = args.trains.split(",") if args.trains else ["bf16", "moequant"] + (["bnb_param"] if has_bnb else [])
     train = {kind: run_phase(args, "train", kind) for kind in train_kinds}
     results.update(load=load, train=train)
 
-    bf16, mq = load["bf16"], load["moequant"]
+    bf16, mq = load.get("bf16", {"error": "not run"}), load.get("moequant", {"error": "not run"})
     if "error" not in bf16 and "error" not in mq:
         results["load_ratios"] = {
             "time_moequant_over_bf16": ratio(mq["seconds"], bf16["seconds"]),
@@ -313,7 +321,7 @@ def main() -> None:
             "peak_minus_final_moequant_mb": mq["peak_mb"] - mq["final_mb"],
             "final_moequant_over_bf16": ratio(mq["final_mb"], bf16["final_mb"]),
         }
-    tb, tm = train["bf16"], train["moequant"]
+    tb, tm = train.get("bf16", {"error": "not run"}), train.get("moequant", {"error": "not run"})
     if "error" not in tb and "error" not in tm:
         results["train_ratios"] = {
             "step_time_moequant_over_bf16_peft": ratio(tm["step_ms"], tb["step_ms"]),
@@ -323,7 +331,7 @@ def main() -> None:
             "resident_moequant_over_bf16": ratio(tm["resident_mb"], tb["resident_mb"]),
         }
     tp = train.get("bnb_param")
-    if tp is not None and "error" not in tp and "error" not in tm:
+    if tp is not None and "error" not in tp and "train_ratios" in results:
         results["train_ratios"].update(
             step_time_moequant_over_bnb_param=ratio(tm["step_ms"], tp["step_ms"]),
             step_peak_moequant_over_bnb_param=ratio(tm["step_peak_above_resident_mb"], tp["step_peak_above_resident_mb"]),

@@ -151,10 +151,11 @@ def test_int32_index():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("transposed", [False, True])
 def test_row_sliced_scratch(dtype, transposed, env):
-    # A scratch budget below one expert forces row slices of a single expert per chunk.
+    # A scratch budget below one expert forces row slices of a single expert per chunk (slices
+    # are whole multiples of 128 rows: 4 for gate_up [512, 256], 2 for down [256, 256]).
     env("MOEQUANT_EXPERTS_SCRATCH_BYTES", "8192")
     env("MOEQUANT_DECODE_MAX_PAIRS", "0")
-    case = cuda_case(T=30, H=128, I=64, E=4, k=2, dtype=dtype, transposed=transposed, lora=(True, True), rank=8,
+    case = cuda_case(T=30, H=256, I=256, E=4, k=2, dtype=dtype, transposed=transposed, lora=(True, True), rank=8,
                      bias=True)
     check_case(case, dtype)
 

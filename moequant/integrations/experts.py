@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .parametrize import is_quantized, nf4_stack_of
 
@@ -62,7 +63,9 @@ def _activation_name(act_fn: nn.Module) -> Optional[str]:
 
 def is_experts_module(module: nn.Module) -> bool:
     """Whether ``module`` is a transformers fused-experts module (``@use_experts_implementation``)."""
-    return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and hasattr(module, "down_proj")
+    # Look the weight up without reading it: once quantized, reading down_proj dequantizes the stack.
+    has_down = "down_proj" in module._parameters or parametrize.is_parametrized(module, "down_proj")
+    return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and has_down
 
 
 def experts_layout(module: nn.Module) -> ExpertsLayout:

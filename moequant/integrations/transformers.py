@@ -278,6 +278,8 @@ def _set_param_and_quantize(model, target_name, param_value, *args, **kwargs):
     if layout is None or param_name not in layout.weight_names or is_quantized(module, param_name):
         stats.resident_bytes += incoming
         stats.peak_resident_bytes = max(stats.peak_resident_bytes, stats.resident_bytes)
+        if layout is not None:
+            _mark_loaded(module, layout)
         return
     dense = getattr(module, param_name)
     if dense.device.type == "meta":
@@ -300,8 +302,23 @@ def _set_param_and_quantize(model, target_name, param_value, *args, **kwargs):
     _record_stack(module, layout, stack, incoming, stats)
 
 
+def _mark_loaded(module: nn.Module, layout: ExpertsLayout) -> None:
+    """Flag loaded packed stacks (and, once nothing of it is left to load, the experts module) as
+    initialized, as transformers flags the tensors it sets: otherwise its post-load
+    ``_init_weights`` reads ``module.gate_up_proj``, which dequantizes the whole stack, only to
+    overwrite that temporary."""
+    for name in layout.weight_names:
+        if is_quantized(module, name):
+            module.parametrizations[name].original._is_hf_initialized = True
+    if all(is_quantized(module, n) for n in layout.weight_names) and all(
+        getattr(p, "_is_hf_initialized", False) for p in module.parameters(recurse=False)
+    ):
+        module._is_hf_initialized = True
+
+
 def _record_stack(module: nn.Module, layout: ExpertsLayout, stack, dense_bytes: int, stats: "LoadStats") -> None:
     """Bookkeeping after one expert stack of ``module`` was installed in NF4."""
+    _mark_loaded(module, layout)
     if all(is_quantized(module, n) for n in layout.weight_names):
         select_experts_implementation(module)
         patch_peft()
@@ -360,7 +377,6 @@ def _install_quantized_experts(module, target_name, param_name, value, stats, *a
         loading_info.missing_keys.discard(target_name)
     del ref
     quantize_parameter(module, param_name, stack=stack)
-    module.parametrizations[param_name].original._is_hf_initialized = True  # keep _init_weights off it
     stats.quantize_seconds += value.seconds
     _record_stack(module, layout, stack, stack.shape.numel() * torch.finfo(stack.dtype).bits // 8, stats)
 
