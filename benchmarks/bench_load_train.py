@@ -294,7 +294,7 @@ def main() -> None:
     results = {
         "device": torch.cuda.get_device_name() if _cuda() else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "python": platform.python_version(),
+        "python": platform.python_version(), "command": "python " + " ".join(sys.argv),
         "shape": dict(_shape(args), num_hidden_layers=args.layers),
         "tokens": args.tokens, "seq_len": args.seq_len, "lora": LORA, "bnb_linear": args.bnb,
         "gradient_checkpointing": args.gradient_checkpointing,
