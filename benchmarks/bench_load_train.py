@@ -331,6 +331,13 @@ def main() -> None:
             "resident_moequant_over_bf16": ratio(tm["resident_mb"], tb["resident_mb"]),
         }
     tp = train.get("bnb_param")
+    if tp is not None and "error" not in tp and "error" not in tm and tp["trainable_parameters"] != tm["trainable_parameters"]:
+        # PEFT 0.21's target_parameters does not match bitsandbytes-parametrized stacks
+        results["note_bnb_param"] = (
+            f"bnb_param trains {tp['trainable_parameters']} parameters against moequant's "
+            f"{tm['trainable_parameters']}: PEFT attached no LoRA to its expert stacks, so it does less work"
+        )
+        print("note:", results["note_bnb_param"])
     if tp is not None and "error" not in tp and "train_ratios" in results:
         results["train_ratios"].update(
             step_time_moequant_over_bnb_param=ratio(tm["step_ms"], tp["step_ms"]),
