@@ -177,6 +177,47 @@ def test_per_expert_quantization_equals_fused_quantization(arch, checkpoints, mo
         torch.testing.assert_close(models["quantized"](ids).logits, models["cpu"](ids).logits, rtol=0, atol=0)
 
 
+def test_streaming_quantization_matches_fused_and_declines_straddling_blocks():
+    """Expert-by-expert quantization equals quantizing the fused [E, sum N_s, K] tensor; when a
+    block would straddle two concatenated projections it declines, leaving what it loaded usable."""
+    from moequant.integrations.transformers import _quantize_experts_streaming
+
+    gate = [torch.randn(32, 64) for _ in range(3)]
+    up = [torch.randn(32, 64) for _ in range(3)]
+    stack = _quantize_experts_streaming([[lambda t=t: t for t in gate], [lambda t=t: t for t in up]], 64)
+    fused = moequant.quantize_nf4(torch.cat([torch.stack(gate), torch.stack(up)], dim=1), 64)
+    assert stack.shape == fused.shape == (3, 64, 64)
+    assert torch.equal(stack.packed, fused.packed) and torch.equal(stack.absmax, fused.absmax)
+
+    odd = [torch.randn(3, 32) for _ in range(2)]  # 96 elements per expert: a 64-block straddles rows
+    sources = [[lambda t=t: t for t in odd]]
+    assert _quantize_experts_streaming(sources, 64) is None
+    assert all(f() is t for f, t in zip(sources[0], odd))
+
+
+def test_unrecognised_fusion_chain_falls_back_to_cpu_fusion(checkpoints, monkeypatch):
+    import transformers.core_model_loading as loading
+
+    import moequant.integrations.transformers as integration
+
+    monkeypatch.setattr(integration, "_fusion_layout", lambda converter: None)
+    forced = []
+    real_convert = loading.convert_and_load_state_dict_in_model
+
+    def spy(*args, **kwargs):
+        forced.extend(c.force_cpu for c in kwargs["load_config"].weight_mapping if _is_expert_fusion(c))
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "convert_and_load_state_dict_in_model", spy)
+    monkeypatch.setattr(transformers.modeling_utils, "convert_and_load_state_dict_in_model", spy, raising=False)
+    model = load_quantized_on_load(checkpoints["mixtral"])
+    assert forced and all(forced)
+    monkeypatch.undo()
+    reference = load_quantized_on_load(checkpoints["mixtral"])
+    for (_, m_a, p), (_, m_b, _) in zip(quantized_stacks(model), quantized_stacks(reference)):
+        assert torch.equal(nf4_stack_of(m_a, p).packed, nf4_stack_of(m_b, p).packed)
+
+
 @pytest.mark.parametrize("fuse", ["quantized", "cpu"])
 def test_load_peak_and_loader_traps_neutralised(tmp_path, monkeypatch, fuse):
     """Deep enough that the experts dominate: the load never holds more than the final model plus
