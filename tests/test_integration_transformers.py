@@ -200,7 +200,7 @@ def test_unrecognised_fusion_chain_falls_back_to_cpu_fusion(checkpoints, monkeyp
 
     import moequant.integrations.transformers as integration
 
-    monkeypatch.setattr(integration, "_fusion_layout", lambda converter: None)
+    monkeypatch.setattr(integration, "_is_stack_fusion", lambda converter: False)
     forced = []
     real_convert = loading.convert_and_load_state_dict_in_model
 

@@ -381,27 +381,25 @@ def _install_quantized_experts(module, target_name, param_name, value, stats, *a
     _record_stack(module, layout, stack, stack.shape.numel() * torch.finfo(stack.dtype).bits // 8, stats)
 
 
-def _fusion_layout(converter) -> Optional[str]:
-    """``"stack"`` for ``[MergeModulelist(0)]`` of one source, ``"stack_cat"`` for
-    ``[MergeModulelist(0), Concatenate(1)]``, None for any other chain."""
+def _is_stack_fusion(converter) -> bool:
+    """Whether the chain is ``[MergeModulelist(0)]`` of one source or ``[MergeModulelist(0),
+    Concatenate(1)]``, the two forms :func:`_quantize_experts_streaming` reproduces."""
     from transformers.core_model_loading import Concatenate, MergeModulelist
 
     ops = converter.operations
     if getattr(converter, "quantization_operation", None) is not None or len(converter.target_patterns) != 1:
-        return None
+        return False
     if not ops or not isinstance(ops[0], MergeModulelist) or ops[0].dim != 0:
-        return None
-    if len(ops) == 1 and len(converter.source_patterns) == 1:
-        return "stack"
-    if len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1:
-        return "stack_cat"
-    return None
+        return False
+    if len(ops) == 1:
+        return len(converter.source_patterns) == 1
+    return len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1
 
 
 def _streamable(converter) -> bool:
     device_map = _Hook.device_map
     offloads = isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}
-    return _Hook.fuse == "quantized" and not offloads and _is_expert_fusion(converter) and _fusion_layout(converter) is not None
+    return _Hook.fuse == "quantized" and not offloads and _is_expert_fusion(converter) and _is_stack_fusion(converter)
 
 
 def _quantize_experts_streaming(sources: list[list], blocksize: int):
@@ -460,12 +458,10 @@ def _weight_converter_convert(self, layer_name, *args, **kwargs):
         return original(self, layer_name, *args, **kwargs)
     for p in self.source_patterns:
         pending.pop(p, None)
+    # transformers' renaming: the full name when it contains the target pattern, else the pattern
     target = self.target_patterns[0]
-    full_name = layer_name.replace("*.", "0.") if "*." in layer_name else layer_name
-    name = target
-    if target in full_name:
-        prefix, _, suffix = full_name.partition(target)
-        name = prefix + target + suffix
+    full_name = layer_name.replace("*.", "0.")
+    name = full_name if target in full_name else target
     logger.debug("moequant: %s quantized expert by expert in %.3f s", name, time.perf_counter() - start)
     return {name: _QuantizedExperts(stack, time.perf_counter() - start)}
 
