@@ -283,6 +283,15 @@ def test_load_logs_progress_and_summary(checkpoints, caplog):
     assert "MB dense ->" in text and "peak resident while loading" in text
 
 
+def test_bad_load_options_raise_clear_errors():
+    with pytest.raises(ValueError, match="blocksize must be a power of two"):
+        with quantize_experts_on_load(blocksize=48):
+            pass
+    with pytest.raises(ValueError, match=r"fuse must be one of \('quantized', 'cpu', 'device'\), got 'gpu'"):
+        with quantize_experts_on_load(fuse="gpu"):
+            pass
+
+
 def test_unsupported_models_raise_clear_errors(tmp_path):
     from torch import nn
     from transformers import LlamaConfig
