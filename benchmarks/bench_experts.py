@@ -8,7 +8,7 @@ projections; the transient peak (max_memory_allocated minus what was resident be
 and ratios moequant / baseline. Timing: CUDA events around each call after warm-up, median.
 
     python benchmarks/bench_experts.py [--shapes qwen3_30b_a3b,...] [--tokens 1,8,256,4096,16384]
-        [--reps 10] [--out benchmarks/results/bench_experts-<device>.json]
+        [--reps 10] [--no-lora] [--out benchmarks/results/bench_experts-<device>.json]
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def measure(fwd, x, grad, reps):
     }
 
 
-def bench_shape(name, tokens, reps, rows, device):
+def bench_shape(name, tokens, reps, rows, device, with_lora=True):
     H, I, E, k = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
     experts = build_bf16_experts(H, I, E, k, device)
@@ -164,11 +164,12 @@ def bench_shape(name, tokens, reps, rows, device):
         results = {}
         try:
             results["moequant"] = measure(mq({}), x, grad, reps)
-            results["moequant_lora"] = measure(mq(lora), x, grad, reps)
             results["bf16_grouped_mm"] = measure(lambda xx: experts(xx, idx, w), x, grad, reps)
-            if peft_model is None:
-                peft_model = peft_wrap(experts)
-            results["peft_lora_bf16"] = measure(lambda xx: peft_model(xx, idx, w), x, grad, reps)
+            if with_lora:
+                results["moequant_lora"] = measure(mq(lora), x, grad, reps)
+                if peft_model is None:
+                    peft_model = peft_wrap(experts)
+                results["peft_lora_bf16"] = measure(lambda xx: peft_model(xx, idx, w), x, grad, reps)
         except torch.OutOfMemoryError as err:
             print(f"{name} T={T}: out of memory ({err}); skipped", flush=True)
             gc.collect()
@@ -176,22 +177,26 @@ def bench_shape(name, tokens, reps, rows, device):
             continue
         for impl, r in results.items():
             rows.append(dict(shape=name, T=T, H=H, I=I, E=E, k=k, impl=impl, layer_bf16_mb=layer_mb, **r))
-        base, peft = results["bf16_grouped_mm"], results["peft_lora_bf16"]
-        m, ml = results["moequant"], results["moequant_lora"]
+        base, m = results["bf16_grouped_mm"], results["moequant"]
         ratio = dict(shape=name, T=T, impl="ratios",
                      fwd_vs_bf16=m["fwd_ms"] / base["fwd_ms"],
                      fwd_nograd_vs_bf16=m["fwd_nograd_ms"] / base["fwd_nograd_ms"],
-                     fwd_bwd_vs_bf16=m["fwd_bwd_ms"] / base["fwd_bwd_ms"],
-                     lora_fwd_bwd_vs_bf16=ml["fwd_bwd_ms"] / base["fwd_bwd_ms"],
-                     lora_fwd_bwd_vs_peft=ml["fwd_bwd_ms"] / peft["fwd_bwd_ms"],
-                     lora_transient_vs_layer=ml["fwd_bwd_transient_mb"] / layer_mb)
+                     fwd_bwd_vs_bf16=m["fwd_bwd_ms"] / base["fwd_bwd_ms"])
+        line = (f"{name:14s} T={T:6d} | fwd {m['fwd_ms']:8.3f} vs {base['fwd_ms']:8.3f} ({ratio['fwd_vs_bf16']:.2f}x)"
+                f" | nograd {m['fwd_nograd_ms']:8.3f} vs {base['fwd_nograd_ms']:8.3f}"
+                f" ({ratio['fwd_nograd_vs_bf16']:.2f}x)"
+                f" | f+b {m['fwd_bwd_ms']:8.3f} vs {base['fwd_bwd_ms']:8.3f} ({ratio['fwd_bwd_vs_bf16']:.2f}x)")
+        if with_lora:
+            ml, peft = results["moequant_lora"], results["peft_lora_bf16"]
+            ratio.update(lora_fwd_bwd_vs_bf16=ml["fwd_bwd_ms"] / base["fwd_bwd_ms"],
+                         lora_fwd_bwd_vs_peft=ml["fwd_bwd_ms"] / peft["fwd_bwd_ms"],
+                         lora_transient_vs_layer=ml["fwd_bwd_transient_mb"] / layer_mb)
+            line += (f" | LoRA f+b {ml['fwd_bwd_ms']:8.3f} vs peft {peft['fwd_bwd_ms']:8.3f}"
+                     f" ({ratio['lora_fwd_bwd_vs_bf16']:.2f}x bf16)"
+                     f" | LoRA transient {ml['fwd_bwd_transient_mb']:7.0f} MB vs peft"
+                     f" {peft['fwd_bwd_transient_mb']:7.0f} MB (layer {layer_mb:.0f} MB)")
         rows.append(ratio)
-        print(f"{name:14s} T={T:6d} | fwd {m['fwd_ms']:8.3f} vs {base['fwd_ms']:8.3f} ({ratio['fwd_vs_bf16']:.2f}x)"
-              f" | nograd {m['fwd_nograd_ms']:8.3f} vs {base['fwd_nograd_ms']:8.3f} ({ratio['fwd_nograd_vs_bf16']:.2f}x)"
-              f" | f+b {m['fwd_bwd_ms']:8.3f} vs {base['fwd_bwd_ms']:8.3f} ({ratio['fwd_bwd_vs_bf16']:.2f}x)"
-              f" | LoRA f+b {ml['fwd_bwd_ms']:8.3f} vs peft {peft['fwd_bwd_ms']:8.3f} ({ratio['lora_fwd_bwd_vs_bf16']:.2f}x bf16)"
-              f" | LoRA transient {ml['fwd_bwd_transient_mb']:7.0f} MB vs peft {peft['fwd_bwd_transient_mb']:7.0f} MB"
-              f" (layer {layer_mb:.0f} MB)", flush=True)
+        print(line, flush=True)
         del x, grad, idx, w
     del experts, peft_model, gate_up, down, lora
     gc.collect()
@@ -204,6 +209,7 @@ def main():
     ap.add_argument("--tokens", default="1,8,256,4096,16384")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-lora", action="store_true", help="skip moequant LoRA and the PEFT baseline")
     args = ap.parse_args()
     import peft
     import transformers
@@ -218,7 +224,7 @@ def main():
                 peft=peft.__version__, python=platform.python_version(), command=" ".join(sys.argv),
                 rank=RANK, timing="CUDA events, 3 warm-ups, median of --reps", rows=rows)
     for name in args.shapes.split(","):
-        bench_shape(name, [int(t) for t in args.tokens.split(",")], args.reps, rows, device)
+        bench_shape(name, [int(t) for t in args.tokens.split(",")], args.reps, rows, device, not args.no_lora)
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
         with open(out_path, "w") as f:
             json.dump(meta, f, indent=1)

@@ -143,6 +143,20 @@ def test_decode_gemv_matches_grouped_path(dtype, activation, env):
     assert rel_err(gemv, ref) < TOL[dtype] and rel_err(grouped, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("blocksize", [32, 256])
+def test_decode_gemv_split_inputs(blocksize, env):
+    # H = 130 and I = 67 16-byte units per row: the GEMV splits each input dimension into
+    # uneven ranges (44 + 44 + 42 and 34 + 33 units) whose partial sums are added later.
+    case = cuda_case(T=2, k=2, E=4, H=32 * 130, I=32 * 67, blocksize=blocksize, dtype=torch.bfloat16, bias=True,
+                     requires_grad=False)
+    env("MOEQUANT_DECODE_MAX_PAIRS", "64")
+    gemv = ops.experts_forward(*case.args(), **case.kwargs)
+    again = ops.experts_forward(*case.args(), **case.kwargs)
+    ref = experts_forward_reference(*case.args(), **case.kwargs)
+    assert rel_err(gemv, ref) < TOL[torch.bfloat16]
+    assert torch.equal(gemv, again)  # fixed summation order
+
+
 def test_int32_index():
     check_case(cuda_case(T=20, index_dtype=torch.int32, sentinels=True, dtype=torch.bfloat16, lora=(True, True),
                          rank=8), torch.bfloat16)

@@ -1,14 +1,20 @@
-// Decode GEMV. Launch 1: h[p] = W_gu[e] x[t] (fp32) for every pair p = (t, j). Launch 2:
-// y[p] = W_d[e] act(h[p] + b_gu[e]), the activation fused into the load of the input vector.
-// Launch 3: out[t] = sum_j w[t, j] (y[p] + b_d[e]) in slot order. In launches 1-2 a warp owns
-// kRowsPerWarp output rows; each lane decodes 16-byte units (32 weights) of the packed rows
-// directly and multiplies with the input vector held in shared memory, padded by one float
-// every 32 so that lanes reading different units hit different banks. Rows are reduced by a
-// fixed shuffle tree: results are reproducible.
+// Decode GEMV. Launch 1: h[s, p] = W_gu[e][:, K-split s] x[t] (fp32 partial sums) for every pair
+// p = (t, j) and split s of the input dimension. Launch 2: y[s, p] = W_d[e][:, split s] act(h[p] +
+// b_gu[e]), with the split sums of h and the activation fused into the load of the input vector.
+// Launch 3: out[t] = sum_j w[t, j] (sum_s y[s, p] + b_d[e]) in slot order. Splitting K keeps
+// enough CTAs in flight when one expert's rows are few (mixtral's down projection: 4096 rows of
+// 14336) and bounds the staged input vector to a few KB, so that occupancy does not depend on K.
+// A warp owns kRowsPerWarp output rows of its split; each lane decodes 16-byte units (32 weights)
+// of those rows, all loads of a step in flight before the first decode, and multiplies with the
+// input vector staged in shared memory, padded by 4 floats every 32 so that the 16-byte reads of
+// lanes with different units hit different banks. Sums run in a fixed order: results are
+// reproducible.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "experts_common.cuh"
@@ -21,22 +27,39 @@ constexpr int kGemvThreads = 256;
 constexpr int kGemvWarps = kGemvThreads / 32;
 constexpr int kRowsPerWarp = 4;
 constexpr int64_t kDefaultDecodeMaxPairs = 64;
+// Input-dimension split: about 64 units (2048 weights) per row and split, two steps per row tile.
+constexpr int64_t kSplitUnits = 64;
+constexpr int kPaddedUnitFloats = 36;  // 32 inputs + 4 floats of padding per unit in shared memory
+constexpr int kStagedPerThread = kSplitUnits * 32 / kGemvThreads;
+constexpr int kRowsPerCta = kGemvWarps * kRowsPerWarp;
+constexpr int kPairTableCopies = 16;  // one per lane of a half-warp
 
 bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& gate_up, const PackedStack& down) {
   int64_t max_pairs = kDefaultDecodeMaxPairs;
   if (const char* v = std::getenv("MOEQUANT_DECODE_MAX_PAIRS")) max_pairs = std::atoll(v);
   if (num_pairs == 0 || num_pairs > max_pairs || transposed) return false;
-  // Rows must be whole 16-byte units, and both input vectors must fit in shared memory.
-  const int64_t max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  auto ok = [&](const PackedStack& w) { return w.cols % 32 == 0 && (w.cols + w.cols / 32) * 4 <= max_smem; };
-  return ok(gate_up) && ok(down);
+  // Rows must be whole 16-byte units (32 weights).
+  return gate_up.cols % 32 == 0 && down.cols % 32 == 0;
+}
+
+// How the input dimension K is split: `splits` ranges of `units` 16-byte units each (the last
+// may be shorter).
+struct GemvSplit {
+  int64_t splits, units;
+};
+
+GemvSplit gemv_split(int64_t K) {
+  const int64_t units_per_row = K / 32;
+  const int64_t splits = std::max<int64_t>(1, (units_per_row + kSplitUnits - 1) / kSplitUnits);
+  return {splits, (units_per_row + splits - 1) / splits};
 }
 
 // Input vector element c of the pair: either the token's hidden state, or act(h + bias).
 template <typename in_t, bool kActInput, GatedActivation kAct>
 struct GemvInput {
   const in_t* hidden;      // [T, K]
-  const float* gate_up;    // [P, 2K] (kActInput)
+  const float* gate_up;    // [S, P, 2K] split partial sums (kActInput)
+  int64_t gate_up_splits;  // S
   const float* bias;       // [E, 2K] or null (kActInput)
   bool interleaved;
   float alpha, limit;
@@ -58,95 +81,163 @@ __device__ __forceinline__ float gated_value(float g, float u, float alpha, floa
   }
 }
 
+// The staged input value of element c of the pair's input vector.
 template <typename in_t, bool kActInput, GatedActivation kAct>
-__global__ void __launch_bounds__(kGemvThreads)
-nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax, int64_t N, int64_t K,
-                int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E, int64_t top_k,
-                GemvInput<in_t, kActInput, kAct> in, float* __restrict__ out) {
-  extern __shared__ float xs[];  // K + K/32 floats, element c at c + c/32
-  __shared__ float codebook[16];
-  const int64_t p = blockIdx.y;
-  const int64_t e = pair_expert[p];
-  if (e >= E) return;  // sentinel slot: never read by the combine
-  if (threadIdx.x < 16) codebook[threadIdx.x] = kNF4ValuesDevice[threadIdx.x];
-  for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
-    float v;
-    if constexpr (kActInput) {
-      const int64_t gi = in.interleaved ? 2 * c : c, ui = in.interleaved ? 2 * c + 1 : K + c;
-      float g = in.gate_up[p * 2 * K + gi], u = in.gate_up[p * 2 * K + ui];
-      if (in.bias != nullptr) {
-        g += in.bias[e * 2 * K + gi];
-        u += in.bias[e * 2 * K + ui];
-      }
-      v = gated_value<kAct>(g, u, in.alpha, in.limit);
-    } else {
-      v = to_float(in.hidden[(p / top_k) * K + c]);
+__device__ __forceinline__ float gemv_input(const GemvInput<in_t, kActInput, kAct>& in, int64_t c, int64_t K,
+                                            int64_t p, int64_t P, int64_t e, int64_t top_k) {
+  if constexpr (kActInput) {
+    const int64_t gi = in.interleaved ? 2 * c : c, ui = in.interleaved ? 2 * c + 1 : K + c;
+    float g = 0.0f, u = 0.0f;
+    for (int64_t hs = 0; hs < in.gate_up_splits; ++hs) {  // fixed order: reproducible
+      const float* h = in.gate_up + (hs * P + p) * 2 * K;
+      g += h[gi];
+      u += h[ui];
     }
-    xs[c + c / 32] = v;
-  }
-  __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row0 = (int64_t{blockIdx.x} * kGemvWarps + warp) * kRowsPerWarp;
-  if (row0 >= N) return;
-  const int64_t units_per_row = K / 32;
-  const uint4* units = reinterpret_cast<const uint4*>(packed);
-  float acc[kRowsPerWarp];
-#pragma unroll
-  for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr] = 0.0f;
-  for (int64_t u = lane; u < units_per_row; u += 32) {
-    uint4 bytes[kRowsPerWarp];
-    float amax[kRowsPerWarp];
-#pragma unroll
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) {  // all loads in flight before the first use
-      const int64_t n = row0 + rr < N ? row0 + rr : N - 1;
-      const int64_t unit = (e * N + n) * units_per_row + u;
-      bytes[rr] = units[unit];
-      amax[rr] = absmax[unit >> log2_units_per_block];
+    if (in.bias != nullptr) {
+      g += in.bias[e * 2 * K + gi];
+      u += in.bias[e * 2 * K + ui];
     }
-    const float* x = xs + u * 33;
-#pragma unroll
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-      const uint32_t words[4] = {bytes[rr].x, bytes[rr].y, bytes[rr].z, bytes[rr].w};
-      float s = 0.0f;
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint32_t byte = (words[w] >> (8 * i)) & 0xFFu;
-          s = fmaf(codebook[byte >> 4], x[w * 8 + 2 * i], s);
-          s = fmaf(codebook[byte & 0xFu], x[w * 8 + 2 * i + 1], s);
-        }
-      }
-      acc[rr] = fmaf(s, amax[rr], acc[rr]);  // one scale per 32-element unit
-    }
-  }
-#pragma unroll
-  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-    float v = acc[rr];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0 && row0 + rr < N) out[p * N + row0 + rr] = v;
+    return gated_value<kAct>(g, u, in.alpha, in.limit);
+  } else {
+    return to_float(in.hidden[(p / top_k) * K + c]);
   }
 }
 
-// out[t] = sum_j w[t, j] * (y[p] + b_d[e]) over valid slots, in slot order.
+template <typename in_t, bool kActInput, GatedActivation kAct>
+__global__ void __launch_bounds__(kGemvThreads)
+nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax, int64_t N, int64_t K,
+                int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
+                int64_t top_k, GemvInput<in_t, kActInput, kAct> in, float* __restrict__ out) {
+  extern __shared__ float4 staged[];  // split_units * kPaddedUnitFloats floats
+  // Static, so that its address folds into the LDS instructions' immediate.
+  __shared__ float2 pair_table[256 * kPairTableCopies];
+  const int64_t s = blockIdx.y, p = blockIdx.z, P = gridDim.z;
+  const int64_t e = pair_expert[p];
+  if (e < 0 || e >= E) return;  // sentinel slot (or a negative id, raised on the host): never read
+  const int64_t units_per_row = K / 32;
+  const int64_t unit0 = s * split_units;
+  const int units = static_cast<int>(std::min(split_units, units_per_row - unit0));
+
+  // Byte-pair table: entry (byte b, copy c) at float2 index b * 16 + c holds the two decoded
+  // codes of b (high nibble first). One LDS.64 decodes two weights, and lane l reading copy
+  // l % 16 hits bank pair l % 16 whatever the byte: a half-warp's reads never conflict.
+  for (int j = threadIdx.x; j < 256 * kPairTableCopies; j += kGemvThreads) {
+    const int b = j / kPairTableCopies;
+    pair_table[j] = make_float2(kNF4ValuesDevice[b >> 4], kNF4ValuesDevice[b & 0xF]);
+  }
+  float* xs = reinterpret_cast<float*>(staged);
+#pragma unroll
+  for (int k = 0; k < kStagedPerThread; ++k) {  // unrolled: all input loads in flight at once
+    const int i = k * kGemvThreads + threadIdx.x;
+    if (i < units * 32) xs[i + (i / 32) * (kPaddedUnitFloats - 32)] = gemv_input(in, unit0 * 32 + i, K, p, P, e, top_k);
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t copy_offset = (lane % kPairTableCopies) * sizeof(float2);
+  const uint4* weights = reinterpret_cast<const uint4*>(packed);
+  const int64_t row_tiles = (N + kRowsPerCta - 1) / kRowsPerCta;
+
+  // A warp's work is a sequence of steps (row tile, u0): lane l takes unit u0 + l of its
+  // kRowsPerWarp rows. The next step's loads are issued before this step's decode, so that every
+  // warp keeps a load in flight while it computes (one step per warp was latency-bound).
+  struct Step {
+    int64_t tile;
+    int u0;
+  };
+  auto next_step = [&](Step st) {
+    st.u0 += 32;
+    if (st.u0 >= units) st = {st.tile + gridDim.x, 0};
+    return st;
+  };
+  uint4 bytes[kRowsPerWarp];
+  float amax[kRowsPerWarp];
+  auto load_step = [&](Step st) {
+    if (st.tile >= row_tiles) return;
+    const int u = st.u0 + lane < units ? st.u0 + lane : 0;
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int64_t row = st.tile * kRowsPerCta + warp * kRowsPerWarp + rr;
+      const int64_t unit = (e * N + (row < N ? row : N - 1)) * units_per_row + unit0 + u;
+      bytes[rr] = weights[unit];
+      amax[rr] = absmax[unit >> log2_units_per_block];
+    }
+  };
+  float acc[kRowsPerWarp];
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr] = 0.0f;
+  Step st{blockIdx.x, 0};
+  load_step(st);
+  while (st.tile < row_tiles) {
+    uint4 cur[kRowsPerWarp];
+    float cur_amax[kRowsPerWarp];
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) cur[rr] = bytes[rr], cur_amax[rr] = amax[rr];
+    const Step next = next_step(st);
+    load_step(next);
+    const int u = st.u0 + lane;
+    if (u < units) {
+      const float4* xu = reinterpret_cast<const float4*>(xs) + u * (kPaddedUnitFloats / 4);
+      float sum[kRowsPerWarp];
+#pragma unroll
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) sum[rr] = 0.0f;
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {  // 8 weights per 32-bit word, shared by the rows
+        const float4 xa = xu[2 * w], xb = xu[2 * w + 1];
+        const float x[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+        for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+          const uint32_t word = w == 0 ? cur[rr].x : w == 1 ? cur[rr].y : w == 2 ? cur[rr].z : cur[rr].w;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            // byte i of the word, times the table's row pitch (kPairTableCopies float2s = 128 B)
+            uint32_t offset;
+            asm("lop3.b32 %0, %1, %2, %3, 0xEA;"  // (a & b) | c in one instruction
+                : "=r"(offset)
+                : "r"(i == 0 ? word << 7 : word >> (8 * i - 7)), "n"(0x7F80), "r"(copy_offset));
+            const float2 v = *reinterpret_cast<const float2*>(reinterpret_cast<const char*>(pair_table) + offset);
+            sum[rr] = fmaf(v.x, x[2 * i], sum[rr]);
+            sum[rr] = fmaf(v.y, x[2 * i + 1], sum[rr]);
+          }
+        }
+      }
+#pragma unroll
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr] = fmaf(sum[rr], cur_amax[rr], acc[rr]);  // one scale per unit
+    }
+    if (next.tile != st.tile) {  // the tile's last step: reduce its rows
+      const int64_t row0 = st.tile * kRowsPerCta + warp * kRowsPerWarp;
+#pragma unroll
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+        float v = acc[rr];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0 && row0 + rr < N) out[(s * P + p) * N + row0 + rr] = v;
+        acc[rr] = 0.0f;
+      }
+    }
+    st = next;
+  }
+}
+
+// out[t, c] = sum_j w[t, j] * (sum_s y[s, p, c] + b_d[e, c]) over valid slots, in slot order.
 template <typename out_t>
 __global__ void __launch_bounds__(kGemvThreads)
-decode_combine_kernel(const float* __restrict__ y, const int64_t* __restrict__ pair_expert,
+decode_combine_kernel(const float* __restrict__ y, int64_t y_splits, const int64_t* __restrict__ pair_expert,
                       const float* __restrict__ pair_weights, const float* __restrict__ bias, out_t* __restrict__ out,
-                      int64_t E, int64_t top_k, int64_t H) {
-  const int64_t t = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
-    float acc = 0.0f;
-    for (int64_t j = 0; j < top_k; ++j) {
-      const int64_t p = t * top_k + j, e = pair_expert[p];
-      if (e >= E) continue;
-      float v = y[p * H + c];
-      if (bias != nullptr) v += bias[e * H + c];
-      acc += pair_weights[p] * v;
-    }
-    out[t * H + c] = from_float<out_t>(acc);
+                      int64_t T, int64_t E, int64_t top_k, int64_t H) {
+  const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (i >= T * H) return;
+  const int64_t t = i / H, c = i % H, P = T * top_k;
+  float acc = 0.0f;
+  for (int64_t j = 0; j < top_k; ++j) {
+    const int64_t p = t * top_k + j, e = pair_expert[p];
+    if (e < 0 || e >= E) continue;
+    float v = 0.0f;
+    for (int64_t s = 0; s < y_splits; ++s) v += y[(s * P + p) * H + c];
+    if (bias != nullptr) v += bias[e * H + c];
+    acc += pair_weights[p] * v;
   }
+  out[i] = from_float<out_t>(acc);
 }
 
 template <typename F>
@@ -163,16 +254,20 @@ template <typename KernelT>
 static void launch_gemv(KernelT kernel, const PackedStack& w, const at::Tensor& packed, const at::Tensor& absmax,
                         int64_t num_pairs, const at::Tensor& pair_expert, int64_t top_k, const auto& input,
                         float* out, cudaStream_t stream) {
-  const int64_t smem = (w.cols + w.cols / 32) * static_cast<int64_t>(sizeof(float));
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  const int64_t rows_per_cta = int64_t{kGemvWarps} * kRowsPerWarp;
-  const dim3 grid(static_cast<unsigned>((w.rows + rows_per_cta - 1) / rows_per_cta), static_cast<unsigned>(num_pairs));
+  const GemvSplit split = gemv_split(w.cols);
+  const int smem = static_cast<int>(split.units * kPaddedUnitFloats * sizeof(float));  // + 32 KB static table
+  // One wave: as many CTAs as fit at once, each looping over row tiles of its (split, pair), so
+  // the table and the input vector are built once per CTA.
+  int ctas_per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kGemvThreads, smem));
+  const int64_t resident = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * std::max(ctas_per_sm, 1);
+  const int64_t row_tiles = (w.rows + kRowsPerCta - 1) / kRowsPerCta;
+  const int64_t ctas_x = std::clamp<int64_t>(resident / (split.splits * num_pairs), 1, row_tiles);
+  const dim3 grid(static_cast<unsigned>(ctas_x), static_cast<unsigned>(split.splits), static_cast<unsigned>(num_pairs));
   const int log2_units_per_block = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32));
   kernel<<<grid, kGemvThreads, smem, stream>>>(packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), w.rows,
-                                               w.cols, log2_units_per_block, pair_expert.const_data_ptr<int64_t>(),
-                                               w.experts, top_k, input, out);
+                                               w.cols, split.units, log2_units_per_block,
+                                               pair_expert.const_data_ptr<int64_t>(), w.experts, top_k, input, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -183,37 +278,45 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
   const int64_t T = hidden.size(0), H = hidden.size(1), k = top_k_index.size(1), P = T * k;
   const int64_t E = gate_up.experts, I = down.cols;
   const at::Tensor pair_expert = top_k_index.to(at::kLong).contiguous().view({-1});
-  // The one host sync of this path: a negative expert id must raise, not index out of bounds.
-  TORCH_CHECK(pair_expert.min().item<int64_t>() >= 0,
-              "moequant.experts_forward: top_k_index holds a negative expert id; ids must be in [0, ",
-              std::to_string(E), ") (or >= ", std::to_string(E), " for sentinel slots that contribute zero)");
+  // A negative expert id must raise. Its check is this path's one host sync, taken after the
+  // kernels are queued (they skip such slots), so that the GPU is busy while the host waits.
+  at::Tensor min_id = at::empty({}, pair_expert.options().device(at::kCPU).pinned_memory(true));
+  min_id.copy_(pair_expert.min(), /*non_blocking=*/true);
+  at::cuda::CUDAEvent min_id_ready;
+  min_id_ready.record(at::cuda::getCurrentCUDAStream());
   const at::Tensor gu_packed = contiguous_aligned16(gate_up.packed), gu_absmax = gate_up.absmax.contiguous();
   const at::Tensor d_packed = contiguous_aligned16(down.packed), d_absmax = down.absmax.contiguous();
   const auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor h = at::empty({P, 2 * I}, f32);
-  at::Tensor y = at::empty({P, H}, f32);
+  const int64_t gu_splits = gemv_split(H).splits, d_splits = gemv_split(I).splits;
+  at::Tensor h = at::empty({gu_splits, P, 2 * I}, f32);  // split partial sums
+  at::Tensor y = at::empty({d_splits, P, H}, f32);
   at::Tensor out = at::empty({T, H}, hidden.options());
   auto stream = at::cuda::getCurrentCUDAStream();
   MOEQUANT_DISPATCH_EXPERTS_TYPES(hidden.scalar_type(), "moequant_decode_gemv", [&] {
     using T_ = typename native<scalar_t>::type;
     dispatch_gemv_activation(act.kind, [&](auto kind) {
       constexpr GatedActivation kAct = decltype(kind)::value;
-      const GemvInput<T_, false, kAct> in1{reinterpret_cast<const T_*>(hidden.const_data_ptr()), nullptr, nullptr,
+      const GemvInput<T_, false, kAct> in1{reinterpret_cast<const T_*>(hidden.const_data_ptr()), nullptr, 0, nullptr,
                                            act.interleaved, act.alpha, act.limit};
       launch_gemv(nf4_gemv_kernel<T_, false, kAct>, gate_up, gu_packed, gu_absmax, P, pair_expert, k, in1,
                   h.mutable_data_ptr<float>(), stream);
-      const GemvInput<T_, true, kAct> in2{nullptr, h.const_data_ptr<float>(),
+      const GemvInput<T_, true, kAct> in2{nullptr, h.const_data_ptr<float>(), gu_splits,
                                           gate_up_bias.defined() ? gate_up_bias.const_data_ptr<float>() : nullptr,
                                           act.interleaved, act.alpha, act.limit};
       launch_gemv(nf4_gemv_kernel<T_, true, kAct>, down, d_packed, d_absmax, P, pair_expert, k, in2,
                   y.mutable_data_ptr<float>(), stream);
     });
-    decode_combine_kernel<T_><<<static_cast<unsigned>(T), kGemvThreads, 0, stream>>>(
-        y.const_data_ptr<float>(), pair_expert.const_data_ptr<int64_t>(), pair_weights.const_data_ptr<float>(),
+    const unsigned combine_ctas = static_cast<unsigned>((T * H + kGemvThreads - 1) / kGemvThreads);
+    decode_combine_kernel<T_><<<combine_ctas, kGemvThreads, 0, stream>>>(
+        y.const_data_ptr<float>(), d_splits, pair_expert.const_data_ptr<int64_t>(), pair_weights.const_data_ptr<float>(),
         down_bias.defined() ? down_bias.const_data_ptr<float>() : nullptr, reinterpret_cast<T_*>(out.mutable_data_ptr()),
-        E, k, H);
+        T, E, k, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  min_id_ready.synchronize();
+  TORCH_CHECK(min_id.item<int64_t>() >= 0,
+              "moequant.experts_forward: top_k_index holds a negative expert id; ids must be in [0, ",
+              std::to_string(E), ") (or >= ", std::to_string(E), " for sentinel slots that contribute zero)");
   return out;
 }
 

@@ -22,49 +22,30 @@ struct ChunkExpertIds {
 };
 
 // Dequantizes stored rows [row_begin, row_begin + chunks_per_expert*kElems/K) of the experts in
-// `chunk` into scratch [G, rows, K]; blockIdx.y picks the expert. Each lane decodes 4 packed bytes
-// (2 for fp32) into one 16-byte store and a warp's loads and stores are contiguous, the layout of
-// dequant_expert (nf4_dequant_cuda.cu, same decode_chunk). A chunk never straddles an NF4 block and
-// every slice starts 16-byte aligned (row_begin * K is a multiple of B >= 32). H100, bench_experts
-// T=4096: this layout took qwen3 fwd from 1.20x to 1.03x bf16 over one thread per 16 packed bytes
-// (64-byte stores per thread, ~0.8 TB/s).
-constexpr int kWarpDequantChunks = 8;  // 16-byte output chunks per lane per step
+// `chunk` into scratch [G, rows, K]; blockIdx.y picks the expert, and each warp decodes one tile
+// of the slice with dequant_warp_tile (nf4_dequant.cuh), the layout of dequant_expert. A slice
+// starts on a whole NF4 block (row_begin * K is a multiple of B, and a block never straddles two
+// experts), so the absmax pointer offsets cleanly. H100, bench_experts T=4096: the warp-contiguous
+// layout took qwen3 fwd from 1.20x to 1.03x bf16 over one thread per 16 packed bytes (64-byte
+// stores per thread, ~0.8 TB/s).
+constexpr int kWarpDequantChunks = 8;  // 16-byte output chunks per lane
 
 template <typename T>
 __global__ void __launch_bounds__(kScratchDequantThreads)
 dequant_chunk_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax, T* __restrict__ scratch,
                      const ChunkExpertIds chunk, int64_t matrix_numel, int64_t first_elem, int64_t chunks_per_expert,
                      int log2_chunks_per_block) {
-  using In = std::conditional_t<sizeof(T) == 4, uint16_t, uint32_t>;  // packed bytes of one chunk
   constexpr int kElems = 16 / sizeof(T);
-  constexpr int kTile = 32 * kWarpDequantChunks;
   __shared__ float codebook[16];
   if (threadIdx.x < 16) codebook[threadIdx.x] = kNF4ValuesDevice[threadIdx.x];
   __syncthreads();
   const int64_t e = chunk.ids[blockIdx.y];
   const int64_t src0 = (e * matrix_numel + first_elem) / kElems;  // first chunk of the slice
-  const In* in = reinterpret_cast<const In*>(packed);
-  uint4* dst = reinterpret_cast<uint4*>(scratch) + int64_t{blockIdx.y} * chunks_per_expert;
-  const int lane = threadIdx.x % 32;
   const int64_t warp = (int64_t{blockIdx.x} * kScratchDequantThreads + threadIdx.x) / 32;
-  const int64_t stride = int64_t{gridDim.x} * (kScratchDequantThreads / 32) * kTile;
-  for (int64_t tile = warp * kTile; tile < chunks_per_expert; tile += stride) {
-    uint32_t bytes[kWarpDequantChunks];
-    float amax[kWarpDequantChunks];
-#pragma unroll
-    for (int c = 0; c < kWarpDequantChunks; ++c) {  // all loads in flight before any decode
-      const int64_t g = tile + c * 32 + lane;
-      if (g < chunks_per_expert) {
-        bytes[c] = in[src0 + g];
-        amax[c] = absmax[(src0 + g) >> log2_chunks_per_block];
-      }
-    }
-#pragma unroll
-    for (int c = 0; c < kWarpDequantChunks; ++c) {
-      const int64_t g = tile + c * 32 + lane;
-      if (g < chunks_per_expert) dst[g] = decode_chunk<T>(bytes[c], amax[c], codebook);
-    }
-  }
+  dequant_warp_tile<T, kWarpDequantChunks, /*kStreamingStore=*/false>(
+      reinterpret_cast<const PackedChunk<T>*>(packed) + src0, absmax + (src0 >> log2_chunks_per_block),
+      reinterpret_cast<uint4*>(scratch) + int64_t{blockIdx.y} * chunks_per_expert, warp * 32 * kWarpDequantChunks,
+      chunks_per_expert, log2_chunks_per_block, codebook);
 }
 
 int64_t experts_scratch_bytes(const PackedStack& gate_up, const PackedStack& down) {
@@ -122,9 +103,7 @@ void dequant_chunk(const PackedStack& w, const at::Tensor& packed, const at::Ten
     constexpr int64_t kElems = 16 / sizeof(T);
     const int64_t chunks = elems / kElems;
     constexpr int64_t kPerCta = int64_t{kScratchDequantThreads} * kWarpDequantChunks;
-    const int64_t ctas = std::min<int64_t>(
-        (chunks + kPerCta - 1) / kPerCta,
-        std::max<int64_t>(1, grid_for(chunks * c.count / kWarpDequantChunks, kScratchDequantThreads) / c.count));
+    const int64_t ctas = (chunks + kPerCta - 1) / kPerCta;  // one tile per warp
     const int log2_chunks_per_block = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / kElems));
     dequant_chunk_kernel<T><<<dim3(static_cast<unsigned>(std::max<int64_t>(ctas, 1)), static_cast<unsigned>(c.count)),
                               kScratchDequantThreads, 0, at::cuda::getCurrentCUDAStream()>>>(

@@ -1,12 +1,10 @@
 // CUDA kernel of dequant_expert. The output is split into 16-byte chunks (8 bf16/fp16 values
-// from 4 packed bytes, or 4 fp32 values from 2). A warp handles 32 * CHUNKS consecutive chunks per
-// step, lane l taking chunks l, l + 32, ...: every load and every 16-byte store of the warp is
-// contiguous (a thread-per-16-packed-bytes layout would store 64 bytes per thread, four
-// half-used sectors per store instruction). All loads of a step are issued before any decode.
-// A chunk never straddles an NF4 block (blocksize >= 32), so it needs one absmax. The codebook
-// lives in shared memory: a run-time index into a register array would go to local memory.
-// H100 (benchmarks/bench_nf4.py): 84-89% of a same-run device-to-device copy; 4/8/16 chunks per
-// lane, streaming vs plain stores and prefetching the next tile all landed within 2% of this.
+// from 4 packed bytes, or 4 fp32 values from 2); each warp decodes one tile of 32 * kChunks
+// consecutive chunks (dequant_warp_tile, nf4_dequant.cuh) and the grid covers the whole output,
+// one tile per warp. H200 (.diag sweep of this kernel's variants, same-run copy = 1.0): one tile
+// per warp 0.94-1.0 against 0.87-0.94 for a persistent grid-stride loop over the same tiles;
+// 4/8/16 chunks per lane, 128/256/512 threads, plain stores and TMA bulk stores from shared
+// memory all landed within 1% of the grid-stride loop.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,39 +28,15 @@ constexpr int kDequantThreads = 256;
 
 template <typename T, int CHUNKS>
 __global__ void __launch_bounds__(kDequantThreads)
-dequant_nf4_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                   T* __restrict__ out, int64_t num_chunks, int log2_chunks_per_block) {
-  // Packed bytes per chunk: 4 for 16-bit outputs, 2 for fp32.
-  using In = std::conditional_t<sizeof(T) == 4, uint16_t, uint32_t>;
-  constexpr int kTile = 32 * CHUNKS;
+dequant_nf4_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax, T* __restrict__ out,
+                   int64_t num_chunks, int log2_chunks_per_block) {
   __shared__ float codebook[16];
   if (threadIdx.x < 16) codebook[threadIdx.x] = kNF4ValuesDevice[threadIdx.x];
   __syncthreads();
-
-  const In* in = reinterpret_cast<const In*>(packed);
-  uint4* dst = reinterpret_cast<uint4*>(out);
-  const int lane = threadIdx.x % 32;
   const int64_t warp = (int64_t{blockIdx.x} * kDequantThreads + threadIdx.x) / 32;
-  const int64_t stride = int64_t{gridDim.x} * (kDequantThreads / 32) * kTile;
-  for (int64_t tile = warp * kTile; tile < num_chunks; tile += stride) {
-    uint32_t bytes[CHUNKS];
-    float amax[CHUNKS];
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-      const int64_t g = tile + c * 32 + lane;
-      if (g < num_chunks) {
-        bytes[c] = in[g];
-        amax[c] = absmax[g >> log2_chunks_per_block];
-      }
-    }
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-      const int64_t g = tile + c * 32 + lane;
-      // Streaming (evict-first) stores: the output is not re-read by this kernel; measured
-      // +0.5-1% of copy bandwidth over plain stores on H100.
-      if (g < num_chunks) __stcs(dst + g, decode_chunk<T>(bytes[c], amax[c], codebook));
-    }
-  }
+  dequant_warp_tile<T, CHUNKS, /*kStreamingStore=*/true>(reinterpret_cast<const PackedChunk<T>*>(packed), absmax,
+                                                         reinterpret_cast<uint4*>(out), warp * 32 * CHUNKS, num_chunks,
+                                                         log2_chunks_per_block, codebook);
 }
 
 at::Tensor dequant_expert_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
@@ -85,13 +59,11 @@ at::Tensor dequant_expert_cuda(const at::Tensor& packed, const at::Tensor& absma
     constexpr int kElems = 16 / sizeof(T);  // per chunk
     const int64_t num_chunks = numel / kElems;
     const int log2_chunks_per_block = __builtin_ctzll(static_cast<unsigned long long>(blocksize / kElems));
-    // 8 chunks per lane per step: 8 loads in flight before the first decode (measured 1-2% of
-    // copy bandwidth over 4 on H100; 16 was no better).
+    // 8 chunks per lane: 8 loads in flight before the first decode.
     constexpr int kChunks = 8;
-    auto kernel = dequant_nf4_kernel<T, kChunks>;
     constexpr int64_t kChunksPerCta = int64_t{kDequantThreads} * kChunks;
-    const int64_t grid = persistent_grid(kernel, kDequantThreads, (num_chunks + kChunksPerCta - 1) / kChunksPerCta);
-    kernel<<<grid, kDequantThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    const int64_t grid = (num_chunks + kChunksPerCta - 1) / kChunksPerCta;  // < 2^31 for any stack below 2^44 values
+    dequant_nf4_kernel<T, kChunks><<<grid, kDequantThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         p_ptr, a_ptr, reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>()), num_chunks, log2_chunks_per_block);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -50,22 +50,38 @@ __device__ __forceinline__ float absmax_nan(float m, float x) {
   return r;
 }
 
+// The bin table in shared memory holds kBinCopies interleaved copies: entry (bin, copy c) at
+// byte (bin * kBinCopies + c) * 8. Lane l reads copy l % 16, so the 16 lanes of a half-warp
+// (one LDS.64 wavefront) hit 16 different bank pairs whatever their bins; with one copy, bins b
+// and b + 16 (x near -0.5 and +0.5, common) collide.
+constexpr int kBinCopies = 16;
+
+// Where a lane reads the bin table: the table (warp-uniform) and the lane's copy offset in bytes.
+struct BinTableView {
+  const char* table;
+  uint32_t copy_offset;
+};
+
 // Exact code of x = w * scale when the block's absmax is finite (then |x| <= 1 + 2^-20).
-__device__ __forceinline__ uint32_t encode_finite(float x, const NF4Bin* bins) {
-  const uint32_t bin = __float_as_uint(__fmaf_rn(x, 128.0f, kNF4BinMagic)) & 63u;
-  const NF4Bin e = bins[bin];
+__device__ __forceinline__ uint32_t encode_finite(float x, BinTableView bins) {
+  // Byte offset bin * kBinCopies * 8 | copy offset (< 128): one shift and one LOP3.
+  uint32_t offset;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;"  // (a & b) | c
+      : "=r"(offset)
+      : "r"(__float_as_uint(__fmaf_rn(x, 128.0f, kNF4BinMagic)) << 7), "n"(63u << 7), "r"(bins.copy_offset));
+  const NF4Bin e = *reinterpret_cast<const NF4Bin*>(bins.table + offset);
   return e.base + (x > e.thr ? 1u : 0u);
 }
 
 template <bool kFinite>
-__device__ __forceinline__ uint32_t encode(float x, const NF4Bin* bins) {
+__device__ __forceinline__ uint32_t encode(float x, BinTableView bins) {
   if constexpr (kFinite) return encode_finite(x, bins);
   else return nf4_encode(x);
 }
 
 // Packs the codes of one chunk into a little-endian word: element 2i in the high nibble of byte i.
 template <bool kFinite, typename T>
-__device__ __forceinline__ uint32_t encode_chunk(const Chunk8<T>& c, float scale, const NF4Bin* bins) {
+__device__ __forceinline__ uint32_t encode_chunk(const Chunk8<T>& c, float scale, BinTableView bins) {
   uint32_t word = 0;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -83,14 +99,19 @@ template <typename T, int LANES, int CHUNKS, int BATCH>
 __global__ void __launch_bounds__(kQuantizeThreads)
 quantize_nf4_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed,
                     float* __restrict__ absmax, int64_t num_blocks) {
+  static_assert(kBinCopies * sizeof(NF4Bin) == 128, "encode_finite shifts bins by 7 bits");
   static_assert(32 % LANES == 0 && CHUNKS % BATCH == 0);
   constexpr int kGroupsPerWarp = 32 / LANES;
   constexpr int64_t kBlock = int64_t{LANES} * CHUNKS * 8;
   constexpr bool kOnePass = BATCH == CHUNKS;
 
-  __shared__ NF4Bin bins[kNF4Bins];
-  for (int i = threadIdx.x; i < kNF4Bins; i += blockDim.x) bins[i] = kNF4BinTableDevice.bins[i];
+  __shared__ NF4Bin bin_table[kNF4Bins * kBinCopies];
+  for (int i = threadIdx.x; i < kNF4Bins * kBinCopies; i += blockDim.x) {
+    bin_table[i] = kNF4BinTableDevice.bins[i / kBinCopies];
+  }
   __syncthreads();
+  const BinTableView bins{reinterpret_cast<const char*>(bin_table),
+                          static_cast<uint32_t>(threadIdx.x % kBinCopies * sizeof(NF4Bin))};
 
   const int lane = threadIdx.x % LANES;
   const int group = (threadIdx.x % 32) / LANES;
@@ -166,10 +187,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& weight, i
     uint8_t* pp = packed.mutable_data_ptr<uint8_t>();
     float* ap = absmax.mutable_data_ptr<float>();
     switch (blocksize) {
-      case 32: launch_quantize<T, 4, 1>(wp, pp, ap, num_blocks); break;
-      case 64: launch_quantize<T, 8, 1>(wp, pp, ap, num_blocks); break;
-      case 128: launch_quantize<T, 16, 1>(wp, pp, ap, num_blocks); break;
-      case 256: launch_quantize<T, 32, 1>(wp, pp, ap, num_blocks); break;
+      case 32: launch_quantize<T, 2, 2>(wp, pp, ap, num_blocks); break;
+      case 64: launch_quantize<T, 4, 2>(wp, pp, ap, num_blocks); break;
+      case 128: launch_quantize<T, 8, 2>(wp, pp, ap, num_blocks); break;
+      case 256: launch_quantize<T, 16, 2>(wp, pp, ap, num_blocks); break;
       case 512: launch_quantize<T, 32, 2>(wp, pp, ap, num_blocks); break;
       case 1024: launch_quantize<T, 32, 4>(wp, pp, ap, num_blocks); break;
       case 2048: launch_quantize<T, 32, 8, 4>(wp, pp, ap, num_blocks); break;
