@@ -56,7 +56,7 @@ template <typename T>
 using PackedChunk = std::conditional_t<sizeof(T) == 4, uint16_t, uint32_t>;
 
 // Packed bytes are read once: no L1 allocation, and a 256-byte L2 prefetch per request (H200,
-// .diag sweep: +0.5-1% of copy bandwidth).
+// benchmarks/nf4_dequant_variants.cu: +0.5-1% of copy bandwidth).
 __device__ __forceinline__ uint32_t load_packed(const uint32_t* p) {
   uint32_t v;
   asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(v) : "l"(p));
