@@ -13,6 +13,8 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+# Standalone CUDA benchmarks (no torch), compiled with the same flags.
+BENCH_SOURCES = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.cu")))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -28,7 +30,7 @@ def test_cuda_sources_compile(tmp_path):
         return src, r.returncode, r.stderr[-3000:]
 
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(compile_one, CUDA_SOURCES))
+        results = list(pool.map(compile_one, CUDA_SOURCES + BENCH_SOURCES))
     failures = [f"{src}:\n{err}" for src, rc, err in results if rc != 0]
     assert not failures, "\n\n".join(failures)
     # The CUDA registrations compile too (plain C++ that names the CUDA kernels).
@@ -36,4 +38,4 @@ def test_cuda_sources_compile(tmp_path):
                           *[f"-I{p}" for p in includes], os.path.join(ROOT, "ops", "register_cuda.cpp")],
                          capture_output=True, text=True)
     assert reg.returncode == 0, reg.stderr[-3000:]
-    assert len(CUDA_SOURCES) >= 2
+    assert len(CUDA_SOURCES) >= 2 and BENCH_SOURCES
