@@ -32,9 +32,9 @@ inline int64_t grid_for(int64_t work_items, int threads) {
 
 // Enough CTAs to fill every SM once at the kernel's occupancy (the loop strides over the rest).
 template <typename Kernel>
-inline int64_t persistent_grid(Kernel kernel, int threads, int64_t ctas_needed) {
+inline int64_t persistent_grid(Kernel kernel, int threads, int64_t ctas_needed, int dynamic_smem = 0) {
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, dynamic_smem));
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return std::max<int64_t>(1, std::min<int64_t>(ctas_needed, int64_t{sms} * std::max(per_sm, 1)));
 }

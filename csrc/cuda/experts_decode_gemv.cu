@@ -258,11 +258,9 @@ static void launch_gemv(KernelT kernel, const PackedStack& w, const at::Tensor& 
   const int smem = static_cast<int>(split.units * kPaddedUnitFloats * sizeof(float));  // + 32 KB static table
   // One wave: as many CTAs as fit at once, each looping over row tiles of its (split, pair), so
   // the table and the input vector are built once per CTA.
-  int ctas_per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kGemvThreads, smem));
-  const int64_t resident = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * std::max(ctas_per_sm, 1);
   const int64_t row_tiles = (w.rows + kRowsPerCta - 1) / kRowsPerCta;
-  const int64_t ctas_x = std::clamp<int64_t>(resident / (split.splits * num_pairs), 1, row_tiles);
+  const int64_t ctas = persistent_grid(kernel, kGemvThreads, row_tiles * split.splits * num_pairs, smem);
+  const int64_t ctas_x = std::clamp<int64_t>(ctas / (split.splits * num_pairs), 1, row_tiles);
   const dim3 grid(static_cast<unsigned>(ctas_x), static_cast<unsigned>(split.splits), static_cast<unsigned>(num_pairs));
   const int log2_units_per_block = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32));
   kernel<<<grid, kGemvThreads, smem, stream>>>(packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), w.rows,
