@@ -8,7 +8,7 @@ projections; the transient peak (max_memory_allocated minus what was resident be
 and ratios moequant / baseline. Timing: CUDA events around each call after warm-up, median.
 
     python benchmarks/bench_experts.py [--shapes qwen3_30b_a3b,...] [--tokens 1,8,256,4096,16384]
-        [--reps 10] [--no-lora] [--out benchmarks/results/bench_experts-<device>.json]
+        [--reps 10] [--no-lora] [--compare-rungs] [--out benchmarks/results/bench_experts-<device>.json]
 """
 
 from __future__ import annotations
@@ -133,7 +133,23 @@ def measure(fwd, x, grad, reps):
     }
 
 
-def bench_shape(name, tokens, reps, rows, device, with_lora=True):
+def with_fused_gemm(mode, fn):
+    """fn with MOEQUANT_EXPERTS_FUSED_GEMM=mode ("0": rung (a) only, "1": the fused kernel wherever
+    the shapes allow); the kernels read it on every call."""
+    def run(*a):
+        old = os.environ.get("MOEQUANT_EXPERTS_FUSED_GEMM")
+        os.environ["MOEQUANT_EXPERTS_FUSED_GEMM"] = mode
+        try:
+            return fn(*a)
+        finally:
+            if old is None:
+                del os.environ["MOEQUANT_EXPERTS_FUSED_GEMM"]
+            else:
+                os.environ["MOEQUANT_EXPERTS_FUSED_GEMM"] = old
+    return run
+
+
+def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=False):
     H, I, E, k = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
     experts = build_bf16_experts(H, I, E, k, device)
@@ -165,6 +181,9 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True):
         try:
             results["moequant"] = measure(mq({}), x, grad, reps)
             results["bf16_grouped_mm"] = measure(lambda xx: experts(xx, idx, w), x, grad, reps)
+            if compare_rungs:
+                results["moequant_rung_a"] = measure(with_fused_gemm("0", mq({})), x, grad, reps)
+                results["moequant_rung_b"] = measure(with_fused_gemm("1", mq({})), x, grad, reps)
             if with_lora:
                 results["moequant_lora"] = measure(mq(lora), x, grad, reps)
                 if peft_model is None:
@@ -186,6 +205,14 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True):
                 f" | nograd {m['fwd_nograd_ms']:8.3f} vs {base['fwd_nograd_ms']:8.3f}"
                 f" ({ratio['fwd_nograd_vs_bf16']:.2f}x)"
                 f" | f+b {m['fwd_bwd_ms']:8.3f} vs {base['fwd_bwd_ms']:8.3f} ({ratio['fwd_bwd_vs_bf16']:.2f}x)")
+        if compare_rungs:
+            ra, rb = results["moequant_rung_a"], results["moequant_rung_b"]
+            for rung, rr in (("a", ra), ("b", rb)):
+                ratio[f"rung_{rung}_fwd_nograd_vs_bf16"] = rr["fwd_nograd_ms"] / base["fwd_nograd_ms"]
+                ratio[f"rung_{rung}_fwd_bwd_vs_bf16"] = rr["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+            line += (f" | rung a/b nograd {ratio['rung_a_fwd_nograd_vs_bf16']:.2f}/"
+                     f"{ratio['rung_b_fwd_nograd_vs_bf16']:.2f}x f+b {ratio['rung_a_fwd_bwd_vs_bf16']:.2f}/"
+                     f"{ratio['rung_b_fwd_bwd_vs_bf16']:.2f}x")
         if with_lora:
             ml, peft = results["moequant_lora"], results["peft_lora_bf16"]
             ratio.update(lora_fwd_bwd_vs_bf16=ml["fwd_bwd_ms"] / base["fwd_bwd_ms"],
@@ -210,6 +237,8 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-lora", action="store_true", help="skip moequant LoRA and the PEFT baseline")
+    ap.add_argument("--compare-rungs", action="store_true",
+                    help="also time rung (a) (dequant scratch + grouped_mm) and rung (b) (fused NF4 GEMM) forced")
     args = ap.parse_args()
     import peft
     import transformers
@@ -224,7 +253,8 @@ def main():
                 peft=peft.__version__, python=platform.python_version(), command=" ".join(sys.argv),
                 rank=RANK, timing="CUDA events, 3 warm-ups, median of --reps", rows=rows)
     for name in args.shapes.split(","):
-        bench_shape(name, [int(t) for t in args.tokens.split(",")], args.reps, rows, device, not args.no_lora)
+        bench_shape(name, [int(t) for t in args.tokens.split(",")], args.reps, rows, device, not args.no_lora,
+                    args.compare_rungs)
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
         with open(out_path, "w") as f:
             json.dump(meta, f, indent=1)

@@ -169,9 +169,56 @@ def test_row_sliced_scratch(dtype, transposed, env):
     # are whole multiples of 128 rows: 4 for gate_up [512, 256], 2 for down [256, 256]).
     env("MOEQUANT_EXPERTS_SCRATCH_BYTES", "8192")
     env("MOEQUANT_DECODE_MAX_PAIRS", "0")
+    env("MOEQUANT_EXPERTS_FUSED_GEMM", "0")  # the scratch path under test
     case = cuda_case(T=30, H=256, I=256, E=4, k=2, dtype=dtype, transposed=transposed, lora=(True, True), rank=8,
                      bias=True)
     check_case(case, dtype)
+
+
+def cuda_kernel_names(fn):
+    """Names of the CUDA kernels fn() launches, or None where the profiler sees none at all (CUPTI
+    is unavailable, e.g. under compute-sanitizer): the numeric checks in fn still run."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    return names or None
+
+
+def ran_fused_gemm(names):
+    return names is None or any("nf4_gemm_" in n for n in names)
+
+
+# E=4, k=2 with H=192, I=64: every product of forward and backward qualifies for the fused kernel
+# (input dims 64/128/192, output dims 64/128/192, so column tiles of 128 end part-filled), and the
+# mean rows per expert T/2 pick each row-tile height: 16, 32, 64, 128.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
+@pytest.mark.parametrize("T", [3, 40, 100, 300])
+def test_fused_nf4_gemm(dtype, transposed, T, env):
+    env("MOEQUANT_DECODE_MAX_PAIRS", "0")
+    env("MOEQUANT_EXPERTS_FUSED_GEMM", "1")
+    case = cuda_case(T=T, H=192, I=64, E=4, k=2, dtype=dtype, transposed=transposed, bias=True,
+                     lora=(True, True), rank=8, routing="skewed" if T == 100 else "uniform", sentinels=T == 40)
+    names = cuda_kernel_names(lambda: check_case(case, dtype))
+    assert ran_fused_gemm(names), sorted(names)
+    out_b = ops.experts_forward(*[a.detach() for a in case.args()], **case.kwargs)
+    assert torch.equal(out_b, ops.experts_forward(*[a.detach() for a in case.args()], **case.kwargs))
+    env("MOEQUANT_EXPERTS_FUSED_GEMM", "0")
+    names = cuda_kernel_names(lambda: ops.experts_forward(*[a.detach() for a in case.args()], **case.kwargs))
+    assert names is None or not any("nf4_gemm_" in n for n in names)
+    out_a = ops.experts_forward(*[a.detach() for a in case.args()], **case.kwargs)
+    # Same decoded weights, fp32 accumulation in another order: agreement far inside the tolerance.
+    assert rel_err(out_b, out_a) < TOL[dtype] / 4, rel_err(out_b, out_a)
+
+
+@pytest.mark.parametrize("blocksize", [32, 256])
+def test_fused_nf4_gemm_blocksizes(blocksize, env):
+    env("MOEQUANT_DECODE_MAX_PAIRS", "0")
+    env("MOEQUANT_EXPERTS_FUSED_GEMM", "1")
+    case = cuda_case(T=50, H=256, I=128, E=3, k=2, dtype=torch.bfloat16, blocksize=blocksize)
+    names = cuda_kernel_names(lambda: check_case(case, torch.bfloat16))
+    assert ran_fused_gemm(names), sorted(names)
 
 
 def test_blocksize_32_and_odd_shapes():

@@ -1,7 +1,8 @@
-// CUDA kernels of experts_forward, _experts_forward_train and experts_backward (rung (a) of
-// DESIGN.md §4, plus the decode GEMV for few rows): route pairs by expert, gather rows, products
-// with the packed stacks through bounded dequant scratch, fused bias/activation, LoRA as
-// low-rank per-expert products in the same routing order, and a deterministic combine.
+// CUDA kernels of experts_forward, _experts_forward_train and experts_backward (rungs (a) and (b)
+// of DESIGN.md §4 behind packed_stack_gemm, plus the decode GEMV for few rows): route pairs by
+// expert, gather rows, products with the packed stacks (fused NF4 GEMM, or bounded dequant
+// scratch + grouped GEMM), fused bias/activation, LoRA as low-rank per-expert products in the
+// same routing order, and a deterministic combine.
 //
 // Backward, per routed row (t, j) of expert e with weight w and gate_up output h:
 //   z      = g[t] @ Wd_eff[e]                  (unweighted; Wd_eff includes the down LoRA)

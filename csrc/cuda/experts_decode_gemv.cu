@@ -32,7 +32,6 @@ constexpr int64_t kSplitUnits = 64;
 constexpr int kPaddedUnitFloats = 36;  // 32 inputs + 4 floats of padding per unit in shared memory
 constexpr int kStagedPerThread = kSplitUnits * 32 / kGemvThreads;
 constexpr int kRowsPerCta = kGemvWarps * kRowsPerWarp;
-constexpr int kPairTableCopies = 16;  // one per lane of a half-warp
 
 bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& gate_up, const PackedStack& down) {
   int64_t max_pairs = kDefaultDecodeMaxPairs;
@@ -110,7 +109,7 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ ab
                 int64_t top_k, GemvInput<in_t, kActInput, kAct> in, float* __restrict__ out) {
   extern __shared__ float4 staged[];  // split_units * kPaddedUnitFloats floats
   // Static, so that its address folds into the LDS instructions' immediate.
-  __shared__ float2 pair_table[256 * kPairTableCopies];
+  __shared__ float2 pair_table[kNF4PairTableEntries];
   const int64_t s = blockIdx.y, p = blockIdx.z, P = gridDim.z;
   const int64_t e = pair_expert[p];
   if (e < 0 || e >= E) return;  // sentinel slot (or a negative id, raised on the host): never read
@@ -118,13 +117,7 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ ab
   const int64_t unit0 = s * split_units;
   const int units = static_cast<int>(std::min(split_units, units_per_row - unit0));
 
-  // Byte-pair table: entry (byte b, copy c) at float2 index b * 16 + c holds the two decoded
-  // codes of b (high nibble first). One LDS.64 decodes two weights, and lane l reading copy
-  // l % 16 hits bank pair l % 16 whatever the byte: a half-warp's reads never conflict.
-  for (int j = threadIdx.x; j < 256 * kPairTableCopies; j += kGemvThreads) {
-    const int b = j / kPairTableCopies;
-    pair_table[j] = make_float2(kNF4ValuesDevice[b >> 4], kNF4ValuesDevice[b & 0xF]);
-  }
+  fill_nf4_pair_table(pair_table);  // one LDS.64 decodes two weights, conflict-free
   float* xs = reinterpret_cast<float*>(staged);
 #pragma unroll
   for (int k = 0; k < kStagedPerThread; ++k) {  // unrolled: all input loads in flight at once
@@ -134,7 +127,7 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ ab
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint32_t copy_offset = (lane % kPairTableCopies) * sizeof(float2);
+  const uint32_t copy_offset = nf4_pair_table_lane_offset();
   const uint4* weights = reinterpret_cast<const uint4*>(packed);
   const int64_t row_tiles = (N + kRowsPerCta - 1) / kRowsPerCta;
 
@@ -190,12 +183,7 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ ab
           const uint32_t word = w == 0 ? cur[rr].x : w == 1 ? cur[rr].y : w == 2 ? cur[rr].z : cur[rr].w;
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            // byte i of the word, times the table's row pitch (kPairTableCopies float2s = 128 B)
-            uint32_t offset;
-            asm("lop3.b32 %0, %1, %2, %3, 0xEA;"  // (a & b) | c in one instruction
-                : "=r"(offset)
-                : "r"(i == 0 ? word << 7 : word >> (8 * i - 7)), "n"(0x7F80), "r"(copy_offset));
-            const float2 v = *reinterpret_cast<const float2*>(reinterpret_cast<const char*>(pair_table) + offset);
+            const float2 v = nf4_pair_lookup(pair_table, word, i, copy_offset);
             sum[rr] = fmaf(v.x, x[2 * i], sum[rr]);
             sum[rr] = fmaf(v.y, x[2 * i + 1], sum[rr]);
           }

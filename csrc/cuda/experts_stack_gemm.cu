@@ -8,6 +8,7 @@
 
 #include "experts_common.cuh"
 #include "experts_grouped_gemm.cuh"
+#include "experts_nf4_gemm.cuh"
 #include "experts_stack_gemm.cuh"
 #include "nf4_dequant.cuh"
 
@@ -127,6 +128,10 @@ void packed_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack&
   if (r.num_rows == 0 || out_dim == 0) return;
   if (in_dim == 0) {
     out.zero_();
+    return;
+  }
+  if (nf4_grouped_gemm_applies(in, w, transpose_stored, r)) {  // rung (b): no scratch at all
+    nf4_grouped_gemm(in, out, w, transpose_stored, r);
     return;
   }
   const at::Tensor packed = contiguous_aligned16(w.packed);

@@ -1,7 +1,8 @@
-// Rung (a) of DESIGN.md §4: products with a packed NF4 expert stack, computed chunk by chunk.
-// Each chunk of experts (or a row slice of one expert too large for the budget) is dequantized
-// into a bounded scratch buffer, then multiplied with torch._grouped_mm (bf16, sm90) or cuBLAS.
-// Only experts that received rows are dequantized.
+// Products with a packed NF4 expert stack. Few rows per expert (bf16/fp16): rung (b), the fused
+// NF4 GEMM (experts_nf4_gemm.cuh). Otherwise rung (a) of DESIGN.md §4, chunk by chunk: each
+// chunk of experts (or a row slice of one expert too large for the budget) is dequantized into a
+// bounded scratch buffer, then multiplied with torch._grouped_mm (bf16, sm90) or cuBLAS. Only
+// experts that received rows are dequantized.
 #pragma once
 
 #include <ATen/ATen.h>

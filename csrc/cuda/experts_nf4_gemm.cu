@@ -1,0 +1,489 @@
+// Fused NF4 grouped GEMM (rung (b)): out[rows of e] = in[rows of e] @ M_e with M_e the stored
+// matrix S_e of the packed stack ([N, K], M_e = S_e^T) or S_e itself ([K, N]), decoded on the fly.
+//
+// A CTA owns BM routing-order rows of one expert times BN output columns and walks the input
+// dimension in k-tiles of 64: the rows of `in` stream through a cp.async ring in shared memory,
+// the weights are decoded with a conflict-free byte -> two-value table (nf4_dequant.cuh) into
+// the compute dtype, exactly as dequant_expert rounds them, and multiplied on the tensor cores
+// (mma.sync m16n8k16, fp32 accumulation). Weights are read once, as 4-bit; nothing dequantized
+// reaches global memory. Each output element is owned by one thread and summed in a fixed order:
+// results are deterministic. Two kernels, one per stored orientation (see each).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "experts_common.cuh"
+#include "experts_nf4_gemm.cuh"
+#include "nf4_dequant.cuh"
+
+namespace moequant {
+namespace {
+
+constexpr int kTileK = 64;          // input-dimension elements per k-tile
+constexpr int kChunkWeights = 32;   // NF4 codes per 16-byte packed chunk
+constexpr int kStages = 4;          // cp.async ring of k-tiles: kStages - 1 in flight
+
+// Rows [row_begin, min(row_begin + BM, row_end)) of `expert`, in routing order.
+struct alignas(16) RowTile {
+  int32_t expert, row_begin, row_end, unused;
+};
+
+// A CTA tile: BM rows x BN columns, kWarps warps side by side along the columns (each warp owns
+// WN columns and all BM rows, so each weight is decoded once per CTA).
+template <int BM_, int kWarps_, int WN_>
+struct TileShape {
+  static constexpr int BM = BM_, kWarps = kWarps_, WN = WN_, BN = kWarps * WN;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int MI = BM / 16, NI = WN / 8;  // mma tiles per warp
+  static constexpr int kSmemA = BM * kTileK * 2;   // rows of `in` per stage
+  static_assert(BM % 16 == 0 && WN % 16 == 0 && BN % 64 == 0, "whole ldmatrix blocks and swizzle rows");
+};
+
+// Byte offset of 16-byte chunk `c` of row `r` in a tile of `chunks_per_row` chunks (a multiple of
+// 8): the chunk's low 3 bits are XOR-ed with the row's, so the same chunk of 8 consecutive rows
+// lands in 8 different bank groups.
+__device__ __forceinline__ uint32_t swizzle(int r, int c, int chunks_per_row) {
+  return static_cast<uint32_t>((r * chunks_per_row + (c ^ (r & 7))) * 16);
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Global -> shared copies that bypass the registers; zero-filled when !valid.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// 8 packed bytes, read once (no L1 allocation).
+__device__ __forceinline__ uint2 load_packed8(const uint8_t* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+}
+
+// d += a (16x16, row-major fragments) * b (16x8, column-major fragments), fp32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two weights of one byte (codes times the block's absmax, as dequant_expert rounds them).
+template <typename T>
+__device__ __forceinline__ uint32_t decode_byte(const float2* table, uint32_t word, int i, uint32_t lane_offset,
+                                                float scale) {
+  const float2 v = nf4_pair_lookup(table, word, i, lane_offset);
+  return pack2<T>(__fmul_rn(v.x, scale), __fmul_rn(v.y, scale));
+}
+
+// What both kernels share: the CTA's tile, its A (rows of `in`) ring and the fp32 accumulators.
+template <typename T, class S>
+struct CtaTile {
+  int64_t n0, row0, w0;  // first output column, first routing-order row, first element of the expert
+  int rows;              // valid rows of the tile (<= BM)
+  __device__ CtaTile(const RowTile* tiles, int n_tiles, int64_t N, int64_t K) {
+    const RowTile t = tiles[blockIdx.x / n_tiles];
+    n0 = int64_t{blockIdx.x % n_tiles} * S::BN;
+    row0 = t.row_begin;
+    rows = min(S::BM, t.row_end - t.row_begin);
+    w0 = int64_t{t.expert} * N * K;
+  }
+};
+
+template <typename T, class S>
+__device__ __forceinline__ void store_tile(const float (&acc)[S::MI][S::NI][4], const CtaTile<T, S>& ct, T* out,
+                                           int64_t N, int wn0, int lane) {
+#pragma unroll
+  for (int mi = 0; mi < S::MI; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < S::NI; ++ni) {
+      const int64_t col = ct.n0 + wn0 + ni * 8 + 2 * (lane % 4);
+      if (col >= N) continue;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = mi * 16 + lane / 4 + 8 * h;
+        if (r < ct.rows) {
+          *reinterpret_cast<uint32_t*>(out + (ct.row0 + r) * N + col) =
+              pack2<T>(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+        }
+      }
+    }
+  }
+}
+
+// A fragments of k16 step `ks` for all MI row blocks, from a swizzled [BM][kTileK] stage.
+template <class S>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&a)[S::MI][4], uint32_t a_base, int ks, int lane) {
+#pragma unroll
+  for (int mi = 0; mi < S::MI; ++mi) {
+    ldmatrix_x4<false>(a[mi], a_base + swizzle(mi * 16 + (lane & 15), ks * 2 + (lane >> 4), 8));
+  }
+}
+
+// Stored S_e = [N, K] (weight rows are output features; the forward of the standard layout). Each
+// lane decodes its mma B fragments straight from 8 packed bytes it loads itself, never through
+// shared memory. The fragment of lane (g, q) = (lane / 4, lane % 4) for the k16 step ks holds
+// k-pairs q and q + 4 of that step; the kernel lets that slot stand for the input pair 8q + 2ks
+// (+1), so that a lane's 8 slots of a k-tile are the 8 contiguous bytes [8q, 8q + 8) of its row's
+// 32-byte k-tile segment (one 8-byte load, the quad's 32 bytes one sector), and permutes the input
+// rows the same way as they land in shared memory (4-byte cp.async): pair p of a row goes to
+// chunk p % 8, slot p / 8. Sums over k do not care about the order.
+template <typename T, class S>
+__global__ void __launch_bounds__(S::kThreads)
+nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
+                   const float* __restrict__ absmax, const RowTile* __restrict__ tiles, int64_t N, int64_t K,
+                   int n_tiles, int log2_blocksize) {
+  extern __shared__ __align__(16) uint8_t a_stages[];  // kStages x [BM][kTileK], swizzled and permuted
+  __shared__ float2 pair_table[kNF4PairTableEntries];
+  fill_nf4_pair_table(pair_table);
+  const CtaTile<T, S> ct(tiles, n_tiles, N, K);
+  const T* const in_rows = in + ct.row0 * K;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wn0 = warp * S::WN;
+  const uint32_t lane_offset = nf4_pair_table_lane_offset();
+
+  // A warp copies whole rows of a k-tile (32 pairs, one per lane): lane l moves pair l of rows
+  // warp + i * kWarps to chunk l % 8, slot l / 8. Rows past the tile's end are zero-filled.
+  // Addresses are set up once: the swizzle of row r only depends on r & 7, which is warp & 7
+  // xor (i * kWarps) & 7, a compile-time 0 or 4 per i.
+  static_assert(S::BM % S::kWarps == 0 && S::BM / S::kWarps <= 32, "every warp copies the same rows");
+  const T* const a_src = in_rows + warp * K + 2 * lane;
+  const int64_t a_row_step = int64_t{S::kWarps} * K;
+  const uint32_t a_dst[2] = {swizzle(warp & 7, lane % 8, 8) - (warp & 7) * 128 + (lane / 8) * 4,
+                             swizzle((warp & 7) ^ 4, lane % 8, 8) - ((warp & 7) ^ 4) * 128 + (lane / 8) * 4};
+  uint32_t a_rows_valid = 0;
+#pragma unroll
+  for (int i = 0; i < S::BM / S::kWarps; ++i) a_rows_valid |= uint32_t{warp + i * S::kWarps < ct.rows} << i;
+  auto load_a = [&](int slot, int64_t k0) {
+    const uint32_t stage = smem_addr(a_stages + slot * S::kSmemA) + warp * 128;
+    const T* src = a_src + k0;
+#pragma unroll
+    for (int i = 0; i < S::BM / S::kWarps; ++i, src += a_row_step) {
+      const uint32_t dst = stage + i * S::kWarps * 128 + a_dst[(i * S::kWarps / 4) & 1];
+      const bool valid = (a_rows_valid >> i) & 1u;
+      cp_async4(dst, valid ? src : in, valid);  // a zero-fill still names a valid address
+    }
+  };
+  // This lane's packed bytes and absmax of one k-tile, for each of its NI n8 blocks: 16 codes
+  // from element row_elem[j] + k0 of the stack (-1: a column past N, never stored).
+  int64_t row_elem[S::NI];
+#pragma unroll
+  for (int j = 0; j < S::NI; ++j) {
+    const int64_t n = ct.n0 + wn0 + 8 * j + lane / 4;
+    row_elem[j] = n < N ? ct.w0 + n * K + 16 * (lane % 4) : -1;
+  }
+  struct Codes {
+    uint2 bytes[S::NI];
+    float scale[S::NI];
+  };
+  auto load_b = [&](Codes& c, int64_t k0) {
+#pragma unroll
+    for (int j = 0; j < S::NI; ++j) {
+      c.bytes[j] = make_uint2(0, 0);
+      c.scale[j] = 0.0f;
+      if (row_elem[j] >= 0) {
+        const int64_t elem = row_elem[j] + k0;
+        c.bytes[j] = load_packed8(packed + elem / 2);
+        c.scale[j] = __ldg(absmax + (elem >> log2_blocksize));
+      }
+    }
+  };
+
+  float acc[S::MI][S::NI][4] = {};
+  auto compute = [&](int slot, const Codes& c) {
+    const uint32_t a_base = smem_addr(a_stages + slot * S::kSmemA);
+#pragma unroll
+    for (int ks = 0; ks < kTileK / 16; ++ks) {
+      uint32_t a[S::MI][4];
+      load_a_fragments<S>(a, a_base, ks, lane);
+#pragma unroll
+      for (int j = 0; j < S::NI; ++j) {
+        const uint32_t word = ks < 2 ? c.bytes[j].x : c.bytes[j].y;
+        const uint32_t b0 = decode_byte<T>(pair_table, word, (2 * ks) % 4, lane_offset, c.scale[j]);
+        const uint32_t b1 = decode_byte<T>(pair_table, word, (2 * ks + 1) % 4, lane_offset, c.scale[j]);
+#pragma unroll
+        for (int mi = 0; mi < S::MI; ++mi) mma_16816<T>(acc[mi][j], a[mi], b0, b1);
+      }
+    }
+  };
+
+  const int64_t k_tiles = K / kTileK;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_a(s, s * kTileK);
+    cp_async_commit();
+  }
+  // Packed codes: two register sets, each reloaded two k-tiles ahead once consumed.
+  Codes codes[2];
+  load_b(codes[0], 0);
+  if (k_tiles > 1) load_b(codes[1], kTileK);
+  __syncthreads();  // pair table
+  for (int64_t kt = 0; kt < k_tiles; kt += 2) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int64_t t = kt + u;
+      if (t < k_tiles) {
+        cp_async_wait<kStages - 2>();
+        __syncthreads();  // k-tile t of `in` landed for every thread; slot t - 1 is free
+        const int64_t next = t + kStages - 1;
+        if (next < k_tiles) load_a(static_cast<int>(next % kStages), next * kTileK);
+        cp_async_commit();
+        compute(static_cast<int>(t % kStages), codes[u]);
+        if (t + 2 < k_tiles) load_b(codes[u], (t + 2) * kTileK);
+      }
+    }
+  }
+  store_tile<T, S>(acc, ct, out, N, wn0, lane);
+}
+
+// Stored S_e = [K, N] (weight rows are input features; the backward of the standard layout). A
+// lane's mma fragment pairs two k of one column, which sit in two different packed rows here, so
+// the packed k-tile goes through shared memory: cp.async'd (with its absmax) by the lanes that
+// decode it, decoded into a swizzled [kTileK][BN] tile, read back with ldmatrix.trans.
+template <typename T, class S>
+__global__ void __launch_bounds__(S::kThreads)
+nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
+                   const float* __restrict__ absmax, const RowTile* __restrict__ tiles, int64_t N, int64_t K,
+                   int n_tiles, int log2_blocksize) {
+  constexpr int kParts = S::BN / kChunkWeights;                 // packed chunks per k row
+  constexpr int kChunks = kTileK * kParts;                      // packed chunks per k-tile
+  constexpr int kChunksPerThread = kChunks / S::kThreads;
+  constexpr int kStageBytes = S::kSmemA + kChunks * (16 + 4);   // rows of `in`, codes, absmax
+  constexpr int kRowChunks = S::BN / 8;                         // 16-byte chunks per decoded row
+  static_assert(kChunks % S::kThreads == 0, "every thread decodes the same number of chunks");
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* const stages = smem;                                 // kStages x kStageBytes
+  uint8_t* const decoded = smem + kStages * kStageBytes;        // [kTileK][BN], swizzled
+  __shared__ float2 pair_table[kNF4PairTableEntries];
+  fill_nf4_pair_table(pair_table);
+  const CtaTile<T, S> ct(tiles, n_tiles, N, K);
+  const T* const in_rows = in + ct.row0 * K;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wn0 = warp * S::WN;
+  const uint32_t lane_offset = nf4_pair_table_lane_offset();
+
+  // Chunk i of this thread: k row c / kParts, 32 columns from (c % kParts) * 32.
+  auto chunk_valid = [&](int c) { return ct.n0 + (c % kParts) * kChunkWeights < N; };
+  auto load_stage = [&](int slot, int64_t k0) {
+    uint8_t* const base = stages + slot * kStageBytes;
+    const uint32_t a_dst = smem_addr(base);
+    static_assert(S::BM * 8 % S::kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int i = 0; i < S::BM * 8 / S::kThreads; ++i) {
+      const int c = threadIdx.x + i * S::kThreads, r = c / 8, ch = c % 8;
+      const bool valid = r < ct.rows;
+      cp_async16(a_dst + swizzle(r, ch, 8), valid ? in_rows + r * K + k0 + ch * 8 : in, valid);
+    }
+#pragma unroll
+    for (int i = 0; i < kChunksPerThread; ++i) {
+      const int c = threadIdx.x + i * S::kThreads;
+      if (!chunk_valid(c)) continue;
+      const int64_t elem = ct.w0 + (k0 + c / kParts) * N + ct.n0 + (c % kParts) * kChunkWeights;
+      cp_async16(smem_addr(base + S::kSmemA + c * 16), packed + elem / 2, true);
+      cp_async4(smem_addr(base + S::kSmemA + kChunks * 16 + c * 4), absmax + (elem >> log2_blocksize), true);
+    }
+  };
+  auto decode = [&](int slot) {
+    const uint8_t* const base = stages + slot * kStageBytes;
+#pragma unroll
+    for (int i = 0; i < kChunksPerThread; ++i) {
+      const int c = threadIdx.x + i * S::kThreads;
+      if (!chunk_valid(c)) continue;  // columns past N: whatever is there only reaches masked outputs
+      const uint4 codes = *reinterpret_cast<const uint4*>(base + S::kSmemA + c * 16);
+      const float scale = *reinterpret_cast<const float*>(base + S::kSmemA + kChunks * 16 + c * 4);
+      const uint32_t words[4] = {codes.x, codes.y, codes.z, codes.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        uint32_t v[4];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) v[b] = decode_byte<T>(pair_table, words[q], b, lane_offset, scale);
+        *reinterpret_cast<uint4*>(decoded + swizzle(c / kParts, (c % kParts) * 4 + q, kRowChunks)) =
+            make_uint4(v[0], v[1], v[2], v[3]);
+      }
+    }
+  };
+
+  float acc[S::MI][S::NI][4] = {};
+  auto compute = [&](int slot) {
+    const uint32_t a_base = smem_addr(stages + slot * kStageBytes);
+    const uint32_t b_base = smem_addr(decoded);
+#pragma unroll
+    for (int ks = 0; ks < kTileK / 16; ++ks) {
+      uint32_t a[S::MI][4];
+      load_a_fragments<S>(a, a_base, ks, lane);
+#pragma unroll
+      for (int nj = 0; nj < S::NI / 2; ++nj) {
+        uint32_t r[4];  // (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+        ldmatrix_x4<true>(r, b_base + swizzle(ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                              (wn0 + nj * 16) / 8 + (lane >> 4), kRowChunks));
+#pragma unroll
+        for (int mi = 0; mi < S::MI; ++mi) {
+          mma_16816<T>(acc[mi][2 * nj], a[mi], r[0], r[1]);
+          mma_16816<T>(acc[mi][2 * nj + 1], a[mi], r[2], r[3]);
+        }
+      }
+    }
+  };
+
+  const int64_t k_tiles = K / kTileK;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s * kTileK);
+    cp_async_commit();
+  }
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // k-tile kt landed; everyone is done with `decoded` and slot kt - 1
+    const int64_t next = kt + kStages - 1;
+    if (next < k_tiles) load_stage(static_cast<int>(next % kStages), next * kTileK);
+    cp_async_commit();
+    decode(static_cast<int>(kt % kStages));
+    __syncthreads();
+    compute(static_cast<int>(kt % kStages));
+  }
+  store_tile<T, S>(acc, ct, out, N, wn0, lane);
+}
+
+// Dynamic shared memory of each kernel (the pair table is static).
+template <class S>
+constexpr int nk_smem_bytes() { return kStages * S::kSmemA; }
+template <class S>
+constexpr int kn_smem_bytes() {
+  return kStages * (S::kSmemA + kTileK * S::BN / kChunkWeights * 20) + kTileK * S::BN * 2;
+}
+
+// Row-tile heights, picked by the mean rows per active expert: short tiles keep CTAs from
+// multiplying padding when experts get a handful of rows (decode, T <= 256), tall ones reuse each
+// decoded weight across more rows when they get hundreds.
+using Tile16 = TileShape<16, 4, 32>;
+using Tile32 = TileShape<32, 4, 32>;
+using Tile64 = TileShape<64, 4, 32>;
+using Tile128 = TileShape<128, 8, 16>;
+
+template <typename T, class S>
+void launch(const at::Tensor& in, at::Tensor& out, const PackedStack& w, const at::Tensor& packed,
+            const at::Tensor& absmax, const ExpertsRouting& r, int64_t N, int64_t K, bool transpose_stored) {
+  std::vector<RowTile> host_tiles;
+  for (const int32_t e : r.active_experts) {
+    const int64_t end = r.row_offsets[e + 1];
+    for (int64_t row = r.row_offsets[e]; row < end; row += S::BM) {
+      host_tiles.push_back({e, static_cast<int32_t>(row), static_cast<int32_t>(end), 0});
+    }
+  }
+  const int64_t num_tiles = static_cast<int64_t>(host_tiles.size());
+  at::Tensor pinned = at::empty({num_tiles * 4}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  std::memcpy(pinned.mutable_data_ptr<int32_t>(), host_tiles.data(), num_tiles * sizeof(RowTile));
+  const at::Tensor tiles = pinned.to(in.device(), /*non_blocking=*/true);
+
+  const int64_t n_tiles = (N + S::BN - 1) / S::BN;
+  const int64_t ctas = num_tiles * n_tiles;
+  TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused NF4 GEMM grid too large (", ctas, " CTAs)");
+  auto kernel = transpose_stored ? nf4_gemm_nk_kernel<T, S> : nf4_gemm_kn_kernel<T, S>;
+  const int smem = transpose_stored ? nk_smem_bytes<S>() : kn_smem_bytes<S>();
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  kernel<<<static_cast<unsigned>(ctas), S::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()),
+      packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(),
+      reinterpret_cast<const RowTile*>(tiles.const_data_ptr<int32_t>()), N, K, static_cast<int>(n_tiles),
+      __builtin_ctzll(static_cast<unsigned long long>(w.blocksize)));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_for_rows(const at::Tensor& in, at::Tensor& out, const PackedStack& w, const at::Tensor& packed,
+                     const at::Tensor& absmax, const ExpertsRouting& r, int64_t N, int64_t K, bool transpose_stored,
+                     int64_t mean_rows) {
+  if (mean_rows <= 16) {
+    launch<T, Tile16>(in, out, w, packed, absmax, r, N, K, transpose_stored);
+  } else if (mean_rows <= 32) {
+    launch<T, Tile32>(in, out, w, packed, absmax, r, N, K, transpose_stored);
+  } else if (mean_rows <= 64) {
+    launch<T, Tile64>(in, out, w, packed, absmax, r, N, K, transpose_stored);
+  } else {
+    launch<T, Tile128>(in, out, w, packed, absmax, r, N, K, transpose_stored);
+  }
+}
+
+// MOEQUANT_EXPERTS_FUSED_GEMM: "0" never, "1" whenever the shapes allow, unset: by rows per expert.
+int fused_gemm_mode() {
+  const char* v = std::getenv("MOEQUANT_EXPERTS_FUSED_GEMM");
+  if (v == nullptr || *v == '\0') return -1;
+  return std::strcmp(v, "0") == 0 ? 0 : 1;
+}
+
+// Up to this many rows per active expert (mean) the fused kernel beats dequant scratch + cuBLAS.
+constexpr int64_t kFusedMaxMeanRows = 64;
+
+}  // namespace
+
+bool nf4_grouped_gemm_applies(const at::Tensor& in, const PackedStack& w, bool transpose_stored,
+                              const ExpertsRouting& r) {
+  const int mode = fused_gemm_mode();
+  if (mode == 0 || r.num_rows == 0) return false;
+  if (in.scalar_type() != at::kBFloat16 && in.scalar_type() != at::kHalf) return false;
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;  // mma.sync bf16, cp.async
+  const int64_t K = transpose_stored ? w.cols : w.rows, N = transpose_stored ? w.rows : w.cols;
+  if (K % kTileK != 0 || N % kChunkWeights != 0) return false;
+  if (r.num_rows > std::numeric_limits<int32_t>::max()) return false;
+  if (mode == 1) return true;
+  const int64_t active = static_cast<int64_t>(r.active_experts.size());
+  return r.num_rows <= kFusedMaxMeanRows * active;
+}
+
+void nf4_grouped_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
+                      const ExpertsRouting& r) {
+  const int64_t K = transpose_stored ? w.cols : w.rows, N = transpose_stored ? w.rows : w.cols;
+  TORCH_CHECK(K % kTileK == 0 && N % kChunkWeights == 0, "moequant: fused NF4 GEMM needs K % 64 == 0 and N % 32 == 0");
+  const at::Tensor x = contiguous_aligned16(in);
+  const at::Tensor packed = contiguous_aligned16(w.packed);
+  const at::Tensor absmax = w.absmax.contiguous();
+  const int64_t active = std::max<int64_t>(1, static_cast<int64_t>(r.active_experts.size()));
+  const int64_t mean_rows = (r.num_rows + active - 1) / active;
+  AT_DISPATCH_SWITCH(in.scalar_type(), "moequant_nf4_grouped_gemm",
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       launch_for_rows<__nv_bfloat16>(x, out, w, packed, absmax, r, N, K, transpose_stored, mean_rows);
+                     }) AT_DISPATCH_CASE(at::kHalf, [&] {
+                       launch_for_rows<__half>(x, out, w, packed, absmax, r, N, K, transpose_stored, mean_rows);
+                     }));
+}
+
+}  // namespace moequant

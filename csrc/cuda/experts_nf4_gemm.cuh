@@ -1,0 +1,26 @@
+// Rung (b) of DESIGN.md §4: a grouped GEMM over routing-order rows that reads the packed NF4 expert
+// stack directly. Each CTA owns one (expert, row tile, column tile) and walks the input dimension:
+// its packed weights are loaded into registers one k-tile ahead, decoded to the compute dtype in
+// shared memory, and multiplied on the tensor cores (mma.sync m16n8k16, fp32 accumulation). No
+// dequantized weight ever reaches global memory: weights are read once, as 4-bit.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "experts_routing.cuh"
+#include "experts_stack_gemm.cuh"
+
+namespace moequant {
+
+// Whether the fused kernel takes this product: bf16/fp16 on sm80+, the input dimension a multiple
+// of 64 and the output dimension a multiple of 32, and (unless MOEQUANT_EXPERTS_FUSED_GEMM=1
+// forces it, or =0 turns it off) few enough rows per active expert that the product is bound
+// by weight traffic, where reading 4-bit weights once beats dequant scratch + cuBLAS.
+bool nf4_grouped_gemm_applies(const at::Tensor& in, const PackedStack& w, bool transpose_stored,
+                              const ExpertsRouting& routing);
+
+// The product of packed_stack_gemm (same contract), computed by the fused kernel.
+void nf4_grouped_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
+                      const ExpertsRouting& routing);
+
+}  // namespace moequant
