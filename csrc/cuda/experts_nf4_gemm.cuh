@@ -1,8 +1,8 @@
 // Rung (b) of DESIGN.md §4: a grouped GEMM over routing-order rows that reads the packed NF4 expert
-// stack directly. Each CTA owns one (expert, row tile, column tile) and walks the input dimension:
-// its packed weights are loaded into registers one k-tile ahead, decoded to the compute dtype in
-// shared memory, and multiplied on the tensor cores (mma.sync m16n8k16, fp32 accumulation). No
-// dequantized weight ever reaches global memory: weights are read once, as 4-bit.
+// stack directly. Each CTA owns one (expert, row tile, column tile) and walks the input dimension,
+// decoding each k-tile of 4-bit weights to the compute dtype on the fly (in registers or shared
+// memory, never global memory) for the tensor cores. Weights are read once, as 4-bit, and no
+// dequantization scratch is allocated.
 #pragma once
 
 #include <ATen/ATen.h>
