@@ -115,23 +115,30 @@ __device__ __forceinline__ uint32_t decode_byte(const float2* table, uint32_t wo
   return pack2<T>(__fmul_rn(v.x, scale), __fmul_rn(v.y, scale));
 }
 
-// What both kernels share: the CTA's tile, its A (rows of `in`) ring and the fp32 accumulators.
+// What both kernels start from: the CTA's tile of rows and columns, and this thread's place in it.
 template <typename T, class S>
 struct CtaTile {
   int64_t n0, row0, w0;  // first output column, first routing-order row, first element of the expert
   int rows;              // valid rows of the tile (<= BM)
-  __device__ CtaTile(const RowTile* tiles, int n_tiles, int64_t N, int64_t K) {
+  const T* in_rows;      // the tile's first row of `in`
+  int warp, lane, wn0;   // wn0: the warp's first column within the tile
+  __device__ CtaTile(const T* in, const RowTile* tiles, int n_tiles, int64_t N, int64_t K) {
     const RowTile t = tiles[blockIdx.x / n_tiles];
     n0 = int64_t{blockIdx.x % n_tiles} * S::BN;
     row0 = t.row_begin;
     rows = min(S::BM, t.row_end - t.row_begin);
     w0 = int64_t{t.expert} * N * K;
+    in_rows = in + row0 * K;
+    warp = threadIdx.x / 32;
+    lane = threadIdx.x % 32;
+    wn0 = warp * S::WN;
   }
 };
 
 template <typename T, class S>
 __device__ __forceinline__ void store_tile(const float (&acc)[S::MI][S::NI][4], const CtaTile<T, S>& ct, T* out,
-                                           int64_t N, int wn0, int lane) {
+                                           int64_t N) {
+  const int wn0 = ct.wn0, lane = ct.lane;
 #pragma unroll
   for (int mi = 0; mi < S::MI; ++mi) {
 #pragma unroll
@@ -175,10 +182,8 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   extern __shared__ __align__(16) uint8_t a_stages[];  // kStages x [BM][kTileK], swizzled and permuted
   __shared__ float2 pair_table[kNF4PairTableEntries];
   fill_nf4_pair_table(pair_table);
-  const CtaTile<T, S> ct(tiles, n_tiles, N, K);
-  const T* const in_rows = in + ct.row0 * K;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wn0 = warp * S::WN;
+  const CtaTile<T, S> ct(in, tiles, n_tiles, N, K);
+  const int warp = ct.warp, lane = ct.lane, wn0 = ct.wn0;
   const uint32_t lane_offset = nf4_pair_table_lane_offset();
 
   // A warp copies whole rows of a k-tile (32 pairs, one per lane): lane l moves pair l of rows
@@ -186,7 +191,7 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   // Addresses are set up once: the swizzle of row r only depends on r & 7, which is warp & 7
   // xor (i * kWarps) & 7, a compile-time 0 or 4 per i.
   static_assert(S::BM % S::kWarps == 0 && S::BM / S::kWarps <= 32, "every warp copies the same rows");
-  const T* const a_src = in_rows + warp * K + 2 * lane;
+  const T* const a_src = ct.in_rows + warp * K + 2 * lane;
   const int64_t a_row_step = int64_t{S::kWarps} * K;
   const uint32_t a_dst[2] = {swizzle(warp & 7, lane % 8, 8) - (warp & 7) * 128 + (lane / 8) * 4,
                              swizzle((warp & 7) ^ 4, lane % 8, 8) - ((warp & 7) ^ 4) * 128 + (lane / 8) * 4};
@@ -272,8 +277,18 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
       }
     }
   }
-  store_tile<T, S>(acc, ct, out, N, wn0, lane);
+  store_tile<T, S>(acc, ct, out, N);
 }
+
+// Dynamic shared memory of the [K, N] kernel: a ring of stages (rows of `in`, packed codes,
+// their absmax), then one decoded k-tile.
+template <class S>
+struct KnSmem {
+  static constexpr int kParts = S::BN / kChunkWeights;           // packed chunks per k row
+  static constexpr int kChunks = kTileK * kParts;                // packed chunks per k-tile
+  static constexpr int kStageBytes = S::kSmemA + kChunks * (16 + 4);
+  static constexpr int kBytes = kStages * kStageBytes + kTileK * S::BN * 2;
+};
 
 // Stored S_e = [K, N] (weight rows are input features; the backward of the standard layout). A
 // lane's mma fragment pairs two k of one column, which sit in two different packed rows here, so
@@ -284,10 +299,9 @@ __global__ void __launch_bounds__(S::kThreads)
 nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
                    const float* __restrict__ absmax, const RowTile* __restrict__ tiles, int64_t N, int64_t K,
                    int n_tiles, int log2_blocksize) {
-  constexpr int kParts = S::BN / kChunkWeights;                 // packed chunks per k row
-  constexpr int kChunks = kTileK * kParts;                      // packed chunks per k-tile
+  using L = KnSmem<S>;
+  constexpr int kParts = L::kParts, kChunks = L::kChunks, kStageBytes = L::kStageBytes;
   constexpr int kChunksPerThread = kChunks / S::kThreads;
-  constexpr int kStageBytes = S::kSmemA + kChunks * (16 + 4);   // rows of `in`, codes, absmax
   constexpr int kRowChunks = S::BN / 8;                         // 16-byte chunks per decoded row
   static_assert(kChunks % S::kThreads == 0, "every thread decodes the same number of chunks");
   extern __shared__ __align__(16) uint8_t smem[];
@@ -295,10 +309,8 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   uint8_t* const decoded = smem + kStages * kStageBytes;        // [kTileK][BN], swizzled
   __shared__ float2 pair_table[kNF4PairTableEntries];
   fill_nf4_pair_table(pair_table);
-  const CtaTile<T, S> ct(tiles, n_tiles, N, K);
-  const T* const in_rows = in + ct.row0 * K;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wn0 = warp * S::WN;
+  const CtaTile<T, S> ct(in, tiles, n_tiles, N, K);
+  const int lane = ct.lane, wn0 = ct.wn0;
   const uint32_t lane_offset = nf4_pair_table_lane_offset();
 
   // Chunk i of this thread: k row c / kParts, 32 columns from (c % kParts) * 32.
@@ -311,7 +323,7 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
     for (int i = 0; i < S::BM * 8 / S::kThreads; ++i) {
       const int c = threadIdx.x + i * S::kThreads, r = c / 8, ch = c % 8;
       const bool valid = r < ct.rows;
-      cp_async16(a_dst + swizzle(r, ch, 8), valid ? in_rows + r * K + k0 + ch * 8 : in, valid);
+      cp_async16(a_dst + swizzle(r, ch, 8), valid ? ct.in_rows + r * K + k0 + ch * 8 : in, valid);
     }
 #pragma unroll
     for (int i = 0; i < kChunksPerThread; ++i) {
@@ -380,15 +392,7 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
     __syncthreads();
     compute(static_cast<int>(kt % kStages));
   }
-  store_tile<T, S>(acc, ct, out, N, wn0, lane);
-}
-
-// Dynamic shared memory of each kernel (the pair table is static).
-template <class S>
-constexpr int nk_smem_bytes() { return kStages * S::kSmemA; }
-template <class S>
-constexpr int kn_smem_bytes() {
-  return kStages * (S::kSmemA + kTileK * S::BN / kChunkWeights * 20) + kTileK * S::BN * 2;
+  store_tile<T, S>(acc, ct, out, N);
 }
 
 // Row-tile heights, picked by the mean rows per active expert: short tiles keep CTAs from
@@ -418,7 +422,8 @@ void launch(const at::Tensor& in, at::Tensor& out, const PackedStack& w, const a
   const int64_t ctas = num_tiles * n_tiles;
   TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused NF4 GEMM grid too large (", ctas, " CTAs)");
   auto kernel = transpose_stored ? nf4_gemm_nk_kernel<T, S> : nf4_gemm_kn_kernel<T, S>;
-  const int smem = transpose_stored ? nk_smem_bytes<S>() : kn_smem_bytes<S>();
+  // Dynamic shared memory (the pair table is static): the nk kernel's ring of input rows.
+  const int smem = transpose_stored ? kStages * S::kSmemA : KnSmem<S>::kBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   kernel<<<static_cast<unsigned>(ctas), S::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()),
