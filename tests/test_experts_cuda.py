@@ -2,6 +2,7 @@
 plain-PyTorch reference (fp32 arithmetic on upcast inputs) and its autograd gradients."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -191,7 +192,8 @@ def ran_fused_gemm(names):
 
 # E=4, k=2 with H=192, I=64: every product of forward and backward qualifies for the fused kernel
 # (input dims 64/128/192, output dims 64/128/192, so column tiles of 128 end part-filled), and the
-# mean rows per expert T/2 pick each row-tile height: 16, 32, 64, 128.
+# mean rows per expert T/2 pick each row-tile height: 16, 32, 64, 128. At T=300 every expert gets
+# more than 128 rows (about 150): one full 128-row tile each, and the remainder in shorter tiles.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
 @pytest.mark.parametrize("T", [3, 40, 100, 300])
@@ -202,6 +204,9 @@ def test_fused_nf4_gemm(dtype, transposed, T, env):
                      lora=(True, True), rank=8, routing="skewed" if T == 100 else "uniform", sentinels=T == 40)
     names = cuda_kernel_names(lambda: check_case(case, dtype))
     assert ran_fused_gemm(names), sorted(names)
+    if T == 300 and names is not None:
+        heights = {int(m) for n in names for m in re.findall(r"nf4_gemm_\w+<[^,]+, [\w:()\s]*TileShape<(\d+)", n)}
+        assert 128 in heights and heights & {16, 32, 64}, sorted(names)
 
     def forward():
         return ops.experts_forward(*[a.detach() for a in case.args()], **case.kwargs)
