@@ -23,6 +23,31 @@ inline at::Tensor contiguous_aligned16(const at::Tensor& t) {
   return c;
 }
 
+// Small shared-memory tables that lanes index at data-dependent rows are kept as 16 interleaved
+// copies of 8-byte entries: (row r, copy c) at byte (r * 16 + c) * 8, 128 bytes a row. Lane l reads
+// copy l % 16, so the 16 lanes of a half-warp (one LDS.64 wavefront) hit 16 different bank pairs
+// whatever their rows; with one copy, lanes reading rows 16 apart collide.
+constexpr int kLaneTableCopies = 16;
+constexpr int kLaneTableEntryBytes = 8;
+
+// The calling lane's copy, as a byte offset within a row.
+__device__ __forceinline__ uint32_t lane_table_copy_offset() {
+  return threadIdx.x % kLaneTableCopies * kLaneTableEntryBytes;
+}
+
+// Byte offset of a row in the lane's copy: `row_bits` holds the row times the row pitch (shifted
+// left by 7) among other bits, kRowMask keeps the row, and the copy offset is or-ed in, all in
+// one LOP3.
+template <uint32_t kRowMask>
+__device__ __forceinline__ uint32_t lane_table_offset(uint32_t row_bits, uint32_t copy_offset) {
+  static_assert((kRowMask & (kLaneTableCopies * kLaneTableEntryBytes - 1)) == 0, "the row bits clear the copy");
+  uint32_t offset;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;"  // (a & b) | c
+      : "=r"(offset)
+      : "r"(row_bits), "n"(kRowMask), "r"(copy_offset));
+  return offset;
+}
+
 // Grid size for a grid-stride loop: enough CTAs to fill the device a few times over.
 inline int64_t grid_for(int64_t work_items, int threads) {
   const int64_t needed = (work_items + threads - 1) / threads;

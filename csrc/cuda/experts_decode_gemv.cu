@@ -127,7 +127,7 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ ab
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint32_t copy_offset = nf4_pair_table_lane_offset();
+  const uint32_t copy_offset = lane_table_copy_offset();
   const uint4* weights = reinterpret_cast<const uint4*>(packed);
   const int64_t row_tiles = (N + kRowsPerCta - 1) / kRowsPerCta;
 

@@ -191,7 +191,7 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   fill_nf4_pair_table(pair_table);
   const CtaTile<T, S> ct(in, tiles, n_tiles, N, K);
   const int warp = ct.warp, lane = ct.lane, wn0 = ct.wn0;
-  const uint32_t lane_offset = nf4_pair_table_lane_offset();
+  const uint32_t lane_offset = lane_table_copy_offset();
 
   // A warp copies whole rows of a k-tile (32 pairs, one per lane): lane l moves pair l of rows
   // warp + i * kWarps to chunk l % 8, slot l / 8. Rows past the tile's end are zero-filled.
@@ -319,7 +319,7 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   fill_nf4_pair_table(pair_table);
   const CtaTile<T, S> ct(in, tiles, n_tiles, N, K);
   const int lane = ct.lane, wn0 = ct.wn0;
-  const uint32_t lane_offset = nf4_pair_table_lane_offset();
+  const uint32_t lane_offset = lane_table_copy_offset();
 
   // Chunk i of this thread: k row c / kParts, 32 columns from (c % kParts) * 32.
   auto chunk_valid = [&](int c) { return ct.n0 + (c % kParts) * kChunkWeights < N; };

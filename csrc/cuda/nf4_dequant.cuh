@@ -51,32 +51,23 @@ __device__ __forceinline__ uint4 decode_chunk(uint32_t bytes, float amax, const 
   return out;
 }
 
-// Byte-pair table in shared memory: entry (byte b, copy c) at float2 index b * 16 + c holds the
-// values of b's two codes (high nibble first), so one 8-byte read decodes two weights. Lane l
-// reads copy l % 16 and so hits bank pair l % 16 whatever the byte: a half-warp's reads never
-// conflict (32 KB).
-constexpr int kNF4PairTableCopies = 16;
-constexpr int kNF4PairTableEntries = 256 * kNF4PairTableCopies;
+// Byte-pair table in shared memory, kLaneTableCopies lane-interleaved copies (cuda_utils.cuh):
+// entry (byte b, copy c) at float2 index b * 16 + c holds the values of b's two codes (high
+// nibble first), so one 8-byte read decodes two weights without bank conflicts (32 KB).
+constexpr int kNF4PairTableEntries = 256 * kLaneTableCopies;
+static_assert(sizeof(float2) == kLaneTableEntryBytes);
 
 __device__ __forceinline__ void fill_nf4_pair_table(float2* table) {
   for (int j = threadIdx.x; j < kNF4PairTableEntries; j += blockDim.x) {
-    const int b = j / kNF4PairTableCopies;
+    const int b = j / kLaneTableCopies;
     table[j] = make_float2(kNF4ValuesDevice[b >> 4], kNF4ValuesDevice[b & 0xF]);
   }
 }
 
-// The calling lane's copy, as a byte offset into the table.
-__device__ __forceinline__ uint32_t nf4_pair_table_lane_offset() {
-  return (threadIdx.x % kNF4PairTableCopies) * sizeof(float2);
-}
-
-// The two decoded codes of byte i (0..3, a compile-time constant after unrolling) of `word`.
+// The two decoded codes of byte i (0..3, a compile-time constant after unrolling) of `word`;
+// lane_offset = lane_table_copy_offset().
 __device__ __forceinline__ float2 nf4_pair_lookup(const float2* table, uint32_t word, int i, uint32_t lane_offset) {
-  // byte i times the table's row pitch (16 float2s = 128 B), or-ed with the lane's copy
-  uint32_t offset;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;"  // (a & b) | c in one instruction
-      : "=r"(offset)
-      : "r"(i == 0 ? word << 7 : word >> (8 * i - 7)), "n"(0x7F80), "r"(lane_offset));
+  const uint32_t offset = lane_table_offset<0x7F80>(i == 0 ? word << 7 : word >> (8 * i - 7), lane_offset);
   return *reinterpret_cast<const float2*>(reinterpret_cast<const char*>(table) + offset);
 }
 

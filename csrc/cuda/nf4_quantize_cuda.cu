@@ -52,13 +52,9 @@ __device__ __forceinline__ float absmax_nan(float m, float x) {
   return r;
 }
 
-// The bin table in shared memory holds kBinCopies interleaved copies: entry (bin, copy c) at
-// byte (bin * kBinCopies + c) * 8. Lane l reads copy l % 16, so the 16 lanes of a half-warp
-// (one LDS.64 wavefront) hit 16 different bank pairs whatever their bins; with one copy, bins b
-// and b + 16 (x near -0.5 and +0.5, common) collide.
-constexpr int kBinCopies = 16;
-
-// Where a lane reads the bin table: the table (warp-uniform) and the lane's copy offset in bytes.
+// Where a lane reads the bin table: the table (warp-uniform; kLaneTableCopies lane-interleaved
+// copies in shared memory, cuda_utils.cuh, since with one copy bins b and b + 16, x near -0.5 and
+// +0.5, collide) and the lane's copy offset in bytes.
 struct BinTableView {
   const char* table;
   uint32_t copy_offset;
@@ -66,11 +62,9 @@ struct BinTableView {
 
 // Exact code of x = w * scale when the block's absmax is finite (then |x| <= 1 + 2^-20).
 __device__ __forceinline__ uint32_t encode_finite(float x, BinTableView bins) {
-  // Byte offset bin * kBinCopies * 8 | copy offset (< 128): one shift and one LOP3.
-  uint32_t offset;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;"  // (a & b) | c
-      : "=r"(offset)
-      : "r"(__float_as_uint(__fmaf_rn(x, 128.0f, kNF4BinMagic)) << 7), "n"(63u << 7), "r"(bins.copy_offset));
+  // Byte offset bin * 128 | copy offset: one shift and one LOP3.
+  const uint32_t offset =
+      lane_table_offset<63u << 7>(__float_as_uint(__fmaf_rn(x, 128.0f, kNF4BinMagic)) << 7, bins.copy_offset);
   const NF4Bin e = *reinterpret_cast<const NF4Bin*>(bins.table + offset);
   return e.base + (x > e.thr ? 1u : 0u);
 }
@@ -101,19 +95,18 @@ template <typename T, int LANES, int CHUNKS, int BATCH>
 __global__ void __launch_bounds__(kQuantizeThreads)
 quantize_nf4_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed,
                     float* __restrict__ absmax, int64_t num_blocks) {
-  static_assert(kBinCopies * sizeof(NF4Bin) == 128, "encode_finite shifts bins by 7 bits");
+  static_assert(sizeof(NF4Bin) == kLaneTableEntryBytes, "encode_finite shifts bins by 7 bits");
   static_assert(32 % LANES == 0 && CHUNKS % BATCH == 0);
   constexpr int kGroupsPerWarp = 32 / LANES;
   constexpr int64_t kBlock = int64_t{LANES} * CHUNKS * 8;
   constexpr bool kOnePass = BATCH == CHUNKS;
 
-  __shared__ NF4Bin bin_table[kNF4Bins * kBinCopies];
-  for (int i = threadIdx.x; i < kNF4Bins * kBinCopies; i += blockDim.x) {
-    bin_table[i] = kNF4BinTableDevice.bins[i / kBinCopies];
+  __shared__ NF4Bin bin_table[kNF4Bins * kLaneTableCopies];
+  for (int i = threadIdx.x; i < kNF4Bins * kLaneTableCopies; i += blockDim.x) {
+    bin_table[i] = kNF4BinTableDevice.bins[i / kLaneTableCopies];
   }
   __syncthreads();
-  const BinTableView bins{reinterpret_cast<const char*>(bin_table),
-                          static_cast<uint32_t>(threadIdx.x % kBinCopies * sizeof(NF4Bin))};
+  const BinTableView bins{reinterpret_cast<const char*>(bin_table), lane_table_copy_offset()};
 
   const int lane = threadIdx.x % LANES;
   const int group = (threadIdx.x % 32) / LANES;
