@@ -217,11 +217,16 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=
             ml, peft = results["moequant_lora"], results["peft_lora_bf16"]
             ratio.update(lora_fwd_bwd_vs_bf16=ml["fwd_bwd_ms"] / base["fwd_bwd_ms"],
                          lora_fwd_bwd_vs_peft=ml["fwd_bwd_ms"] / peft["fwd_bwd_ms"],
-                         lora_transient_vs_layer=ml["fwd_bwd_transient_mb"] / layer_mb)
+                         lora_transient_vs_layer=ml["fwd_bwd_transient_mb"] / layer_mb,
+                         # What LoRA on packed weights holds beyond bf16 grouped_mm's own
+                         # activations (negative: less than bf16 without LoRA).
+                         lora_transient_over_bf16_vs_layer=(ml["fwd_bwd_transient_mb"]
+                                                            - base["fwd_bwd_transient_mb"]) / layer_mb)
             line += (f" | LoRA f+b {ml['fwd_bwd_ms']:8.3f} vs peft {peft['fwd_bwd_ms']:8.3f}"
                      f" ({ratio['lora_fwd_bwd_vs_bf16']:.2f}x bf16)"
                      f" | LoRA transient {ml['fwd_bwd_transient_mb']:7.0f} MB vs peft"
-                     f" {peft['fwd_bwd_transient_mb']:7.0f} MB (layer {layer_mb:.0f} MB)")
+                     f" {peft['fwd_bwd_transient_mb']:7.0f} MB, bf16 {base['fwd_bwd_transient_mb']:7.0f} MB"
+                     f" (layer {layer_mb:.0f} MB)")
         rows.append(ratio)
         print(line, flush=True)
         del x, grad, idx, w

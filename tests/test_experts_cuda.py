@@ -176,6 +176,56 @@ def test_row_sliced_scratch(dtype, transposed, env):
     check_case(case, dtype)
 
 
+# Rung (a) adds each projection's LoRA term as it copies a chunk's product out
+# (experts_low_rank.cuh): ranks 7/8 and 16/17 (gate_up/down), chunks of experts with empty
+# experts in between (few tokens over 16 experts), sentinels, and an output width that is not a
+# multiple of 8 (H=100: the element-wise path of that kernel).
+@pytest.mark.parametrize("rank", [7, 16])
+@pytest.mark.parametrize("T,H,blocksize", [(12, 128, 64), (64, 128, 64), (40, 100, 32)])
+def test_scratch_rung_lora_folded(rank, T, H, blocksize, env):
+    env("MOEQUANT_DECODE_MAX_PAIRS", "0")
+    env("MOEQUANT_EXPERTS_FUSED_GEMM", "0")
+    case = cuda_case(T=T, H=H, I=24 if H == 100 else 64, E=16, k=2, dtype=torch.bfloat16, bias=True,
+                     lora=(True, True), rank=rank, sentinels=T == 64, blocksize=blocksize)
+    check_case(case, torch.bfloat16)
+
+
+def peak_transient_bytes(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+# With the LoRA terms added as each chunk's product is copied out, LoRA on both projections costs
+# the forward and the backward well under one more [R, H] buffer (R = T * k routed rows): whole
+# terms ([R, 2I], [R, H], [R, I], [R, H]) would cost several.
+def test_scratch_rung_lora_memory(env):
+    T, H, I, E, k = 2048, 1024, 128, 16, 2
+    expert_bytes = 2 * I * H * 2  # one gate_up expert at bf16
+    env("MOEQUANT_EXPERTS_SCRATCH_BYTES", str(2 * expert_bytes))  # chunks of two experts
+    env("MOEQUANT_EXPERTS_FUSED_GEMM", "0")
+    peaks = {}
+    for lora in (False, True):
+        case = cuda_case(T=T, H=H, I=I, E=E, k=k, dtype=torch.bfloat16, lora=(lora, lora), rank=16,
+                         weight_scale=0.02)
+        args, kw = case.args(), case.kwargs
+        grad = torch.randn_like(case.hidden)
+
+        def fwd_bwd():
+            ops.experts_forward(*args, **kw).backward(grad)
+
+        fwd_bwd()  # warm-up: cuBLAS workspaces
+        with torch.no_grad():
+            nograd = peak_transient_bytes(lambda: ops.experts_forward(*args, **kw))
+        peaks[lora] = (nograd, peak_transient_bytes(fwd_bwd))
+    row_buffer = T * k * H * 2  # one [R, H] bf16 buffer
+    for phase, without, with_lora in zip(("forward", "forward+backward"), peaks[False], peaks[True]):
+        assert with_lora - without < row_buffer / 2, (phase, without, with_lora, row_buffer)
+
+
 def cuda_kernel_names(fn):
     """Names of the CUDA kernels fn() launches, or None where the profiler sees none at all (CUPTI
     is unavailable, e.g. under compute-sanitizer): the numeric checks in fn still run."""

@@ -48,25 +48,17 @@ __device__ __forceinline__ float gated_act(float g, float u, float alpha, float 
 
 template <typename T, GatedActivation kAct>
 __global__ void __launch_bounds__(kActThreads)
-bias_activation_kernel(T* __restrict__ gate_up, const T* __restrict__ lora_delta, float lora_scale,
-                       const float* __restrict__ bias, const int32_t* __restrict__ sorted_expert,
+bias_activation_kernel(T* __restrict__ gate_up, const float* __restrict__ bias, const int32_t* __restrict__ sorted_expert,
                        T* __restrict__ act, int64_t inter, bool interleaved, float alpha, float limit) {
   const int64_t row = blockIdx.x;
   T* h = gate_up + row * 2 * inter;
-  const T* d = lora_delta != nullptr ? lora_delta + row * 2 * inter : nullptr;
   const float* b = bias != nullptr ? bias + int64_t{sorted_expert[row]} * 2 * inter : nullptr;
   for (int64_t i = threadIdx.x; i < inter; i += blockDim.x) {
     const int64_t gi = interleaved ? 2 * i : i, ui = interleaved ? 2 * i + 1 : inter + i;
     float g = to_float(h[gi]), u = to_float(h[ui]);
-    if (d != nullptr || b != nullptr) {
-      if (d != nullptr) {
-        g += lora_scale * to_float(d[gi]);
-        u += lora_scale * to_float(d[ui]);
-      }
-      if (b != nullptr) {
-        g += b[gi];
-        u += b[ui];
-      }
+    if (b != nullptr) {
+      g += b[gi];
+      u += b[ui];
       const T gt = from_float<T>(g), ut = from_float<T>(u);
       h[gi] = gt;
       h[ui] = ut;
@@ -80,8 +72,8 @@ bias_activation_kernel(T* __restrict__ gate_up, const T* __restrict__ lora_delta
 
 template <typename T, GatedActivation kAct>
 __global__ void __launch_bounds__(kActThreads)
-activation_backward_kernel(const T* __restrict__ gate_up, const T* __restrict__ grad_act, const T* __restrict__ lora_delta,
-                           float lora_scale, const float* __restrict__ row_weights,
+activation_backward_kernel(const T* __restrict__ gate_up, const T* __restrict__ grad_act,
+                           const float* __restrict__ row_weights,
                            const T* __restrict__ grad_out_rows, const float* __restrict__ down_bias,
                            const int32_t* __restrict__ sorted_expert, const int32_t* __restrict__ sorted_pair,
                            T* __restrict__ grad_gate_up, float* __restrict__ grad_pair_weights, T* __restrict__ act_out,
@@ -94,8 +86,7 @@ activation_backward_kernel(const T* __restrict__ gate_up, const T* __restrict__ 
   float dot = 0.0f;
   for (int64_t i = threadIdx.x; i < inter; i += blockDim.x) {
     const int64_t gi = interleaved ? 2 * i : i, ui = interleaved ? 2 * i + 1 : inter + i;
-    float z = to_float(grad_act[row * inter + i]);
-    if (lora_delta != nullptr) z += lora_scale * to_float(lora_delta[row * inter + i]);
+    const float z = to_float(grad_act[row * inter + i]);
     float dg, du;
     const T a = from_float<T>(gated_act<kAct>(to_float(h[gi]), to_float(h[ui]), alpha, limit, &dg, &du));
     dot += z * to_float(a);
@@ -123,10 +114,8 @@ static void dispatch_activation(GatedActivation kind, F&& f) {
   TORCH_CHECK(false, "moequant: unknown activation");
 }
 
-at::Tensor gate_up_bias_activation(at::Tensor& gate_up, const at::Tensor& lora_delta, float lora_scale,
-                                   const at::Tensor& bias, const ExpertsRouting& r, const ActivationSpec& spec) {
-  TORCH_CHECK(!lora_delta.defined() || (lora_delta.is_contiguous() && lora_delta.sizes() == gate_up.sizes()),
-              "moequant: bad gate_up LoRA delta");
+at::Tensor gate_up_bias_activation(at::Tensor& gate_up, const at::Tensor& bias, const ExpertsRouting& r,
+                                   const ActivationSpec& spec) {
   TORCH_CHECK(gate_up.is_contiguous() && gate_up.size(0) == r.num_rows, "moequant: bad gate_up buffer");
   const int64_t inter = gate_up.size(1) / 2;
   at::Tensor act = at::empty({r.num_rows, inter}, gate_up.options());
@@ -136,9 +125,7 @@ at::Tensor gate_up_bias_activation(at::Tensor& gate_up, const at::Tensor& lora_d
     using T = typename native<scalar_t>::type;
     dispatch_activation(spec.kind, [&](auto kind) {
       bias_activation_kernel<T, decltype(kind)::value><<<static_cast<unsigned>(r.num_rows), kActThreads, 0, stream>>>(
-          reinterpret_cast<T*>(gate_up.mutable_data_ptr()),
-          lora_delta.defined() ? reinterpret_cast<const T*>(lora_delta.const_data_ptr()) : nullptr, lora_scale,
-          bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+          reinterpret_cast<T*>(gate_up.mutable_data_ptr()), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
           r.sorted_expert.const_data_ptr<int32_t>(), reinterpret_cast<T*>(act.mutable_data_ptr()), inter,
           spec.interleaved, spec.alpha, spec.limit);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -148,14 +135,11 @@ at::Tensor gate_up_bias_activation(at::Tensor& gate_up, const at::Tensor& lora_d
 }
 
 ActivationGrads gate_up_activation_backward(const at::Tensor& gate_up, const at::Tensor& grad_act,
-                                            const at::Tensor& lora_delta, float lora_scale,
                                             const at::Tensor& row_weights, const at::Tensor& grad_out_rows,
                                             const at::Tensor& down_bias, const ExpertsRouting& r,
                                             const ActivationSpec& spec, bool want_act) {
   TORCH_CHECK(gate_up.is_contiguous() && grad_act.is_contiguous() && row_weights.is_contiguous(),
               "moequant: activation backward needs contiguous buffers");
-  TORCH_CHECK(!lora_delta.defined() || (lora_delta.is_contiguous() && lora_delta.sizes() == grad_act.sizes()),
-              "moequant: bad down LoRA delta");
   const int64_t inter = gate_up.size(1) / 2;
   ActivationGrads out;
   out.grad_gate_up = at::empty_like(gate_up);
@@ -169,7 +153,6 @@ ActivationGrads gate_up_activation_backward(const at::Tensor& gate_up, const at:
     dispatch_activation(spec.kind, [&](auto kind) {
       activation_backward_kernel<T, decltype(kind)::value><<<static_cast<unsigned>(r.num_rows), kActThreads, 0, stream>>>(
           reinterpret_cast<const T*>(gate_up.const_data_ptr()), reinterpret_cast<const T*>(grad_act.const_data_ptr()),
-          lora_delta.defined() ? reinterpret_cast<const T*>(lora_delta.const_data_ptr()) : nullptr, lora_scale,
           row_weights.const_data_ptr<float>(),
           down_bias.defined() ? reinterpret_cast<const T*>(grad_out_rows.const_data_ptr()) : nullptr,
           down_bias.defined() ? down_bias.const_data_ptr<float>() : nullptr, r.sorted_expert.const_data_ptr<int32_t>(),

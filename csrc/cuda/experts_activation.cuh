@@ -16,11 +16,11 @@ struct ActivationSpec {
   float limit = 7.0f;        // swiglu_oai only
 };
 
-// gate_up [R, 2I] (routing order) += lora_scale * lora_delta + bias[e] in place (rounded once to
-// its dtype; `lora_delta` [R, 2I] and float32 `bias` [E, 2I] may be undefined), then returns
-// act(gate_up) [R, I] computed from the rounded values.
-at::Tensor gate_up_bias_activation(at::Tensor& gate_up, const at::Tensor& lora_delta, float lora_scale,
-                                   const at::Tensor& bias, const ExpertsRouting& routing, const ActivationSpec& spec);
+// gate_up [R, 2I] (routing order, LoRA term included) += bias[e] in place (rounded to its dtype;
+// float32 `bias` [E, 2I] may be undefined), then returns act(gate_up) [R, I] computed from the
+// rounded values.
+at::Tensor gate_up_bias_activation(at::Tensor& gate_up, const at::Tensor& bias, const ExpertsRouting& routing,
+                                   const ActivationSpec& spec);
 
 struct ActivationGrads {
   at::Tensor grad_gate_up;       // [R, 2I], dtype of gate_up
@@ -28,12 +28,11 @@ struct ActivationGrads {
   at::Tensor act;                // [R, I] when asked for (down LoRA needs it), else undefined
 };
 
-// Backward through the activation and the top-k weighting. `grad_act_unweighted` [R, I] plus
-// lora_scale * `lora_delta` (when defined) is grad_out[t] @ W_down_eff[e] for each row; the
-// gradient w.r.t. the activation is that times the pair's weight. grad_pair_weights[p] = <grad_act_unweighted, act> + <grad_out[t], down_bias[e]>.
+// Backward through the activation and the top-k weighting. `grad_act_unweighted` [R, I] is
+// grad_out[t] @ W_down_eff[e] for each row (LoRA term included); the gradient w.r.t. the
+// activation is that times the pair's weight. grad_pair_weights[p] = <grad_act_unweighted, act> + <grad_out[t], down_bias[e]>.
 // `grad_out_rows` [R, H] and `down_bias` float32 [E, H] are only read when down_bias is defined.
 ActivationGrads gate_up_activation_backward(const at::Tensor& gate_up, const at::Tensor& grad_act_unweighted,
-                                            const at::Tensor& lora_delta, float lora_scale,
                                             const at::Tensor& row_weights, const at::Tensor& grad_out_rows,
                                             const at::Tensor& down_bias, const ExpertsRouting& routing,
                                             const ActivationSpec& spec, bool want_act);

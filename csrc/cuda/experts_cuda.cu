@@ -2,7 +2,8 @@
 // of DESIGN.md §4 behind packed_stack_gemm, plus the decode GEMV for few rows): route pairs by
 // expert, gather rows, products with the packed stacks (fused NF4 GEMM, or bounded dequant
 // scratch + grouped GEMM), fused bias/activation, LoRA as low-rank per-expert products in the
-// same routing order, and a deterministic combine.
+// same routing order (the second factor added in place to each product's rows,
+// experts_low_rank.cuh, so no [R, out] LoRA term ever exists), and a deterministic combine.
 //
 // Backward, per routed row (t, j) of expert e with weight w and gate_up output h:
 //   z      = g[t] @ Wd_eff[e]                  (unweighted; Wd_eff includes the down LoRA)
@@ -18,6 +19,7 @@
 #include "experts_common.cuh"
 #include "experts_decode_gemv.cuh"
 #include "experts_grouped_gemm.cuh"
+#include "experts_low_rank.cuh"
 #include "experts_routing.cuh"
 #include "experts_rows.cuh"
 #include "experts_stack_gemm.cuh"
@@ -100,20 +102,20 @@ ExpertsCall prepare_call(const char* op, const at::Tensor& hidden, const at::Ten
   return c;
 }
 
-// The LoRA term (x A^T) B^T [R, out] of one projection, unscaled (consumers fuse the scaling into
-// their epilogue); undefined when the projection has no LoRA or there are no rows.
-at::Tensor lora_delta(const ExpertsRouting& r, const LoraFactors& lora, const at::Tensor& x) {
-  if (!lora.present() || r.num_rows == 0) return at::Tensor();
-  const at::Tensor u = stack_rows_gemm(x, lora.A.transpose(1, 2), r);  // [R, rank]
-  return stack_rows_gemm(u, lora.B.transpose(1, 2), r);
+// The LoRA term of a projection's forward, scaling * (in A^T) B^T, as a low-rank term of the
+// packed product; none when the projection has no LoRA or there are no rows.
+LowRankTerm lora_forward_term(const LoraFactors& lora, const at::Tensor& in, const ExpertsRouting& r) {
+  if (!lora.present() || r.num_rows == 0) return {};
+  return {stack_rows_gemm(in, lora.A.transpose(1, 2), r), lora.B.transpose(1, 2).contiguous(),
+          static_cast<float>(lora.scaling)};
 }
 
 // The gate_up projection output with LoRA and bias, in routing order: fills h [R, 2I] and
 // returns act(h) [R, I].
 at::Tensor gate_up_forward(const ExpertsCall& c, const ExpertsRouting& r, const at::Tensor& x, at::Tensor& h) {
-  packed_stack_gemm(x, h, c.gate_up, /*transpose_stored=*/!c.transposed, r, c.scratch_bytes);
-  const at::Tensor delta = lora_delta(r, c.gate_up_lora, x);
-  return gate_up_bias_activation(h, delta, static_cast<float>(c.gate_up_lora.scaling), c.gate_up_bias, r, c.act);
+  packed_stack_gemm(x, h, c.gate_up, /*transpose_stored=*/!c.transposed, r, c.scratch_bytes,
+                    lora_forward_term(c.gate_up_lora, x, r));
+  return gate_up_bias_activation(h, c.gate_up_bias, r, c.act);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, bool train, const at::Tensor& hidden,
@@ -132,7 +134,6 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, bool train, cons
             at::Tensor()};
   }
   const ExpertsRouting r = route_pairs(op, index, c.E);
-  const at::Tensor x = gather_rows(hidden.to(c.dtype), r);
   at::Tensor gate_up_out, h;
   if (train) {
     gate_up_out = at::empty({r.num_pairs, 2 * c.I}, hidden.options());
@@ -141,12 +142,15 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, bool train, cons
   } else {
     h = at::empty({r.num_rows, 2 * c.I}, hidden.options());
   }
-  const at::Tensor a = gate_up_forward(c, r, x, h);
+  // Each routing-order buffer is released as soon as its last reader has run: the peak is
+  // what two consecutive products hold, not the whole chain.
+  at::Tensor a = gate_up_forward(c, r, gather_rows(hidden.to(c.dtype), r), h);
+  if (!train) h.reset();
   at::Tensor y = at::empty({r.num_rows, c.H}, hidden.options());
-  packed_stack_gemm(a, y, c.down, /*transpose_stored=*/!c.transposed, r, c.scratch_bytes);
-  const at::Tensor y_lora = lora_delta(r, c.down_lora, a);
-  at::Tensor out = combine_rows(y, y_lora, static_cast<float>(c.down_lora.scaling), r, pair_weights, c.down_bias,
-                                c.T, c.dtype);
+  packed_stack_gemm(a, y, c.down, /*transpose_stored=*/!c.transposed, r, c.scratch_bytes,
+                    lora_forward_term(c.down_lora, a, r));
+  a.reset();
+  at::Tensor out = combine_rows(y, r, pair_weights, c.down_bias, c.T, c.dtype);
   return {out, gate_up_out};
 }
 
@@ -198,8 +202,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor pair_weights = top_k_weights.to(at::kFloat).contiguous().view({-1});
   const at::Tensor row_weights = pair_weights.index_select(0, r.sorted_pair.narrow(0, 0, r.num_rows));
 
-  const bool need_x = !gate_up_out.has_value() || c.gate_up_lora.present();
-  const at::Tensor x = need_x ? gather_rows(hidden_states, r) : at::Tensor();
   at::Tensor h;
   if (gate_up_out.has_value()) {
     TORCH_CHECK(gate_up_out->dim() == 2 && gate_up_out->size(0) == r.num_pairs && gate_up_out->size(1) == 2 * c.I,
@@ -210,56 +212,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     h = gate_up_out->to(c.dtype).contiguous().narrow(0, 0, r.num_rows);
   } else {
     h = at::empty({r.num_rows, 2 * c.I}, opts);
-    gate_up_forward(c, r, x, h);
+    gate_up_forward(c, r, gather_rows(hidden_states, r), h);
   }
-
-  // Down projection, transposed: z = g @ Wd_eff (unweighted).
-  const at::Tensor g = gather_rows(grad_out.to(c.dtype), r);  // [R, H]
-  at::Tensor z = at::empty({r.num_rows, c.I}, opts);
-  packed_stack_gemm(g, z, c.down, /*transpose_stored=*/c.transposed, r, c.scratch_bytes);
-  at::Tensor g_down_B, z_lora;  // g @ B_d [R, rank], (g @ B_d) @ A_d [R, I]
-  if (c.down_lora.present() && r.num_rows > 0) {
-    g_down_B = stack_rows_gemm(g, c.down_lora.B, r);
-    z_lora = stack_rows_gemm(g_down_B, c.down_lora.A, r);
-  }
-  const ActivationGrads ag = gate_up_activation_backward(h, z, z_lora, static_cast<float>(c.down_lora.scaling),
-                                                         row_weights, g, c.down_bias, r, c.act,
-                                                         c.down_lora.present());
-
+  // Each routing-order buffer is released as soon as its last reader has run (g and z before
+  // x is gathered, x before dx is allocated): the peak is what one product holds, not the chain.
+  const bool has_rows = r.num_rows > 0;
+  at::Tensor dh, grad_pair_weights;
   at::Tensor grad_dA = at::empty({0}, opts), grad_dB = at::empty({0}, opts);
-  if (c.down_lora.present()) {
-    if (r.num_rows > 0) {
-      const at::Tensor u = stack_rows_gemm(ag.act, c.down_lora.A.transpose(1, 2), r);  // a @ A_d^T [R, r]
-      grad_dB = lora_grad(stack_weight_grad(g, scale_rows(u, row_weights), r), c.down_lora.scaling, c.down_lora.B_dtype);
-      grad_dA = lora_grad(stack_weight_grad(scale_rows(g_down_B, row_weights), ag.act, r), c.down_lora.scaling,
-                          c.down_lora.A_dtype);
-    } else {
-      grad_dA = at::zeros(c.down_lora.A.sizes(), opts.dtype(c.down_lora.A_dtype));
-      grad_dB = at::zeros(c.down_lora.B.sizes(), opts.dtype(c.down_lora.B_dtype));
+  {
+    // Down projection, transposed: z = g @ Wd_eff (unweighted), the down LoRA term
+    // scaling * (g B_d) A_d folded in.
+    const at::Tensor g = gather_rows(grad_out.to(c.dtype), r);  // [R, H]
+    at::Tensor z = at::empty({r.num_rows, c.I}, opts);
+    const at::Tensor g_down_B = c.down_lora.present() && has_rows ? stack_rows_gemm(g, c.down_lora.B, r) : at::Tensor();
+    const LowRankTerm down_term =
+        g_down_B.defined() ? LowRankTerm{g_down_B, c.down_lora.A, static_cast<float>(c.down_lora.scaling)}
+                           : LowRankTerm{};
+    packed_stack_gemm(g, z, c.down, /*transpose_stored=*/c.transposed, r, c.scratch_bytes, down_term);
+    ActivationGrads ag =
+        gate_up_activation_backward(h, z, row_weights, g, c.down_bias, r, c.act, c.down_lora.present());
+    if (c.down_lora.present()) {
+      if (has_rows) {
+        const at::Tensor u = stack_rows_gemm(ag.act, c.down_lora.A.transpose(1, 2), r);  // a @ A_d^T [R, r]
+        grad_dB = lora_grad(stack_weight_grad(g, scale_rows(u, row_weights), r), c.down_lora.scaling,
+                            c.down_lora.B_dtype);
+        grad_dA = lora_grad(stack_weight_grad(scale_rows(g_down_B, row_weights), ag.act, r), c.down_lora.scaling,
+                            c.down_lora.A_dtype);
+      } else {
+        grad_dA = at::zeros(c.down_lora.A.sizes(), opts.dtype(c.down_lora.A_dtype));
+        grad_dB = at::zeros(c.down_lora.B.sizes(), opts.dtype(c.down_lora.B_dtype));
+      }
     }
+    dh = std::move(ag.grad_gate_up);
+    grad_pair_weights = std::move(ag.grad_pair_weights);
   }
+  h.reset();
 
-  // Gate_up projection, transposed: dx = dh @ Wgu_eff.
-  const at::Tensor& dh = ag.grad_gate_up;
-  at::Tensor dx = at::empty({r.num_rows, c.H}, opts);
-  packed_stack_gemm(dh, dx, c.gate_up, /*transpose_stored=*/c.transposed, r, c.scratch_bytes);
-  at::Tensor grad_guA = at::empty({0}, opts), grad_guB = at::empty({0}, opts), dx_lora;
+  // Gate_up projection, transposed: dx = dh @ Wgu_eff, the gate_up LoRA term
+  // scaling * (dh B) A folded in.
+  at::Tensor grad_guA = at::empty({0}, opts), grad_guB = at::empty({0}, opts);
+  LowRankTerm gate_up_term;
   if (c.gate_up_lora.present()) {
     const LoraFactors& l = c.gate_up_lora;
-    if (r.num_rows > 0) {
+    if (has_rows) {
       const at::Tensor dh_B = stack_rows_gemm(dh, l.B, r);  // [R, rank]
-      dx_lora = stack_rows_gemm(dh_B, l.A, r);             // [R, H], scaled in the combine
+      const at::Tensor x = gather_rows(hidden_states, r);
       const at::Tensor u = stack_rows_gemm(x, l.A.transpose(1, 2), r);  // x @ A^T [R, r]
       grad_guB = lora_grad(stack_weight_grad(dh, u, r), l.scaling, l.B_dtype);
       grad_guA = lora_grad(stack_weight_grad(dh_B, x, r), l.scaling, l.A_dtype);
+      gate_up_term = {dh_B, l.A, static_cast<float>(l.scaling)};
     } else {
       grad_guA = at::zeros(l.A.sizes(), opts.dtype(l.A_dtype));
       grad_guB = at::zeros(l.B.sizes(), opts.dtype(l.B_dtype));
     }
   }
-  at::Tensor grad_hidden = combine_rows(dx, dx_lora, static_cast<float>(c.gate_up_lora.scaling), r, at::Tensor(),
-                                       at::Tensor(), c.T, c.dtype);
-  at::Tensor grad_weights = ag.grad_pair_weights.view({c.T, c.k}).to(top_k_weights.scalar_type());
+  at::Tensor dx = at::empty({r.num_rows, c.H}, opts);
+  packed_stack_gemm(dh, dx, c.gate_up, /*transpose_stored=*/c.transposed, r, c.scratch_bytes, gate_up_term);
+  dh.reset();
+  at::Tensor grad_hidden = combine_rows(dx, r, at::Tensor(), at::Tensor(), c.T, c.dtype);
+  at::Tensor grad_weights = grad_pair_weights.view({c.T, c.k}).to(top_k_weights.scalar_type());
   return {grad_hidden, grad_weights, grad_guA, grad_guB, grad_dA, grad_dB};
 }
 

@@ -6,6 +6,12 @@
 
 #include "experts_grouped_gemm.cuh"
 
+// torch._grouped_mm's bf16 CUTLASS kernel, which takes the output tensor (at::cuda::detail).
+#if __has_include(<ATen/native/cuda/GroupMM.h>)
+#include <ATen/native/cuda/GroupMM.h>
+#define MOEQUANT_HAS_GROUPED_MM_INTO 1
+#endif
+
 namespace moequant {
 
 bool grouped_mm_enabled(at::ScalarType dtype) {
@@ -30,6 +36,18 @@ static bool matrix_ok(const at::Tensor& t) {
 
 bool grouped_mm_operands_ok(const at::Tensor& a, const at::Tensor& b) {
   return a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && matrix_ok(a) && matrix_ok(b);
+}
+
+void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs, at::Tensor& out) {
+#ifdef MOEQUANT_HAS_GROUPED_MM_INTO
+  // The kernel reads out's strides: any row-major view with a 16-byte aligned row stride works,
+  // and the product lands in place (no temporary, no copy).
+  if (out.scalar_type() == at::kBFloat16 && out.dim() == 2 && out.stride(1) == 1 && matrix_ok(out)) {
+    at::cuda::detail::bf16bf16_grouped_mm(a, b, offs, std::nullopt, out);
+    return;
+  }
+#endif
+  out.copy_(at::_grouped_mm(a, b, offs));
 }
 
 at::Tensor stack_rows_gemm(const at::Tensor& in, const at::Tensor& mats, const ExpertsRouting& r) {

@@ -17,6 +17,12 @@ bool grouped_mm_enabled(at::ScalarType dtype);
 // cuBLAS product per expert (e.g. LoRA ranks that are not multiples of 8).
 bool grouped_mm_operands_ok(const at::Tensor& a, const at::Tensor& b);
 
+// out = a @ b[g] for the rows of group g of a [M, K] (group ends `offs`, int32 [G]), b [G, K, N],
+// written straight into `out` ([M, N], row-major; a view of a larger buffer is fine) by torch's
+// CUTLASS grouped kernel where its entry point is exported, else through torch._grouped_mm and a
+// copy. Needs grouped_mm_enabled and grouped_mm_operands_ok(a, b).
+void grouped_mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs, at::Tensor& out);
+
 // out[rows of e] = in[rows of e] @ mats[e]: in [R, K], mats [E, K, N] (any strides) -> [R, N].
 at::Tensor stack_rows_gemm(const at::Tensor& in, const at::Tensor& mats, const ExpertsRouting& routing);
 

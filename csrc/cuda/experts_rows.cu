@@ -55,7 +55,7 @@ at::Tensor gather_rows(const at::Tensor& src_in, const ExpertsRouting& r) {
 // One CTA per token; each thread owns columns and walks the k slots in order.
 template <typename in_t, typename out_t>
 __global__ void __launch_bounds__(kRowThreads)
-combine_rows_kernel(const in_t* __restrict__ rows, const in_t* __restrict__ extra_rows, float extra_scale,
+combine_rows_kernel(const in_t* __restrict__ rows,
                     const int32_t* __restrict__ pair_position,
                     const int32_t* __restrict__ sorted_expert, const float* __restrict__ pair_weights,
                     const float* __restrict__ bias, out_t* __restrict__ out, int64_t top_k, int64_t num_rows,
@@ -68,7 +68,6 @@ combine_rows_kernel(const in_t* __restrict__ rows, const in_t* __restrict__ extr
       const int64_t pos = pair_position[p];
       if (pos >= num_rows) continue;  // sentinel slot
       float v = to_float(rows[pos * D + c]);
-      if (extra_rows != nullptr) v += extra_scale * to_float(extra_rows[pos * D + c]);
       if (bias != nullptr) v += bias[int64_t{sorted_expert[pos]} * D + c];
       acc += pair_weights != nullptr ? pair_weights[p] * v : v;
     }
@@ -76,15 +75,12 @@ combine_rows_kernel(const in_t* __restrict__ rows, const in_t* __restrict__ extr
   }
 }
 
-at::Tensor combine_rows(const at::Tensor& rows, const at::Tensor& extra_rows, float extra_scale,
-                        const ExpertsRouting& r, const at::Tensor& pair_weights, const at::Tensor& bias,
+at::Tensor combine_rows(const at::Tensor& rows, const ExpertsRouting& r, const at::Tensor& pair_weights, const at::Tensor& bias,
                         int64_t num_tokens, at::ScalarType out_dtype) {
   const int64_t D = rows.size(1);
   at::Tensor out = at::empty({num_tokens, D}, rows.options().dtype(out_dtype));
   if (num_tokens == 0 || D == 0) return out;
   TORCH_CHECK(rows.is_contiguous(), "moequant: combine_rows needs contiguous rows");
-  TORCH_CHECK(!extra_rows.defined() || (extra_rows.is_contiguous() && extra_rows.sizes() == rows.sizes()),
-              "moequant: combine_rows extra rows must match rows");
   TORCH_CHECK(num_tokens <= INT32_MAX, "moequant: too many tokens");
   auto stream = at::cuda::getCurrentCUDAStream();
   MOEQUANT_DISPATCH_EXPERTS_TYPES(rows.scalar_type(), "moequant_combine_rows", [&] {
@@ -93,7 +89,6 @@ at::Tensor combine_rows(const at::Tensor& rows, const at::Tensor& extra_rows, fl
       using out_t = typename native<scalar_t>::type;
       combine_rows_kernel<in_t, out_t><<<static_cast<unsigned>(num_tokens), kRowThreads, 0, stream>>>(
           reinterpret_cast<const in_t*>(rows.const_data_ptr()),
-          extra_rows.defined() ? reinterpret_cast<const in_t*>(extra_rows.const_data_ptr()) : nullptr, extra_scale,
           r.pair_position.const_data_ptr<int32_t>(),
           r.sorted_expert.const_data_ptr<int32_t>(),
           pair_weights.defined() ? pair_weights.const_data_ptr<float>() : nullptr,

@@ -114,26 +114,9 @@ void dequant_chunk(const PackedStack& w, const at::Tensor& packed, const at::Ten
   });
 }
 
-}  // namespace
-
-void packed_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
-                       const ExpertsRouting& r, int64_t scratch_bytes) {
-  const int64_t in_dim = transpose_stored ? w.cols : w.rows;
-  const int64_t out_dim = transpose_stored ? w.rows : w.cols;
-  TORCH_CHECK(in.dim() == 2 && in.size(0) == r.num_rows && in.size(1) == in_dim,
-              "moequant: packed_stack_gemm input must be ", dims_str({r.num_rows, in_dim}), ", got ", dims_str(in.sizes()));
-  TORCH_CHECK(out.is_contiguous() && out.size(0) == r.num_rows && out.size(1) == out_dim &&
-                  out.scalar_type() == in.scalar_type(),
-              "moequant: packed_stack_gemm output must be contiguous ", dims_str({r.num_rows, out_dim}));
-  if (r.num_rows == 0 || out_dim == 0) return;
-  if (in_dim == 0) {
-    out.zero_();
-    return;
-  }
-  if (nf4_grouped_gemm_applies(in, w, transpose_stored, r)) {  // rung (b): no scratch at all
-    nf4_grouped_gemm(in, out, w, transpose_stored, r);
-    return;
-  }
+// Rung (a): chunk by chunk through the bounded dequant scratch.
+void scratch_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
+                        const ExpertsRouting& r, int64_t scratch_bytes) {
   const at::Tensor packed = contiguous_aligned16(w.packed);
   const at::Tensor absmax = w.absmax.contiguous();
   // One scratch buffer, reused chunk after chunk in stream order. (Double-buffering on a side
@@ -175,8 +158,9 @@ void packed_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack&
     const int64_t row1 = r.row_offsets[r.active_experts[c.first + c.count - 1] + 1];
     const at::Tensor mats = transpose_stored ? stored.transpose(1, 2) : stored;
     const at::Tensor rows_in = in.narrow(0, row0, row1 - row0);
+    at::Tensor out_rows = out.narrow(0, row0, row1 - row0);
     if (offs_start[i] >= 0 && grouped_mm_operands_ok(rows_in, mats)) {
-      out.narrow(0, row0, row1 - row0).copy_(at::_grouped_mm(rows_in, mats, offs_device.narrow(0, offs_start[i], c.count)));
+      grouped_mm_into(rows_in, mats, offs_device.narrow(0, offs_start[i], c.count), out_rows);
       continue;
     }
     for (int64_t g = 0; g < c.count; ++g) {
@@ -195,6 +179,28 @@ void packed_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack&
       }
     }
   }
+}
+
+}  // namespace
+
+void packed_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
+                       const ExpertsRouting& r, int64_t scratch_bytes, const LowRankTerm& low_rank) {
+  const int64_t in_dim = transpose_stored ? w.cols : w.rows;
+  const int64_t out_dim = transpose_stored ? w.rows : w.cols;
+  TORCH_CHECK(in.dim() == 2 && in.size(0) == r.num_rows && in.size(1) == in_dim,
+              "moequant: packed_stack_gemm input must be ", dims_str({r.num_rows, in_dim}), ", got ", dims_str(in.sizes()));
+  TORCH_CHECK(out.is_contiguous() && out.size(0) == r.num_rows && out.size(1) == out_dim &&
+                  out.scalar_type() == in.scalar_type(),
+              "moequant: packed_stack_gemm output must be contiguous ", dims_str({r.num_rows, out_dim}));
+  if (r.num_rows == 0 || out_dim == 0) return;
+  if (in_dim == 0) {
+    out.zero_();
+  } else if (nf4_grouped_gemm_applies(in, w, transpose_stored, r)) {  // rung (b): no scratch at all
+    nf4_grouped_gemm(in, out, w, transpose_stored, r);
+  } else {
+    scratch_stack_gemm(in, out, w, transpose_stored, r, scratch_bytes);
+  }
+  if (low_rank.present()) add_low_rank_rows(out, low_rank, r);
 }
 
 }  // namespace moequant

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include "experts_low_rank.cuh"
 #include "experts_routing.cuh"
 
 namespace moequant {
@@ -23,11 +24,13 @@ struct PackedStack {
 // force row slicing).
 int64_t experts_scratch_bytes(const PackedStack& gate_up, const PackedStack& down);
 
-// out[rows of e] = in[rows of e] @ M_e for every expert with rows, where M_e is the dequantized
-// stored matrix S_e [N, K] (`transpose_stored` = false: in [R, N] -> out [R, K]) or its
-// transpose (`transpose_stored` = true: in [R, K] -> out [R, N]). Computes in in's dtype; `out`
-// must be a contiguous [R, out_dim] tensor of that dtype; it is fully overwritten.
+// out[rows of e] = in[rows of e] @ M_e (+ the low-rank term) for every expert with rows, where
+// M_e is the dequantized stored matrix S_e [N, K] (`transpose_stored` = false: in [R, N] -> out
+// [R, K]) or its transpose (`transpose_stored` = true: in [R, K] -> out [R, N]). Computes in in's
+// dtype; `out` must be a contiguous [R, out_dim] tensor of that dtype; it is fully overwritten.
+// The low-rank term is added in place once the product is written, never materialized whole
+// (experts_low_rank.cuh).
 void packed_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
-                       const ExpertsRouting& routing, int64_t scratch_bytes);
+                       const ExpertsRouting& routing, int64_t scratch_bytes, const LowRankTerm& low_rank = {});
 
 }  // namespace moequant
