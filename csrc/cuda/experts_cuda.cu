@@ -106,8 +106,7 @@ ExpertsCall prepare_call(const char* op, const at::Tensor& hidden, const at::Ten
 // packed product; none when the projection has no LoRA or there are no rows.
 LowRankTerm lora_forward_term(const LoraFactors& lora, const at::Tensor& in, const ExpertsRouting& r) {
   if (!lora.present() || r.num_rows == 0) return {};
-  return {stack_rows_gemm(in, lora.A.transpose(1, 2), r), lora.B.transpose(1, 2).contiguous(),
-          static_cast<float>(lora.scaling)};
+  return {stack_rows_gemm(in, lora.A.transpose(1, 2), r), lora.B, static_cast<float>(lora.scaling)};
 }
 
 // The gate_up projection output with LoRA and bias, in routing order: fills h [R, 2I] and
@@ -226,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor z = at::empty({r.num_rows, c.I}, opts);
     const at::Tensor g_down_B = c.down_lora.present() && has_rows ? stack_rows_gemm(g, c.down_lora.B, r) : at::Tensor();
     const LowRankTerm down_term =
-        g_down_B.defined() ? LowRankTerm{g_down_B, c.down_lora.A, static_cast<float>(c.down_lora.scaling)}
+        g_down_B.defined() ? LowRankTerm{g_down_B, c.down_lora.A.transpose(1, 2).contiguous(),
+                                         static_cast<float>(c.down_lora.scaling)}
                            : LowRankTerm{};
     packed_stack_gemm(g, z, c.down, /*transpose_stored=*/c.transposed, r, c.scratch_bytes, down_term);
     ActivationGrads ag =
@@ -260,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const at::Tensor u = stack_rows_gemm(x, l.A.transpose(1, 2), r);  // x @ A^T [R, r]
       grad_guB = lora_grad(stack_weight_grad(dh, u, r), l.scaling, l.B_dtype);
       grad_guA = lora_grad(stack_weight_grad(dh_B, x, r), l.scaling, l.A_dtype);
-      gate_up_term = {dh_B, l.A, static_cast<float>(l.scaling)};
+      gate_up_term = {dh_B, l.A.transpose(1, 2).contiguous(), static_cast<float>(l.scaling)};
     } else {
       grad_guA = at::zeros(l.A.sizes(), opts.dtype(l.A_dtype));
       grad_guB = at::zeros(l.B.sizes(), opts.dtype(l.B_dtype));

@@ -2,77 +2,126 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <type_traits>
+
 #include "experts_common.cuh"
 #include "experts_low_rank.cuh"
+#include "nf4_dequant.cuh"  // pack2
 
 namespace moequant {
 
 constexpr int kLowRankThreads = 256;
+constexpr int kTileRows = 16;               // one mma row block
+constexpr int kTileCols = 32;               // four mma column blocks per warp
+constexpr int kColBlocks = kTileCols / 8;
 
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
+// Elements k and k + 1 of p as one mma operand register (zero past `rank` or when !valid).
+// kPairs: p and k are 4-byte aligned and rank is even, so the pair is one load.
+template <typename T, bool kPairs>
+__device__ __forceinline__ uint32_t load_pair(const T* p, int k, int rank, bool valid) {
+  if (!valid || k >= rank) return 0;
+  if constexpr (kPairs) {
+    return *reinterpret_cast<const uint32_t*>(p + k);
+  } else {
+    return pack2<T>(to_float(p[k]), k + 1 < rank ? to_float(p[k + 1]) : 0.0f);
+  }
+}
 
-constexpr int kLowRankRows = 4;  // rows per thread, sharing each load of the expert's factor
-
-// acc[i] += u[i] @ m for kRows rows of u (row stride u_stride) and the kVec columns of m (row
-// stride out_dim), one load of m per k for all the rows.
-template <typename T, int kVec, int kRows>
-__device__ __forceinline__ void low_rank_dot(const T* __restrict__ m, const T* __restrict__ u, int64_t u_stride,
-                                             int rank, int64_t out_dim, float (&acc)[kRows][kVec]) {
-#pragma unroll 4
-  for (int k = 0; k < rank; ++k) {
-    const Pack<T, kVec> mk = *reinterpret_cast<const Pack<T, kVec>*>(m + int64_t{k} * out_dim);
+// rows[i] += scale * u[i] @ mats[e(i)]^T on the tensor cores (bf16/fp16). A warp owns a tile of
+// 16 rows x 32 columns: per k16 step of the rank, one A fragment of u and four B fragments of the
+// expert's factor make four m16n8k16 products. Rows are sorted by expert, so a tile almost always
+// holds one expert; where it straddles several, each expert's product runs with the other rows of
+// A zeroed. fp32 accumulation, one rounding when added to the row.
+template <typename T, bool kPairs>
+__global__ void __launch_bounds__(kLowRankThreads, 2)
+add_low_rank_mma_kernel(T* __restrict__ rows_out, int64_t row_stride, const T* __restrict__ u, int64_t u_stride,
+                        const T* __restrict__ mats, const int32_t* __restrict__ row_expert, int64_t rows,
+                        int64_t out_dim, int rank, float scale) {
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int64_t col_tiles = (out_dim + kTileCols - 1) / kTileCols;
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows * col_tiles;
+  const int64_t warps = int64_t{gridDim.x} * (kLowRankThreads / 32);
+  for (int64_t t = int64_t{blockIdx.x} * (kLowRankThreads / 32) + threadIdx.x / 32; t < tiles; t += warps) {
+    const int64_t row0 = t / col_tiles * kTileRows, col0 = t % col_tiles * kTileCols;
+    const int n_rows = static_cast<int>(min(int64_t{kTileRows}, rows - row0));
+    const T* u_lo = u + (row0 + g) * u_stride;
+    const T* u_hi = u + (row0 + g + 8) * u_stride;
+    // The tile's own rows are loaded first, so their DRAM latency overlaps the factor loads and
+    // the products; lane l holds the expert of row l % 16, read by the others through shuffles.
+    uint32_t prev[kColBlocks][2];  // (col, col + 1) of rows g and g + 8, packed
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const float uk = to_float(u[i * u_stride + k]);
+    for (int nb = 0; nb < kColBlocks; ++nb) {
+      const int64_t col = col0 + nb * 8 + 2 * q;
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) acc[i][j] = fmaf(uk, to_float(mk.v[j]), acc[i][j]);
+      for (int h = 0; h < 2; ++h) {
+        const int r = g + 8 * h;
+        const T* o = rows_out + (row0 + r) * row_stride + col;
+        const bool in0 = r < n_rows && col < out_dim;
+        if constexpr (kPairs) {
+          prev[nb][h] = in0 ? *reinterpret_cast<const uint32_t*>(o) : 0u;
+        } else {
+          prev[nb][h] = pack2<T>(in0 ? to_float(o[0]) : 0.0f, in0 && col + 1 < out_dim ? to_float(o[1]) : 0.0f);
+        }
+      }
+    }
+    const int32_t my_expert = (lane & 15) < n_rows ? row_expert[row0 + (lane & 15)] : -1;
+    float acc[kColBlocks][4] = {};
+    for (int first = 0; first < n_rows;) {  // one expert's rows [first, last) at a time
+      const int32_t e = __shfl_sync(0xffffffffu, my_expert, first);
+      const unsigned rows_of_e = __ballot_sync(0xffffffffu, lane < 16 && my_expert == e);
+      const int last = 32 - __clz(rows_of_e);  // rows are sorted: [first, last) is all of e
+      const bool lo_in = g >= first && g < last, hi_in = g + 8 >= first && g + 8 < last;
+      const T* m = mats + int64_t{e} * out_dim * rank;
+      for (int k0 = 0; k0 < rank; k0 += 16) {
+        const uint32_t a[4] = {load_pair<T, kPairs>(u_lo, k0 + 2 * q, rank, lo_in),
+                               load_pair<T, kPairs>(u_hi, k0 + 2 * q, rank, hi_in),
+                               load_pair<T, kPairs>(u_lo, k0 + 2 * q + 8, rank, lo_in),
+                               load_pair<T, kPairs>(u_hi, k0 + 2 * q + 8, rank, hi_in)};
+#pragma unroll
+        for (int nb = 0; nb < kColBlocks; ++nb) {
+          const int64_t col = col0 + nb * 8 + g;
+          const T* mc = m + col * rank;
+          mma_16816<T>(acc[nb], a, load_pair<T, kPairs>(mc, k0 + 2 * q, rank, col < out_dim),
+                       load_pair<T, kPairs>(mc, k0 + 2 * q + 8, rank, col < out_dim));
+        }
+      }
+      first = last;
+    }
+#pragma unroll
+    for (int nb = 0; nb < kColBlocks; ++nb) {
+      const int64_t col = col0 + nb * 8 + 2 * q;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = g + 8 * h;
+        if (r >= n_rows || col >= out_dim) continue;
+        T* o = rows_out + (row0 + r) * row_stride + col;
+        const T* p = reinterpret_cast<const T*>(&prev[nb][h]);
+        const float v0 = fmaf(scale, acc[nb][2 * h], to_float(p[0]));
+        const float v1 = fmaf(scale, acc[nb][2 * h + 1], to_float(p[1]));
+        if constexpr (kPairs) {
+          *reinterpret_cast<uint32_t*>(o) = pack2<T>(v0, v1);
+        } else {
+          o[0] = from_float<T>(v0);
+          if (col + 1 < out_dim) o[1] = from_float<T>(v1);
+        }
+      }
     }
   }
 }
 
-// row[col + j] += scale * acc[j], summed in fp32 and rounded once.
-template <typename T, int kVec>
-__device__ __forceinline__ void add_to_row(T* row, int64_t col, float scale, const float (&acc)[kVec]) {
-  Pack<T, kVec> p = *reinterpret_cast<const Pack<T, kVec>*>(row + col);
-#pragma unroll
-  for (int j = 0; j < kVec; ++j) p.v[j] = from_float<T>(fmaf(scale, acc[j], to_float(p.v[j])));
-  *reinterpret_cast<Pack<T, kVec>*>(row + col) = p;
-}
-
-// A thread owns kVec consecutive columns of kLowRankRows consecutive rows, consecutive threads
-// along the columns: the warp's loads of mats[e][k] are one contiguous segment, shared by the
-// thread's rows when they belong to one expert (rows are sorted by expert, so almost always),
-// u[row][k] is a broadcast, and the expert's factor stays in L1/L2 across its rows.
-template <typename T, int kVec>
+// The fp32 version: one thread per element, the rank summed in order.
 __global__ void __launch_bounds__(kLowRankThreads)
-add_low_rank_kernel(T* __restrict__ rows_out, int64_t row_stride, const T* __restrict__ u, int64_t u_stride, const T* __restrict__ mats,
-                    const int32_t* __restrict__ row_expert, int64_t rows, int64_t out_dim, int rank, float scale) {
-  const int64_t packs_per_row = out_dim / kVec;
-  const int64_t total = (rows + kLowRankRows - 1) / kLowRankRows * packs_per_row;
-  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < total;
+add_low_rank_fp32_kernel(float* __restrict__ rows_out, int64_t row_stride, const float* __restrict__ u,
+                         int64_t u_stride, const float* __restrict__ mats, const int32_t* __restrict__ row_expert,
+                         int64_t rows, int64_t out_dim, int rank, float scale) {
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < rows * out_dim;
        i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t row0 = i / packs_per_row * kLowRankRows, col = i % packs_per_row * kVec;
-    const int n = static_cast<int>(min(int64_t{kLowRankRows}, rows - row0));
-    const int32_t e = row_expert[row0];
-    if (n == kLowRankRows && row_expert[row0 + n - 1] == e) {
-      float acc[kLowRankRows][kVec] = {};
-      low_rank_dot<T, kVec, kLowRankRows>(mats + int64_t{e} * rank * out_dim + col, u + row0 * u_stride, u_stride,
-                                          rank, out_dim, acc);
-#pragma unroll
-      for (int r = 0; r < kLowRankRows; ++r) {
-        add_to_row<T, kVec>(rows_out + (row0 + r) * row_stride, col, scale, acc[r]);
-      }
-    } else {  // the rows straddle two experts, or the last rows
-      for (int r = 0; r < n; ++r) {
-        float acc[1][kVec] = {};
-        low_rank_dot<T, kVec, 1>(mats + int64_t{row_expert[row0 + r]} * rank * out_dim + col,
-                                 u + (row0 + r) * u_stride, u_stride, rank, out_dim, acc);
-        add_to_row<T, kVec>(rows_out + (row0 + r) * row_stride, col, scale, acc[0]);
-      }
-    }
+    const int64_t row = i / out_dim, col = i % out_dim;
+    const float* ur = u + row * u_stride;
+    const float* mc = mats + (int64_t{row_expert[row]} * out_dim + col) * rank;
+    float acc = 0.0f;
+    for (int k = 0; k < rank; ++k) acc = fmaf(ur[k], mc[k], acc);
+    rows_out[row * row_stride + col] += scale * acc;
   }
 }
 
@@ -81,33 +130,49 @@ void add_low_rank_rows(at::Tensor& rows, const LowRankTerm& term, const ExpertsR
   // Rows need not be packed (torch._grouped_mm pads its output rows to 16-byte multiples).
   TORCH_CHECK(rows.dim() == 2 && rows.stride(1) == 1, "moequant: add_low_rank_rows needs rows of unit column stride");
   TORCH_CHECK(term.u.stride(1) == 1 && term.mats.is_contiguous() && term.u.scalar_type() == rows.scalar_type() &&
-                  term.mats.scalar_type() == rows.scalar_type() && term.mats.size(1) == rank &&
-                  term.mats.size(2) == out_dim && term.u.size(0) == n,
-              "moequant: add_low_rank_rows needs u [R, r] (unit column stride) and mats [E, r, ", out_dim,
-              "] (contiguous) in ",
-              rows.scalar_type());
-  if (n == 0 || out_dim == 0) return;
+                  term.mats.scalar_type() == rows.scalar_type() && term.mats.size(1) == out_dim &&
+                  term.mats.size(2) == rank && term.u.size(0) == n,
+              "moequant: add_low_rank_rows needs u [R, r] (unit column stride) and mats [E, ", out_dim,
+              ", r] (contiguous) in ", rows.scalar_type());
+  TORCH_CHECK(rank <= INT32_MAX, "moequant: LoRA rank too large");
+  if (n == 0 || out_dim == 0 || rank == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
-  MOEQUANT_DISPATCH_EXPERTS_TYPES(rows.scalar_type(), "moequant_add_low_rank_rows", [&] {
-    using T = typename native<scalar_t>::type;
-    constexpr int kVec = 16 / sizeof(T);
-    const auto launch = [&](auto kernel, int vec) {
-      const int64_t threads_needed = (n + kLowRankRows - 1) / kLowRankRows * (out_dim / vec);
-      kernel<<<static_cast<unsigned>(grid_for(threads_needed, kLowRankThreads)), kLowRankThreads, 0, stream>>>(
+  const int32_t* row_expert = r.sorted_expert.const_data_ptr<int32_t>();
+  if (rows.scalar_type() == at::kFloat) {
+    add_low_rank_fp32_kernel<<<static_cast<unsigned>(grid_for(n * out_dim, kLowRankThreads)), kLowRankThreads, 0,
+                               stream>>>(rows.mutable_data_ptr<float>(), rows.stride(0), term.u.const_data_ptr<float>(),
+                                         term.u.stride(0), term.mats.const_data_ptr<float>(), row_expert, n, out_dim,
+                                         static_cast<int>(rank), term.scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t warp_tiles = (n + kTileRows - 1) / kTileRows * ((out_dim + kTileCols - 1) / kTileCols);
+  const auto grid = static_cast<unsigned>(grid_for(warp_tiles * 32, kLowRankThreads));
+  const auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    const bool pairs = rank % 2 == 0 && rows.stride(0) % 2 == 0 && term.u.stride(0) % 2 == 0 && out_dim % 2 == 0 &&
+                       is_aligned(rows.const_data_ptr(), 4) && is_aligned(term.u.const_data_ptr(), 4) &&
+                       is_aligned(term.mats.const_data_ptr(), 4);
+    const auto args = [&](auto kernel) {
+      kernel<<<grid, kLowRankThreads, 0, stream>>>(
           reinterpret_cast<T*>(rows.mutable_data_ptr()), rows.stride(0),
           reinterpret_cast<const T*>(term.u.const_data_ptr()), term.u.stride(0),
-          reinterpret_cast<const T*>(term.mats.const_data_ptr()), r.sorted_expert.const_data_ptr<int32_t>(), n,
-          out_dim, static_cast<int>(rank), term.scale);
+          reinterpret_cast<const T*>(term.mats.const_data_ptr()), row_expert, n, out_dim, static_cast<int>(rank),
+          term.scale);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    const bool vectorized = out_dim % kVec == 0 && rows.stride(0) % kVec == 0 && is_aligned(rows.const_data_ptr(), 16) &&
-                            is_aligned(term.mats.const_data_ptr(), 16);
-    if (vectorized) {
-      launch(add_low_rank_kernel<T, kVec>, kVec);
+    if (pairs) {
+      args(add_low_rank_mma_kernel<T, true>);
     } else {
-      launch(add_low_rank_kernel<T, 1>, 1);
+      args(add_low_rank_mma_kernel<T, false>);
     }
-  });
+  };
+  if (rows.scalar_type() == at::kBFloat16) {
+    launch(__nv_bfloat16{});
+  } else {
+    TORCH_CHECK(rows.scalar_type() == at::kHalf, "moequant: add_low_rank_rows computes in float32, float16 or bfloat16");
+    launch(__half{});
+  }
 }
 
 }  // namespace moequant
