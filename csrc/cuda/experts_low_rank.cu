@@ -46,21 +46,30 @@ add_low_rank_mma_kernel(T* __restrict__ rows_out, int64_t row_stride, const T* _
     const int n_rows = static_cast<int>(min(int64_t{kTileRows}, rows - row0));
     const T* u_lo = u + (row0 + g) * u_stride;
     const T* u_hi = u + (row0 + g + 8) * u_stride;
+    // This lane's output pair (col, col + 1) in row g + 8h of column block nb, and which of the
+    // two exist.
+    struct OutPair {
+      T* p;
+      bool first, second;
+    };
+    const auto out_pair = [&](int nb, int h) {
+      const int r = g + 8 * h;
+      const int64_t col = col0 + nb * 8 + 2 * q;
+      const bool first = r < n_rows && col < out_dim;
+      return OutPair{rows_out + (row0 + r) * row_stride + col, first, first && col + 1 < out_dim};
+    };
     // The tile's own rows are loaded first, so their DRAM latency overlaps the factor loads and
     // the products; lane l holds the expert of row l % 16, read by the others through shuffles.
     uint32_t prev[kColBlocks][2];  // (col, col + 1) of rows g and g + 8, packed
 #pragma unroll
     for (int nb = 0; nb < kColBlocks; ++nb) {
-      const int64_t col = col0 + nb * 8 + 2 * q;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int r = g + 8 * h;
-        const T* o = rows_out + (row0 + r) * row_stride + col;
-        const bool in0 = r < n_rows && col < out_dim;
+        const OutPair o = out_pair(nb, h);
         if constexpr (kPairs) {
-          prev[nb][h] = in0 ? *reinterpret_cast<const uint32_t*>(o) : 0u;
+          prev[nb][h] = o.first ? *reinterpret_cast<const uint32_t*>(o.p) : 0u;
         } else {
-          prev[nb][h] = pack2<T>(in0 ? to_float(o[0]) : 0.0f, in0 && col + 1 < out_dim ? to_float(o[1]) : 0.0f);
+          prev[nb][h] = pack2<T>(o.first ? to_float(o.p[0]) : 0.0f, o.second ? to_float(o.p[1]) : 0.0f);
         }
       }
     }
@@ -89,20 +98,18 @@ add_low_rank_mma_kernel(T* __restrict__ rows_out, int64_t row_stride, const T* _
     }
 #pragma unroll
     for (int nb = 0; nb < kColBlocks; ++nb) {
-      const int64_t col = col0 + nb * 8 + 2 * q;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int r = g + 8 * h;
-        if (r >= n_rows || col >= out_dim) continue;
-        T* o = rows_out + (row0 + r) * row_stride + col;
+        const OutPair o = out_pair(nb, h);
+        if (!o.first) continue;
         const T* p = reinterpret_cast<const T*>(&prev[nb][h]);
         const float v0 = fmaf(scale, acc[nb][2 * h], to_float(p[0]));
         const float v1 = fmaf(scale, acc[nb][2 * h + 1], to_float(p[1]));
         if constexpr (kPairs) {
-          *reinterpret_cast<uint32_t*>(o) = pack2<T>(v0, v1);
+          *reinterpret_cast<uint32_t*>(o.p) = pack2<T>(v0, v1);
         } else {
-          o[0] = from_float<T>(v0);
-          if (col + 1 < out_dim) o[1] = from_float<T>(v1);
+          o.p[0] = from_float<T>(v0);
+          if (o.second) o.p[1] = from_float<T>(v1);
         }
       }
     }

@@ -158,8 +158,8 @@ void scratch_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack
     const int64_t row1 = r.row_offsets[r.active_experts[c.first + c.count - 1] + 1];
     const at::Tensor mats = transpose_stored ? stored.transpose(1, 2) : stored;
     const at::Tensor rows_in = in.narrow(0, row0, row1 - row0);
-    at::Tensor out_rows = out.narrow(0, row0, row1 - row0);
     if (offs_start[i] >= 0 && grouped_mm_operands_ok(rows_in, mats)) {
+      at::Tensor out_rows = out.narrow(0, row0, row1 - row0);
       grouped_mm_into(rows_in, mats, offs_device.narrow(0, offs_start[i], c.count), out_rows);
       continue;
     }
