@@ -40,6 +40,8 @@ if with_cuda:
     # sm_90a for Hopper-only instructions, sm_80/sm_86 for Ampere, PTX for newer chips.
     # No --use_fast_math: NF4 encode/decode must be bit-exact with the CPU kernels.
     archs = os.environ.get("MOEQUANT_CUDA_ARCHS", "80;86;90a").split(";")
+    if "90a" in archs:  # the wgmma kernels exist in this build (host code checks before launching)
+        define_macros.append(("MOEQUANT_HAS_SM90A", None))
     gencode = []
     for a in archs:
         gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]

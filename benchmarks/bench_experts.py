@@ -133,25 +133,28 @@ def measure(fwd, x, grad, reps):
     }
 
 
-def with_fused_gemm(mode, fn):
-    """fn with MOEQUANT_EXPERTS_FUSED_GEMM=mode ("0": rung (a) only, "1": the fused kernel wherever
-    the shapes allow); the kernels read it on every call."""
+def with_env(fn, **knobs):
+    """fn with MOEQUANT_* knobs set for the call (the kernels read them on every call), e.g.
+    MOEQUANT_EXPERTS_FUSED_GEMM="0" (rung (a) only) or "1" (the fused kernel wherever the shapes
+    allow), MOEQUANT_EXPERTS_WGMMA="0" (the fused kernel's mma.sync form on Hopper too)."""
     def run(*a):
-        old = os.environ.get("MOEQUANT_EXPERTS_FUSED_GEMM")
-        os.environ["MOEQUANT_EXPERTS_FUSED_GEMM"] = mode
+        old = {k: os.environ.get(k) for k in knobs}
+        os.environ.update(knobs)
         try:
             return fn(*a)
         finally:
-            if old is None:
-                del os.environ["MOEQUANT_EXPERTS_FUSED_GEMM"]
-            else:
-                os.environ["MOEQUANT_EXPERTS_FUSED_GEMM"] = old
+            for k, v in old.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
     return run
 
 
 def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=False):
     H, I, E, k = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
+    hopper = torch.cuda.get_device_capability(device) == (9, 0)
     experts = build_bf16_experts(H, I, E, k, device)
     layer_mb = (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 2 / 1e6
     gate_up = moequant.quantize_nf4(experts.gate_up_proj.detach(), 64)
@@ -182,8 +185,11 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=
             results["moequant"] = measure(mq({}), x, grad, reps)
             results["bf16_grouped_mm"] = measure(lambda xx: experts(xx, idx, w), x, grad, reps)
             if compare_rungs:
-                results["moequant_rung_a"] = measure(with_fused_gemm("0", mq({})), x, grad, reps)
-                results["moequant_rung_b"] = measure(with_fused_gemm("1", mq({})), x, grad, reps)
+                results["moequant_rung_a"] = measure(with_env(mq({}), MOEQUANT_EXPERTS_FUSED_GEMM="0"), x, grad, reps)
+                results["moequant_rung_b"] = measure(with_env(mq({}), MOEQUANT_EXPERTS_FUSED_GEMM="1"), x, grad, reps)
+                if hopper:  # rung (b) with its [N, K] products on mma.sync instead of wgmma
+                    results["moequant_rung_b_mma"] = measure(
+                        with_env(mq({}), MOEQUANT_EXPERTS_FUSED_GEMM="1", MOEQUANT_EXPERTS_WGMMA="0"), x, grad, reps)
             if with_lora:
                 results["moequant_lora"] = measure(mq(lora), x, grad, reps)
                 if peft_model is None:
@@ -206,13 +212,15 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=
                 f" ({ratio['fwd_nograd_vs_bf16']:.2f}x)"
                 f" | f+b {m['fwd_bwd_ms']:8.3f} vs {base['fwd_bwd_ms']:8.3f} ({ratio['fwd_bwd_vs_bf16']:.2f}x)")
         if compare_rungs:
-            ra, rb = results["moequant_rung_a"], results["moequant_rung_b"]
-            for rung, rr in (("a", ra), ("b", rb)):
-                ratio[f"rung_{rung}_fwd_nograd_vs_bf16"] = rr["fwd_nograd_ms"] / base["fwd_nograd_ms"]
-                ratio[f"rung_{rung}_fwd_bwd_vs_bf16"] = rr["fwd_bwd_ms"] / base["fwd_bwd_ms"]
-            line += (f" | rung a/b nograd {ratio['rung_a_fwd_nograd_vs_bf16']:.2f}/"
-                     f"{ratio['rung_b_fwd_nograd_vs_bf16']:.2f}x f+b {ratio['rung_a_fwd_bwd_vs_bf16']:.2f}/"
-                     f"{ratio['rung_b_fwd_bwd_vs_bf16']:.2f}x")
+            rungs = [("a", "moequant_rung_a"), ("b", "moequant_rung_b"), ("b_mma", "moequant_rung_b_mma")]
+            rungs = [(rung, results[key]) for rung, key in rungs if key in results]
+            for rung, rr in rungs:
+                for phase in ("fwd", "fwd_nograd", "fwd_bwd"):
+                    ratio[f"rung_{rung}_{phase}_vs_bf16"] = rr[f"{phase}_ms"] / base[f"{phase}_ms"]
+            names = "/".join(rung for rung, _ in rungs)
+            for phase, label in (("fwd_nograd", "nograd"), ("fwd", "fwd"), ("fwd_bwd", "f+b")):
+                line += f" | rung {names} {label} " + "/".join(
+                    f"{ratio[f'rung_{rung}_{phase}_vs_bf16']:.2f}" for rung, _ in rungs) + "x"
         if with_lora:
             ml, peft = results["moequant_lora"], results["peft_lora_bf16"]
             ratio.update(lora_fwd_bwd_vs_bf16=ml["fwd_bwd_ms"] / base["fwd_bwd_ms"],
@@ -243,7 +251,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-lora", action="store_true", help="skip moequant LoRA and the PEFT baseline")
     ap.add_argument("--compare-rungs", action="store_true",
-                    help="also time rung (a) (dequant scratch + grouped_mm) and rung (b) (fused NF4 GEMM) forced")
+                    help="also time rung (a) (dequant scratch + grouped_mm) and rung (b) (fused NF4 GEMM) forced, and on "
+                         "Hopper rung (b) with mma.sync in place of wgmma")
     args = ap.parse_args()
     import peft
     import transformers

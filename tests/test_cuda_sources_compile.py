@@ -22,7 +22,7 @@ BENCH_SOURCES = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.cu")))
 def test_cuda_sources_compile(tmp_path):
     includes = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "tests", "cuda_stubs")] + cpp_extension.include_paths()
     flags = ["-std=c++20", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a",
-             "-DMOEQUANT_WITH_CUDA", "-DTORCH_API_INCLUDE_EXTENSION_H"] + [f"-I{p}" for p in includes]
+             "-DMOEQUANT_WITH_CUDA", "-DMOEQUANT_HAS_SM90A", "-DTORCH_API_INCLUDE_EXTENSION_H"] + [f"-I{p}" for p in includes]
 
     def compile_one(src):
         out = tmp_path / (os.path.basename(src) + ".o")

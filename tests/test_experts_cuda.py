@@ -280,6 +280,44 @@ def test_fused_nf4_gemm_blocksizes(blocksize, env):
     assert ran_fused_gemm(names), sorted(names)
 
 
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+# The Hopper (wgmma) form of the fused kernel's [N, K] products: the forward of the plain layout,
+# the input gradient of the transposed one. H=576: the gate_up product walks 9 k-tiles (the 4-stage
+# ring wraps twice) and the down product's last 128-feature tile is half full; mean rows per
+# expert T/2 pick row tiles of 16, 32, 64 and 128 (+ remainders).
+@pytest.mark.skipif(not HOPPER, reason="wgmma needs an sm_90 device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
+@pytest.mark.parametrize("T", [5, 60, 110, 400])
+def test_wgmma_nk_gemm(dtype, transposed, T, env):
+    env("MOEQUANT_DECODE_MAX_PAIRS", "0")
+    env("MOEQUANT_EXPERTS_FUSED_GEMM", "1")
+    case = cuda_case(T=T, H=576, I=192, E=4, k=2, dtype=dtype, transposed=transposed, bias=True,
+                     lora=(True, True), rank=8, routing="skewed" if T == 110 else "uniform", sentinels=T == 60)
+    names = cuda_kernel_names(lambda: check_case(case, dtype))
+    assert names is None or any("nf4_gemm_nk_wgmma" in n for n in names), sorted(names)
+    det = [a.detach() for a in case.args()]
+    kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in case.kwargs.items()}
+
+    def forward_backward():
+        out, gate_up_out = ops._experts_forward_train(*det, **kw)
+        grads = ops.experts_backward(torch.ones_like(out), *det[:3], gate_up_out, *det[3:], **kw)
+        return out, grads[0]
+
+    out_w, dx_w = forward_backward()
+    again = forward_backward()
+    assert torch.equal(out_w, again[0]) and torch.equal(dx_w, again[1])  # deterministic
+    env("MOEQUANT_EXPERTS_WGMMA", "0")
+    names = cuda_kernel_names(forward_backward)
+    assert names is None or (ran_fused_gemm(names) and not any("wgmma" in n for n in names)), sorted(names)
+    out_m, dx_m = forward_backward()
+    # Same decoded weights, fp32 accumulation in another order: agreement far inside the tolerance.
+    assert rel_err(out_w, out_m) < TOL[dtype] / 4, rel_err(out_w, out_m)
+    assert rel_err(dx_w, dx_m) < TOL[dtype] / 4, rel_err(dx_w, dx_m)
+
+
 def test_blocksize_32_and_odd_shapes():
     case = cuda_case(T=17, H=96, I=48, E=5, k=3, blocksize=32, dtype=torch.bfloat16, lora=(True, True), rank=8,
                      bias=True, sentinels=True)

@@ -20,18 +20,14 @@
 
 #include "experts_common.cuh"
 #include "experts_nf4_gemm.cuh"
+#include "experts_nf4_tiles.cuh"
+#include "experts_nf4_wgmma.cuh"
 #include "nf4_dequant.cuh"
 
 namespace moequant {
 namespace {
 
-constexpr int kTileK = 64;          // input-dimension elements per k-tile
-constexpr int kChunkWeights = 32;   // NF4 codes per 16-byte packed chunk
-
-// Rows [row_begin, min(row_begin + BM, row_end)) of `expert`, in routing order.
-struct alignas(16) RowTile {
-  int32_t expert, row_begin, row_end, unused;
-};
+constexpr int kTileK = kNF4GemmTileK;
 
 // A CTA tile: BM rows x BN columns, split among kWarpsM x kWarpsN warps of WM = BM / kWarpsM rows
 // by WN columns. Warps side by side along the columns decode disjoint weights; warps stacked along
@@ -48,30 +44,6 @@ struct TileShape {
   static constexpr int kSmemA = BM * kTileK * 2;   // rows of `in` per stage
   static_assert(WM % 16 == 0 && WN % 16 == 0 && BN % 64 == 0, "whole ldmatrix blocks and swizzle rows");
 };
-
-// Byte offset of 16-byte chunk `c` of row `r` in a tile of `chunks_per_row` chunks (a multiple of
-// 8): the chunk's low 3 bits are XOR-ed with the row's, so the same chunk of 8 consecutive rows
-// lands in 8 different bank groups.
-__device__ __forceinline__ uint32_t swizzle(int r, int c, int chunks_per_row) {
-  return static_cast<uint32_t>((r * chunks_per_row + (c ^ (r & 7))) * 16);
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Global -> shared copies that bypass the registers; zero-filled when !valid.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
 
 // 8 packed bytes, read once (no L1 allocation).
 __device__ __forceinline__ uint2 load_packed8(const uint8_t* p) {
@@ -91,14 +63,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
   }
-}
-
-// Two weights of one byte (codes times the block's absmax, as dequant_expert rounds them).
-template <typename T>
-__device__ __forceinline__ uint32_t decode_byte(const float2* table, uint32_t word, int i, uint32_t lane_offset,
-                                                float scale) {
-  const float2 v = nf4_pair_lookup(table, word, i, lane_offset);
-  return pack2<T>(__fmul_rn(v.x, scale), __fmul_rn(v.y, scale));
 }
 
 // What both kernels start from: the CTA's tile of rows and columns, and this thread's place in it.
@@ -401,6 +365,8 @@ using Tile128Nk = TileShape<128, 1, 8, 16>;
 using Tile128Kn = TileShape<128, 2, 4, 32, 3>;
 constexpr int kTileHeights[] = {16, 32, 64, 128};
 constexpr int kNumTileHeights = 4;
+static_assert(nf4_wgmma_height_supported(16) && nf4_wgmma_height_supported(32) && nf4_wgmma_height_supported(64) &&
+              nf4_wgmma_height_supported(128), "the wgmma kernel takes every height of the plan");
 
 // The CTA tiles of one product, one list per height. Each expert's rows are cut into full tiles of
 // the height that fits the mean rows per active expert, and its remainder goes to the shortest
@@ -443,7 +409,7 @@ void launch(const at::Tensor& in, at::Tensor& out, const at::Tensor& packed, con
             const RowTile* tiles, int64_t num_tiles, int64_t N, int64_t K, int log2_blocksize) {
   const int64_t n_tiles = (N + S::BN - 1) / S::BN;
   const int64_t ctas = num_tiles * n_tiles;
-  TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused NF4 GEMM grid too large (", ctas, " CTAs)");
+  TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused NF4 GEMM grid too large (", num_str(ctas), " CTAs)");
   // Dynamic shared memory (the pair table is static): the nk kernel's ring of input rows.
   int smem = 0;
   GemmKernel<T> kernel = nullptr;
@@ -472,9 +438,14 @@ void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, co
   const at::Tensor tiles_dev = pinned.to(in.device(), /*non_blocking=*/true);
   const RowTile* tiles = reinterpret_cast<const RowTile*>(tiles_dev.const_data_ptr<int32_t>());
   const int log2_blocksize = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
+  const bool wgmma_nk = transpose_stored && nf4_wgmma_nk_enabled();
   for (int h = kNumTileHeights - 1; h >= 0; --h) {
     const int64_t first = plan.begin[h], count = plan.begin[h + 1] - first;
     if (count == 0) continue;
+    if (wgmma_nk) {  // Hopper: experts_nf4_wgmma.cu
+      launch_nf4_wgmma_nk<T>(in, out, packed, absmax, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
+      continue;
+    }
     auto go = [&](auto nk_shape, auto kn_shape) {
       if (transpose_stored) {
         launch<T, decltype(nk_shape), true>(in, out, packed, absmax, tiles + first, count, N, K, log2_blocksize);
@@ -503,6 +474,10 @@ int fused_gemm_mode() {
 // scratch; H200 1.19x either way. At 256 rows (qwen3 T=4096) scratch is ahead (H200 0.97x vs
 // 1.02x), and at 512 (olmoe T=4096) clearly (0.86x vs 1.00x).
 constexpr int64_t kFusedMaxMeanRows = 128;
+// The [N, K] products on Hopper (wgmma, experts_nf4_wgmma.cu) win further: H200, forward under
+// no_grad against scratch + grouped_mm (bench_experts --compare-rungs, ratios to bf16): 128 rows
+// (deepseek_v3 T=4096) 0.93x vs 1.32x, 256 (qwen3) 0.83x vs 0.95x, 512 (olmoe) 0.76x vs 0.84x.
+constexpr int64_t kWgmmaMaxMeanRows = 512;
 
 }  // namespace
 
@@ -517,7 +492,8 @@ bool nf4_grouped_gemm_applies(const at::Tensor& in, const PackedStack& w, bool t
   if (r.num_rows > std::numeric_limits<int32_t>::max()) return false;
   if (mode == 1) return true;
   const int64_t active = static_cast<int64_t>(r.active_experts.size());
-  return r.num_rows <= kFusedMaxMeanRows * active;
+  const int64_t max_mean_rows = transpose_stored && nf4_wgmma_nk_enabled() ? kWgmmaMaxMeanRows : kFusedMaxMeanRows;
+  return r.num_rows <= max_mean_rows * active;
 }
 
 void nf4_grouped_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,

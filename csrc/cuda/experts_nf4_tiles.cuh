@@ -1,0 +1,60 @@
+// Pieces shared by the fused NF4 grouped GEMM kernels (experts_nf4_gemm.cu, mma.sync on sm80+;
+// experts_nf4_wgmma.cu, wgmma on sm90a): the CTA row-tile record, the shared-memory swizzle,
+// cp.async copies and the decode of one packed byte into two weights.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "nf4_dequant.cuh"
+
+namespace moequant {
+
+constexpr int kNF4GemmTileK = 64;   // input-dimension elements per k-tile
+constexpr int kChunkWeights = 32;   // NF4 codes per 16-byte packed chunk
+
+// Rows [row_begin, min(row_begin + height, row_end)) of `expert`, in routing order.
+struct alignas(16) RowTile {
+  int32_t expert, row_begin, row_end, unused;
+};
+
+// Byte offset of 16-byte chunk `c` of row `r` in a tile of `chunks_per_row` chunks (a multiple of
+// 8): the chunk's low 3 bits are XOR-ed with the row's, so the same chunk of 8 consecutive rows
+// lands in 8 different bank groups (with 8 chunks a row: the wgmma 128-byte swizzle).
+__device__ __forceinline__ uint32_t swizzle(int r, int c, int chunks_per_row) {
+  return static_cast<uint32_t>((r * chunks_per_row + (c ^ (r & 7))) * 16);
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Global -> shared copies that bypass the registers; zero-filled when !valid (the source must
+// still be a valid address).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 8 : 0));
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Two weights of byte i (0..3) of `word` (codes times the block's absmax, as dequant_expert
+// rounds them), packed as the low and high halves of an mma operand register.
+template <typename T>
+__device__ __forceinline__ uint32_t decode_byte(const float2* table, uint32_t word, int i, uint32_t lane_offset,
+                                                float scale) {
+  const float2 v = nf4_pair_lookup(table, word, i, lane_offset);
+  return pack2<T>(__fmul_rn(v.x, scale), __fmul_rn(v.y, scale));
+}
+
+}  // namespace moequant

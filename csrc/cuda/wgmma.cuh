@@ -1,0 +1,141 @@
+// Hopper warpgroup MMA (wgmma, sm_90a) with the A operand in registers and B in shared memory,
+// plus the fences and the shared-memory matrix descriptor it needs. Callers compile these only
+// where __CUDA_ARCH_FEAT_SM90_ALL is defined (the sm_90a pass); see MOEQUANT_WGMMA_COMPILED.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOEQUANT_WGMMA_COMPILED 1
+#else
+#define MOEQUANT_WGMMA_COMPILED 0
+#endif
+
+namespace moequant {
+
+// Descriptor of a K-major operand tile in shared memory with the 128-byte swizzle: rows of 64
+// 16-bit elements (128 bytes, 16-byte chunk c of row r stored at chunk c ^ (r % 8)), 8-row atoms
+// 1024 bytes apart, the tile's base 1024-byte aligned. Advancing the start address by 32 bytes
+// steps one k16 slice along the row.
+__device__ __forceinline__ uint64_t wgmma_desc_k_major_sw128(uint32_t smem_addr) {
+  uint64_t desc = (smem_addr & 0x3FFFFu) >> 4;  // start address, 16-byte units
+  desc |= uint64_t{1} << 16;                    // leading-dimension offset: unused with this swizzle
+  desc |= uint64_t{1024 >> 4} << 32;            // stride between 8-row atoms
+  desc |= uint64_t{1} << 62;                    // 128-byte swizzle
+  return desc;
+}
+
+// Orders this thread's register writes (A fragments, accumulators) before the next wgmma reads.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Waits until at most kPending of this warpgroup's committed wgmma groups are still running.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Shared memory written by ordinary stores or cp.async, made visible to the async proxy (wgmma's
+// operand reads); each writing thread runs it before the barrier that publishes the writes.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Keeps the compiler from moving accumulator accesses across an asynchronous wgmma.
+template <int kN>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (64 x N, fp32, the wgmma accumulator layout) += a (64 x 16 of T, registers) * B (16 x N of T,
+// K-major in shared memory, `desc_b`). Issued by all 128 threads of a warpgroup; completes
+// asynchronously (wgmma_commit / wgmma_wait).
+#define MOEQUANT_ACC8(i) \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+// scale-d is a predicate (set from a register holding 1: always accumulate).
+#define MOEQUANT_WGMMA_RS_ASM(N, TY, D, A0, A1, A2, A3, DESC, ONE)                                     \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %" ONE ", 0;\n"                                                 \
+  "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TY "." TY " {" D "}, {%" A0 ", %" A1 ", %" A2 \
+  ", %" A3 "}, %" DESC ", p, 1, 1, 0;\n}\n"
+
+template <int N>
+struct WgmmaRs;
+
+template <>
+struct WgmmaRs<16> {
+  template <typename T>
+  static __device__ __forceinline__ void run(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      asm volatile(MOEQUANT_WGMMA_RS_ASM("16", "bf16", "%0, %1, %2, %3, %4, %5, %6, %7", "8", "9", "10", "11", "12", "13")
+                   : MOEQUANT_ACC8(0)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+    } else {
+      asm volatile(MOEQUANT_WGMMA_RS_ASM("16", "f16", "%0, %1, %2, %3, %4, %5, %6, %7", "8", "9", "10", "11", "12", "13")
+                   : MOEQUANT_ACC8(0)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+    }
+  }
+};
+
+template <>
+struct WgmmaRs<32> {
+  template <typename T>
+  static __device__ __forceinline__ void run(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      asm volatile(MOEQUANT_WGMMA_RS_ASM("32", "bf16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15", "16", "17", "18", "19", "20", "21")
+                   : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+    } else {
+      asm volatile(MOEQUANT_WGMMA_RS_ASM("32", "f16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15", "16", "17", "18", "19", "20", "21")
+                   : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+    }
+  }
+};
+
+template <>
+struct WgmmaRs<64> {
+  template <typename T>
+  static __device__ __forceinline__ void run(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      asm volatile(MOEQUANT_WGMMA_RS_ASM("64", "bf16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                                                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31", "32", "33", "34", "35", "36", "37")
+                   : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8), MOEQUANT_ACC8(16), MOEQUANT_ACC8(24)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+    } else {
+      asm volatile(MOEQUANT_WGMMA_RS_ASM("64", "f16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                                                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31", "32", "33", "34", "35", "36", "37")
+                   : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8), MOEQUANT_ACC8(16), MOEQUANT_ACC8(24)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+    }
+  }
+};
+
+template <>
+struct WgmmaRs<128> {
+  template <typename T>
+  static __device__ __forceinline__ void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      asm volatile(MOEQUANT_WGMMA_RS_ASM("128", "bf16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                                                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                                                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                                                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63", "64", "65", "66", "67", "68", "69")
+                   : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8), MOEQUANT_ACC8(16), MOEQUANT_ACC8(24), MOEQUANT_ACC8(32), MOEQUANT_ACC8(40), MOEQUANT_ACC8(48), MOEQUANT_ACC8(56)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+    } else {
+      asm volatile(MOEQUANT_WGMMA_RS_ASM("128", "f16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                                                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                                                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                                                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63", "64", "65", "66", "67", "68", "69")
+                   : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8), MOEQUANT_ACC8(16), MOEQUANT_ACC8(24), MOEQUANT_ACC8(32), MOEQUANT_ACC8(40), MOEQUANT_ACC8(48), MOEQUANT_ACC8(56)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+    }
+  }
+};
+
+#undef MOEQUANT_WGMMA_RS_ASM
+#undef MOEQUANT_ACC8
+
+}  // namespace moequant
