@@ -7,7 +7,8 @@
 // the compute dtype, exactly as dequant_expert rounds them, and multiplied on the tensor cores
 // (mma.sync m16n8k16, fp32 accumulation). Weights are read once, as 4-bit; nothing dequantized
 // reaches global memory. Each output element is owned by one thread and summed in a fixed order:
-// results are deterministic. Two kernels, one per stored orientation (see each).
+// results are deterministic. Two kernels, one per stored orientation (see each); on Hopper the
+// [N, K] products run on wgmma instead (experts_nf4_wgmma.cu), with the same row-tile plan.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
