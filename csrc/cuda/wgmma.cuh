@@ -51,14 +51,36 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[kN]) {
 
 // d (64 x N, fp32, the wgmma accumulator layout) += a (64 x 16 of T, registers) * B (16 x N of T,
 // K-major in shared memory, `desc_b`). Issued by all 128 threads of a warpgroup; completes
-// asynchronously (wgmma_commit / wgmma_wait).
+// asynchronously (wgmma_commit / wgmma_wait). One asm statement per N (its accumulator list),
+// instantiated for bf16 and fp16 by the type string TY; scale-d is a predicate, set from a
+// register holding 1 (always accumulate).
 #define MOEQUANT_ACC8(i) \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-// scale-d is a predicate (set from a register holding 1: always accumulate).
-#define MOEQUANT_WGMMA_RS_ASM(N, TY, D, A0, A1, A2, A3, DESC, ONE)                                     \
-  "{\n.reg .pred p;\nsetp.ne.b32 p, %" ONE ", 0;\n"                                                 \
+#define MOEQUANT_WGMMA_RS_ASM(N, TY, D, A0, A1, A2, A3, DESC, ONE)                                 \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %" ONE ", 0;\n"                                             \
   "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." TY "." TY " {" D "}, {%" A0 ", %" A1 ", %" A2 \
   ", %" A3 "}, %" DESC ", p, 1, 1, 0;\n}\n"
+
+#define MOEQUANT_WGMMA_M64N16(TY) \
+  asm volatile(MOEQUANT_WGMMA_RS_ASM("16", TY, "%0, %1, %2, %3, %4, %5, %6, %7", "8", "9", "10", "11", "12", "13") \
+               : MOEQUANT_ACC8(0) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+#define MOEQUANT_WGMMA_M64N32(TY) \
+  asm volatile(MOEQUANT_WGMMA_RS_ASM("32", TY, "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15", "16", "17", "18", "19", "20", "21") \
+               : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+#define MOEQUANT_WGMMA_M64N64(TY) \
+  asm volatile(MOEQUANT_WGMMA_RS_ASM("64", TY, "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31", "32", "33", "34", "35", "36", "37") \
+               : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8), MOEQUANT_ACC8(16), MOEQUANT_ACC8(24) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+#define MOEQUANT_WGMMA_M64N128(TY) \
+  asm volatile(MOEQUANT_WGMMA_RS_ASM("128", TY, "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63", "64", "65", "66", "67", "68", "69") \
+               : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8), MOEQUANT_ACC8(16), MOEQUANT_ACC8(24), MOEQUANT_ACC8(32), MOEQUANT_ACC8(40), MOEQUANT_ACC8(48), MOEQUANT_ACC8(56) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
 
 template <int N>
 struct WgmmaRs;
@@ -68,13 +90,9 @@ struct WgmmaRs<16> {
   template <typename T>
   static __device__ __forceinline__ void run(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b) {
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      asm volatile(MOEQUANT_WGMMA_RS_ASM("16", "bf16", "%0, %1, %2, %3, %4, %5, %6, %7", "8", "9", "10", "11", "12", "13")
-                   : MOEQUANT_ACC8(0)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+      MOEQUANT_WGMMA_M64N16("bf16");
     } else {
-      asm volatile(MOEQUANT_WGMMA_RS_ASM("16", "f16", "%0, %1, %2, %3, %4, %5, %6, %7", "8", "9", "10", "11", "12", "13")
-                   : MOEQUANT_ACC8(0)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+      MOEQUANT_WGMMA_M64N16("f16");
     }
   }
 };
@@ -84,13 +102,9 @@ struct WgmmaRs<32> {
   template <typename T>
   static __device__ __forceinline__ void run(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b) {
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      asm volatile(MOEQUANT_WGMMA_RS_ASM("32", "bf16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15", "16", "17", "18", "19", "20", "21")
-                   : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+      MOEQUANT_WGMMA_M64N32("bf16");
     } else {
-      asm volatile(MOEQUANT_WGMMA_RS_ASM("32", "f16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15", "16", "17", "18", "19", "20", "21")
-                   : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+      MOEQUANT_WGMMA_M64N32("f16");
     }
   }
 };
@@ -100,15 +114,9 @@ struct WgmmaRs<64> {
   template <typename T>
   static __device__ __forceinline__ void run(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      asm volatile(MOEQUANT_WGMMA_RS_ASM("64", "bf16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                                                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31", "32", "33", "34", "35", "36", "37")
-                   : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8), MOEQUANT_ACC8(16), MOEQUANT_ACC8(24)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+      MOEQUANT_WGMMA_M64N64("bf16");
     } else {
-      asm volatile(MOEQUANT_WGMMA_RS_ASM("64", "f16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                                                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31", "32", "33", "34", "35", "36", "37")
-                   : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8), MOEQUANT_ACC8(16), MOEQUANT_ACC8(24)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+      MOEQUANT_WGMMA_M64N64("f16");
     }
   }
 };
@@ -118,23 +126,17 @@ struct WgmmaRs<128> {
   template <typename T>
   static __device__ __forceinline__ void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      asm volatile(MOEQUANT_WGMMA_RS_ASM("128", "bf16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                                                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-                                                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-                                                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63", "64", "65", "66", "67", "68", "69")
-                   : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8), MOEQUANT_ACC8(16), MOEQUANT_ACC8(24), MOEQUANT_ACC8(32), MOEQUANT_ACC8(40), MOEQUANT_ACC8(48), MOEQUANT_ACC8(56)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+      MOEQUANT_WGMMA_M64N128("bf16");
     } else {
-      asm volatile(MOEQUANT_WGMMA_RS_ASM("128", "f16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                                                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-                                                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-                                                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63", "64", "65", "66", "67", "68", "69")
-                   : MOEQUANT_ACC8(0), MOEQUANT_ACC8(8), MOEQUANT_ACC8(16), MOEQUANT_ACC8(24), MOEQUANT_ACC8(32), MOEQUANT_ACC8(40), MOEQUANT_ACC8(48), MOEQUANT_ACC8(56)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+      MOEQUANT_WGMMA_M64N128("f16");
     }
   }
 };
 
+#undef MOEQUANT_WGMMA_M64N16
+#undef MOEQUANT_WGMMA_M64N32
+#undef MOEQUANT_WGMMA_M64N64
+#undef MOEQUANT_WGMMA_M64N128
 #undef MOEQUANT_WGMMA_RS_ASM
 #undef MOEQUANT_ACC8
 
