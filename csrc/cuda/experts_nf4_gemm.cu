@@ -477,8 +477,10 @@ int fused_gemm_mode() {
 constexpr int64_t kFusedMaxMeanRows = 128;
 // The [N, K] products on Hopper (wgmma, experts_nf4_wgmma.cu) win further: H200, forward under
 // no_grad against scratch + grouped_mm (bench_experts --compare-rungs, ratios to bf16): 128 rows
-// (deepseek_v3 T=4096) 0.93x vs 1.32x, 256 (qwen3) 0.83x vs 0.95x, 512 (olmoe) 0.76x vs 0.84x.
-constexpr int64_t kWgmmaMaxMeanRows = 512;
+// (deepseek_v3 T=4096) 0.93x vs 1.32x, 256 (qwen3 T=4096) 0.83x vs 0.95x. Where the crossover
+// lies depends on the shape (cuBLAS gains more from large matrices): at 512 rows olmoe T=4096 is
+// 0.76x vs 0.84x but deepseek_v3 T=16384 1.18x vs 0.88x; at 1024, qwen3 0.78x vs 0.59x.
+constexpr int64_t kWgmmaMaxMeanRows = 256;
 
 }  // namespace
 
