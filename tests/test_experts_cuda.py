@@ -226,6 +226,27 @@ def test_scratch_rung_lora_memory(env):
         assert with_lora - without < row_buffer / 2, (phase, without, with_lora, row_buffer)
 
 
+# The down LoRA's gradients need act(h) [R, I]; the activation backward writes it over the
+# [R, I] buffer it consumes, so LoRA adds well under one [R, I] buffer to the fwd+bwd peak (with
+# I = 4H here, the largest routing-order buffer besides gate_up's [R, 2I]).
+def test_lora_backward_reuses_activation_buffer():
+    T, H, I, E, k = 1024, 256, 1024, 8, 2
+    peaks = {}
+    for lora in (False, True):
+        case = cuda_case(T=T, H=H, I=I, E=E, k=k, dtype=torch.bfloat16, lora=(lora, lora), rank=16,
+                         weight_scale=0.02)
+        args, kw = case.args(), case.kwargs
+        grad = torch.randn_like(case.hidden)
+
+        def fwd_bwd():
+            ops.experts_forward(*args, **kw).backward(grad)
+
+        fwd_bwd()  # warm-up: cuBLAS workspaces
+        peaks[lora] = peak_transient_bytes(fwd_bwd)
+    act_buffer = T * k * I * 2  # one [R, I] bf16 buffer
+    assert peaks[True] - peaks[False] < act_buffer / 2, (peaks, act_buffer)
+
+
 def cuda_kernel_names(fn):
     """Names of the CUDA kernels fn() launches, or None where the profiler sees none at all (CUPTI
     is unavailable, e.g. under compute-sanitizer): the numeric checks in fn still run."""

@@ -72,12 +72,13 @@ bias_activation_kernel(T* __restrict__ gate_up, const float* __restrict__ bias, 
 
 template <typename T, GatedActivation kAct>
 __global__ void __launch_bounds__(kActThreads)
-activation_backward_kernel(const T* __restrict__ gate_up, const T* __restrict__ grad_act,
+activation_backward_kernel(const T* __restrict__ gate_up, const T* grad_act,
                            const float* __restrict__ row_weights,
                            const T* __restrict__ grad_out_rows, const float* __restrict__ down_bias,
                            const int32_t* __restrict__ sorted_expert, const int32_t* __restrict__ sorted_pair,
-                           T* __restrict__ grad_gate_up, float* __restrict__ grad_pair_weights, T* __restrict__ act_out,
+                           T* __restrict__ grad_gate_up, float* __restrict__ grad_pair_weights, T* act_out,
                            int64_t inter, int64_t hidden, bool interleaved, float alpha, float limit) {
+  // act_out may be grad_act itself: element i is read before it is overwritten, by one thread.
   __shared__ float reduce_scratch[kActThreads / 32];
   const int64_t row = blockIdx.x;
   const T* h = gate_up + row * 2 * inter;
@@ -134,7 +135,7 @@ at::Tensor gate_up_bias_activation(at::Tensor& gate_up, const at::Tensor& bias, 
   return act;
 }
 
-ActivationGrads gate_up_activation_backward(const at::Tensor& gate_up, const at::Tensor& grad_act,
+ActivationGrads gate_up_activation_backward(const at::Tensor& gate_up, at::Tensor& grad_act,
                                             const at::Tensor& row_weights, const at::Tensor& grad_out_rows,
                                             const at::Tensor& down_bias, const ExpertsRouting& r,
                                             const ActivationSpec& spec, bool want_act) {
@@ -144,7 +145,7 @@ ActivationGrads gate_up_activation_backward(const at::Tensor& gate_up, const at:
   ActivationGrads out;
   out.grad_gate_up = at::empty_like(gate_up);
   out.grad_pair_weights = at::zeros({r.num_pairs}, gate_up.options().dtype(at::kFloat));
-  if (want_act) out.act = at::empty({r.num_rows, inter}, gate_up.options());
+  if (want_act) out.act = grad_act;  // written in place: the caller no longer needs grad_act
   if (r.num_rows == 0) return out;
   const int64_t hidden = down_bias.defined() ? grad_out_rows.size(1) : 0;
   auto stream = at::cuda::getCurrentCUDAStream();

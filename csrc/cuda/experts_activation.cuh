@@ -32,7 +32,9 @@ struct ActivationGrads {
 // grad_out[t] @ W_down_eff[e] for each row (LoRA term included); the gradient w.r.t. the
 // activation is that times the pair's weight. grad_pair_weights[p] = <grad_act_unweighted, act> + <grad_out[t], down_bias[e]>.
 // `grad_out_rows` [R, H] and `down_bias` float32 [E, H] are only read when down_bias is defined.
-ActivationGrads gate_up_activation_backward(const at::Tensor& gate_up, const at::Tensor& grad_act_unweighted,
+// With want_act, act is written over grad_act_unweighted (the same storage, returned as `act`):
+// the caller gives up that buffer's values, and the down LoRA's gradients cost no [R, I] buffer.
+ActivationGrads gate_up_activation_backward(const at::Tensor& gate_up, at::Tensor& grad_act_unweighted,
                                             const at::Tensor& row_weights, const at::Tensor& grad_out_rows,
                                             const at::Tensor& down_bias, const ExpertsRouting& routing,
                                             const ActivationSpec& spec, bool want_act);

@@ -229,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                          static_cast<float>(c.down_lora.scaling)}
                            : LowRankTerm{};
     packed_stack_gemm(g, z, c.down, /*transpose_stored=*/c.transposed, r, c.scratch_bytes, down_term);
-    ActivationGrads ag =
+    ActivationGrads ag =  // with down LoRA, ag.act is z's buffer overwritten by act(h)
         gate_up_activation_backward(h, z, row_weights, g, c.down_bias, r, c.act, c.down_lora.present());
     if (c.down_lora.present()) {
       if (has_rows) {
