@@ -1,5 +1,6 @@
-// Fused NF4 grouped GEMM, stored [N, K] orientation (the forward of the standard layout), on
-// Hopper: per row tile of one expert, out^T = S_e · in^T with S_e decoded on the fly.
+// Fused NF4 grouped GEMM, stored [N, K] orientation (the forward of the standard layout, the input
+// gradient of the transposed one), on Hopper: per row tile of one expert, out^T = S_e · in^T with
+// S_e decoded on the fly.
 //
 // The mma.sync kernel (experts_nf4_gemm.cu) multiplies the rows of `in` (A, from shared memory)
 // by decoded weights (B, registers); each warp re-reads the whole row tile from shared memory for
