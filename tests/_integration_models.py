@@ -60,20 +60,52 @@ def _config(model_type: str):
     if model_type == "flex_olmo":
         return tf.FlexOlmoConfig(**_COMMON, intermediate_size=EXPERT_INTER, num_experts=4, num_experts_per_tok=2,
                                  pad_token_id=0)
+    if model_type == "muse_spark":  # post-expert norm (has_post_expert_norm); vision/audio towers kept minimal
+        text = dict(_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=EXPERT_INTER, moe_hidden_size=HIDDEN,
+                    num_local_experts=8, num_experts_per_tok=2, sliding_window=16, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2)
+        vision = dict(num_attention_heads=2, num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                      pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16)
+        audio = dict(hidden_sizes=(8, 8, 8, 8), depths=(1, 1, 1, 1), num_hidden_layers=4, out_hidden_size=HIDDEN)
+        # output_multiplier 1 (default 0.18 scales the logits down) so 20 LoRA steps move the loss as elsewhere
+        text["output_multiplier"] = 1.0
+        return tf.MuseSparkConfig(text_config=text, vision_config=vision, audio_config=audio, out_hidden_size=32,
+                                  projector_hidden_size=32, image_token_id=VOCAB - 3, video_token_id=VOCAB - 2,
+                                  audio_token_id=VOCAB - 1)
     raise ValueError(f"no tiny config for {model_type!r}")
+
+
+def _register_causal_lm_aliases() -> None:
+    """MuseSpark's language model exists only as MuseSparkForConditionalGeneration (image-text-to-text);
+    the tests load every architecture through AutoModelForCausalLM, so it is registered there."""
+    import transformers as tf
+
+    if hasattr(tf, "MuseSparkConfig"):
+        tf.AutoModelForCausalLM.register(tf.MuseSparkConfig, tf.MuseSparkForConditionalGeneration, exist_ok=True)
 
 
 ARCHITECTURES = (
     "qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "glm4_moe", "gpt_oss", "phimoe", "ernie4_5_moe",
-    "flex_olmo",
+    "flex_olmo", "muse_spark",
 )
+# Architectures whose checkpoints store the experts already fused (no per-expert tensors to stream).
+FUSED_CHECKPOINT_ARCHITECTURES = ("gpt_oss", "muse_spark")
+
+
+try:
+    _register_causal_lm_aliases()
+except ImportError:  # no transformers: the integration tests skip
+    pass
 
 
 def tiny_config(model_type: str, num_hidden_layers: int = 2):
     config = _config(model_type)
-    config.num_hidden_layers = num_hidden_layers
-    if hasattr(config, "layer_types") and config.layer_types is not None:
-        config.layer_types = (list(config.layer_types) * num_hidden_layers)[:num_hidden_layers]
+    text_config = getattr(config, "text_config", None) or config
+    text_config.num_hidden_layers = num_hidden_layers
+    for per_layer in ("layer_types", "mlp_layer_types", "layer_rope_theta"):
+        values = getattr(text_config, per_layer, None)
+        if values is not None:
+            setattr(text_config, per_layer, (list(values) * num_hidden_layers)[:num_hidden_layers])
     return config
 
 

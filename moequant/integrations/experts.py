@@ -5,11 +5,19 @@ transformers' ``@use_experts_implementation`` experts modules dispatch their for
 registered there as "moequant": it hands the packed NF4 stacks (and, while PEFT LoRA is active,
 the low-rank factors) to ``torch.ops.moequant.experts_forward``, so neither a dense stack nor an
 ``[E, N, K]`` LoRA delta is ever built.
+
+Only experts whose math moequant reproduces are accepted: :func:`experts_layout` reads every flag
+of ``@use_experts_implementation`` and every attribute transformers' reference forwards
+(``grouped_mm``/``batched_mm``) read, and refuses, naming the module and the flag, anything outside
+an explicit allow-list, so that a flag added by a newer transformers is an error, never ignored.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,6 +37,23 @@ FALLBACK_IMPLEMENTATION = "grouped_mm"
 # Experts classes whose custom `_apply_gate` is the gpt-oss clamped SwiGLU, ``(up + 1) * gate * sigmoid(alpha * gate)``.
 _SWIGLU_OAI_CLASSES = ("GptOssExperts", "OpenAIPrivacyFilterExperts")
 
+# Parameters of transformers' ``use_experts_implementation`` whose meaning moequant implements:
+# the layout (is_concatenated, is_transposed), biases, the gate (has_gate=True only) and the
+# post-expert norm. A parameter outside this list is accepted only while the module holds its
+# default (the math transformers had before the flag existed).
+_KNOWN_DECORATOR_FLAGS = frozenset({
+    "experts_class", "experts_interface", "is_concatenated", "is_transposed", "has_bias", "has_gate",
+    "has_post_expert_norm",
+})
+# Attributes of the experts module read by transformers' reference forwards (``grouped_mm``,
+# ``batched_mm``, the default gate). Any other attribute read there is math moequant does not know.
+_KNOWN_REFERENCE_ATTRIBUTES = frozenset({
+    "num_experts", "_is_expert_parallel", "config", "has_gate", "has_bias", "is_transposed", "is_concatenated",
+    "has_post_expert_norm", "gate_up_proj", "gate_up_proj_bias", "up_proj", "up_proj_bias", "down_proj",
+    "down_proj_bias", "_apply_gate", "act_fn", "post_expert_norm",
+})
+_REFERENCE_FUNCTIONS = ("grouped_mm_experts_forward", "batched_mm_experts_forward", "_default_apply_gate")
+
 
 @dataclass(frozen=True)
 class ExpertsLayout:
@@ -42,6 +67,8 @@ class ExpertsLayout:
     has_bias: bool
     act_alpha: float = 1.702
     act_limit: float = 7.0
+    # ``module.post_expert_norm`` applied to each routed pair's output, before its routing weight.
+    post_expert_norm: bool = False
 
     @property
     def weight_names(self) -> tuple[str, str]:
@@ -68,6 +95,72 @@ def is_experts_module(module: nn.Module) -> bool:
     return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and has_down
 
 
+@functools.lru_cache(maxsize=None)
+def _unknown_reference_attributes() -> tuple[tuple[str, str], ...]:
+    """``(function, attribute)`` for every ``self.<attribute>`` that transformers' reference experts
+    forwards read and moequant does not implement (empty on the transformers versions it supports)."""
+    from transformers.integrations import moe
+
+    unknown = []
+    for fn_name in _REFERENCE_FUNCTIONS:
+        fn = getattr(moe, fn_name, None)
+        if fn is None:
+            continue
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            unknown.append((fn_name, "<source unavailable>"))
+            continue
+        for attribute in sorted(set(re.findall(r"\bself\.(\w+)", source)) - _KNOWN_REFERENCE_ATTRIBUTES):
+            unknown.append((fn_name, attribute))
+    return tuple(unknown)
+
+
+def _check_known_math(module: nn.Module) -> None:
+    """Refuse ``module`` if it uses experts math moequant does not implement (see the allow-lists)."""
+    from transformers.integrations import moe
+
+    name = type(module).__name__
+    unknown = _unknown_reference_attributes()
+    if unknown:
+        fn_name, attribute = unknown[0]
+        raise ValueError(
+            f"{name}: transformers' {fn_name} reads self.{attribute}, which moequant does not implement (this "
+            "transformers changed the experts math; moequant refuses rather than computing something else)"
+        )
+    missing = object()
+    for flag, parameter in inspect.signature(moe.use_experts_implementation).parameters.items():
+        if flag in _KNOWN_DECORATOR_FLAGS:
+            continue
+        value = getattr(module, flag, missing)
+        if value is missing or value != parameter.default:
+            shown = "unset" if value is missing else repr(value)
+            raise ValueError(
+                f"{name} uses @use_experts_implementation flag {flag}={shown} (default {parameter.default!r}), "
+                "which moequant does not implement"
+            )
+    interface = inspect.getclosurevars(type(module).forward).nonlocals.get("experts_interface")
+    if interface is not moe.ALL_EXPERTS_FUNCTIONS:
+        raise ValueError(
+            f"{name}.forward does not dispatch through transformers' ALL_EXPERTS_FUNCTIONS (a subclass overrides "
+            "forward, or the class was decorated with another experts_interface); moequant cannot run it"
+        )
+    _check_forward_not_replaced(module)
+
+
+def _check_forward_not_replaced(module: nn.Module) -> None:
+    """Refuse a module whose instance ``forward`` was replaced (e.g. by a hub kernel's ``kernelize``)."""
+    instance_forward = module.__dict__.get("forward")
+    if instance_forward is None or getattr(instance_forward, "__func__", None) is type(module).forward:
+        return  # kernels' kernelize re-binds the class forward on layers it leaves alone
+    replacement = getattr(instance_forward, "__qualname__", repr(instance_forward))
+    raise ValueError(
+        f"{type(module).__name__}.forward was replaced on the instance by {replacement} (e.g. by a hub kernel's "
+        "kernelize); moequant's experts implementation would never run. Load without hub kernels for this module "
+        "(USE_HUB_KERNELS=0 or use_kernels=False)"
+    )
+
+
 def experts_layout(module: nn.Module) -> ExpertsLayout:
     """Read the layout of a transformers experts module; raise ``ValueError`` naming what is unsupported."""
     name = type(module).__name__
@@ -76,6 +169,7 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
             f"{name} is not a transformers fused-experts module (expected the attributes has_gate, is_transposed "
             "and down_proj set by @use_experts_implementation)"
         )
+    _check_known_math(module)
     if not module.has_gate:
         raise ValueError(
             f"{name} has no gate (has_gate=False, an up_proj-only MLP); moequant supports gated experts only"
@@ -102,7 +196,12 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
                 "and tanh-GELU gates"
             )
         alpha, limit = 1.702, 7.0
-    return ExpertsLayout("gate_up_proj", "down_proj", activation, transposed, interleaved, has_bias, alpha, limit)
+    post_expert_norm = bool(getattr(module, "has_post_expert_norm", False))
+    if post_expert_norm and not isinstance(getattr(module, "post_expert_norm", None), nn.Module):
+        raise ValueError(f"{name} has has_post_expert_norm=True but no post_expert_norm module")
+    return ExpertsLayout(
+        "gate_up_proj", "down_proj", activation, transposed, interleaved, has_bias, alpha, limit, post_expert_norm
+    )
 
 
 def _lora_kwargs(module: nn.Module, name: str, prefix: str) -> dict:
@@ -137,7 +236,15 @@ def moequant_experts_forward(
         kwargs["down_bias"] = getattr(self, f"{layout.down_name}_bias")
     kwargs.update(_lora_kwargs(self, layout.gate_up_name, "gate_up"))
     kwargs.update(_lora_kwargs(self, layout.down_name, "down"))
-    return torch.ops.moequant.experts_forward(
+    if layout.post_expert_norm:
+        # transformers normalizes each routed pair's expert output before weighting it, so the op
+        # runs once per (token, slot) pair with weight 1, and the norm and routing weights follow.
+        num_tokens, top_k = top_k_index.shape
+        routing_weights, out_dtype = top_k_weights, hidden_states.dtype
+        hidden_states = hidden_states.repeat_interleave(top_k, dim=0)
+        top_k_index = top_k_index.reshape(num_tokens * top_k, 1)
+        top_k_weights = torch.ones_like(top_k_index, dtype=top_k_weights.dtype)
+    out = torch.ops.moequant.experts_forward(
         hidden_states,
         top_k_index,
         top_k_weights,
@@ -153,6 +260,10 @@ def moequant_experts_forward(
         act_limit=layout.act_limit,
         **kwargs,
     )
+    if layout.post_expert_norm:
+        pair_out = self.post_expert_norm(out).view(num_tokens, top_k, -1)
+        return (pair_out * routing_weights.unsqueeze(-1)).sum(dim=1).to(out_dtype)
+    return out
 
 
 def register_experts_implementation() -> None:
@@ -165,6 +276,7 @@ def register_experts_implementation() -> None:
 
 def select_experts_implementation(module: nn.Module) -> None:
     """Make ``module`` (and every experts module sharing its config) dispatch to "moequant"."""
+    _check_forward_not_replaced(module)  # again here: from_pretrained kernelizes after the layout check
     register_experts_implementation()
     config = getattr(module, "config", None)
     if config is None:
