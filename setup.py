@@ -10,6 +10,10 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# transformers releases the integration is tested on: the pinned one (tests/requirements.txt) and
+# the newest (tests/run_newest_transformers.sh). Flags of a newer release that change the experts
+# math are refused at quantization time rather than ignored.
+SUPPORTED_TRANSFORMERS = "transformers>=5.20,<5.26"
 
 
 def rel(pattern):
@@ -72,4 +76,5 @@ setup(
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
     install_requires=["torch>=2.9"],
+    extras_require={"transformers": [SUPPORTED_TRANSFORMERS]},
 )

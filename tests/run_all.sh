@@ -32,3 +32,4 @@ fi
 
 MAX_JOBS=${MAX_JOBS:-$(nproc)} $PY -m pip install -q --no-build-isolation -e .
 $PY -m pytest tests -q -rs "$@"
+PYTHON=$PY bash tests/run_newest_transformers.sh  # the integration tests on the newest transformers too

@@ -87,8 +87,9 @@ def _build(cls: type) -> nn.Module:
         getattr(module, annotation) if isinstance(annotation, str) else annotation]
     configs = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, PreTrainedConfig)]
     candidates += sorted(configs, key=lambda c: ("Text" not in c.__name__, c.__name__))
-    # some classes take their width as an argument (Ernie-4.5-VL: one per modality)
-    kwargs = {"intermediate_size": 32} if "intermediate_size" in inspect.signature(cls.__init__).parameters else {}
+    # arguments some classes take besides the config (Ernie-4.5-VL: a width per modality; a layer index)
+    parameters = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in (("intermediate_size", 32), ("layer_idx", 0)) if k in parameters}
     errors = []
     for config_cls in candidates:
         try:
@@ -327,3 +328,12 @@ def test_hub_kernels_compose_or_are_refused(tmp_path, monkeypatch):
     with torch.no_grad(), _NoDenseRead():
         torch.testing.assert_close(kernelized(ids).logits, plain(ids).logits, atol=0, rtol=0)
 
+
+
+def test_installed_transformers_is_in_the_stated_range():
+    """The range in setup.py covers every transformers these tests run on (pinned and newest)."""
+    from packaging.specifiers import SpecifierSet
+
+    setup_py = (pathlib.Path(__file__).parent.parent / "setup.py").read_text()
+    stated = re.search(r'SUPPORTED_TRANSFORMERS = "transformers([^"]+)"', setup_py).group(1)
+    assert transformers.__version__ in SpecifierSet(stated), (transformers.__version__, stated)

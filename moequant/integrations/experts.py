@@ -76,6 +76,10 @@ class ExpertsLayout:
 
 
 def _activation_name(act_fn: nn.Module) -> Optional[str]:
+    if act_fn is torch.nn.functional.silu:  # a few experts classes hold the function, not a module
+        return "silu"
+    if act_fn is torch.nn.functional.gelu:
+        return "gelu"
     cls = type(act_fn).__name__
     if cls in ("SiLUActivation", "SiLU"):
         return "silu"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs the transformers/PEFT integration tests against the newest transformers release that installs
+# here (the main suite runs the pinned one from tests/requirements.txt). A venv with
+# --system-site-packages reuses this interpreter's torch, the built moequant and the other test
+# dependencies; only transformers and what it needs go into the venv, with torch held at the
+# installed version so pip can never replace it.
+#
+# transformers 5.25.0 requires kernels>=0.19.1,<0.20, which this machine's package index does not
+# carry (its newest is 0.17.2), so 5.24.0 is the newest release that installs here. Where kernels
+# 0.19 is available:
+#   MOEQUANT_NEWEST_TRANSFORMERS="transformers==5.25.0 kernels==0.19.1" bash tests/run_newest_transformers.sh
+# (5.25 turns hub kernels on in from_pretrained by default; the tests then run with them on.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+SPEC=${MOEQUANT_NEWEST_TRANSFORMERS:-"transformers==5.24.0"}
+VENV=${MOEQUANT_NEWEST_VENV:-${TMPDIR:-/tmp}/moequant-newest-transformers}
+
+[ -x "$VENV/bin/python" ] || $PY -m venv --system-site-packages "$VENV"
+TORCH_VERSION=$($PY -c "import torch; print(torch.__version__)")
+CONSTRAINTS="$VENV/torch-constraint.txt"
+echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
+# shellcheck disable=SC2086  # SPEC holds one or more requirement specifiers
+"$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" $SPEC || {
+  [ -n "${CI:-}" ] && exit 1
+  echo "warning: could not install $SPEC (offline?); skipping the newest-transformers run" >&2
+  exit 0
+}
+"$VENV/bin/python" - "$TORCH_VERSION" <<'EOF'
+import sys
+import torch, transformers, moequant  # noqa: F401  (moequant: the build this interpreter uses)
+assert torch.__version__ == sys.argv[1], f"torch changed in the venv: {torch.__version__} != {sys.argv[1]}"
+print(f"newest-transformers run: transformers {transformers.__version__}, torch {torch.__version__}")
+EOF
+"$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider \
+  tests/test_integration_transformers.py tests/test_integration_experts_compat.py tests/test_integration_peft.py "$@"
