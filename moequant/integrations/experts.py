@@ -143,7 +143,10 @@ def _check_known_math(module: nn.Module) -> None:
                 f"{name} uses @use_experts_implementation flag {flag}={shown} (default {parameter.default!r}), "
                 "which moequant does not implement"
             )
-    interface = inspect.getclosurevars(type(module).forward).nonlocals.get("experts_interface")
+    try:  # the decorator's forward closes over the interface it dispatches through
+        interface = inspect.getclosurevars(type(module).forward).nonlocals.get("experts_interface")
+    except TypeError:  # not a Python function: not the decorator's
+        interface = None
     if interface is not moe.ALL_EXPERTS_FUNCTIONS:
         raise ValueError(
             f"{name}.forward does not dispatch through transformers' ALL_EXPERTS_FUNCTIONS (a subclass overrides "
