@@ -267,6 +267,20 @@ def test_unknown_reference_attribute_is_refused(monkeypatch):
     assert experts_layout(_tiny_qwen3_experts()).activation == "silu"
 
 
+def test_interleaved_flag_with_default_gate_is_refused():
+    @moe.use_experts_implementation(is_concatenated=False)
+    class InterleavedExperts(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = 4
+            self.gate_up_proj = nn.Parameter(torch.zeros(4, 64, 64))
+            self.down_proj = nn.Parameter(torch.zeros(4, 64, 32))
+            self.act_fn = nn.SiLU()
+
+    with pytest.raises(ValueError, match=r"InterleavedExperts sets is_concatenated=False .* default _apply_gate"):
+        experts_layout(InterleavedExperts(transformers.PretrainedConfig()))
+
+
 def test_overridden_forward_is_refused():
     base = next(c for c in EXPERTS_CLASSES if c.__name__ == "Qwen3MoeExperts")
 

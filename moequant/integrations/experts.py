@@ -196,6 +196,11 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
         activation = "swiglu_oai"
         alpha, limit = float(module.alpha), float(module.limit)
     else:
+        if interleaved:  # the default gate splits [gate; up] halves whatever the flag says: ambiguous
+            raise ValueError(
+                f"{name} sets is_concatenated=False (interleaved gate/up) but uses the default _apply_gate, which "
+                "splits gate_up into halves; moequant refuses the ambiguous layout"
+            )
         activation = _activation_name(getattr(module, "act_fn", None))
         if activation is None:
             raise ValueError(
