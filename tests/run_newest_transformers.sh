@@ -5,27 +5,37 @@
 # dependencies; only transformers and what it needs go into the venv, with torch held at the
 # installed version so pip can never replace it.
 #
-# transformers 5.25.0 requires kernels>=0.19.1,<0.20, which this machine's package index does not
-# carry (its newest is 0.17.2), so 5.24.0 is the newest release that installs here. Where kernels
-# 0.19 is available:
-#   MOEQUANT_NEWEST_TRANSFORMERS="transformers==5.25.0 kernels==0.19.1" bash tests/run_newest_transformers.sh
-# (5.25 turns hub kernels on in from_pretrained by default; the tests then run with them on.)
+# The newest release is tried first, with what it needs pinned; transformers 5.25.0 requires
+# kernels>=0.19.1,<0.20, which this machine's package index does not carry (its newest is 0.17.2),
+# so here the run falls back to 5.24.0, the newest release that installs. MOEQUANT_NEWEST_TRANSFORMERS
+# overrides the list (one requirement set per line). 5.25 turns hub kernels on in from_pretrained
+# by default, so where it installs the tests run with hub kernels on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-SPEC=${MOEQUANT_NEWEST_TRANSFORMERS:-"transformers==5.24.0"}
+CANDIDATES=${MOEQUANT_NEWEST_TRANSFORMERS:-"transformers==5.25.0 kernels==0.19.1
+transformers==5.24.0"}
 VENV=${MOEQUANT_NEWEST_VENV:-${TMPDIR:-/tmp}/moequant-newest-transformers}
 
 [ -x "$VENV/bin/python" ] || $PY -m venv --system-site-packages "$VENV"
 TORCH_VERSION=$($PY -c "import torch; print(torch.__version__)")
 CONSTRAINTS="$VENV/torch-constraint.txt"
 echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
-# shellcheck disable=SC2086  # SPEC holds one or more requirement specifiers
-"$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" $SPEC || {
+installed=""
+while IFS= read -r spec; do
+  [ -n "$spec" ] || continue
+  # shellcheck disable=SC2086  # one or more requirement specifiers
+  if "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" $spec; then
+    installed=$spec
+    break
+  fi
+  echo "note: $spec does not install here; trying the next release" >&2
+done <<< "$CANDIDATES"
+if [ -z "$installed" ]; then
   [ -n "${CI:-}" ] && exit 1
-  echo "warning: could not install $SPEC (offline?); skipping the newest-transformers run" >&2
+  echo "warning: no transformers release of the list installed (offline?); skipping the newest-transformers run" >&2
   exit 0
-}
+fi
 "$VENV/bin/python" - "$TORCH_VERSION" <<'EOF'
 import sys
 import torch, transformers, moequant  # noqa: F401  (moequant: the build this interpreter uses)
