@@ -61,9 +61,9 @@ def _config(model_type: str):
         return tf.FlexOlmoConfig(**_COMMON, intermediate_size=EXPERT_INTER, num_experts=4, num_experts_per_tok=2,
                                  pad_token_id=0)
     if model_type == "muse_spark":  # post-expert norm (has_post_expert_norm); vision/audio towers kept minimal
-        text = dict(_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=EXPERT_INTER, moe_hidden_size=HIDDEN,
-                    num_local_experts=8, num_experts_per_tok=2, sliding_window=16, pad_token_id=0, bos_token_id=1,
-                    eos_token_id=2)
+        text = dict(_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=EXPERT_INTER,
+                    moe_hidden_size=HIDDEN, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
         vision = dict(num_attention_heads=2, num_hidden_layers=1, hidden_size=32, intermediate_size=64,
                       pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16)
         audio = dict(hidden_sizes=(8, 8, 8, 8), depths=(1, 1, 1, 1), num_hidden_layers=4, out_hidden_size=HIDDEN)

@@ -236,7 +236,8 @@ def test_unknown_decorator_flag_is_refused(monkeypatch):
     )
     monkeypatch.setattr(moe, "use_experts_implementation", future_decorator)
     experts = _tiny_qwen3_experts()
-    with pytest.raises(ValueError, match=r"Qwen3MoeExperts uses @use_experts_implementation flag has_router_scale=unset"):
+    unset = r"Qwen3MoeExperts uses @use_experts_implementation flag has_router_scale=unset"
+    with pytest.raises(ValueError, match=unset):
         experts_layout(experts)
     experts.has_router_scale = True
     with pytest.raises(ValueError, match=r"flag has_router_scale=True \(default False\)"):
