@@ -1,7 +1,7 @@
 #include "experts_checks.h"
 
 #include "error_text.h"
-#include "nf4_checks.h"
+#include "quant_checks.h"
 
 namespace moequant {
 
@@ -25,17 +25,36 @@ static void check_same_device(const char* op, const char* name, const at::Tensor
               " like hidden_states, got ", t.device());
 }
 
-// One packed stack: uint8 [E, rows, cols/2] with absmax [E, rows*cols/blocksize].
-static void check_stack(const char* op, const char* name, const at::Tensor& packed,
-                        const at::Tensor& absmax, int64_t blocksize, const at::Tensor& hidden,
+// One quantized stack, logical [E, rows, cols]: packed uint8 [E, rows, cols/2] (nf4, fp4) or
+// int8 [E, rows, cols], with plain or double-quantized statistics. Returns whether it is
+// double-quantized.
+static bool check_stack(const char* op, const char* name, QuantType type, const at::Tensor& packed,
+                        const at::Tensor& absmax, const std::optional<at::Tensor>& absmax_scale,
+                        const std::optional<at::Tensor>& absmax_offset, int64_t blocksize, const at::Tensor& hidden,
                         const c10::SymInt& rows, const c10::SymInt& cols) {
-  TORCH_CHECK(packed.dim() == 3, op, ": ", name, "_packed must be a stack uint8 [E, N, K/2], got shape ",
-              dims_str(packed.sym_sizes()));
-  check_dequant_args(packed, absmax, blocksize, at::kFloat, std::nullopt);
-  check_same_device(op, name, packed, hidden);
-  TORCH_CHECK(packed.sym_size(1) == rows && packed.sym_size(2) * 2 == cols, op, ": ", name,
-              "_packed must hold a logical [E, ", num_str(rows), ", ", num_str(cols), "] weight (packed [E, ", num_str(rows), ", ",
-              num_str(cols / 2), "]), got packed shape ", dims_str(packed.sym_sizes()));
+  const bool four_bit = is_4bit(type);
+  TORCH_CHECK(packed.scalar_type() == (four_bit ? at::kByte : at::kChar), op, ": ", name, "_packed must be ",
+              four_bit ? "uint8 [E, N, K/2]" : "int8 [E, N, K]", " for quant_type \"", quant_type_name(type),
+              "\", got ", packed.scalar_type());
+  check_same_device(op, (std::string(name) + "_packed").c_str(), packed, hidden);
+  const c10::SymInt packed_cols = four_bit ? cols / 2 : cols;
+  TORCH_CHECK(packed.sym_size(1) == rows && packed.sym_size(2) == packed_cols && (!four_bit || cols % 2 == 0), op,
+              ": ", name, "_packed must hold a logical [E, ", num_str(rows), ", ", num_str(cols), "] ",
+              quant_type_name(type), " weight (packed [E, ", num_str(rows), ", ", num_str(packed_cols),
+              "]), got packed shape ", dims_str(packed.sym_sizes()));
+  StackShape shape;
+  shape.type = type;
+  shape.leading = {packed.sym_size(0)};
+  shape.rows = rows;
+  shape.cols = cols;
+  if (four_bit) {
+    check_blocksize(blocksize);
+    TORCH_CHECK(shape.matrix_numel() % blocksize == 0, op, ": N*K of each ", name,
+                " matrix must be a multiple of blocksize=", num_str(blocksize), ", got packed shape ",
+                dims_str(packed.sym_sizes()));
+  }
+  check_statistics(op, std::string(name) + "_", shape, blocksize, absmax, absmax_scale, absmax_offset, packed);
+  return absmax.scalar_type() == at::kByte;
 }
 
 static void check_bias(const char* op, const char* name, const std::optional<at::Tensor>& bias,
@@ -72,6 +91,7 @@ ExpertsProblem check_experts_args(const char* op, const at::Tensor& hidden_state
                                   MOEQUANT_EXPERTS_PARAMS) {
   ExpertsProblem p;
   p.activation = parse_activation(activation);
+  p.quant_type = parse_quant_type(quant_type);
   TORCH_CHECK(hidden_states.dim() == 2 && is_float(hidden_states), op,
               ": hidden_states must be a float tensor [T, H], got ", hidden_states.scalar_type(), " ",
               dims_str(hidden_states.sym_sizes()));
@@ -93,25 +113,28 @@ ExpertsProblem check_experts_args(const char* op, const at::Tensor& hidden_state
   check_same_device(op, "top_k_index", top_k_index, hidden_states);
   check_same_device(op, "top_k_weights", top_k_weights, hidden_states);
 
-  TORCH_CHECK(gate_up_packed.dim() == 3, op, ": gate_up_packed must be uint8 [E, N, K/2], got shape ",
-              dims_str(gate_up_packed.sym_sizes()));
-  TORCH_CHECK(down_packed.dim() == 3, op, ": down_packed must be uint8 [E, N, K/2], got shape ",
+  TORCH_CHECK(gate_up_packed.dim() == 3, op, ": gate_up_packed must be a stack [E, N, K/2] (int8: [E, N, K]), "
+              "got shape ", dims_str(gate_up_packed.sym_sizes()));
+  TORCH_CHECK(down_packed.dim() == 3, op, ": down_packed must be a stack [E, N, K/2] (int8: [E, N, K]), got shape ",
               dims_str(down_packed.sym_sizes()));
   p.experts = gate_up_packed.sym_size(0);
   TORCH_CHECK(down_packed.sym_size(0) == p.experts, op, ": gate_up and down stacks must hold the same "
               "number of experts, got ", num_str(p.experts), " and ", num_str(down_packed.sym_size(0)));
   // Logical layouts: [E, 2I, H] / [E, H, I], or transposed [E, H, 2I] / [E, I, H].
-  const c10::SymInt gate_up_features = transposed ? gate_up_packed.sym_size(2) * 2 : gate_up_packed.sym_size(1);
+  const c10::SymInt gate_up_features =
+      transposed ? gate_up_packed.sym_size(2) * (is_4bit(p.quant_type) ? 2 : 1) : gate_up_packed.sym_size(1);
   TORCH_CHECK(gate_up_features % 2 == 0, op, ": the gate_up stack must have an even number (2I) of "
               "output features, got ", num_str(gate_up_features));
   p.intermediate = gate_up_features / 2;
-  if (transposed) {
-    check_stack(op, "gate_up", gate_up_packed, gate_up_absmax, blocksize, hidden_states, p.hidden, p.intermediate * 2);
-    check_stack(op, "down", down_packed, down_absmax, blocksize, hidden_states, p.intermediate, p.hidden);
-  } else {
-    check_stack(op, "gate_up", gate_up_packed, gate_up_absmax, blocksize, hidden_states, p.intermediate * 2, p.hidden);
-    check_stack(op, "down", down_packed, down_absmax, blocksize, hidden_states, p.hidden, p.intermediate);
-  }
+  const c10::SymInt gate_up_rows = transposed ? p.hidden : p.intermediate * 2;
+  const c10::SymInt gate_up_cols = transposed ? p.intermediate * 2 : p.hidden;
+  const c10::SymInt down_rows = transposed ? p.intermediate : p.hidden;
+  const c10::SymInt down_cols = transposed ? p.hidden : p.intermediate;
+  p.gate_up_double_quant = check_stack(op, "gate_up", p.quant_type, gate_up_packed, gate_up_absmax,
+                                       gate_up_absmax_scale, gate_up_absmax_offset, blocksize, hidden_states,
+                                       gate_up_rows, gate_up_cols);
+  p.down_double_quant = check_stack(op, "down", p.quant_type, down_packed, down_absmax, down_absmax_scale,
+                                    down_absmax_offset, blocksize, hidden_states, down_rows, down_cols);
   check_bias(op, "gate_up_bias", gate_up_bias, hidden_states, p.experts, p.intermediate * 2);
   check_bias(op, "down_bias", down_bias, hidden_states, p.experts, p.hidden);
   p.has_gate_up_lora = check_lora(op, "gate_up", gate_up_lora_A, gate_up_lora_B, hidden_states, p.experts,

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "kernels.h"
+#include "quant_format.h"
 
 namespace moequant {
 
@@ -22,6 +23,9 @@ struct ExpertsProblem {
   c10::SymInt intermediate;  // I (gate_up produces 2I features)
   c10::SymInt experts;       // E
   GatedActivation activation = GatedActivation::kSilu;
+  QuantType quant_type = QuantType::kNF4;  // of both stacks
+  bool gate_up_double_quant = false;       // uint8 statistics with scale/offset
+  bool down_double_quant = false;
   bool has_gate_up_lora = false;
   bool has_down_lora = false;
 };

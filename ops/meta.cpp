@@ -2,19 +2,33 @@
 // kernels, so torch.compile and opcheck see what the CPU/CUDA kernels would return.
 #include <torch/library.h>
 
-#include "../csrc/nf4_checks.h"
+#include "../csrc/kernels.h"
+#include "../csrc/quant_checks.h"
 
 namespace moequant {
 
-static std::tuple<at::Tensor, at::Tensor> quantize_nf4_meta(const at::Tensor& weight, int64_t blocksize) {
-  const NF4StackShape shape = check_quantize_args(weight, blocksize);
-  return {at::empty_symint(shape.packed_sizes(), weight.options().dtype(at::kByte)),
+static std::tuple<at::Tensor, at::Tensor> quantize_nf4_meta(const at::Tensor& weight, int64_t blocksize,
+                                                            c10::string_view quant_type) {
+  const StackShape shape = check_quantize_args(weight, blocksize, parse_quant_type(quant_type));
+  return {at::empty_symint(shape.packed_sizes(), weight.options().dtype(shape.packed_dtype())),
           at::empty_symint(shape.absmax_sizes(blocksize), weight.options().dtype(at::kFloat))};
 }
 
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_statistics_meta(const at::Tensor& absmax) {
+  check_compress_statistics_args(absmax);
+  std::vector<c10::SymInt> scale_sizes(absmax.sym_sizes().begin(), absmax.sym_sizes().end());
+  scale_sizes.back() = (scale_sizes.back() + (kDoubleQuantGroup - 1)) / kDoubleQuantGroup;
+  const c10::SymIntArrayRef leading = absmax.sym_sizes().slice(0, absmax.dim() - 1);
+  return {at::empty_symint(absmax.sym_sizes(), absmax.options().dtype(at::kByte)),
+          at::empty_symint(scale_sizes, absmax.options()), at::empty_symint(leading, absmax.options())};
+}
+
 static at::Tensor dequant_expert_meta(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                                      at::ScalarType dtype, std::optional<int64_t> expert) {
-  const NF4StackShape shape = check_dequant_args(packed, absmax, blocksize, dtype, expert);
+                                      at::ScalarType dtype, std::optional<int64_t> expert,
+                                      c10::string_view quant_type, const std::optional<at::Tensor>& absmax_scale,
+                                      const std::optional<at::Tensor>& absmax_offset) {
+  const StackShape shape = check_dequant_args(packed, absmax, blocksize, dtype, expert, parse_quant_type(quant_type),
+                                              absmax_scale, absmax_offset);
   return at::empty_symint(dequant_output_sizes(shape, expert), packed.options().dtype(dtype));
 }
 
@@ -22,6 +36,7 @@ static at::Tensor dequant_expert_meta(const at::Tensor& packed, const at::Tensor
 
 TORCH_LIBRARY_IMPL(moequant, Meta, m) {
   m.impl("quantize_nf4", &moequant::quantize_nf4_meta);
+  m.impl("compress_statistics", &moequant::compress_statistics_meta);
   m.impl("dequant_expert", &moequant::dequant_expert_meta);
 }
 
@@ -30,11 +45,6 @@ TORCH_LIBRARY_IMPL(moequant, Meta, m) {
 #include "../csrc/experts_checks.h"
 
 namespace moequant {
-
-#define MOEQUANT_EXPERTS_ARG_NAMES                                                                 \
-  gate_up_packed, gate_up_absmax, down_packed, down_absmax, blocksize, activation, transposed,   \
-      interleaved, gate_up_bias, down_bias, gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling, \
-      down_lora_A, down_lora_B, down_lora_scaling, act_alpha, act_limit
 
 static at::Tensor experts_forward_meta(const at::Tensor& hidden_states, const at::Tensor& top_k_index,
                                        const at::Tensor& top_k_weights, MOEQUANT_EXPERTS_PARAMS) {

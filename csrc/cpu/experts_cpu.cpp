@@ -1,5 +1,6 @@
 // CPU kernels of the experts ops: route (stable counting sort of the T*k pairs by expert), then
-// per expert dequantize its two matrices once into fp32 (fp64 for fp64 inputs), run the
+// per expert dequantize its two matrices once into fp32 (fp64 for fp64 inputs) through the
+// format layer (any quant_type, plain or double-quantized statistics), run the
 // projections with ATen's BLAS-backed mm, and reduce the k slots of each token in a fixed order.
 // Deterministic; the reference and oracle for the CUDA kernels.
 #include <ATen/ATen.h>
@@ -9,6 +10,7 @@
 #include "../experts_checks.h"
 #include "../gated_activation.h"
 #include "../kernels.h"
+#include "../quant_checks.h"
 
 namespace moequant {
 namespace {
@@ -41,15 +43,43 @@ CpuRouting route_cpu(const at::Tensor& top_k_index, int64_t experts) {
   return r;
 }
 
+// One stack's tensors made contiguous, and its raw view for decoding.
+struct CpuStack {
+  at::Tensor packed, absmax, scale, offset;  // scale/offset undefined for plain statistics
+  QuantMatrices view;
+  int64_t rows = 0, cols = 0;
+};
+
+CpuStack cpu_stack(QuantType type, const at::Tensor& packed, const at::Tensor& absmax,
+                   const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& offset,
+                   int64_t blocksize) {
+  CpuStack s;
+  s.packed = packed.contiguous();
+  s.absmax = absmax.contiguous();
+  if (scale.has_value()) s.scale = scale->contiguous();
+  if (offset.has_value()) s.offset = offset->contiguous();
+  StackShape shape;
+  shape.type = type;
+  shape.leading = {packed.sym_size(0)};
+  shape.rows = packed.sym_size(1);
+  shape.cols = is_4bit(type) ? packed.sym_size(2) * 2 : packed.sym_size(2);
+  s.rows = shape.rows.expect_int();
+  s.cols = shape.cols.expect_int();
+  s.view.type = type;
+  s.view.data = s.packed.const_data_ptr();
+  s.view.scales = block_scales_of(shape, blocksize, s.absmax, scale.has_value() ? std::optional(s.scale) : std::nullopt,
+                                  offset.has_value() ? std::optional(s.offset) : std::nullopt);
+  s.view.scales.map = kDynamicMap;
+  s.view.matrix_numel = s.rows * s.cols;
+  s.view.block_numel = shape.block_numel(blocksize).expect_int();
+  return s;
+}
+
 // The arguments of one call, with everything converted to the compute dtype.
 struct CpuExperts {
   ExpertsProblem problem;
   at::ScalarType compute;
-  const at::Tensor& gate_up_packed;
-  const at::Tensor& gate_up_absmax;
-  const at::Tensor& down_packed;
-  const at::Tensor& down_absmax;
-  int64_t blocksize;
+  CpuStack gate_up_stack, down_stack;
   bool transposed, interleaved;
   double alpha, limit;
   at::Tensor gate_up_bias, down_bias;                        // undefined when absent
@@ -57,25 +87,22 @@ struct CpuExperts {
   double gu_scaling, d_scaling;
 
   // Expert e's dequantized matrix of a stack, in the compute dtype.
-  at::Tensor weight(const at::Tensor& packed, const at::Tensor& absmax, int64_t e) const {
-    at::Tensor w = at::empty({packed.size(1), packed.size(2) * 2}, packed.options().dtype(compute));
-    const int64_t numel = w.numel();
-    const uint8_t* p = packed.const_data_ptr<uint8_t>() + e * (numel / 2);
-    const float* a = absmax.const_data_ptr<float>() + e * (numel / blocksize);
+  at::Tensor weight(const CpuStack& stack, int64_t e) const {
+    at::Tensor w = at::empty({stack.rows, stack.cols}, stack.packed.options().dtype(compute));
     if (compute == at::kDouble) {
-      dequant_nf4_blocks_cpu<double>(p, a, w.mutable_data_ptr<double>(), numel / blocksize, blocksize);
+      dequant_matrices_cpu<double>(stack.view, e, 1, w.mutable_data_ptr<double>());
     } else {
-      dequant_nf4_blocks_cpu<float>(p, a, w.mutable_data_ptr<float>(), numel / blocksize, blocksize);
+      dequant_matrices_cpu<float>(stack.view, e, 1, w.mutable_data_ptr<float>());
     }
     return w;
   }
   // Weight as [in, out] so that y = x.mm(w_in_out).
   at::Tensor gate_up_in_out(int64_t e) const {
-    at::Tensor w = weight(gate_up_packed, gate_up_absmax, e);
+    at::Tensor w = weight(gate_up_stack, e);
     return transposed ? w : w.t();
   }
   at::Tensor down_in_out(int64_t e) const {
-    at::Tensor w = weight(down_packed, down_absmax, e);
+    at::Tensor w = weight(down_stack, e);
     return transposed ? w : w.t();
   }
   at::Tensor gate_up(const at::Tensor& x, const at::Tensor& w_in_out, int64_t e) const {
@@ -92,20 +119,16 @@ at::Tensor opt_to(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
 
 CpuExperts make_problem(const char* op, const at::Tensor& hidden_states, const at::Tensor& top_k_index,
                         const at::Tensor& top_k_weights, MOEQUANT_EXPERTS_PARAMS) {
-  ExpertsProblem problem = check_experts_args(op, hidden_states, top_k_index, top_k_weights, gate_up_packed,
-                                              gate_up_absmax, down_packed, down_absmax, blocksize, activation,
-                                              transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A,
-                                              gate_up_lora_B, gate_up_lora_scaling, down_lora_A, down_lora_B,
-                                              down_lora_scaling, act_alpha, act_limit);
+  ExpertsProblem problem =
+      check_experts_args(op, hidden_states, top_k_index, top_k_weights, MOEQUANT_EXPERTS_ARG_NAMES);
   TORCH_CHECK(hidden_states.device().is_cpu(), op, " (CPU kernel): hidden_states must be on CPU");
   const at::ScalarType compute = hidden_states.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return CpuExperts{problem,
                     compute,
-                    gate_up_packed,
-                    gate_up_absmax,
-                    down_packed,
-                    down_absmax,
-                    blocksize,
+                    cpu_stack(problem.quant_type, gate_up_packed, gate_up_absmax, gate_up_absmax_scale,
+                              gate_up_absmax_offset, blocksize),
+                    cpu_stack(problem.quant_type, down_packed, down_absmax, down_absmax_scale, down_absmax_offset,
+                              blocksize),
                     transposed,
                     interleaved,
                     act_alpha,
@@ -151,10 +174,7 @@ at::Tensor forward_cpu(const CpuExperts& c, const at::Tensor& hidden_states, con
 at::Tensor experts_forward_cpu(const at::Tensor& hidden_states, const at::Tensor& top_k_index,
                                const at::Tensor& top_k_weights, MOEQUANT_EXPERTS_PARAMS) {
   const CpuExperts c = make_problem("moequant.experts_forward", hidden_states, top_k_index, top_k_weights,
-                                    gate_up_packed, gate_up_absmax, down_packed, down_absmax, blocksize, activation,
-                                    transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A, gate_up_lora_B,
-                                    gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling, act_alpha,
-                                    act_limit);
+                                    MOEQUANT_EXPERTS_ARG_NAMES);
   return forward_cpu(c, hidden_states, top_k_index, top_k_weights, at::Tensor());
 }
 
@@ -163,10 +183,7 @@ std::tuple<at::Tensor, at::Tensor> experts_forward_train_cpu(const at::Tensor& h
                                                              const at::Tensor& top_k_weights,
                                                              MOEQUANT_EXPERTS_PARAMS) {
   const CpuExperts c = make_problem("moequant._experts_forward_train", hidden_states, top_k_index, top_k_weights,
-                                    gate_up_packed, gate_up_absmax, down_packed, down_absmax, blocksize, activation,
-                                    transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A, gate_up_lora_B,
-                                    gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling, act_alpha,
-                                    act_limit);
+                                    MOEQUANT_EXPERTS_ARG_NAMES);
   const int64_t pairs = top_k_index.numel();
   const int64_t features = c.problem.intermediate.expect_int() * 2;
   // Sentinel rows at the tail stay zero.
@@ -183,10 +200,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_out, const at::Tensor& hidden_states, const at::Tensor& top_k_index,
     const at::Tensor& top_k_weights, const std::optional<at::Tensor>& gate_up_out, MOEQUANT_EXPERTS_PARAMS) {
   const char* op = "moequant.experts_backward";
-  const CpuExperts c = make_problem(op, hidden_states, top_k_index, top_k_weights, gate_up_packed, gate_up_absmax,
-                                    down_packed, down_absmax, blocksize, activation, transposed, interleaved,
-                                    gate_up_bias, down_bias, gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling,
-                                    down_lora_A, down_lora_B, down_lora_scaling, act_alpha, act_limit);
+  const CpuExperts c = make_problem(op, hidden_states, top_k_index, top_k_weights,
+                                    MOEQUANT_EXPERTS_ARG_NAMES);
   const int64_t T = hidden_states.size(0), k = top_k_index.size(1), H = hidden_states.size(1);
   const int64_t E = c.problem.experts.expect_int();
   const int64_t features = c.problem.intermediate.expect_int() * 2;

@@ -71,11 +71,11 @@ PackedStack packed_stack(const at::Tensor& packed, const at::Tensor& absmax, int
 
 ExpertsCall prepare_call(const char* op, const at::Tensor& hidden, const at::Tensor& index, const at::Tensor& weights,
                          MOEQUANT_EXPERTS_PARAMS) {
-  const ExpertsProblem p =
-      check_experts_args(op, hidden, index, weights, gate_up_packed, gate_up_absmax, down_packed, down_absmax,
-                         blocksize, activation, transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A,
-                         gate_up_lora_B, gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling, act_alpha,
-                         act_limit);
+  const ExpertsProblem p = check_experts_args(op, hidden, index, weights, MOEQUANT_EXPERTS_ARG_NAMES);
+  TORCH_CHECK(p.quant_type == QuantType::kNF4 && !p.gate_up_double_quant && !p.down_double_quant, op,
+              ": quant_type=\"", std::string(quant_type), "\"",
+              p.gate_up_double_quant || p.down_double_quant ? " with double-quantized statistics" : "",
+              " is not implemented on CUDA yet");
   TORCH_CHECK(hidden.is_cuda(), op, " (CUDA kernel): hidden_states must be a CUDA tensor");
   TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kHalf ||
                   hidden.scalar_type() == at::kBFloat16,
@@ -122,9 +122,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, bool train, cons
                                                 MOEQUANT_EXPERTS_PARAMS) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const ExpertsCall c =
-      prepare_call(op, hidden, index, weights, gate_up_packed, gate_up_absmax, down_packed, down_absmax, blocksize,
-                   activation, transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A, gate_up_lora_B,
-                   gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling, act_alpha, act_limit);
+      prepare_call(op, hidden, index, weights, MOEQUANT_EXPERTS_ARG_NAMES);
   const at::Tensor pair_weights = weights.to(at::kFloat).contiguous().view({-1});
   if (!train && !c.gate_up_lora.present() && !c.down_lora.present() &&
       decode_gemv_applies(c.T * c.k, c.transposed, c.gate_up, c.down)) {
@@ -167,10 +165,7 @@ at::Tensor lora_grad(const at::Tensor& g, double scaling, at::ScalarType dtype) 
 at::Tensor experts_forward_cuda(const at::Tensor& hidden_states, const at::Tensor& top_k_index,
                                 const at::Tensor& top_k_weights, MOEQUANT_EXPERTS_PARAMS) {
   return std::get<0>(forward_impl("moequant.experts_forward", /*train=*/false, hidden_states, top_k_index,
-                                  top_k_weights, gate_up_packed, gate_up_absmax, down_packed, down_absmax, blocksize,
-                                  activation, transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A,
-                                  gate_up_lora_B, gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling,
-                                  act_alpha, act_limit));
+                                  top_k_weights, MOEQUANT_EXPERTS_ARG_NAMES));
 }
 
 std::tuple<at::Tensor, at::Tensor> experts_forward_train_cuda(const at::Tensor& hidden_states,
@@ -178,9 +173,7 @@ std::tuple<at::Tensor, at::Tensor> experts_forward_train_cuda(const at::Tensor& 
                                                               const at::Tensor& top_k_weights,
                                                               MOEQUANT_EXPERTS_PARAMS) {
   return forward_impl("moequant._experts_forward_train", /*train=*/true, hidden_states, top_k_index, top_k_weights,
-                      gate_up_packed, gate_up_absmax, down_packed, down_absmax, blocksize, activation, transposed,
-                      interleaved, gate_up_bias, down_bias, gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling,
-                      down_lora_A, down_lora_B, down_lora_scaling, act_alpha, act_limit);
+                      MOEQUANT_EXPERTS_ARG_NAMES);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_cuda(
@@ -189,10 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "moequant.experts_backward";
   const c10::cuda::CUDAGuard guard(hidden_states.device());
   const ExpertsCall c =
-      prepare_call(op, hidden_states, top_k_index, top_k_weights, gate_up_packed, gate_up_absmax, down_packed,
-                   down_absmax, blocksize, activation, transposed, interleaved, gate_up_bias, down_bias,
-                   gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling,
-                   act_alpha, act_limit);
+      prepare_call(op, hidden_states, top_k_index, top_k_weights, MOEQUANT_EXPERTS_ARG_NAMES);
   TORCH_CHECK(grad_out.sizes() == hidden_states.sizes(), op, ": grad_out must have shape ",
               dims_str(hidden_states.sizes()), " like hidden_states, got ", dims_str(grad_out.sizes()));
   TORCH_CHECK(grad_out.device() == hidden_states.device(), op, ": grad_out must be on hidden_states' device");

@@ -12,7 +12,7 @@
 #include <type_traits>
 
 #include "../kernels.h"
-#include "../nf4_checks.h"
+#include "../quant_checks.h"
 #include "../nf4_format.h"
 #include "cuda_utils.cuh"
 #include "nf4_dequant.cuh"
@@ -40,8 +40,15 @@ dequant_nf4_kernel(const uint8_t* __restrict__ packed, const float* __restrict__
 }
 
 at::Tensor dequant_expert_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                               at::ScalarType dtype, std::optional<int64_t> expert) {
-  const NF4StackShape shape = check_dequant_args(packed, absmax, blocksize, dtype, expert);
+                               at::ScalarType dtype, std::optional<int64_t> expert, c10::string_view quant_type,
+                               const std::optional<at::Tensor>& absmax_scale,
+                               const std::optional<at::Tensor>& absmax_offset) {
+  const QuantType type = parse_quant_type(quant_type);
+  const StackShape shape =
+      check_dequant_args(packed, absmax, blocksize, dtype, expert, type, absmax_scale, absmax_offset);
+  TORCH_CHECK(type == QuantType::kNF4 && !absmax_scale.has_value(), "moequant.dequant_expert: quant_type=\"",
+              std::string(quant_type), "\"", absmax_scale.has_value() ? " with double-quantized statistics" : "",
+              " is not implemented on CUDA yet");
   TORCH_CHECK(packed.is_cuda(), "moequant.dequant_expert (CUDA kernel): packed must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor p = contiguous_aligned16(packed);

@@ -14,7 +14,7 @@
 #include <type_traits>
 
 #include "../kernels.h"
-#include "../nf4_checks.h"
+#include "../quant_checks.h"
 #include "../nf4_format.h"
 #include "cuda_utils.cuh"
 #include "nf4_encode_lut.h"
@@ -167,8 +167,12 @@ static void launch_quantize(const T* w, uint8_t* p, float* a, int64_t num_blocks
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& weight, int64_t blocksize) {
-  const NF4StackShape shape = check_quantize_args(weight, blocksize);
+std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& weight, int64_t blocksize,
+                                                     c10::string_view quant_type) {
+  const QuantType type = parse_quant_type(quant_type);
+  const StackShape shape = check_quantize_args(weight, blocksize, type);
+  TORCH_CHECK(type == QuantType::kNF4, "moequant.quantize_nf4: quant_type=\"", std::string(quant_type),
+              "\" is not implemented on CUDA yet");
   TORCH_CHECK(weight.is_cuda(), "moequant.quantize_nf4 (CUDA kernel): weight must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = contiguous_aligned16(weight);
@@ -194,6 +198,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& weight, i
     }
   });
   return {packed, absmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_statistics_cuda(const at::Tensor& absmax) {
+  check_compress_statistics_args(absmax);
+  TORCH_CHECK(false, "moequant.compress_statistics: not implemented on CUDA yet");
 }
 
 }  // namespace moequant
