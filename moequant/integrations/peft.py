@@ -121,49 +121,41 @@ def _matches(key: str, targets: list[str]) -> bool:
     return key in targets or any(key.endswith(f".{t}") for t in targets)
 
 
-def _inject_parameters(self, peft_config, model, adapter_name, low_cpu_mem_usage):
-    """PEFT's parameter injection, plus quantized experts matched in their dense parameter order."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import _get_submodules
-
-    targets = sorted(set(peft_config.target_parameters))
-    # (module name, unwrapped name, experts module) of every quantized experts module, collected
-    # before any replacement so that wrapping does not disturb the walk.
-    quantized = []
+def _quantized_experts(model) -> list[tuple[str, str, nn.Module]]:
+    """``(module name, unwrapped name, experts module)`` of every moequant-quantized experts module,
+    collected before any replacement so that wrapping does not disturb the walk."""
+    found = []
     for module_name, module in model.named_modules():
         if getattr(module, "_moequant_layout", None) is None or not hasattr(module, "parametrizations"):
             continue
-        unwrapped = _strip_base_layer(module_name)
-        quantized.append((module_name, unwrapped, module))
-    quantized_keys = {
-        f"{unwrapped}.{p}"
-        for _, unwrapped, m in quantized
-        for p in m._moequant_layout.weight_names
-        if is_quantized(m, p)
-    }
+        found.append((module_name, _strip_base_layer(module_name), module))
+    return found
 
-    # PEFT matches an already-parametrized parameter by its exact full name; keep those for us.
-    saved_targets = peft_config.target_parameters
-    peft_config.target_parameters = [t for t in saved_targets if t not in quantized_keys]
-    try:
-        targeted = list(_ORIGINALS["_inject_parameters"](self, peft_config, model, adapter_name, low_cpu_mem_usage))
-    finally:
-        peft_config.target_parameters = saved_targets
 
+def _wrap_quantized_experts(tuner, peft_config, model, adapter_name, low_cpu_mem_usage, quantized) -> list[str]:
+    """Wrap the matching quantized stacks of ``quantized`` in the order the dense module registered
+    its parameters (so adapters get the keys of one trained on the bf16 model); returns their keys."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import _get_submodules
+
+    targets = sorted(set(peft_config.target_parameters or ()))
     ctx = contextlib.nullcontext
     if low_cpu_mem_usage:
         from accelerate import init_empty_weights as ctx
+    targeted = []
     for module_name, unwrapped, module in quantized:
         order = [p for p in getattr(module, "_moequant_param_order", ()) if hasattr(module, p)]
         for param_name in order:
             key = f"{unwrapped}.{param_name}"
-            if not _matches(key, targets):
+            if not is_quantized(module, param_name) or not _matches(key, targets):
                 continue
             if peft_config.lora_dropout:
                 raise ValueError(
                     f"LoRA on the moequant-quantized parameter {key} needs lora_dropout=0 (dropout on the input "
                     f"cannot be factored out of a fused experts op); got lora_dropout={peft_config.lora_dropout}"
                 )
+            # The name collected before wrapping: a second parameter's wrapper goes around the first
+            # one, as PEFT nests them on a dense module.
             parent, target, target_name = _get_submodules(model, module_name)
             wrapper = model.get_submodule(unwrapped)
             while isinstance(wrapper, BaseTunerLayer) and type(wrapper).__name__ == "ParamWrapper":
@@ -171,13 +163,79 @@ def _inject_parameters(self, peft_config, model, adapter_name, low_cpu_mem_usage
                     target = wrapper
                     break
                 wrapper = wrapper.base_layer
-            self._check_target_module_compatiblity(peft_config, model, target_name)
+            tuner._check_target_module_compatiblity(peft_config, model, target_name)
             with ctx():
-                self._create_and_replace(
+                tuner._create_and_replace(
                     peft_config, adapter_name, target, target_name, parent, current_key=key, parameter_name=param_name
                 )
             targeted.append(key)
     return targeted
+
+
+def _make_injection(previous):
+    """``BaseTuner._inject_parameters`` that wraps moequant's quantized stacks first, then runs
+    ``previous`` (PEFT's implementation, or one another library installed, e.g. Axolotl's) on the
+    rest. Wrapped stacks are renamed ``….experts.base_layer…`` by then, so a suffix match in
+    ``previous`` cannot target them a second time; exact full names of quantized stacks are
+    also withheld from it."""
+
+    def _inject_parameters(self, peft_config, model, adapter_name, low_cpu_mem_usage):
+        quantized = _quantized_experts(model)
+        quantized_keys = {
+            f"{unwrapped}.{p}"
+            for _, unwrapped, m in quantized
+            for p in m._moequant_layout.weight_names
+            if is_quantized(m, p)
+        }
+        targeted = _wrap_quantized_experts(self, peft_config, model, adapter_name, low_cpu_mem_usage, quantized)
+        saved_targets = peft_config.target_parameters
+        peft_config.target_parameters = [t for t in (saved_targets or ()) if t not in quantized_keys]
+        try:
+            targeted += list(previous(self, peft_config, model, adapter_name, low_cpu_mem_usage) or ())
+        finally:
+            peft_config.target_parameters = saved_targets
+        return targeted
+
+    _inject_parameters._moequant_previous = previous
+    return _inject_parameters
+
+
+def install_injection() -> bool:
+    """Make moequant's parameter injection the outermost ``BaseTuner._inject_parameters``, wrapping
+    whatever is installed now; idempotent. Returns whether it installed anything."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    current = BaseTuner._inject_parameters
+    if getattr(current, "_moequant_previous", None) is not None:
+        return False
+    BaseTuner._inject_parameters = _make_injection(current)
+    return True
+
+
+def remove_injection() -> bool:
+    """Undo :func:`install_injection` when moequant's injection is the outermost one (restores the
+    implementation it wrapped). Returns whether it removed anything."""
+    try:
+        from peft.tuners.tuners_utils import BaseTuner
+    except ImportError:
+        return False
+    previous = getattr(BaseTuner._inject_parameters, "_moequant_previous", None)
+    if previous is None:
+        return False
+    BaseTuner._inject_parameters = previous
+    return True
+
+
+@contextlib.contextmanager
+def quantized_experts_injection():
+    """Within: ``get_peft_model`` wraps quantized experts first (see :func:`install_injection`);
+    on exit, even on error, ``BaseTuner._inject_parameters`` is what it was on entry."""
+    installed = install_injection()
+    try:
+        yield
+    finally:
+        if installed:
+            remove_injection()
 
 
 def _get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -199,20 +257,18 @@ def patch_peft() -> bool:
     try:
         from peft import PeftModel
         from peft.tuners.lora.layer import ParamWrapper
-        from peft.tuners.tuners_utils import BaseTuner
     except ImportError:
         return False
     _ORIGINALS.update(
         get_param=ParamWrapper.get_param,
         _activate_lora=ParamWrapper._activate_lora,
         merge=ParamWrapper.merge,
-        _inject_parameters=BaseTuner._inject_parameters,
         get_nb_trainable_parameters=PeftModel.get_nb_trainable_parameters,
     )
     ParamWrapper.get_param = _get_param
     ParamWrapper._activate_lora = _activate_lora
     ParamWrapper.merge = _merge
-    BaseTuner._inject_parameters = _inject_parameters
+    install_injection()
     PeftModel.get_nb_trainable_parameters = _get_nb_trainable_parameters
     logger.debug("moequant: PEFT ParamWrapper patched for quantized experts")
     return True
