@@ -1,7 +1,7 @@
 // Standalone sweep of NF4 -> bf16 dequant kernel variants against a same-run device-to-device
 // copy and a write-only fill, on the element counts of qwen3 gate_up (402M), olmoe down (134M)
 // and mixtral gate_up (940M), blocksize 64. Not part of the extension: it chose the layout of
-// dequant_expert (csrc/cuda/nf4_dequant_cuda.cu). Variants: the warp-contiguous tile with a
+// dequant_expert (csrc/cuda/dequant_cuda.cu). Variants: the warp-contiguous tile with a
 // persistent grid-stride loop ("full0") or one tile per warp ("full1"), chunks per lane (C),
 // threads per CTA (T), streaming vs plain stores (st0/st1), an L2::256B prefetch hint on the
 // packed loads, one thread per 16 packed bytes (vec16), and TMA bulk stores from shared memory

@@ -1,7 +1,8 @@
 // CUDA kernels of experts_forward, _experts_forward_train and experts_backward (rungs (a) and (b)
-// of DESIGN.md §4 behind packed_stack_gemm, plus the decode GEMV for few rows): route pairs by
-// expert, gather rows, products with the packed stacks (fused NF4 GEMM, or bounded dequant
-// scratch + grouped GEMM), fused bias/activation, LoRA as low-rank per-expert products in the
+// of DESIGN.md §4 behind packed_stack_gemm, plus the decode GEMV for few rows), for every stack
+// format (NF4, FP4, int8; plain or double-quantized statistics: a format is data handed to the
+// same kernels): route pairs by expert, gather rows, products with the packed stacks (fused
+// 4-bit GEMM, or bounded dequant scratch + grouped GEMM), fused bias/activation, LoRA as low-rank per-expert products in the
 // same routing order (the second factor added in place to each product's rows,
 // experts_low_rank.cuh, so no [R, out] LoRA term ever exists), and a deterministic combine.
 //
@@ -58,13 +59,21 @@ LoraFactors lora_factors(const std::optional<at::Tensor>& A, const std::optional
   return f;
 }
 
-PackedStack packed_stack(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize) {
+// One checked stack, its tensors made contiguous (codes 16-byte aligned) once for every kernel.
+PackedStack packed_stack(QuantType type, const at::Tensor& packed, const at::Tensor& absmax,
+                         const std::optional<at::Tensor>& absmax_scale, const std::optional<at::Tensor>& absmax_offset,
+                         int64_t blocksize) {
   PackedStack s;
-  s.packed = packed;
-  s.absmax = absmax;
+  s.type = type;
+  s.packed = contiguous_aligned16(packed);
+  s.absmax = absmax.contiguous();
+  if (absmax_scale.has_value()) {
+    s.absmax_scale = absmax_scale->contiguous();
+    s.absmax_offset = absmax_offset->contiguous();
+  }
   s.experts = packed.size(0);
   s.rows = packed.size(1);
-  s.cols = packed.size(2) * 2;
+  s.cols = is_4bit(type) ? packed.size(2) * 2 : packed.size(2);
   s.blocksize = blocksize;
   return s;
 }
@@ -72,10 +81,6 @@ PackedStack packed_stack(const at::Tensor& packed, const at::Tensor& absmax, int
 ExpertsCall prepare_call(const char* op, const at::Tensor& hidden, const at::Tensor& index, const at::Tensor& weights,
                          MOEQUANT_EXPERTS_PARAMS) {
   const ExpertsProblem p = check_experts_args(op, hidden, index, weights, MOEQUANT_EXPERTS_ARG_NAMES);
-  TORCH_CHECK(p.quant_type == QuantType::kNF4 && !p.gate_up_double_quant && !p.down_double_quant, op,
-              ": quant_type=\"", std::string(quant_type), "\"",
-              p.gate_up_double_quant || p.down_double_quant ? " with double-quantized statistics" : "",
-              " is not implemented on CUDA yet");
   TORCH_CHECK(hidden.is_cuda(), op, " (CUDA kernel): hidden_states must be a CUDA tensor");
   TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kHalf ||
                   hidden.scalar_type() == at::kBFloat16,
@@ -88,8 +93,9 @@ ExpertsCall prepare_call(const char* op, const at::Tensor& hidden, const at::Ten
   c.E = p.experts.expect_int();
   c.dtype = hidden.scalar_type();
   c.transposed = transposed;
-  c.gate_up = packed_stack(gate_up_packed, gate_up_absmax, blocksize);
-  c.down = packed_stack(down_packed, down_absmax, blocksize);
+  c.gate_up = packed_stack(p.quant_type, gate_up_packed, gate_up_absmax, gate_up_absmax_scale, gate_up_absmax_offset,
+                           blocksize);
+  c.down = packed_stack(p.quant_type, down_packed, down_absmax, down_absmax_scale, down_absmax_offset, blocksize);
   c.act.kind = p.activation;
   c.act.interleaved = interleaved;
   c.act.alpha = static_cast<float>(act_alpha);

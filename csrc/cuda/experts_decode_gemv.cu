@@ -19,7 +19,8 @@
 
 #include "experts_common.cuh"
 #include "experts_decode_gemv.cuh"
-#include "nf4_dequant.cuh"
+#include "experts_nf4_tiles.cuh"
+#include "quant_decode.cuh"
 
 namespace moequant {
 
@@ -37,6 +38,7 @@ bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& 
   int64_t max_pairs = kDefaultDecodeMaxPairs;
   if (const char* v = std::getenv("MOEQUANT_DECODE_MAX_PAIRS")) max_pairs = std::atoll(v);
   if (num_pairs == 0 || num_pairs > max_pairs || transposed) return false;
+  if (!is_4bit(gate_up.type)) return false;  // int8 stacks: the grouped path (scratch rung)
   // Rows must be whole 16-byte units (32 weights).
   return gate_up.cols % 32 == 0 && down.cols % 32 == 0;
 }
@@ -102,14 +104,15 @@ __device__ __forceinline__ float gemv_input(const GemvInput<in_t, kActInput, kAc
   }
 }
 
-template <typename in_t, bool kActInput, GatedActivation kAct>
+template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant>
 __global__ void __launch_bounds__(kGemvThreads)
-nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax, int64_t N, int64_t K,
+nf4_gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
                 int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
                 int64_t top_k, GemvInput<in_t, kActInput, kAct> in, float* __restrict__ out) {
   extern __shared__ float4 staged[];  // split_units * kPaddedUnitFloats floats
-  // Static, so that its address folds into the LDS instructions' immediate.
-  __shared__ float2 pair_table[kNF4PairTableEntries];
+  // Static, so that the pair table's address folds into the LDS instructions' immediate.
+  __shared__ DecodeTables<kDoubleQuant> tables;
+  float2* const pair_table = tables.pair;
   const int64_t s = blockIdx.y, p = blockIdx.z, P = gridDim.z;
   const int64_t e = pair_expert[p];
   if (e < 0 || e >= E) return;  // sentinel slot (or a negative id, raised on the host): never read
@@ -117,7 +120,8 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ ab
   const int64_t unit0 = s * split_units;
   const int units = static_cast<int>(std::min(split_units, units_per_row - unit0));
 
-  fill_nf4_pair_table(pair_table);  // one LDS.64 decodes two weights, conflict-free
+  tables.fill(args.codebook);  // one LDS.64 decodes two weights, conflict-free
+  const MatrixScales<kDoubleQuant> scales(args.scales, e, tables.map);
   float* xs = reinterpret_cast<float*>(staged);
 #pragma unroll
   for (int k = 0; k < kStagedPerThread; ++k) {  // unrolled: all input loads in flight at once
@@ -144,7 +148,8 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ ab
     return st;
   };
   uint4 bytes[kRowsPerWarp];
-  float amax[kRowsPerWarp];
+  LoadedScale amax[kRowsPerWarp];
+  const int64_t expert_unit0 = e * N * units_per_row;
   auto load_step = [&](Step st) {
     if (st.tile >= row_tiles) return;
     const int u = st.u0 + lane < units ? st.u0 + lane : 0;
@@ -153,7 +158,7 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ ab
       const int64_t row = st.tile * kRowsPerCta + warp * kRowsPerWarp + rr;
       const int64_t unit = (e * N + (row < N ? row : N - 1)) * units_per_row + unit0 + u;
       bytes[rr] = weights[unit];
-      amax[rr] = absmax[unit >> log2_units_per_block];
+      amax[rr] = scales.load((unit - expert_unit0) >> log2_units_per_block);
     }
   };
   float acc[kRowsPerWarp];
@@ -163,7 +168,7 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ ab
   load_step(st);
   while (st.tile < row_tiles) {
     uint4 cur[kRowsPerWarp];
-    float cur_amax[kRowsPerWarp];
+    LoadedScale cur_amax[kRowsPerWarp];
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) cur[rr] = bytes[rr], cur_amax[rr] = amax[rr];
     const Step next = next_step(st);
@@ -183,14 +188,16 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ ab
           const uint32_t word = w == 0 ? cur[rr].x : w == 1 ? cur[rr].y : w == 2 ? cur[rr].z : cur[rr].w;
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            const float2 v = nf4_pair_lookup(pair_table, word, i, copy_offset);
+            const float2 v = pair_lookup(pair_table, word, i, copy_offset);
             sum[rr] = fmaf(v.x, x[2 * i], sum[rr]);
             sum[rr] = fmaf(v.y, x[2 * i + 1], sum[rr]);
           }
         }
       }
 #pragma unroll
-      for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr] = fmaf(sum[rr], cur_amax[rr], acc[rr]);  // one scale per unit
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+        acc[rr] = fmaf(sum[rr], scales.resolve(cur_amax[rr]), acc[rr]);  // one scale per unit
+      }
     }
     if (next.tile != st.tile) {  // the tile's last step: reduce its rows
       const int64_t row0 = st.tile * kRowsPerCta + warp * kRowsPerWarp;
@@ -239,9 +246,10 @@ static void dispatch_gemv_activation(GatedActivation kind, F&& f) {
 }
 
 template <typename KernelT>
-static void launch_gemv(KernelT kernel, const PackedStack& w, const at::Tensor& packed, const at::Tensor& absmax,
-                        int64_t num_pairs, const at::Tensor& pair_expert, int64_t top_k, const auto& input,
-                        float* out, cudaStream_t stream) {
+static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert,
+                        int64_t top_k, const auto& input, float* out, cudaStream_t stream) {
+  const QuantStackView view = w.view();
+  const Quant4Args args{view.scales, view.codebook};
   const GemvSplit split = gemv_split(w.cols);
   const int smem = static_cast<int>(split.units * kPaddedUnitFloats * sizeof(float));  // + 32 KB static table
   // One wave: as many CTAs as fit at once, each looping over row tiles of its (split, pair), so
@@ -251,7 +259,7 @@ static void launch_gemv(KernelT kernel, const PackedStack& w, const at::Tensor& 
   const int64_t ctas_x = std::clamp<int64_t>(ctas / (split.splits * num_pairs), 1, row_tiles);
   const dim3 grid(static_cast<unsigned>(ctas_x), static_cast<unsigned>(split.splits), static_cast<unsigned>(num_pairs));
   const int log2_units_per_block = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32));
-  kernel<<<grid, kGemvThreads, smem, stream>>>(packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), w.rows,
+  kernel<<<grid, kGemvThreads, smem, stream>>>(static_cast<const uint8_t*>(view.data), args, w.rows,
                                                w.cols, split.units, log2_units_per_block,
                                                pair_expert.const_data_ptr<int64_t>(), w.experts, top_k, input, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -270,8 +278,6 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
   min_id.copy_(pair_expert.min(), /*non_blocking=*/true);
   at::cuda::CUDAEvent min_id_ready;
   min_id_ready.record(at::cuda::getCurrentCUDAStream());
-  const at::Tensor gu_packed = contiguous_aligned16(gate_up.packed), gu_absmax = gate_up.absmax.contiguous();
-  const at::Tensor d_packed = contiguous_aligned16(down.packed), d_absmax = down.absmax.contiguous();
   const auto f32 = hidden.options().dtype(at::kFloat);
   const int64_t gu_splits = gemv_split(H).splits, d_splits = gemv_split(I).splits;
   at::Tensor h = at::empty({gu_splits, P, 2 * I}, f32);  // split partial sums
@@ -284,13 +290,23 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
       constexpr GatedActivation kAct = decltype(kind)::value;
       const GemvInput<T_, false, kAct> in1{reinterpret_cast<const T_*>(hidden.const_data_ptr()), nullptr, 0, nullptr,
                                            act.interleaved, act.alpha, act.limit};
-      launch_gemv(nf4_gemv_kernel<T_, false, kAct>, gate_up, gu_packed, gu_absmax, P, pair_expert, k, in1,
-                  h.mutable_data_ptr<float>(), stream);
+      if (gate_up.double_quant()) {
+        launch_gemv(nf4_gemv_kernel<T_, false, kAct, true>, gate_up, P, pair_expert, k, in1, h.mutable_data_ptr<float>(),
+                    stream);
+      } else {
+        launch_gemv(nf4_gemv_kernel<T_, false, kAct, false>, gate_up, P, pair_expert, k, in1,
+                    h.mutable_data_ptr<float>(), stream);
+      }
       const GemvInput<T_, true, kAct> in2{nullptr, h.const_data_ptr<float>(), gu_splits,
                                           gate_up_bias.defined() ? gate_up_bias.const_data_ptr<float>() : nullptr,
                                           act.interleaved, act.alpha, act.limit};
-      launch_gemv(nf4_gemv_kernel<T_, true, kAct>, down, d_packed, d_absmax, P, pair_expert, k, in2,
-                  y.mutable_data_ptr<float>(), stream);
+      if (down.double_quant()) {
+        launch_gemv(nf4_gemv_kernel<T_, true, kAct, true>, down, P, pair_expert, k, in2, y.mutable_data_ptr<float>(),
+                    stream);
+      } else {
+        launch_gemv(nf4_gemv_kernel<T_, true, kAct, false>, down, P, pair_expert, k, in2, y.mutable_data_ptr<float>(),
+                    stream);
+      }
     });
     const unsigned combine_ctas = static_cast<unsigned>((T * H + kGemvThreads - 1) / kGemvThreads);
     decode_combine_kernel<T_><<<combine_ctas, kGemvThreads, 0, stream>>>(

@@ -10,9 +10,9 @@
 
 namespace moequant {
 
-// Whether the GEMV path serves `num_pairs` = T*k pairs (inference without LoRA, stored
-// [out, in] layout with rows of whole 16-byte units). MOEQUANT_DECODE_MAX_PAIRS overrides the
-// pair threshold (0 disables the path; tests use it).
+// Whether the GEMV path serves `num_pairs` = T*k pairs (inference without LoRA; 4-bit stacks, int8
+// ones take the grouped path; stored [out, in] layout with rows of whole 16-byte units).
+// MOEQUANT_DECODE_MAX_PAIRS overrides the pair threshold (0 disables the path; tests use it).
 bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& gate_up, const PackedStack& down);
 
 // experts_forward for few pairs: [T, H] in hidden's dtype. `pair_weights` float32 [T*k];

@@ -6,7 +6,7 @@
 
 #include "experts_common.cuh"
 #include "experts_low_rank.cuh"
-#include "nf4_dequant.cuh"  // pack2
+#include "quant_decode.cuh"  // pack2
 
 namespace moequant {
 

@@ -1,9 +1,11 @@
-// Fused NF4 grouped GEMM (rung (b)): out[rows of e] = in[rows of e] @ M_e with M_e the stored
+// Fused 4-bit grouped GEMM (rung (b)): out[rows of e] = in[rows of e] @ M_e with M_e the stored
 // matrix S_e of the packed stack ([N, K], M_e = S_e^T) or S_e itself ([K, N]), decoded on the fly.
+// One set of kernels for every 4-bit format: the codebook (NF4, FP4) is a kernel parameter, and
+// double-quantized block scales are decoded where a block's scale is used (a template flag).
 //
 // A CTA owns BM routing-order rows of one expert times BN output columns and walks the input
 // dimension in k-tiles of 64: the rows of `in` stream through a cp.async ring in shared memory,
-// the weights are decoded with a conflict-free byte -> two-value table (nf4_dequant.cuh) into
+// the weights are decoded with a conflict-free byte -> two-value table (quant_decode.cuh) into
 // the compute dtype, exactly as dequant_expert rounds them, and multiplied on the tensor cores
 // (mma.sync m16n8k16, fp32 accumulation). Weights are read once, as 4-bit; nothing dequantized
 // reaches global memory. Each output element is owned by one thread and summed in a fixed order:
@@ -23,7 +25,6 @@
 #include "experts_nf4_gemm.cuh"
 #include "experts_nf4_tiles.cuh"
 #include "experts_nf4_wgmma.cuh"
-#include "nf4_dequant.cuh"
 
 namespace moequant {
 namespace {
@@ -70,6 +71,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 template <typename T, class S>
 struct CtaTile {
   int64_t n0, row0, w0;  // first output column, first routing-order row, first element of the expert
+  int64_t expert;
   int rows;              // valid rows of the tile (<= BM)
   const T* in_rows;      // the tile's first row of `in`
   int warp, lane;
@@ -79,7 +81,8 @@ struct CtaTile {
     n0 = int64_t{blockIdx.x % n_tiles} * S::BN;
     row0 = t.row_begin;
     rows = min(S::BM, t.row_end - t.row_begin);
-    w0 = int64_t{t.expert} * N * K;
+    expert = t.expert;
+    w0 = expert * N * K;
     in_rows = in + row0 * K;
     warp = threadIdx.x / 32;
     lane = threadIdx.x % 32;
@@ -128,15 +131,17 @@ __device__ __forceinline__ void load_a_fragments(uint32_t (&a)[S::MI][4], uint32
 // 32-byte k-tile segment (one 8-byte load, the quad's 32 bytes one sector), and permutes the input
 // rows the same way as they land in shared memory (4-byte cp.async): pair p of a row goes to
 // chunk p % 8, slot p / 8. Sums over k do not care about the order.
-template <typename T, class S>
+template <typename T, class S, bool kDoubleQuant>
 __global__ void __launch_bounds__(S::kThreads)
 nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
-                   const float* __restrict__ absmax, const RowTile* __restrict__ tiles, int64_t N, int64_t K,
+                   const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N, int64_t K,
                    int n_tiles, int log2_blocksize) {
   extern __shared__ __align__(16) uint8_t a_stages[];  // kStages x [BM][kTileK], swizzled and permuted
-  __shared__ float2 pair_table[kNF4PairTableEntries];
-  fill_nf4_pair_table(pair_table);
+  __shared__ DecodeTables<kDoubleQuant> tables;
+  tables.fill(args.codebook);
+  const float2* const pair_table = tables.pair;
   const CtaTile<T, S> ct(in, tiles, n_tiles, N, K);
+  const MatrixScales<kDoubleQuant> scales(args.scales, ct.expert, tables.map);
   const int warp = ct.warp, lane = ct.lane, wn0 = ct.wn0;
   const uint32_t lane_offset = lane_table_copy_offset();
 
@@ -172,17 +177,17 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   }
   struct Codes {
     uint2 bytes[S::NI];
-    float scale[S::NI];
+    LoadedScale scale[S::NI];
   };
   auto load_b = [&](Codes& c, int64_t k0) {
 #pragma unroll
     for (int j = 0; j < S::NI; ++j) {
       c.bytes[j] = make_uint2(0, 0);
-      c.scale[j] = 0.0f;
+      c.scale[j] = LoadedScale{0.0f, 0u};
       if (row_elem[j] >= 0) {
         const int64_t elem = row_elem[j] + k0;
         c.bytes[j] = load_packed8(packed + elem / 2);
-        c.scale[j] = __ldg(absmax + (elem >> log2_blocksize));
+        c.scale[j] = scales.load((elem - ct.w0) >> log2_blocksize);
       }
     }
   };
@@ -190,6 +195,9 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   float acc[S::MI][S::NI][4] = {};
   auto compute = [&](int slot, const Codes& c) {
     const uint32_t a_base = smem_addr(a_stages + slot * S::kSmemA);
+    float amax[S::NI];
+#pragma unroll
+    for (int j = 0; j < S::NI; ++j) amax[j] = scales.resolve(c.scale[j]);
 #pragma unroll
     for (int ks = 0; ks < kTileK / 16; ++ks) {
       uint32_t a[S::MI][4];
@@ -197,8 +205,8 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
 #pragma unroll
       for (int j = 0; j < S::NI; ++j) {
         const uint32_t word = ks < 2 ? c.bytes[j].x : c.bytes[j].y;
-        const uint32_t b0 = decode_byte<T>(pair_table, word, (2 * ks) % 4, lane_offset, c.scale[j]);
-        const uint32_t b1 = decode_byte<T>(pair_table, word, (2 * ks + 1) % 4, lane_offset, c.scale[j]);
+        const uint32_t b0 = decode_byte<T>(pair_table, word, (2 * ks) % 4, lane_offset, amax[j]);
+        const uint32_t b1 = decode_byte<T>(pair_table, word, (2 * ks + 1) % 4, lane_offset, amax[j]);
 #pragma unroll
         for (int mi = 0; mi < S::MI; ++mi) mma_16816<T>(acc[mi][j], a[mi], b0, b1);
       }
@@ -216,7 +224,7 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   Codes codes[2];
   load_b(codes[0], 0);
   if (k_tiles > 1) load_b(codes[1], kTileK);
-  __syncthreads();  // pair table
+  __syncthreads();  // decode tables
   for (int64_t kt = 0; kt < k_tiles; kt += 2) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
@@ -236,12 +244,14 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
 }
 
 // Dynamic shared memory of the [K, N] kernel: a ring of stages (rows of `in`, packed codes,
-// their absmax), then one decoded k-tile.
-template <class S>
+// their absmax, or with double quant their group scale and the 4-byte word holding their 8-bit
+// code), then one decoded k-tile.
+template <class S, bool kDoubleQuant>
 struct KnSmem {
   static constexpr int kParts = S::BN / kChunkWeights;           // packed chunks per k row
   static constexpr int kChunks = kTileK * kParts;                // packed chunks per k-tile
-  static constexpr int kStageBytes = S::kSmemA + kChunks * (16 + 4);
+  static constexpr int kScaleBytes = kDoubleQuant ? 8 : 4;       // per chunk
+  static constexpr int kStageBytes = S::kSmemA + kChunks * (16 + kScaleBytes);
   static constexpr int kBytes = S::kStages * kStageBytes + kTileK * S::BN * 2;
 };
 
@@ -249,12 +259,12 @@ struct KnSmem {
 // lane's mma fragment pairs two k of one column, which sit in two different packed rows here, so
 // the packed k-tile goes through shared memory: cp.async'd (with its absmax) by the lanes that
 // decode it, decoded into a swizzled [kTileK][BN] tile, read back with ldmatrix.trans.
-template <typename T, class S>
+template <typename T, class S, bool kDoubleQuant>
 __global__ void __launch_bounds__(S::kThreads)
 nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
-                   const float* __restrict__ absmax, const RowTile* __restrict__ tiles, int64_t N, int64_t K,
+                   const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N, int64_t K,
                    int n_tiles, int log2_blocksize) {
-  using L = KnSmem<S>;
+  using L = KnSmem<S, kDoubleQuant>;
   constexpr int kParts = L::kParts, kChunks = L::kChunks, kStageBytes = L::kStageBytes;
   constexpr int kChunksPerThread = kChunks / S::kThreads;
   constexpr int kRowChunks = S::BN / 8;                         // 16-byte chunks per decoded row
@@ -262,14 +272,18 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* const stages = smem;                                 // kStages x kStageBytes
   uint8_t* const decoded = smem + S::kStages * kStageBytes;     // [kTileK][BN], swizzled
-  __shared__ float2 pair_table[kNF4PairTableEntries];
-  fill_nf4_pair_table(pair_table);
+  __shared__ DecodeTables<kDoubleQuant> tables;
+  tables.fill(args.codebook);
+  const float2* const pair_table = tables.pair;
   const CtaTile<T, S> ct(in, tiles, n_tiles, N, K);
+  const MatrixScales<kDoubleQuant> scales(args.scales, ct.expert, tables.map);
   const int lane = ct.lane, wn0 = ct.wn0;
   const uint32_t lane_offset = lane_table_copy_offset();
 
   // Chunk i of this thread: k row c / kParts, 32 columns from (c % kParts) * 32.
   auto chunk_valid = [&](int c) { return ct.n0 + (c % kParts) * kChunkWeights < N; };
+  // Element of the matrix where chunk c of the k-tile at k0 starts.
+  auto chunk_elem = [&](int c, int64_t k0) { return (k0 + c / kParts) * N + ct.n0 + (c % kParts) * kChunkWeights; };
   auto load_stage = [&](int slot, int64_t k0) {
     uint8_t* const base = stages + slot * kStageBytes;
     const uint32_t a_dst = smem_addr(base);
@@ -284,19 +298,33 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
     for (int i = 0; i < kChunksPerThread; ++i) {
       const int c = threadIdx.x + i * S::kThreads;
       if (!chunk_valid(c)) continue;
-      const int64_t elem = ct.w0 + (k0 + c / kParts) * N + ct.n0 + (c % kParts) * kChunkWeights;
-      cp_async16(smem_addr(base + S::kSmemA + c * 16), packed + elem / 2, true);
-      cp_async4(smem_addr(base + S::kSmemA + kChunks * 16 + c * 4), absmax + (elem >> log2_blocksize), true);
+      const int64_t elem = chunk_elem(c, k0);
+      cp_async16(smem_addr(base + S::kSmemA + c * 16), packed + (ct.w0 + elem) / 2, true);
+      const int64_t block = elem >> log2_blocksize;
+      const uint32_t scale_dst = smem_addr(base + S::kSmemA + kChunks * 16 + c * L::kScaleBytes);
+      if constexpr (kDoubleQuant) {
+        cp_async4(scale_dst, scales.scale + block / kDoubleQuantGroup, true);
+        const uintptr_t code = reinterpret_cast<uintptr_t>(scales.code + block);
+        cp_async4(scale_dst + 4, reinterpret_cast<const void*>(code & ~uintptr_t{3}), true);
+      } else {
+        cp_async4(scale_dst, scales.absmax + block, true);
+      }
     }
   };
-  auto decode = [&](int slot) {
+  auto decode = [&](int slot, int64_t k0) {
     const uint8_t* const base = stages + slot * kStageBytes;
 #pragma unroll
     for (int i = 0; i < kChunksPerThread; ++i) {
       const int c = threadIdx.x + i * S::kThreads;
       if (!chunk_valid(c)) continue;  // columns past N: whatever is there only reaches masked outputs
       const uint4 codes = *reinterpret_cast<const uint4*>(base + S::kSmemA + c * 16);
-      const float scale = *reinterpret_cast<const float*>(base + S::kSmemA + kChunks * 16 + c * 4);
+      const uint8_t* const scale_src = base + S::kSmemA + kChunks * 16 + c * L::kScaleBytes;
+      float scale = *reinterpret_cast<const float*>(scale_src);
+      if constexpr (kDoubleQuant) {
+        const uintptr_t code = reinterpret_cast<uintptr_t>(scales.code + (chunk_elem(c, k0) >> log2_blocksize));
+        const uint32_t word = *reinterpret_cast<const uint32_t*>(scale_src + 4);
+        scale = scales.resolve(LoadedScale{scale, (word >> (8 * (code & 3))) & 0xFFu});
+      }
       const uint32_t words[4] = {codes.x, codes.y, codes.z, codes.w};
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
@@ -343,7 +371,7 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
     const int64_t next = kt + S::kStages - 1;
     if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
     cp_async_commit();
-    decode(static_cast<int>(kt % S::kStages));
+    decode(static_cast<int>(kt % S::kStages), kt * kTileK);
     __syncthreads();
     compute(static_cast<int>(kt % S::kStages));
   }
@@ -403,55 +431,60 @@ TilePlan plan_tiles(const ExpertsRouting& r, int64_t mean_rows) {
 }
 
 template <typename T>
-using GemmKernel = void (*)(const T*, T*, const uint8_t*, const float*, const RowTile*, int64_t, int64_t, int, int);
+using GemmKernel = void (*)(const T*, T*, const uint8_t*, const Quant4Args, const RowTile*, int64_t, int64_t, int,
+                            int);
 
-template <typename T, class S, bool kNK>
-void launch(const at::Tensor& in, at::Tensor& out, const at::Tensor& packed, const at::Tensor& absmax,
+template <typename T, class S, bool kNK, bool kDoubleQuant>
+void launch(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
             const RowTile* tiles, int64_t num_tiles, int64_t N, int64_t K, int log2_blocksize) {
   const int64_t n_tiles = (N + S::BN - 1) / S::BN;
   const int64_t ctas = num_tiles * n_tiles;
-  TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused NF4 GEMM grid too large (", num_str(ctas), " CTAs)");
-  // Dynamic shared memory (the pair table is static): the nk kernel's ring of input rows.
+  TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused 4-bit GEMM grid too large (", num_str(ctas), " CTAs)");
+  // Dynamic shared memory (the decode tables are static): the nk kernel's ring of input rows.
   int smem = 0;
   GemmKernel<T> kernel = nullptr;
   if constexpr (kNK) {
-    kernel = nf4_gemm_nk_kernel<T, S>;
+    kernel = nf4_gemm_nk_kernel<T, S, kDoubleQuant>;
     smem = S::kStages * S::kSmemA;
   } else {
-    kernel = nf4_gemm_kn_kernel<T, S>;
-    smem = KnSmem<S>::kBytes;
+    kernel = nf4_gemm_kn_kernel<T, S, kDoubleQuant>;
+    smem = KnSmem<S, kDoubleQuant>::kBytes;
   }
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   kernel<<<static_cast<unsigned>(ctas), S::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()),
-      packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), tiles, N, K, static_cast<int>(n_tiles),
-      log2_blocksize);
+      reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()), packed, args,
+      tiles, N, K, static_cast<int>(n_tiles), log2_blocksize);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // One launch per tile height in use, tallest first; they write disjoint rows of `out`.
-template <typename T>
-void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, const at::Tensor& packed,
-                 const at::Tensor& absmax, const TilePlan& plan, int64_t N, int64_t K, bool transpose_stored) {
+template <typename T, bool kDoubleQuant>
+void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, const TilePlan& plan, int64_t N,
+                 int64_t K, bool transpose_stored) {
   const int64_t num_tiles = static_cast<int64_t>(plan.tiles.size());
   at::Tensor pinned = at::empty({num_tiles * 4}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
   std::memcpy(pinned.mutable_data_ptr<int32_t>(), plan.tiles.data(), num_tiles * sizeof(RowTile));
   const at::Tensor tiles_dev = pinned.to(in.device(), /*non_blocking=*/true);
   const RowTile* tiles = reinterpret_cast<const RowTile*>(tiles_dev.const_data_ptr<int32_t>());
   const int log2_blocksize = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
+  const QuantStackView view = w.view();
+  const Quant4Args args{view.scales, view.codebook};
+  const uint8_t* packed = static_cast<const uint8_t*>(view.data);
   const bool wgmma_nk = transpose_stored && nf4_wgmma_nk_enabled();
   for (int h = kNumTileHeights - 1; h >= 0; --h) {
     const int64_t first = plan.begin[h], count = plan.begin[h + 1] - first;
     if (count == 0) continue;
     if (wgmma_nk) {  // Hopper: experts_nf4_wgmma.cu
-      launch_nf4_wgmma_nk<T>(in, out, packed, absmax, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
+      launch_nf4_wgmma_nk<T>(in, out, packed, args, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
       continue;
     }
     auto go = [&](auto nk_shape, auto kn_shape) {
       if (transpose_stored) {
-        launch<T, decltype(nk_shape), true>(in, out, packed, absmax, tiles + first, count, N, K, log2_blocksize);
+        launch<T, decltype(nk_shape), true, kDoubleQuant>(in, out, packed, args, tiles + first, count, N, K,
+                                                          log2_blocksize);
       } else {
-        launch<T, decltype(kn_shape), false>(in, out, packed, absmax, tiles + first, count, N, K, log2_blocksize);
+        launch<T, decltype(kn_shape), false, kDoubleQuant>(in, out, packed, args, tiles + first, count, N, K,
+                                                           log2_blocksize);
       }
     };
     switch (kTileHeights[h]) {
@@ -488,6 +521,7 @@ bool nf4_grouped_gemm_applies(const at::Tensor& in, const PackedStack& w, bool t
                               const ExpertsRouting& r) {
   const int mode = fused_gemm_mode();
   if (mode == 0 || r.num_rows == 0) return false;
+  if (!is_4bit(w.type)) return false;  // int8 stacks: the scratch rung
   if (in.scalar_type() != at::kBFloat16 && in.scalar_type() != at::kHalf) return false;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;  // mma.sync bf16, cp.async
   const int64_t K = transpose_stored ? w.cols : w.rows, N = transpose_stored ? w.rows : w.cols;
@@ -502,19 +536,20 @@ bool nf4_grouped_gemm_applies(const at::Tensor& in, const PackedStack& w, bool t
 void nf4_grouped_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
                       const ExpertsRouting& r) {
   const int64_t K = transpose_stored ? w.cols : w.rows, N = transpose_stored ? w.rows : w.cols;
-  TORCH_CHECK(K % kTileK == 0 && N % kChunkWeights == 0, "moequant: fused NF4 GEMM needs K % 64 == 0 and N % 32 == 0");
+  TORCH_CHECK(is_4bit(w.type) && K % kTileK == 0 && N % kChunkWeights == 0,
+              "moequant: fused 4-bit GEMM needs a 4-bit stack, K % 64 == 0 and N % 32 == 0");
   const at::Tensor x = contiguous_aligned16(in);
-  const at::Tensor packed = contiguous_aligned16(w.packed);
-  const at::Tensor absmax = w.absmax.contiguous();
   const int64_t active = std::max<int64_t>(1, static_cast<int64_t>(r.active_experts.size()));
   const int64_t mean_rows = (r.num_rows + active - 1) / active;
   const TilePlan plan = plan_tiles(r, mean_rows);
+  auto go = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    if (w.double_quant()) launch_plan<T, true>(x, out, w, plan, N, K, transpose_stored);
+    else launch_plan<T, false>(x, out, w, plan, N, K, transpose_stored);
+  };
   AT_DISPATCH_SWITCH(in.scalar_type(), "moequant_nf4_grouped_gemm",
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       launch_plan<__nv_bfloat16>(x, out, w, packed, absmax, plan, N, K, transpose_stored);
-                     }) AT_DISPATCH_CASE(at::kHalf, [&] {
-                       launch_plan<__half>(x, out, w, packed, absmax, plan, N, K, transpose_stored);
-                     }));
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { go(__nv_bfloat16{}); })
+                         AT_DISPATCH_CASE(at::kHalf, [&] { go(__half{}); }));
 }
 
 }  // namespace moequant

@@ -12,7 +12,8 @@
 
 namespace moequant {
 
-// Whether the fused kernel takes this product: bf16/fp16 on sm80+, the input dimension a multiple
+// Whether the fused kernel takes this product: a 4-bit stack (NF4 or FP4, plain or
+// double-quantized statistics; int8 stacks go to the scratch rung), bf16/fp16 on sm80+, the input dimension a multiple
 // of 64 and the output dimension a multiple of 32, and (unless MOEQUANT_EXPERTS_FUSED_GEMM=1
 // forces it, or =0 turns it off) few enough rows per active expert that the product is bound
 // by weight traffic, where reading 4-bit weights once beats dequant scratch + cuBLAS (a higher

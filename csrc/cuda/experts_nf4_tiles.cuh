@@ -1,6 +1,8 @@
-// Pieces shared by the fused NF4 grouped GEMM kernels (experts_nf4_gemm.cu, mma.sync on sm80+;
+// Pieces shared by the fused 4-bit grouped GEMM kernels (experts_nf4_gemm.cu, mma.sync on sm80+;
 // experts_nf4_wgmma.cu, wgmma on sm90a): the CTA row-tile record, the shared-memory swizzle,
-// cp.async copies and the decode of one packed byte into two weights.
+// cp.async copies, the decode of one packed byte into two weights and the kernels' format
+// arguments. The kernels decode any 4-bit codebook (NF4, FP4: a kernel parameter) and plain or
+// double-quantized block scales (a template flag; the scales of a block are decoded where used).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,7 +10,7 @@
 
 #include <cstdint>
 
-#include "nf4_dequant.cuh"
+#include "quant_decode.cuh"
 
 namespace moequant {
 
@@ -48,12 +50,31 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+// What a fused GEMM kernel decodes weights with: the format's codebook and the stack's block
+// scales (BlockScales; map unset, the kernel points it at its shared copy).
+struct Quant4Args {
+  BlockScales scales;
+  Codebook16 codebook;
+};
+
+// Shared-memory tables of a fused kernel: the byte-pair table of the codebook and, with double
+// quant, the dynamic map. Filled by all threads; the caller synchronizes before use.
+template <bool kDoubleQuant>
+struct DecodeTables {
+  float2 pair[kPairTableEntries];
+  float map[kDoubleQuant ? 256 : 1];
+  __device__ __forceinline__ void fill(const Codebook16& codebook) {
+    fill_pair_table(pair, codebook);
+    if constexpr (kDoubleQuant) fill_dynamic_map(map);
+  }
+};
+
 // Two weights of byte i (0..3) of `word` (codes times the block's absmax, as dequant_expert
 // rounds them), packed as the low and high halves of an mma operand register.
 template <typename T>
 __device__ __forceinline__ uint32_t decode_byte(const float2* table, uint32_t word, int i, uint32_t lane_offset,
                                                 float scale) {
-  const float2 v = nf4_pair_lookup(table, word, i, lane_offset);
+  const float2 v = pair_lookup(table, word, i, lane_offset);
   return pack2<T>(__fmul_rn(v.x, scale), __fmul_rn(v.y, scale));
 }
 

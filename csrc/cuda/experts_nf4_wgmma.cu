@@ -10,8 +10,9 @@
 // cores read from a 128-byte-swizzled shared-memory ring. A CTA of two warpgroups owns 128 output
 // features x kRows routing-order rows; each warpgroup decodes its own 64 features (every weight is
 // decoded once per CTA) and issues m64n<kRows>k16 wgmma, decoding step s + 1 while step s runs.
-// Weights are decoded exactly as dequant_expert rounds them; each output is summed by one
-// accumulator in a fixed order (deterministic).
+// Weights are decoded exactly as dequant_expert rounds them (any 4-bit codebook, plain or
+// double-quantized block scales); each output is summed by one accumulator in a fixed order
+// (deterministic).
 //
 // Fragment slots: thread (g, q) = (lane / 4, lane % 4) of warp w holds, for each k16 step s of a
 // k-tile, k-pairs q and q + 4 of features 16 w + g and 16 w + g + 8. The kernel lets those slots
@@ -31,7 +32,6 @@
 #include "../error_text.h"
 #include "cuda_utils.cuh"
 #include "experts_nf4_wgmma.cuh"
-#include "nf4_dequant.cuh"
 #include "wgmma.cuh"
 
 namespace moequant {
@@ -68,20 +68,22 @@ __device__ __forceinline__ uint4 load_packed16(const uint8_t* p) {
   return v;
 }
 
-template <typename T, class S>
+template <typename T, class S, bool kDoubleQuant>
 __global__ void __launch_bounds__(S::kThreads, 2)
 nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
-                         const float* __restrict__ absmax, const RowTile* __restrict__ tiles, int64_t N, int64_t K,
-                         int n_tiles, int log2_blocksize) {
+                         const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N,
+                         int64_t K, int n_tiles, int log2_blocksize) {
 #if MOEQUANT_WGMMA_COMPILED
   extern __shared__ uint8_t smem_raw[];  // the ring, once aligned; then the epilogue tile
-  __shared__ float2 pair_table[kNF4PairTableEntries];
-  fill_nf4_pair_table(pair_table);
+  __shared__ DecodeTables<kDoubleQuant> tables;
+  tables.fill(args.codebook);
+  const float2* const pair_table = tables.pair;
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t ring = (raw + 1023u) & ~1023u;  // the swizzle atoms need 1024-byte alignment
   uint8_t* const staging = smem_raw + (ring - raw);
 
   const RowTile tile = tiles[blockIdx.x / n_tiles];
+  const MatrixScales<kDoubleQuant> scales(args.scales, tile.expert, tables.map);
   const int64_t n0 = int64_t{blockIdx.x % n_tiles} * S::BN;
   const int rows = min(S::kRows, tile.row_end - tile.row_begin);
   const T* const in_rows = in + int64_t{tile.row_begin} * K;
@@ -110,38 +112,39 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t n = n0 + feature + 8 * h;
-    row_elem[h] = n < N ? int64_t{tile.expert} * N * K + n * K + 32 * (q / 2) : -1;
+    row_elem[h] = n < N ? n * K + 32 * (q / 2) : -1;  // within the expert's matrix
   }
+  const uint8_t* const expert_packed = packed + int64_t{tile.expert} * N * K / 2;
   struct Codes {
     uint4 bytes[2];
-    float scale[2];
+    LoadedScale scale[2];
   };
   // A thread's 16 weights of a row lie in one 32-element range, hence in one NF4 block (B >= 32).
   auto load_codes = [&](Codes& c, int64_t k0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       c.bytes[h] = make_uint4(0, 0, 0, 0);
-      c.scale[h] = 0.0f;
+      c.scale[h] = LoadedScale{0.0f, 0u};
       if (row_elem[h] >= 0) {
         const int64_t elem = row_elem[h] + k0;
-        c.bytes[h] = load_packed16(packed + elem / 2);
-        c.scale[h] = __ldg(absmax + (elem >> log2_blocksize));
+        c.bytes[h] = load_packed16(expert_packed + elem / 2);
+        c.scale[h] = scales.load(elem >> log2_blocksize);
       }
     }
   };
   // A fragments of step s: byte i = 2 s + h of the thread's 8 (parity q % 2 of its 16) per row.
   const uint32_t parity_select = q % 2 ? 0x7531u : 0x6420u;
-  auto decode_step = [&](uint32_t (&a)[4], const Codes& c, int s) {
+  auto decode_step = [&](uint32_t (&a)[4], const Codes& c, const float (&amax)[2], int s) {
     uint32_t word[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       word[h] = s < 2 ? __byte_perm(c.bytes[h].x, c.bytes[h].y, parity_select)
                       : __byte_perm(c.bytes[h].z, c.bytes[h].w, parity_select);
     }
-    a[0] = decode_byte<T>(pair_table, word[0], (2 * s) % 4, lane_offset, c.scale[0]);      // feature g, pair q
-    a[1] = decode_byte<T>(pair_table, word[1], (2 * s) % 4, lane_offset, c.scale[1]);      // feature g + 8
-    a[2] = decode_byte<T>(pair_table, word[0], (2 * s + 1) % 4, lane_offset, c.scale[0]);  // pair q + 4
-    a[3] = decode_byte<T>(pair_table, word[1], (2 * s + 1) % 4, lane_offset, c.scale[1]);
+    a[0] = decode_byte<T>(pair_table, word[0], (2 * s) % 4, lane_offset, amax[0]);      // feature g, pair q
+    a[1] = decode_byte<T>(pair_table, word[1], (2 * s) % 4, lane_offset, amax[1]);      // feature g + 8
+    a[2] = decode_byte<T>(pair_table, word[0], (2 * s + 1) % 4, lane_offset, amax[0]);  // pair q + 4
+    a[3] = decode_byte<T>(pair_table, word[1], (2 * s + 1) % 4, lane_offset, amax[1]);
   };
 
   float acc[S::kAcc];
@@ -171,10 +174,11 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
         if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
         cp_async_commit();
         const uint64_t desc = wgmma_desc_k_major_sw128(ring + static_cast<uint32_t>(t % S::kStages) * S::kStageBytes);
+        const float amax[2] = {scales.resolve(codes[u].scale[0]), scales.resolve(codes[u].scale[1])};
 #pragma unroll
         for (int s = 0; s < kTileK / 16; ++s) {
           if (s > 0) wgmma_wait<1>();  // step s - 2, the last reader of a[s % 2], retired
-          decode_step(a[s % 2], codes[u], s);
+          decode_step(a[s % 2], codes[u], amax, s);
           wgmma_fence();
           wgmma_fence_operands(acc);
           WgmmaRs<S::kRows>::template run<T>(acc, a[s % 2], desc + 2 * s);  // + 32 bytes a step
@@ -212,19 +216,21 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
 }
 
 template <typename T, int kRows>
-void launch_height(const at::Tensor& in, at::Tensor& out, const at::Tensor& packed, const at::Tensor& absmax,
+void launch_height(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
                    const RowTile* tiles, int64_t num_tiles, int64_t N, int64_t K, int log2_blocksize) {
   using S = WgmmaTileShape<kRows>;
   const int64_t n_tiles = (N + S::BN - 1) / S::BN;
   const int64_t ctas = num_tiles * n_tiles;
-  TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused NF4 GEMM grid too large (", num_str(ctas), " CTAs)");
-  auto kernel = nf4_gemm_nk_wgmma_kernel<T, S>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes));
-  kernel<<<static_cast<unsigned>(ctas), S::kThreads, S::kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()),
-      packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), tiles, N, K, static_cast<int>(n_tiles),
-      log2_blocksize);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused 4-bit GEMM grid too large (", num_str(ctas), " CTAs)");
+  auto go = [&](auto kernel) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes));
+    kernel<<<static_cast<unsigned>(ctas), S::kThreads, S::kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()), packed, args,
+        tiles, N, K, static_cast<int>(n_tiles), log2_blocksize);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (args.scales.double_quant()) go(nf4_gemm_nk_wgmma_kernel<T, S, true>);
+  else go(nf4_gemm_nk_wgmma_kernel<T, S, false>);
 }
 
 }  // namespace
@@ -241,24 +247,23 @@ bool nf4_wgmma_nk_enabled() {
 }
 
 template <typename T>
-void launch_nf4_wgmma_nk(const at::Tensor& in, at::Tensor& out, const at::Tensor& packed, const at::Tensor& absmax,
+void launch_nf4_wgmma_nk(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
                          const RowTile* tiles, int64_t num_tiles, int height, int64_t N, int64_t K,
                          int log2_blocksize) {
   TORCH_CHECK(K % kTileK == 0 && N % 8 == 0 && log2_blocksize >= 5,
-              "moequant: the wgmma NF4 GEMM needs K % 64 == 0, N % 8 == 0 and blocksize >= 32");
+              "moequant: the wgmma 4-bit GEMM needs K % 64 == 0, N % 8 == 0 and blocksize >= 32");
   switch (height) {
-    case 16: return launch_height<T, 16>(in, out, packed, absmax, tiles, num_tiles, N, K, log2_blocksize);
-    case 32: return launch_height<T, 32>(in, out, packed, absmax, tiles, num_tiles, N, K, log2_blocksize);
-    case 64: return launch_height<T, 64>(in, out, packed, absmax, tiles, num_tiles, N, K, log2_blocksize);
-    case 128: return launch_height<T, 128>(in, out, packed, absmax, tiles, num_tiles, N, K, log2_blocksize);
-    default: TORCH_CHECK(false, "moequant: no wgmma NF4 GEMM for row tiles of ", num_str(height));
+    case 16: return launch_height<T, 16>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
+    case 32: return launch_height<T, 32>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
+    case 64: return launch_height<T, 64>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
+    case 128: return launch_height<T, 128>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
+    default: TORCH_CHECK(false, "moequant: no wgmma 4-bit GEMM for row tiles of ", num_str(height));
   }
 }
 
-template void launch_nf4_wgmma_nk<__nv_bfloat16>(const at::Tensor&, at::Tensor&, const at::Tensor&,
-                                                 const at::Tensor&, const RowTile*, int64_t, int, int64_t, int64_t,
-                                                 int);
-template void launch_nf4_wgmma_nk<__half>(const at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+template void launch_nf4_wgmma_nk<__nv_bfloat16>(const at::Tensor&, at::Tensor&, const uint8_t*, const Quant4Args&,
+                                                 const RowTile*, int64_t, int, int64_t, int64_t, int);
+template void launch_nf4_wgmma_nk<__half>(const at::Tensor&, at::Tensor&, const uint8_t*, const Quant4Args&,
                                           const RowTile*, int64_t, int, int64_t, int64_t, int);
 
 }  // namespace moequant

@@ -1,4 +1,4 @@
-// The fused NF4 grouped GEMM's [N, K] product on Hopper (sm_90a): wgmma with the decoded weights
+// The fused 4-bit grouped GEMM's [N, K] product on Hopper (sm_90a): wgmma with the decoded weights
 // as the register operand. See experts_nf4_wgmma.cu.
 #pragma once
 
@@ -21,9 +21,10 @@ constexpr bool nf4_wgmma_height_supported(int height) {
 }
 
 // out[rows of each tile] = in[rows] @ S_e^T for stored S_e = [N, K] (K % 64 == 0, N % 8 == 0),
-// over `num_tiles` row tiles of `height` rows (device array `tiles`). T = __nv_bfloat16 or __half.
+// over `num_tiles` row tiles of `height` rows (device array `tiles`), any 4-bit format (`args`).
+// T = __nv_bfloat16 or __half.
 template <typename T>
-void launch_nf4_wgmma_nk(const at::Tensor& in, at::Tensor& out, const at::Tensor& packed, const at::Tensor& absmax,
+void launch_nf4_wgmma_nk(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
                          const RowTile* tiles, int64_t num_tiles, int height, int64_t N, int64_t K,
                          int log2_blocksize);
 

@@ -10,43 +10,27 @@
 #include "experts_grouped_gemm.cuh"
 #include "experts_nf4_gemm.cuh"
 #include "experts_stack_gemm.cuh"
-#include "nf4_dequant.cuh"
 
 namespace moequant {
 
-constexpr int kScratchDequantThreads = 256;
-constexpr int kMaxChunkExperts = 256;
-
-// Expert ids of one chunk, passed by value as a kernel parameter (no host-to-device copy).
-struct ChunkExpertIds {
-  int32_t ids[kMaxChunkExperts];
-};
-
-// Dequantizes stored rows [row_begin, row_begin + chunks_per_expert*kElems/K) of the experts in
-// `chunk` into scratch [G, rows, K]; blockIdx.y picks the expert, and each warp decodes one tile
-// of the slice with dequant_warp_tile (nf4_dequant.cuh), the layout of dequant_expert. A slice
-// starts on a whole NF4 block (row_begin * K is a multiple of B, and a block never straddles two
-// experts), so the absmax pointer offsets cleanly. H100, bench_experts T=4096: the warp-contiguous
-// layout took qwen3 fwd from 1.20x to 1.03x bf16 over one thread per 16 packed bytes (64-byte
-// stores per thread, ~0.8 TB/s).
-constexpr int kWarpDequantChunks = 8;  // 16-byte output chunks per lane
-
-template <typename T>
-__global__ void __launch_bounds__(kScratchDequantThreads)
-dequant_chunk_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax, T* __restrict__ scratch,
-                     const ChunkExpertIds chunk, int64_t matrix_numel, int64_t first_elem, int64_t chunks_per_expert,
-                     int log2_chunks_per_block) {
-  constexpr int kElems = 16 / sizeof(T);
-  __shared__ float codebook[16];
-  if (threadIdx.x < 16) codebook[threadIdx.x] = kNF4ValuesDevice[threadIdx.x];
-  __syncthreads();
-  const int64_t e = chunk.ids[blockIdx.y];
-  const int64_t src0 = (e * matrix_numel + first_elem) / kElems;  // first chunk of the slice
-  const int64_t warp = (int64_t{blockIdx.x} * kScratchDequantThreads + threadIdx.x) / 32;
-  dequant_warp_tile<T, kWarpDequantChunks, /*kStreamingStore=*/false>(
-      reinterpret_cast<const PackedChunk<T>*>(packed) + src0, absmax + (src0 >> log2_chunks_per_block),
-      reinterpret_cast<uint4*>(scratch) + int64_t{blockIdx.y} * chunks_per_expert, warp * 32 * kWarpDequantChunks,
-      chunks_per_expert, log2_chunks_per_block, codebook);
+QuantStackView PackedStack::view() const {
+  QuantStackView v;
+  v.type = type;
+  v.data = packed.const_data_ptr();
+  v.scales.blocks_per_matrix = is_4bit(type) ? rows * cols / blocksize : rows;
+  v.scales.groups_per_matrix = (v.scales.blocks_per_matrix + kDoubleQuantGroup - 1) / kDoubleQuantGroup;
+  if (double_quant()) {
+    v.scales.code = absmax.const_data_ptr<uint8_t>();
+    v.scales.scale = absmax_scale.const_data_ptr<float>();
+    v.scales.offset = absmax_offset.const_data_ptr<float>();
+  } else {
+    v.scales.absmax = absmax.const_data_ptr<float>();
+  }
+  if (is_4bit(type)) v.codebook = codebook16(type);
+  v.rows = rows;
+  v.cols = cols;
+  v.blocksize = blocksize;
+  return v;
 }
 
 int64_t experts_scratch_bytes(const PackedStack& gate_up, const PackedStack& down) {
@@ -74,17 +58,18 @@ std::vector<Chunk> plan_chunks(const PackedStack& w, const ExpertsRouting& r, in
   const int64_t row_bytes = w.cols * elem_bytes;
   const int64_t expert_bytes = w.rows * row_bytes;
   if (expert_bytes <= scratch_bytes) {
-    const int64_t per_chunk = std::min<int64_t>(scratch_bytes / std::max<int64_t>(expert_bytes, 1), kMaxChunkExperts);
+    const int64_t per_chunk = std::min<int64_t>(scratch_bytes / std::max<int64_t>(expert_bytes, 1), kMaxListedMatrices);
     for (int64_t i = 0; i < n_active; i += per_chunk) {
       chunks.push_back({i, std::min(per_chunk, n_active - i), 0, w.rows});
     }
     return chunks;
   }
-  // Equal slices of whole NF4 blocks (g rows hold a multiple of B elements) and of 128 rows: a
+  // Equal slices of whole 4-bit blocks (g rows hold a multiple of B elements) and of 128 rows: a
   // slice's rows are output columns of the GEMM, and a column offset that is not a multiple of
   // 8 elements misaligns the output for cuBLAS, which then falls back to an sm75 align1 kernel
   // (mixtral, H100: 21.5 of 24.4 ms per call before this rounding).
-  const int64_t align = std::lcm<int64_t>(w.blocksize / std::gcd(w.cols, w.blocksize), 128);
+  const int64_t align =
+      is_4bit(w.type) ? std::lcm<int64_t>(w.blocksize / std::gcd(w.cols, w.blocksize), 128) : int64_t{128};
   const int64_t budget_rows = std::max<int64_t>(align, (scratch_bytes / row_bytes) / align * align);
   const int64_t num_slices = (w.rows + budget_rows - 1) / budget_rows;
   const int64_t slice_rows = ((w.rows + num_slices - 1) / num_slices + align - 1) / align * align;
@@ -94,31 +79,20 @@ std::vector<Chunk> plan_chunks(const PackedStack& w, const ExpertsRouting& r, in
   return chunks;
 }
 
-void dequant_chunk(const PackedStack& w, const at::Tensor& packed, const at::Tensor& absmax, const ExpertsRouting& r,
-                   const Chunk& c, at::Tensor& scratch) {
-  ChunkExpertIds ids{};
-  for (int64_t g = 0; g < c.count; ++g) ids.ids[g] = r.active_experts[c.first + g];
-  const int64_t elems = (c.row_end - c.row_begin) * w.cols;  // per expert
-  MOEQUANT_DISPATCH_EXPERTS_TYPES(scratch.scalar_type(), "moequant_dequant_chunk", [&] {
-    using T = typename native<scalar_t>::type;
-    constexpr int64_t kElems = 16 / sizeof(T);
-    const int64_t chunks = elems / kElems;
-    constexpr int64_t kPerCta = int64_t{kScratchDequantThreads} * kWarpDequantChunks;
-    const int64_t ctas = (chunks + kPerCta - 1) / kPerCta;  // one tile per warp
-    const int log2_chunks_per_block = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / kElems));
-    dequant_chunk_kernel<T><<<dim3(static_cast<unsigned>(std::max<int64_t>(ctas, 1)), static_cast<unsigned>(c.count)),
-                              kScratchDequantThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), reinterpret_cast<T*>(scratch.mutable_data_ptr()),
-        ids, w.rows * w.cols, c.row_begin * w.cols, chunks, log2_chunks_per_block);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+// Dequantizes the chunk's experts (or row slice) into the front of `scratch`.
+void dequant_chunk(const QuantStackView& view, const ExpertsRouting& r, const Chunk& c, at::Tensor& scratch) {
+  MatrixSelection selection;
+  selection.listed = true;
+  selection.count = static_cast<int32_t>(c.count);
+  for (int64_t g = 0; g < c.count; ++g) selection.ids[g] = r.active_experts[c.first + g];
+  at::Tensor dst = scratch.narrow(0, 0, c.count * (c.row_end - c.row_begin) * view.cols);
+  dequant_matrices(view, selection, c.row_begin, c.row_end, dst, /*streaming_store=*/false);
 }
 
 // Rung (a): chunk by chunk through the bounded dequant scratch.
 void scratch_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
                         const ExpertsRouting& r, int64_t scratch_bytes) {
-  const at::Tensor packed = contiguous_aligned16(w.packed);
-  const at::Tensor absmax = w.absmax.contiguous();
+  const QuantStackView view = w.view();
   // One scratch buffer, reused chunk after chunk in stream order. (Double-buffering on a side
   // stream, each buffer half the budget, measured slower on H100: twice the chunks, and these
   // calls are launch-bound below a few thousand tokens.)
@@ -151,7 +125,7 @@ void scratch_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack
 
   for (size_t i = 0; i < chunks.size(); ++i) {
     const Chunk& c = chunks[i];
-    dequant_chunk(w, packed, absmax, r, c, scratch);
+    dequant_chunk(view, r, c, scratch);
     const int64_t slice_rows = c.row_end - c.row_begin;
     const at::Tensor stored = scratch.narrow(0, 0, c.count * slice_rows * w.cols).view({c.count, slice_rows, w.cols});
     const int64_t row0 = r.row_offsets[r.active_experts[c.first]];

@@ -1,22 +1,34 @@
-// Products with a packed NF4 expert stack. Few rows per expert (bf16/fp16): rung (b), the fused
-// NF4 GEMM (experts_nf4_gemm.cuh). Otherwise rung (a) of DESIGN.md §4, chunk by chunk: each
-// chunk of experts (or a row slice of one expert too large for the budget) is dequantized into a
-// bounded scratch buffer, then multiplied with torch._grouped_mm (bf16, sm90) or cuBLAS. Only
-// experts that received rows are dequantized.
+// Products with a quantized expert stack (NF4, FP4 or int8; plain or double-quantized
+// statistics). Few rows per expert (bf16/fp16, 4-bit formats): rung (b), the fused 4-bit GEMM
+// (experts_nf4_gemm.cuh). Otherwise, and for every int8 stack, rung (a) of DESIGN.md §4, chunk by
+// chunk: each chunk of experts (or a row slice of one expert too large for the budget) is
+// dequantized into a bounded scratch buffer (dequant_matrices.cuh, every format), then
+// multiplied with torch._grouped_mm (bf16, sm90) or cuBLAS. Only experts that received rows are
+// dequantized.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include "dequant_matrices.cuh"
 #include "experts_low_rank.cuh"
 #include "experts_routing.cuh"
 
 namespace moequant {
 
-// One packed stack: logical [E, N, K] stored as packed uint8 [E, N, K/2] + absmax [E, N*K/B].
+// One quantized stack: logical [E, N, K] stored as packed uint8 [E, N, K/2] (NF4/FP4) or int8
+// [E, N, K], with plain fp32 absmax [E, blocks] or double-quantized statistics (uint8 codes
+// [E, blocks], fp32 absmax_scale [E, groups], absmax_offset [E]). Tensors are contiguous (and
+// the codes 16-byte aligned): kernels take raw pointers from view().
 struct PackedStack {
   at::Tensor packed;
   at::Tensor absmax;
+  at::Tensor absmax_scale, absmax_offset;  // double quant; undefined otherwise
+  QuantType type = QuantType::kNF4;
   int64_t experts = 0, rows = 0, cols = 0, blocksize = 64;  // E, N, K, B
+
+  bool double_quant() const { return absmax_scale.defined(); }
+  // Device pointers, codebook and statistics layout for the kernels.
+  QuantStackView view() const;
 };
 
 // Scratch bytes for one experts call: 5% of the layer's two stacks at bf16 (never below 8 MiB

@@ -1,5 +1,9 @@
-// Device-side NF4 decoding of 16-byte output chunks and the warp tile loop built on it, shared by
-// dequant_expert and the experts kernels.
+// Device-side decoding shared by dequant_expert and the experts kernels. A format is data handed
+// to one set of kernels: a 4-bit format (NF4, FP4) is its 16-value codebook, passed by value;
+// block scales are read through BlockScales (quant_format.h), plain fp32 absmax or
+// double-quantized codes decoded where they are used (kernels take the double quant as a
+// template flag so that the plain path keeps its exact instruction stream); int8 rows decode
+// with their row scale.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,12 +11,79 @@
 
 #include <type_traits>
 
-#include "../nf4_format.h"
+#include "../quant_format.h"
 #include "cuda_utils.cuh"
 
 namespace moequant {
 
-__device__ __constant__ static const float kNF4ValuesDevice[16] = MOEQUANT_NF4_VALUES;
+// The 16 values of a 4-bit format, indexed by code: a kernel parameter.
+struct Codebook16 {
+  float v[16];
+};
+
+inline Codebook16 codebook16(QuantType type) {
+  Codebook16 c{};
+  const float* values = codebook_of(type);
+  for (int i = 0; i < 16; ++i) c.v[i] = values[i];
+  return c;
+}
+
+// bitsandbytes' signed dynamic map (double-quantized statistics), copied by each kernel that
+// needs it into shared memory: codes index it at random.
+struct DynamicMapTable {
+  float v[256];
+};
+__device__ __constant__ static const DynamicMapTable kDynamicMapDevice = {MOEQUANT_DYNAMIC_MAP_VALUES};
+
+__device__ __forceinline__ void fill_dynamic_map(float* map) {
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = kDynamicMapDevice.v[i];
+}
+
+// The scales of one matrix's blocks (plain or double-quantized), with the dynamic map in shared
+// memory. A block's scale is loaded early (load: the absmax, or the group scale and the 8-bit
+// code) and resolved where it is used (resolve), so that kernels keep their loads in flight.
+struct LoadedScale {
+  float value;    // plain: the absmax; double quant: the group scale
+  uint32_t code;  // double quant: the 8-bit code
+};
+
+template <bool kDoubleQuant>
+struct MatrixScales {
+  const float* absmax = nullptr;  // plain: this matrix's absmax
+  const uint8_t* code = nullptr;  // double quant: this matrix's codes, group scales, offset
+  const float* scale = nullptr;
+  float offset = 0.0f;
+  const float* map = nullptr;
+
+  __device__ __forceinline__ MatrixScales(const BlockScales& s, int64_t matrix, const float* shared_map) {
+    if constexpr (kDoubleQuant) {
+      code = s.code + matrix * s.blocks_per_matrix;
+      scale = s.scale + matrix * s.groups_per_matrix;
+      offset = __ldg(s.offset + matrix);
+      map = shared_map;
+    } else {
+      absmax = s.absmax + matrix * s.blocks_per_matrix;
+    }
+  }
+
+  // `block` counts blocks from the start of the matrix.
+  __device__ __forceinline__ LoadedScale load(int64_t block) const {
+    if constexpr (kDoubleQuant) {
+      return {__ldg(scale + block / kDoubleQuantGroup), static_cast<uint32_t>(__ldg(code + block))};
+    } else {
+      return {__ldg(absmax + block), 0u};
+    }
+  }
+
+  // The block's absmax: bnb's (map[code] * group scale) + offset, two IEEE roundings.
+  __device__ __forceinline__ float resolve(LoadedScale l) const {
+    if constexpr (kDoubleQuant) {
+      return dynamic_map_decode(static_cast<uint8_t>(l.code), l.value, offset, map);
+    } else {
+      return l.value;
+    }
+  }
+};
 
 // Two decoded values rounded to nearest-even and packed into 4 bytes.
 template <typename T>
@@ -33,14 +104,12 @@ __device__ __forceinline__ uint4 decode_chunk(uint32_t bytes, float amax, const 
   uint4 out;
   uint32_t* o = reinterpret_cast<uint32_t*>(&out);
   if constexpr (std::is_same_v<T, float>) {
-    // 2 bytes -> 4 fp32 values.
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const uint32_t code = (bytes >> (i % 2 == 0 ? 8 * (i / 2) + 4 : 8 * (i / 2))) & 0xFu;
       o[i] = __float_as_uint(__fmul_rn(codebook[code], amax));
     }
   } else {
-    // 4 bytes -> 8 16-bit values.
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const float hi = __fmul_rn(codebook[(bytes >> (8 * i + 4)) & 0xFu], amax);
@@ -54,19 +123,19 @@ __device__ __forceinline__ uint4 decode_chunk(uint32_t bytes, float amax, const 
 // Byte-pair table in shared memory, kLaneTableCopies lane-interleaved copies (cuda_utils.cuh):
 // entry (byte b, copy c) at float2 index b * 16 + c holds the values of b's two codes (high
 // nibble first), so one 8-byte read decodes two weights without bank conflicts (32 KB).
-constexpr int kNF4PairTableEntries = 256 * kLaneTableCopies;
+constexpr int kPairTableEntries = 256 * kLaneTableCopies;
 static_assert(sizeof(float2) == kLaneTableEntryBytes);
 
-__device__ __forceinline__ void fill_nf4_pair_table(float2* table) {
-  for (int j = threadIdx.x; j < kNF4PairTableEntries; j += blockDim.x) {
+__device__ __forceinline__ void fill_pair_table(float2* table, const Codebook16& codebook) {
+  for (int j = threadIdx.x; j < kPairTableEntries; j += blockDim.x) {
     const int b = j / kLaneTableCopies;
-    table[j] = make_float2(kNF4ValuesDevice[b >> 4], kNF4ValuesDevice[b & 0xF]);
+    table[j] = make_float2(codebook.v[b >> 4], codebook.v[b & 0xF]);
   }
 }
 
 // The two decoded codes of byte i (0..3, a compile-time constant after unrolling) of `word`;
 // lane_offset = lane_table_copy_offset().
-__device__ __forceinline__ float2 nf4_pair_lookup(const float2* table, uint32_t word, int i, uint32_t lane_offset) {
+__device__ __forceinline__ float2 pair_lookup(const float2* table, uint32_t word, int i, uint32_t lane_offset) {
   const uint32_t offset = lane_table_offset<0x7F80>(i == 0 ? word << 7 : word >> (8 * i - 7), lane_offset);
   return *reinterpret_cast<const float2*>(reinterpret_cast<const char*>(table) + offset);
 }
@@ -74,6 +143,9 @@ __device__ __forceinline__ float2 nf4_pair_lookup(const float2* table, uint32_t 
 // Packed bytes of one 16-byte output chunk: 4 for 16-bit outputs (8 values), 2 for fp32 (4 values).
 template <typename T>
 using PackedChunk = std::conditional_t<sizeof(T) == 4, uint16_t, uint32_t>;
+// int8 codes of one 16-byte output chunk: 8 for 16-bit outputs, 4 for fp32.
+template <typename T>
+using Int8Chunk = std::conditional_t<sizeof(T) == 4, uint32_t, uint2>;
 
 // Packed bytes are read once: no L1 allocation, and a 256-byte L2 prefetch per request (H200,
 // benchmarks/nf4_dequant_variants.cu: +0.5-1% of copy bandwidth).
@@ -87,40 +159,128 @@ __device__ __forceinline__ uint32_t load_packed(const uint16_t* p) {
   asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u16 %0, [%1];" : "=h"(v) : "l"(p));
   return v;
 }
+__device__ __forceinline__ uint2 load_packed(const uint2* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
 
-// One warp's tile of a dequant: output chunks [tile, tile + 32 * CHUNKS) of num_chunks, lane l
-// taking chunks l, l + 32, ...: every load and every 16-byte store of the warp is contiguous.
-// All loads are issued before the first decode. Chunk g reads in[g] and absmax[g >> log2 chunks
-// per block] (a chunk never straddles an NF4 block); `codebook` is kNF4ValuesDevice in shared
-// memory (a run-time index into a register array would go to local memory). Streaming
-// (evict-first) stores suit outputs nobody re-reads soon; scratch about to feed a GEMM keeps
-// plain stores so that it can stay in L2.
-template <typename T, int CHUNKS, bool kStreamingStore>
-__device__ __forceinline__ void dequant_warp_tile(const PackedChunk<T>* __restrict__ in, const float* __restrict__ absmax,
+template <bool kStreamingStore>
+__device__ __forceinline__ void store_chunk(uint4* p, uint4 v) {
+  if constexpr (kStreamingStore) {
+    __stcs(p, v);
+  } else {
+    *p = v;
+  }
+}
+
+// One warp's tile of a 4-bit dequant within one matrix: output chunks [tile, tile + 32 * CHUNKS)
+// of num_chunks, lane l taking chunks l, l + 32, ...: every load and every 16-byte store of the
+// warp is contiguous. All loads are issued before the first decode. Chunk g reads in[g] and the
+// scale of block first_block + (g >> log2 chunks per block) of the matrix (a chunk never
+// straddles a block); `codebook` is the format's 16 values in shared memory (a run-time index
+// into a register array would go to local memory). Streaming (evict-first) stores suit outputs
+// nobody re-reads soon; scratch about to feed a GEMM keeps plain stores so that it can stay in L2.
+template <typename T, int CHUNKS, bool kStreamingStore, bool kDoubleQuant>
+__device__ __forceinline__ void dequant_warp_tile(const PackedChunk<T>* __restrict__ in,
+                                                  const MatrixScales<kDoubleQuant>& scales, int64_t first_block,
                                                   uint4* __restrict__ out, int64_t tile, int64_t num_chunks,
                                                   int log2_chunks_per_block, const float* codebook) {
   const int lane = threadIdx.x % 32;
   uint32_t bytes[CHUNKS];
-  float amax[CHUNKS];
+  LoadedScale amax[CHUNKS];
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int64_t g = tile + c * 32 + lane;
     if (g < num_chunks) {
       bytes[c] = load_packed(in + g);
-      amax[c] = absmax[g >> log2_chunks_per_block];
+      amax[c] = scales.load(first_block + (g >> log2_chunks_per_block));
     }
   }
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int64_t g = tile + c * 32 + lane;
+    if (g < num_chunks) store_chunk<kStreamingStore>(out + g, decode_chunk<T>(bytes[c], scales.resolve(amax[c]), codebook));
+  }
+}
+
+// Row of element `e` (< 2^32) of a matrix with `cols` columns, by multiply-high: q = e / cols
+// for every 32-bit e (round-up magic number, libdivide's branch-free form).
+struct RowDivider {
+  uint32_t magic = 0, shift1 = 0, shift2 = 0;
+  RowDivider() = default;
+  explicit RowDivider(uint32_t d) {
+    int l = 0;
+    while ((uint64_t{1} << l) < d) ++l;  // ceil(log2 d)
+    magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << l) - d)) / d + 1);
+    shift1 = l > 0 ? 1 : 0;
+    shift2 = l > 0 ? l - 1 : 0;
+  }
+  __device__ __forceinline__ uint32_t operator()(uint32_t e) const {
+    const uint32_t t = __umulhi(magic, e);
+    return (t + ((e - t) >> shift1)) >> shift2;
+  }
+};
+
+// Two int8 codes and their row scales -> two values packed as the output type.
+template <typename T>
+__device__ __forceinline__ uint32_t decode_int8_pair(uint32_t word, int i, float s0, float s1) {
+  const float a = int8_decode(static_cast<int8_t>((word >> (16 * i)) & 0xFF), s0);
+  const float b = int8_decode(static_cast<int8_t>((word >> (16 * i + 8)) & 0xFF), s1);
+  return pack2<T>(a, b);
+}
+
+// One warp's tile of an int8 dequant over a slice of one matrix: chunk g holds slice elements
+// [g * kElems, (g + 1) * kElems) (the slice starts on a row, so element e of the slice is in
+// row e / cols of it); `row_absmax` points at the slice's first row. When cols is a multiple of
+// the chunk the chunk has one row; otherwise each element finds its own.
+template <typename T, int CHUNKS, bool kStreamingStore>
+__device__ __forceinline__ void dequant_int8_warp_tile(const Int8Chunk<T>* __restrict__ in,
+                                                       const float* __restrict__ row_absmax, RowDivider rows,
+                                                       bool chunk_in_one_row, uint4* __restrict__ out, int64_t tile,
+                                                       int64_t num_chunks) {
+  constexpr int kElems = 16 / sizeof(T);
+  const int lane = threadIdx.x % 32;
+  Int8Chunk<T> codes[CHUNKS];
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int64_t g = tile + c * 32 + lane;
     if (g < num_chunks) {
-      const uint4 v = decode_chunk<T>(bytes[c], amax[c], codebook);
-      if constexpr (kStreamingStore) {
-        __stcs(out + g, v);
+      if constexpr (sizeof(T) == 4) {
+        codes[c] = load_packed(reinterpret_cast<const uint32_t*>(in + g));
       } else {
-        out[g] = v;
+        codes[c] = load_packed(in + g);
       }
     }
+  }
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int64_t g = tile + c * 32 + lane;
+    if (g >= num_chunks) continue;
+    const uint32_t e0 = static_cast<uint32_t>(g * kElems);
+    float s[kElems];
+    if (chunk_in_one_row) {
+      const float r = __ldg(row_absmax + rows(e0));
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) s[i] = r;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) s[i] = __ldg(row_absmax + rows(e0 + i));
+    }
+    uint4 v;
+    uint32_t* o = reinterpret_cast<uint32_t*>(&v);
+    if constexpr (sizeof(T) == 4) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        o[i] = __float_as_uint(int8_decode(static_cast<int8_t>((codes[c] >> (8 * i)) & 0xFF), s[i]));
+      }
+    } else {
+      o[0] = decode_int8_pair<T>(codes[c].x, 0, s[0], s[1]);
+      o[1] = decode_int8_pair<T>(codes[c].x, 1, s[2], s[3]);
+      o[2] = decode_int8_pair<T>(codes[c].y, 0, s[4], s[5]);
+      o[3] = decode_int8_pair<T>(codes[c].y, 1, s[6], s[7]);
+    }
+    store_chunk<kStreamingStore>(out + g, v);
   }
 }
 

@@ -1,12 +1,20 @@
-// CUDA kernel of quantize_nf4. LANES threads share one NF4 block of LANES * CHUNKS * 8 elements:
-// each lane loads its 8-element chunks (16-byte loads for 16-bit types), the group reduces absmax
-// with warp shuffles, then each lane encodes its chunks and stores 4 packed bytes per chunk.
-// Chunk c of lane l starts at element (c * LANES + l) * 8, so loads and stores are coalesced.
-// Encoding uses the exact bin table of nf4_encode_lut.h (the 15-compare nf4_encode made the
-// kernel issue-bound) and falls back to nf4_encode for blocks whose absmax is NaN/Inf.
-// Bit-exact with the CPU kernel: IEEE division for the scale and __fmul_rn, no fast math.
-// H200 (benchmarks/bench_nf4.py, blocksize 64): 4 lanes x 2 chunks per block reached 75-88% of a
-// same-run copy; 8 x 1 (512 bytes per warp step) 60-67%, 2 x 4 64-74%, 1 x 8 44-48%.
+// CUDA kernels of quantize_nf4, every format.
+//
+// 4-bit (NF4, FP4): LANES threads share one block of LANES * CHUNKS * 8 elements: each lane loads
+// its 8-element chunks (16-byte loads for 16-bit types), the group reduces absmax with warp
+// shuffles, then each lane encodes its chunks and stores 4 packed bytes per chunk. Chunk c of
+// lane l starts at element (c * LANES + l) * 8, so loads and stores are coalesced. Encoding uses
+// the exact bin table of nf4_encode_lut.h (the format's table is a kernel parameter; FP4 adds
+// two compares and its rank -> code map) and falls back to the compare encoder of
+// quant_format.h for blocks whose absmax is NaN/Inf. H200 (benchmarks/bench_nf4.py, NF4,
+// blocksize 64): 4 lanes x 2 chunks per block reached 75-88% of a same-run copy; 8 x 1 (512
+// bytes per warp step) 60-67%, 2 x 4 64-74%, 1 x 8 44-48%.
+//
+// int8 row-wise: one warp per output row; the row's chunks stay in registers between the absmax
+// reduction and the encode when they fit (rows up to 2048 elements), else the encode pass reads
+// the row again (from L2). Rows whose length is not a multiple of 8 take an element-wise kernel.
+//
+// Bit-exact with the CPU kernels: IEEE division and __fmul_rn, no fast math.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,20 +23,17 @@
 
 #include "../kernels.h"
 #include "../quant_checks.h"
-#include "../nf4_format.h"
 #include "cuda_utils.cuh"
 #include "nf4_encode_lut.h"
 
 // fp32, fp16, bf16 only (the checks reject other dtypes; no dead double kernels).
-#define MOEQUANT_DISPATCH_NF4_TYPES(TYPE, NAME, ...)                                  \
+#define MOEQUANT_DISPATCH_QUANTIZE_TYPES(TYPE, NAME, ...)                            \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)           \
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace moequant {
 
 constexpr int kQuantizeThreads = 256;
-
-__device__ __constant__ NF4BinTable kNF4BinTableDevice = kNF4BinTable;
 
 template <typename T>
 struct alignas(16) Chunk8 {
@@ -52,6 +57,15 @@ __device__ __forceinline__ float absmax_nan(float m, float x) {
   return r;
 }
 
+// ---- 4-bit -------------------------------------------------------------------------------
+
+// A 4-bit format's fast encoder as data: its bin table and the FP4 extras (nf4_encode_lut.h).
+struct Quant4Encoder {
+  NF4BinTable table;
+  Quant4EncodeExtras extras;
+  QuantType type;
+};
+
 // Where a lane reads the bin table: the table (warp-uniform; kLaneTableCopies lane-interleaved
 // copies in shared memory, cuda_utils.cuh, since with one copy bins b and b + 16, x near -0.5 and
 // +0.5, collide) and the lane's copy offset in bytes.
@@ -61,28 +75,32 @@ struct BinTableView {
 };
 
 // Exact code of x = w * scale when the block's absmax is finite (then |x| <= 1 + 2^-20).
-__device__ __forceinline__ uint32_t encode_finite(float x, BinTableView bins) {
+// kExtras: the format counts two midpoints by compares and maps ranks to codes (FP4).
+template <bool kExtras>
+__device__ __forceinline__ uint32_t encode_finite(float x, BinTableView bins, const Quant4EncodeExtras& extras) {
   // Byte offset bin * 128 | copy offset: one shift and one LOP3.
   const uint32_t offset =
       lane_table_offset<63u << 7>(__float_as_uint(__fmaf_rn(x, 128.0f, kNF4BinMagic)) << 7, bins.copy_offset);
   const NF4Bin e = *reinterpret_cast<const NF4Bin*>(bins.table + offset);
-  return e.base + (x > e.thr ? 1u : 0u);
-}
-
-template <bool kFinite>
-__device__ __forceinline__ uint32_t encode(float x, BinTableView bins) {
-  if constexpr (kFinite) return encode_finite(x, bins);
-  else return nf4_encode(x);
+  const uint32_t rank = e.base + (x > e.thr ? 1u : 0u);
+  if constexpr (kExtras) {
+    const uint32_t r = rank + (x > extras.extra_low ? 1u : 0u) + (x > extras.extra_high ? 1u : 0u);
+    return static_cast<uint32_t>(extras.code_of_rank >> (4 * r)) & 0xFu;
+  } else {
+    return rank;
+  }
 }
 
 // Packs the codes of one chunk into a little-endian word: element 2i in the high nibble of byte i.
-template <bool kFinite, typename T>
-__device__ __forceinline__ uint32_t encode_chunk(const Chunk8<T>& c, float scale, BinTableView bins) {
+template <bool kFinite, bool kExtras, typename T>
+__device__ __forceinline__ uint32_t encode_chunk(const Chunk8<T>& c, float scale, BinTableView bins,
+                                                 const Quant4EncodeExtras& extras, QuantType type) {
   uint32_t word = 0;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t hi = encode<kFinite>(__fmul_rn(to_float(c.v[2 * i]), scale), bins);
-    const uint32_t lo = encode<kFinite>(__fmul_rn(to_float(c.v[2 * i + 1]), scale), bins);
+    const float a = __fmul_rn(to_float(c.v[2 * i]), scale), b = __fmul_rn(to_float(c.v[2 * i + 1]), scale);
+    const uint32_t hi = kFinite ? encode_finite<kExtras>(a, bins, extras) : quant4_encode(type, a);
+    const uint32_t lo = kFinite ? encode_finite<kExtras>(b, bins, extras) : quant4_encode(type, b);
     word |= ((hi << 4) | lo) << (8 * i);
   }
   return word;
@@ -91,10 +109,10 @@ __device__ __forceinline__ uint32_t encode_chunk(const Chunk8<T>& c, float scale
 // BATCH chunks per lane are held in registers at a time. With BATCH == CHUNKS the block is read
 // once; larger blocks (2048, 4096) take two passes, the second reading the block again (mostly
 // from L1/L2), instead of holding up to 128 values per thread.
-template <typename T, int LANES, int CHUNKS, int BATCH>
+template <typename T, int LANES, int CHUNKS, int BATCH, bool kExtras>
 __global__ void __launch_bounds__(kQuantizeThreads)
-quantize_nf4_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed,
-                    float* __restrict__ absmax, int64_t num_blocks) {
+quantize_4bit_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed, float* __restrict__ absmax,
+                     int64_t num_blocks, const __grid_constant__ Quant4Encoder encoder) {
   static_assert(sizeof(NF4Bin) == kLaneTableEntryBytes, "encode_finite shifts bins by 7 bits");
   static_assert(32 % LANES == 0 && CHUNKS % BATCH == 0);
   constexpr int kGroupsPerWarp = 32 / LANES;
@@ -103,7 +121,7 @@ quantize_nf4_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed,
 
   __shared__ NF4Bin bin_table[kNF4Bins * kLaneTableCopies];
   for (int i = threadIdx.x; i < kNF4Bins * kLaneTableCopies; i += blockDim.x) {
-    bin_table[i] = kNF4BinTableDevice.bins[i / kLaneTableCopies];
+    bin_table[i] = encoder.table.bins[i / kLaneTableCopies];
   }
   __syncthreads();
   const BinTableView bins{reinterpret_cast<const char*>(bin_table), lane_table_copy_offset()};
@@ -151,19 +169,140 @@ quantize_nf4_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed,
       }
 #pragma unroll
       for (int c = 0; c < BATCH; ++c) {
-        out[(c0 + c) * LANES] = finite ? encode_chunk<true>(x[c], scale, bins)
-                                       : encode_chunk<false>(x[c], scale, bins);
+        out[(c0 + c) * LANES] = finite ? encode_chunk<true, kExtras>(x[c], scale, bins, encoder.extras, encoder.type)
+                                       : encode_chunk<false, kExtras>(x[c], scale, bins, encoder.extras, encoder.type);
       }
     }
   }
 }
 
 template <typename T, int LANES, int CHUNKS, int BATCH = CHUNKS>
-static void launch_quantize(const T* w, uint8_t* p, float* a, int64_t num_blocks) {
+static void launch_quantize_4bit(const T* w, uint8_t* p, float* a, int64_t num_blocks, const Quant4Encoder& enc) {
   constexpr int kBlocksPerCta = kQuantizeThreads / LANES;
-  auto kernel = quantize_nf4_kernel<T, LANES, CHUNKS, BATCH>;
-  const int64_t grid = persistent_grid(kernel, kQuantizeThreads, (num_blocks + kBlocksPerCta - 1) / kBlocksPerCta);
-  kernel<<<grid, kQuantizeThreads, 0, at::cuda::getCurrentCUDAStream()>>>(w, p, a, num_blocks);
+  auto go = [&](auto kernel) {
+    const int64_t grid =
+        persistent_grid(kernel, kQuantizeThreads, (num_blocks + kBlocksPerCta - 1) / kBlocksPerCta);
+    kernel<<<grid, kQuantizeThreads, 0, at::cuda::getCurrentCUDAStream()>>>(w, p, a, num_blocks, enc);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (enc.type == QuantType::kFP4) go(quantize_4bit_kernel<T, LANES, CHUNKS, BATCH, true>);
+  else go(quantize_4bit_kernel<T, LANES, CHUNKS, BATCH, false>);
+}
+
+template <typename T>
+static void quantize_4bit(const T* wp, uint8_t* pp, float* ap, int64_t num_blocks, int64_t blocksize,
+                          QuantType type) {
+  const Quant4Encoder enc{type == QuantType::kFP4 ? kFP4BinTable : kNF4BinTable,
+                          type == QuantType::kFP4 ? kFP4EncodeExtras : kNF4EncodeExtras, type};
+  switch (blocksize) {
+    case 32: launch_quantize_4bit<T, 2, 2>(wp, pp, ap, num_blocks, enc); break;
+    case 64: launch_quantize_4bit<T, 4, 2>(wp, pp, ap, num_blocks, enc); break;
+    case 128: launch_quantize_4bit<T, 8, 2>(wp, pp, ap, num_blocks, enc); break;
+    case 256: launch_quantize_4bit<T, 16, 2>(wp, pp, ap, num_blocks, enc); break;
+    case 512: launch_quantize_4bit<T, 32, 2>(wp, pp, ap, num_blocks, enc); break;
+    case 1024: launch_quantize_4bit<T, 32, 4>(wp, pp, ap, num_blocks, enc); break;
+    case 2048: launch_quantize_4bit<T, 32, 8, 4>(wp, pp, ap, num_blocks, enc); break;
+    case 4096: launch_quantize_4bit<T, 32, 16, 4>(wp, pp, ap, num_blocks, enc); break;
+    default: TORCH_CHECK(false, "moequant.quantize_nf4: unsupported blocksize ", blocksize);
+  }
+}
+
+// ---- int8 row-wise -------------------------------------------------------------------------
+
+constexpr int kInt8RowChunks = 8;  // 8-element chunks per lane held in registers (rows up to 2048)
+
+// The int8 codes of one chunk, little-endian, element 0 in the low byte.
+template <typename T>
+__device__ __forceinline__ uint2 encode_int8_chunk(const Chunk8<T>& c, float multiplier) {
+  uint32_t word[2] = {0, 0};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t q = static_cast<uint8_t>(int8_encode(to_float(c.v[i]), multiplier));
+    word[i / 4] |= q << (8 * (i % 4));
+  }
+  return make_uint2(word[0], word[1]);
+}
+
+// One warp per row (grid-stride over rows); cols is a multiple of 8 and rows start 16-byte aligned.
+template <typename T>
+__global__ void __launch_bounds__(kQuantizeThreads)
+quantize_int8_rows_kernel(const T* __restrict__ weight, int8_t* __restrict__ codes, float* __restrict__ row_absmax,
+                          int64_t num_rows, int64_t cols) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = (int64_t{blockIdx.x} * kQuantizeThreads + threadIdx.x) / 32;
+  const int64_t num_warps = int64_t{gridDim.x} * (kQuantizeThreads / 32);
+  const int64_t row_chunks = cols / 8;
+  const bool in_registers = row_chunks <= 32 * kInt8RowChunks;
+  for (int64_t row = warp; row < num_rows; row += num_warps) {
+    const T* w = weight + row * cols;
+    uint2* out = reinterpret_cast<uint2*>(codes + row * cols);
+    Chunk8<T> x[kInt8RowChunks];
+    float amax = 0.0f;
+    for (int64_t c0 = 0; c0 < row_chunks; c0 += 32 * kInt8RowChunks) {
+#pragma unroll
+      for (int c = 0; c < kInt8RowChunks; ++c) {
+        const int64_t ch = c0 + c * 32 + lane;
+        x[c] = ch < row_chunks ? load_chunk(w + ch * 8) : Chunk8<T>{};
+      }
+#pragma unroll
+      for (int c = 0; c < kInt8RowChunks; ++c) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) amax = absmax_nan(amax, to_float(x[c].v[i]));
+      }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) amax = absmax_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    if (lane == 0) row_absmax[row] = amax;
+    const float multiplier = int8_row_multiplier(amax);
+    for (int64_t c0 = 0; c0 < row_chunks; c0 += 32 * kInt8RowChunks) {
+      if (!in_registers) {
+#pragma unroll
+        for (int c = 0; c < kInt8RowChunks; ++c) {
+          const int64_t ch = c0 + c * 32 + lane;
+          if (ch < row_chunks) x[c] = load_chunk(w + ch * 8);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < kInt8RowChunks; ++c) {
+        const int64_t ch = c0 + c * 32 + lane;
+        if (ch < row_chunks) out[ch] = encode_int8_chunk(x[c], multiplier);
+      }
+    }
+  }
+}
+
+// Rows of any length: one warp per row, one element per lane step.
+template <typename T>
+__global__ void __launch_bounds__(kQuantizeThreads)
+quantize_int8_rows_elementwise_kernel(const T* __restrict__ weight, int8_t* __restrict__ codes,
+                                      float* __restrict__ row_absmax, int64_t num_rows, int64_t cols) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = (int64_t{blockIdx.x} * kQuantizeThreads + threadIdx.x) / 32;
+  const int64_t num_warps = int64_t{gridDim.x} * (kQuantizeThreads / 32);
+  for (int64_t row = warp; row < num_rows; row += num_warps) {
+    const T* w = weight + row * cols;
+    float amax = 0.0f;
+    for (int64_t i = lane; i < cols; i += 32) amax = absmax_nan(amax, to_float(w[i]));
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) amax = absmax_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    if (lane == 0) row_absmax[row] = amax;
+    const float multiplier = int8_row_multiplier(amax);
+    for (int64_t i = lane; i < cols; i += 32) codes[row * cols + i] = int8_encode(to_float(w[i]), multiplier);
+  }
+}
+
+template <typename T>
+static void quantize_int8(const T* wp, int8_t* cp, float* ap, int64_t num_rows, int64_t cols) {
+  constexpr int kRowsPerCta = kQuantizeThreads / 32;
+  const int64_t ctas = (num_rows + kRowsPerCta - 1) / kRowsPerCta;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (cols % 8 == 0 && is_aligned(cp, 16)) {
+    const int64_t grid = persistent_grid(quantize_int8_rows_kernel<T>, kQuantizeThreads, ctas);
+    quantize_int8_rows_kernel<T><<<grid, kQuantizeThreads, 0, stream>>>(wp, cp, ap, num_rows, cols);
+  } else {
+    const int64_t grid = persistent_grid(quantize_int8_rows_elementwise_kernel<T>, kQuantizeThreads, ctas);
+    quantize_int8_rows_elementwise_kernel<T><<<grid, kQuantizeThreads, 0, stream>>>(wp, cp, ap, num_rows, cols);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -171,38 +310,25 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& weight, i
                                                      c10::string_view quant_type) {
   const QuantType type = parse_quant_type(quant_type);
   const StackShape shape = check_quantize_args(weight, blocksize, type);
-  TORCH_CHECK(type == QuantType::kNF4, "moequant.quantize_nf4: quant_type=\"", std::string(quant_type),
-              "\" is not implemented on CUDA yet");
   TORCH_CHECK(weight.is_cuda(), "moequant.quantize_nf4 (CUDA kernel): weight must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = contiguous_aligned16(weight);
-  at::Tensor packed = at::empty_symint(shape.packed_sizes(), w.options().dtype(at::kByte));
+  at::Tensor packed = at::empty_symint(shape.packed_sizes(), w.options().dtype(shape.packed_dtype()));
   at::Tensor absmax = at::empty_symint(shape.absmax_sizes(blocksize), w.options().dtype(at::kFloat));
-  const int64_t num_blocks = shape.numel().expect_int() / blocksize;
-  if (num_blocks == 0) return {packed, absmax};
-  MOEQUANT_DISPATCH_NF4_TYPES(w.scalar_type(), "quantize_nf4_cuda", [&] {
+  const int64_t numel = shape.numel().expect_int();
+  if (numel == 0) return {packed, absmax};
+  MOEQUANT_DISPATCH_QUANTIZE_TYPES(w.scalar_type(), "quantize_nf4_cuda", [&] {
     using T = typename native<scalar_t>::type;
     const T* wp = reinterpret_cast<const T*>(w.const_data_ptr<scalar_t>());
-    uint8_t* pp = packed.mutable_data_ptr<uint8_t>();
     float* ap = absmax.mutable_data_ptr<float>();
-    switch (blocksize) {
-      case 32: launch_quantize<T, 2, 2>(wp, pp, ap, num_blocks); break;
-      case 64: launch_quantize<T, 4, 2>(wp, pp, ap, num_blocks); break;
-      case 128: launch_quantize<T, 8, 2>(wp, pp, ap, num_blocks); break;
-      case 256: launch_quantize<T, 16, 2>(wp, pp, ap, num_blocks); break;
-      case 512: launch_quantize<T, 32, 2>(wp, pp, ap, num_blocks); break;
-      case 1024: launch_quantize<T, 32, 4>(wp, pp, ap, num_blocks); break;
-      case 2048: launch_quantize<T, 32, 8, 4>(wp, pp, ap, num_blocks); break;
-      case 4096: launch_quantize<T, 32, 16, 4>(wp, pp, ap, num_blocks); break;
-      default: TORCH_CHECK(false, "moequant.quantize_nf4: unsupported blocksize ", blocksize);
+    if (is_4bit(type)) {
+      quantize_4bit<T>(wp, packed.mutable_data_ptr<uint8_t>(), ap, numel / blocksize, blocksize, type);
+    } else {
+      const int64_t cols = shape.cols.expect_int();
+      quantize_int8<T>(wp, packed.mutable_data_ptr<int8_t>(), ap, numel / cols, cols);
     }
   });
   return {packed, absmax};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_statistics_cuda(const at::Tensor& absmax) {
-  check_compress_statistics_args(absmax);
-  TORCH_CHECK(false, "moequant.compress_statistics: not implemented on CUDA yet");
 }
 
 }  // namespace moequant
