@@ -7,8 +7,14 @@ no_grad (decode/inference), forward+backward, each with and without LoRA r=16 on
 projections; the transient peak (max_memory_allocated minus what was resident before the call);
 and ratios moequant / baseline. Timing: CUDA events around each call after warm-up, median.
 
+moequant's stacks are in the format of --quant-type (nf4, fp4, int8) and --double-quant /
+--no-double-quant (4-bit statistics; default plain). --also-formats times more formats in the
+same run against the same baseline (e.g. nf4,nf4_dq,fp4,int8: "<type>[_dq]"), each recorded as
+impl "moequant[<format>]" with its own ratios.
+
     python benchmarks/bench_experts.py [--shapes qwen3_30b_a3b,...] [--tokens 1,8,256,4096,16384]
-        [--reps 10] [--no-lora] [--compare-rungs] [--out benchmarks/results/bench_experts-<device>.json]
+        [--reps 10] [--no-lora] [--compare-rungs] [--quant-type nf4] [--double-quant]
+        [--also-formats nf4_dq,fp4,int8] [--out benchmarks/results/bench_experts-<device>.json]
 """
 
 from __future__ import annotations
@@ -151,14 +157,39 @@ def with_env(fn, **knobs):
     return run
 
 
-def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=False):
+def format_name(quant_type, double_quant):
+    return quant_type + ("_dq" if double_quant else "")
+
+
+def parse_format(spec):
+    quant_type, _, dq = spec.partition("_")
+    if quant_type not in ("nf4", "fp4", "int8") or dq not in ("", "dq") or (quant_type == "int8" and dq):
+        raise ValueError(f"unknown format {spec!r}: expected nf4, nf4_dq, fp4, fp4_dq or int8")
+    return quant_type, dq == "dq"
+
+
+def quantize_experts(experts, quant_type, double_quant, blocksize=64):
+    """The op's stack arguments for both projections in one format: positional (packed, absmax)
+    pairs and the keyword arguments (quant_type, double-quant statistics)."""
+    positional, kwargs = [], {"quant_type": quant_type}
+    for name, w in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
+        packed, absmax = ops.quantize_nf4(w.detach(), blocksize, quant_type)
+        if double_quant:
+            absmax, kwargs[f"{name}_absmax_scale"], kwargs[f"{name}_absmax_offset"] = ops.compress_statistics(absmax)
+        positional += [packed, absmax]
+    stack_bytes = sum(t.numel() * t.element_size() for t in positional) + sum(
+        v.numel() * v.element_size() for v in kwargs.values() if torch.is_tensor(v))
+    return positional, kwargs, stack_bytes
+
+
+def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=False, formats=(("nf4", False),)):
     H, I, E, k = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
     hopper = torch.cuda.get_device_capability(device) == (9, 0)
     experts = build_bf16_experts(H, I, E, k, device)
     layer_mb = (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 2 / 1e6
-    gate_up = moequant.quantize_nf4(experts.gate_up_proj.detach(), 64)
-    down = moequant.quantize_nf4(experts.down_proj.detach(), 64)
+    stacks = {fmt: quantize_experts(experts, *fmt) for fmt in formats}
+    primary = formats[0]
     lora = {
         "gate_up_lora_A": torch.randn(E, RANK, H, device=device, dtype=torch.bfloat16) * H ** -0.5,
         "gate_up_lora_B": torch.randn(E, 2 * I, RANK, device=device, dtype=torch.bfloat16) * 0.01,
@@ -176,14 +207,18 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=
         x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_(True)
         grad = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
 
-        def mq(kw):
-            return lambda xx: ops.experts_forward(xx, idx, w, gate_up.packed, gate_up.absmax, down.packed,
-                                                  down.absmax, **kw)
+        def mq(kw, fmt=primary):
+            positional, format_kw, _ = stacks[fmt]
+            return lambda xx: ops.experts_forward(xx, idx, w, *positional, **format_kw, **kw)
 
         results = {}
         try:
             results["moequant"] = measure(mq({}), x, grad, reps)
             results["bf16_grouped_mm"] = measure(lambda xx: experts(xx, idx, w), x, grad, reps)
+            for fmt in formats[1:]:
+                results[f"moequant[{format_name(*fmt)}]"] = measure(mq({}, fmt), x, grad, reps)
+                if with_lora:
+                    results[f"moequant_lora[{format_name(*fmt)}]"] = measure(mq(lora, fmt), x, grad, reps)
             if compare_rungs:
                 results["moequant_rung_a"] = measure(with_env(mq({}), MOEQUANT_EXPERTS_FUSED_GEMM="0"), x, grad, reps)
                 results["moequant_rung_b"] = measure(with_env(mq({}), MOEQUANT_EXPERTS_FUSED_GEMM="1"), x, grad, reps)
@@ -201,9 +236,36 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=
             torch.cuda.empty_cache()
             continue
         for impl, r in results.items():
-            rows.append(dict(shape=name, T=T, H=H, I=I, E=E, k=k, impl=impl, layer_bf16_mb=layer_mb, **r))
+            fmt = primary
+            if impl.endswith("]"):
+                fmt = parse_format(impl[impl.index("[") + 1 : -1])
+            extra = {}
+            if impl.startswith("moequant"):
+                extra = dict(quant_type=fmt[0], double_quant=fmt[1],
+                             stack_bytes_per_weight=stacks[fmt][2] / (layer_mb * 1e6 / 2))
+            rows.append(dict(shape=name, T=T, H=H, I=I, E=E, k=k, impl=impl, layer_bf16_mb=layer_mb, **extra, **r))
         base, m = results["bf16_grouped_mm"], results["moequant"]
-        ratio = dict(shape=name, T=T, impl="ratios",
+        for fmt in formats[1:]:
+            fname = format_name(*fmt)
+            mf = results[f"moequant[{fname}]"]
+            fr = dict(shape=name, T=T, impl=f"ratios[{fname}]", quant_type=fmt[0], double_quant=fmt[1],
+                      fwd_vs_bf16=mf["fwd_ms"] / base["fwd_ms"],
+                      fwd_nograd_vs_bf16=mf["fwd_nograd_ms"] / base["fwd_nograd_ms"],
+                      fwd_bwd_vs_bf16=mf["fwd_bwd_ms"] / base["fwd_bwd_ms"],
+                      fwd_vs_primary=mf["fwd_ms"] / m["fwd_ms"],
+                      fwd_nograd_vs_primary=mf["fwd_nograd_ms"] / m["fwd_nograd_ms"],
+                      fwd_bwd_vs_primary=mf["fwd_bwd_ms"] / m["fwd_bwd_ms"])
+            if with_lora:
+                ml_f = results[f"moequant_lora[{fname}]"]
+                fr["lora_fwd_bwd_vs_bf16"] = ml_f["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+                fr["lora_fwd_bwd_vs_primary"] = ml_f["fwd_bwd_ms"] / results["moequant_lora"]["fwd_bwd_ms"]
+            rows.append(fr)
+            print(f"{name:14s} T={T:6d} [{fname:7s}] fwd {fr['fwd_vs_bf16']:.2f}x nograd {fr['fwd_nograd_vs_bf16']:.2f}x"
+                  f" f+b {fr['fwd_bwd_vs_bf16']:.2f}x" + (f" LoRA f+b {fr['lora_fwd_bwd_vs_bf16']:.2f}x" if with_lora else "")
+                  + f" | vs {format_name(*primary)}: fwd {fr['fwd_vs_primary']:.3f} nograd {fr['fwd_nograd_vs_primary']:.3f}"
+                  f" f+b {fr['fwd_bwd_vs_primary']:.3f}"
+                  + (f" LoRA f+b {fr['lora_fwd_bwd_vs_primary']:.3f}" if with_lora else ""), flush=True)
+        ratio = dict(shape=name, T=T, impl="ratios", quant_type=primary[0], double_quant=primary[1],
                      fwd_vs_bf16=m["fwd_ms"] / base["fwd_ms"],
                      fwd_nograd_vs_bf16=m["fwd_nograd_ms"] / base["fwd_nograd_ms"],
                      fwd_bwd_vs_bf16=m["fwd_bwd_ms"] / base["fwd_bwd_ms"])
@@ -238,7 +300,7 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=
         rows.append(ratio)
         print(line, flush=True)
         del x, grad, idx, w
-    del experts, peft_model, gate_up, down, lora
+    del experts, peft_model, stacks, lora
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -253,7 +315,19 @@ def main():
     ap.add_argument("--compare-rungs", action="store_true",
                     help="also time rung (a) (dequant scratch + grouped_mm) and rung (b) (fused NF4 GEMM) forced, and on "
                          "Hopper rung (b) with mma.sync in place of wgmma")
+    ap.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int8"], help="moequant's stack format")
+    ap.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=False,
+                    help="4-bit: double-quantized statistics (default: plain fp32 absmax)")
+    ap.add_argument("--also-formats", default="",
+                    help="more formats timed in the same run, e.g. nf4_dq,fp4,int8 (<type>[_dq])")
     args = ap.parse_args()
+    if args.quant_type == "int8" and args.double_quant:
+        ap.error("--double-quant applies to 4-bit formats only (int8 has one absmax per row)")
+    formats = [(args.quant_type, args.double_quant)]
+    for spec in filter(None, args.also_formats.split(",")):
+        fmt = parse_format(spec)
+        if fmt not in formats:
+            formats.append(fmt)
     import peft
     import transformers
 
@@ -265,10 +339,12 @@ def main():
     rows = []
     meta = dict(device=dev_name, torch=torch.__version__, transformers=transformers.__version__,
                 peft=peft.__version__, python=platform.python_version(), command=" ".join(sys.argv),
-                rank=RANK, timing="CUDA events, 3 warm-ups, median of --reps", rows=rows)
+                rank=RANK, timing="CUDA events, 3 warm-ups, median of --reps",
+                quant_type=args.quant_type, double_quant=args.double_quant,
+                formats=[format_name(*f) for f in formats], rows=rows)
     for name in args.shapes.split(","):
         bench_shape(name, [int(t) for t in args.tokens.split(",")], args.reps, rows, device, not args.no_lora,
-                    args.compare_rungs)
+                    args.compare_rungs, tuple(formats))
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
         with open(out_path, "w") as f:
             json.dump(meta, f, indent=1)

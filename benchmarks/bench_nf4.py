@@ -1,15 +1,19 @@
 """Bandwidth of moequant's CUDA quantize_nf4 / dequant_expert on the reference expert stacks
-(benchmarks/../BENCHMARKS.md), against a device-to-device copy of the same weight and, when it is
-importable, bitsandbytes' quantize_4bit / dequantize_4bit, all in the same run.
+(benchmarks/../BENCHMARKS.md), for one format (--quant-type nf4|fp4|int8, --double-quant for
+4-bit statistics), against a device-to-device copy of the same weight and, when it is importable,
+bitsandbytes' quantize_4bit / dequantize_4bit (4-bit formats), all in the same run.
 
-GB/s counts bytes read + written: quantize reads the weight and writes packed + absmax; dequant
-reads packed + absmax and writes the weight; the copy reads and writes the weight. Also
+GB/s counts bytes read + written: quantize reads the weight and writes the codes + statistics
+(with --double-quant, quantize is quantize_nf4 + compress_statistics, and reads/writes the fp32
+absmax once more); dequant reads codes + statistics and writes the weight; the copy reads and
+writes the weight. Also
 reported: a write-only fill of the weight (fill_gbps) and, for dequant, torch's uint8 -> fp32
 cast (cast_u8_f32_gbps), a trivial kernel with dequant's 1:4 read:write mix.
 Timing: CUDA events around each call, warm-up, median of the repeats; inputs are rotated among
 several copies when one would fit in L2.
 
     python benchmarks/bench_nf4.py [--shapes qwen3_30b_a3b,olmoe_1b_7b] [--blocksize 64] [--reps 20]
+        [--quant-type nf4|fp4|int8] [--double-quant]
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--blocksize", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int8"])
+    ap.add_argument("--double-quant", action="store_true", help="4-bit: double-quantized statistics")
     ap.add_argument("--no-bnb", action="store_true", help="skip the bitsandbytes baseline")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_nf4-<device>.json)")
     args = ap.parse_args()
@@ -77,7 +83,10 @@ def main():
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
-    use_bnb = bitsandbytes is not None and not args.no_bnb
+    qt, dq = args.quant_type, args.double_quant
+    if qt == "int8" and dq:
+        ap.error("--double-quant applies to 4-bit formats only")
+    use_bnb = bitsandbytes is not None and not args.no_bnb and qt != "int8"
     bs = args.blocksize
     dtype = torch.bfloat16
     rows = []
@@ -93,13 +102,34 @@ def main():
               f"{100 * row['frac_of_copy']:5.1f}% of copy ({row['copy_gbps']:.0f}; fill {row['fill_gbps']:.0f}){cast}  bnb {bnb}", flush=True)
 
     print(f"device {props.name}, torch {torch.__version__}, bitsandbytes "
-          f"{bitsandbytes.__version__ if use_bnb else 'n/a'}, blocksize {bs}, bf16")
+          f"{bitsandbytes.__version__ if use_bnb else 'n/a'}, {qt}{' double quant' if dq else ''}, blocksize {bs}, bf16")
+
+    def stored_bytes(E, N, K):
+        """Bytes of the quantized stack: codes + statistics."""
+        if qt == "int8":
+            return E * N * K + E * N * 4
+        nb = N * K // bs
+        if dq:
+            return E * N * K // 2 + E * nb + E * (-(-nb // 256)) * 4 + E * 4
+        return E * N * K // 2 + E * nb * 4
+
+    def quantize(w):
+        packed, absmax = ops.quantize_nf4(w, bs, qt)
+        if dq:
+            return (packed, *ops.compress_statistics(absmax))
+        return packed, absmax, None, None
+
+    def dequant(q):
+        return ops.dequant_expert(q[0], q[1], bs, dtype, None, qt, q[2], q[3])
     for name in args.shapes.split(","):
         H, I, E = SHAPES[name]
         for proj, shape in (("gate_up", (E, 2 * I, H)), ("down", (E, H, I))):
             numel = E * shape[1] * shape[2]
             w_bytes = numel * 2
-            packed_bytes = numel // 2 + numel // bs * 4
+            packed_bytes = stored_bytes(E, shape[1], shape[2])
+            # compress_statistics reads the fp32 absmax and the quantize wrote it: extra traffic
+            # that the double-quantized quantize pays.
+            dq_extra = 2 * 4 * (numel // bs) if dq else 0
             n = copies_for(w_bytes, l2)
             ws = [torch.randn(shape, device=dev, dtype=dtype) for _ in range(n)]
             # Reference: device-to-device copy of the weight (read + write).
@@ -116,12 +146,13 @@ def main():
             cast_gbps = 5 * (w_bytes // 4) / time_ms(lambda _: dst32.copy_(src8), [None], args.reps) / 1e6
             del src8, dst32
 
-            q_ms = time_ms(lambda w: ops.quantize_nf4(w, bs), ws, args.reps)
-            qs = [ops.quantize_nf4(w, bs) for w in ws]
-            d_ms = time_ms(lambda q: ops.dequant_expert(q[0], q[1], bs, dtype, None), qs, args.reps)
+            q_ms = time_ms(quantize, ws, args.reps)
+            qs = [quantize(w) for w in ws]
+            d_ms = time_ms(dequant, qs, args.reps)
             base = dict(shape=name, proj=proj, dims=list(shape), numel=numel, blocksize=bs, dtype="bfloat16",
+                        quant_type=qt, double_quant=dq, bytes_per_weight=packed_bytes / numel,
                         copy_ms=copy_ms, copy_gbps=copy_gbps, fill_gbps=fill_gbps)
-            qrow = dict(base, op="quantize", ms=q_ms, bytes=w_bytes + packed_bytes)
+            qrow = dict(base, op="quantize", ms=q_ms, bytes=w_bytes + packed_bytes + dq_extra)
             drow = dict(base, op="dequant", ms=d_ms, bytes=w_bytes + packed_bytes)
             for row in (qrow, drow):
                 row["gbps"] = row["bytes"] / row["ms"] / 1e6
@@ -133,9 +164,9 @@ def main():
             if use_bnb and numel <= BNB_MAX_NUMEL:
                 flat = [w.view(-1) for w in ws]
                 qrow["bnb_ms"] = time_ms(
-                    lambda w: bnbF.quantize_4bit(w, blocksize=bs, quant_type="nf4", compress_statistics=False),
+                    lambda w: bnbF.quantize_4bit(w, blocksize=bs, quant_type=qt, compress_statistics=dq),
                     flat, args.reps)
-                bq = [bnbF.quantize_4bit(w, blocksize=bs, quant_type="nf4", compress_statistics=False) for w in flat]
+                bq = [bnbF.quantize_4bit(w, blocksize=bs, quant_type=qt, compress_statistics=dq) for w in flat]
                 drow["bnb_ms"] = time_ms(lambda q: bnbF.dequantize_4bit(q[0], q[1]), bq, args.reps)
                 del bq
                 for row in (qrow, drow):
@@ -165,6 +196,8 @@ def main():
         "bitsandbytes": bitsandbytes.__version__ if use_bnb else None,
         "python": platform.python_version(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "quant_type": qt,
+        "double_quant": dq,
         "timing": f"CUDA events, 3 warm-ups, median of {args.reps}",
         "targets": {"dequant_frac_of_copy": 0.90, "quantize_frac_of_copy": 0.75, "vs_bnb": 1.0},
         "summary": {"quantize": summary("quantize"), "dequant": summary("dequant")},
@@ -172,7 +205,8 @@ def main():
     }
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results",
-        "bench_nf4-" + re.sub(r"[^A-Za-z0-9]+", "_", props.name).strip("_") + ".json")
+        "bench_nf4-" + ("" if qt == "nf4" and not dq else f"{qt}{'_dq' if dq else ''}-")
+        + re.sub(r"[^A-Za-z0-9]+", "_", props.name).strip("_") + ".json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

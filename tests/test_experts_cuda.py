@@ -445,3 +445,206 @@ def test_bad_inputs_raise():
     out, h = ops._experts_forward_train(*case.args(), **case.kwargs)
     with pytest.raises(RuntimeError, match="gate_up_out"):
         ops.experts_backward(out, *case.args()[:3], h[:3], *case.args()[3:], **case.kwargs)
+
+
+# ---- every format: FP4, int8, double-quantized statistics ------------------------------------
+
+FORMATS = {"nf4_dq": ("nf4", True), "fp4": ("fp4", False), "fp4_dq": ("fp4", True), "int8": ("int8", False)}
+RUNGS = {"auto": {}, "scratch": {"MOEQUANT_EXPERTS_FUSED_GEMM": "0", "MOEQUANT_DECODE_MAX_PAIRS": "0"},
+         "fused": {"MOEQUANT_EXPERTS_FUSED_GEMM": "1", "MOEQUANT_DECODE_MAX_PAIRS": "0"},
+         "fused_mma": {"MOEQUANT_EXPERTS_FUSED_GEMM": "1", "MOEQUANT_DECODE_MAX_PAIRS": "0",
+                       "MOEQUANT_EXPERTS_WGMMA": "0"}}
+
+
+class FormatCase:
+    """An experts case whose stacks are re-quantized (from the NF4 case's dequantized weights) in
+    another format, with the dense weights that format decodes to for the reference."""
+
+    def __init__(self, case, quant_type, double_quant):
+        self.case = case
+        bs = case.kwargs["blocksize"]
+        self.stacks, self.dense = [], []
+        extra = {"quant_type": quant_type}
+        for name, stack in (("gate_up", case.gate_up), ("down", case.down)):
+            w = ops.dequant_expert(stack.packed, stack.absmax, bs, torch.float32, None)
+            packed, absmax = ops.quantize_nf4(w, bs, quant_type)
+            scale = offset = None
+            if double_quant:
+                absmax, scale, offset = ops.compress_statistics(absmax)
+                extra[f"{name}_absmax_scale"], extra[f"{name}_absmax_offset"] = scale, offset
+            self.stacks += [packed, absmax]
+            self.dense.append(ops.dequant_expert(packed, absmax, bs, torch.float32, None, quant_type, scale, offset))
+        self.kwargs = dict(case.kwargs, **extra)
+
+    def args(self):
+        return (self.case.hidden, self.case.index, self.case.weights, *self.stacks)
+
+
+def dense_reference(fc, hidden, weights, kwargs):
+    """experts_forward on the dense weights a format decodes to (fp32 arithmetic)."""
+    from moequant.reference import _project, gated_activation
+
+    w_gu, w_d = (w.double() for w in fc.dense)
+    opt = lambda name, e: None if kwargs.get(name) is None else kwargs[name][e].double()  # noqa: E731
+    x_all = hidden.double()
+    out = torch.zeros_like(x_all)
+    index = fc.case.index
+    for e in range(w_gu.shape[0]):
+        tok, slot = torch.nonzero(index == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = _project(x_all[tok], w_gu[e], kwargs["transposed"], opt("gate_up_bias", e), opt("gate_up_lora_A", e),
+                     opt("gate_up_lora_B", e), kwargs.get("gate_up_lora_scaling", 1.0))
+        a = gated_activation(h, kwargs["activation"], kwargs["interleaved"], kwargs.get("act_alpha", 1.702),
+                             kwargs.get("act_limit", 7.0))
+        y = _project(a, w_d[e], kwargs["transposed"], opt("down_bias", e), opt("down_lora_A", e),
+                     opt("down_lora_B", e), kwargs.get("down_lora_scaling", 1.0))
+        out = out.index_add(0, tok, y * weights[tok, slot].double().unsqueeze(-1))
+    return out
+
+
+def check_format_case(fc, dtype):
+    """Output of experts_forward and every gradient of experts_backward against the dense
+    reference's autograd, like check_case."""
+    tol = TOL[dtype]
+    case = fc.case
+    det = [a.detach() for a in fc.args()]
+    kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in fc.kwargs.items()}
+    out = ops.experts_forward(*det, **kw)
+    out_t, gate_up_out = ops._experts_forward_train(*det, **kw)
+    grad_out = torch.randn_like(out)
+    grads = ops.experts_backward(grad_out, *det[:3], gate_up_out, *det[3:], **kw)
+    hidden = case.hidden.detach().double().requires_grad_()
+    weights = case.weights.detach().double().requires_grad_()
+    ref_kw = dict(case.kwargs)
+    leaves, names = [hidden, weights], ["hidden", "weights"]
+    for name in LORA_NAMES:
+        if ref_kw.get(name) is not None:
+            ref_kw[name] = ref_kw[name].detach().double().requires_grad_()
+            leaves.append(ref_kw[name])
+            names.append(name)
+    ref = dense_reference(fc, hidden, weights, ref_kw)
+    assert rel_err(out, ref) < tol, rel_err(out, ref)
+    assert rel_err(out_t, ref) < tol
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+    got = [grads[0], grads[1]] + [grads[2 + LORA_NAMES.index(n)] for n in names[2:]]
+    for name, g, w in zip(names, got, ref_grads):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, w) < 2 * tol, (name, rel_err(g, w))
+    return out, gate_up_out, grads
+
+
+# Each format through each rung (auto dispatch, scratch forced, fused forced with wgmma on Hopper,
+# fused on mma.sync), plain / transposed / interleaved layouts, with and without LoRA. H=192, I=64:
+# every product qualifies for the fused kernel (int8 stacks go to the scratch rung whatever the
+# switch says).
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("rung", list(RUNGS))
+@pytest.mark.parametrize("layout", ["plain", "transposed", "interleaved"])
+@pytest.mark.parametrize("lora", [False, True], ids=["no_lora", "lora"])
+def test_formats(fmt, rung, layout, lora, env):
+    if rung == "fused_mma" and not HOPPER:
+        pytest.skip("the mma.sync form differs from 'fused' only on Hopper")
+    for k, v in RUNGS[rung].items():
+        env(k, v)
+    case = cuda_case(T=40, H=192, I=64, E=4, k=2, dtype=torch.bfloat16, transposed=layout == "transposed",
+                     interleaved=layout == "interleaved", activation="swiglu_oai" if layout == "interleaved" else "silu",
+                     bias=True, lora=(lora, lora), rank=8, sentinels=True, requires_grad=False)
+    fc = FormatCase(case, *FORMATS[fmt])
+    names = cuda_kernel_names(lambda: check_format_case(fc, torch.bfloat16))
+    if names is not None and rung in ("fused", "fused_mma"):
+        fused = any("nf4_gemm_" in n for n in names)
+        assert fused == (fmt != "int8"), sorted(names)  # int8: routed to the scratch rung explicitly
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_formats_dtypes(fmt, dtype):
+    case = cuda_case(T=24, H=128, I=64, E=6, k=3, dtype=dtype, bias=True, lora=(True, True), rank=4,
+                     requires_grad=False)
+    check_format_case(FormatCase(case, *FORMATS[fmt]), dtype)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("T", [1, 3])
+def test_formats_decode(fmt, T, env):
+    """No-grad decode: the GEMV for 4-bit formats (int8 stacks take the grouped path)."""
+    env("MOEQUANT_DECODE_MAX_PAIRS", "64")
+    case = cuda_case(T=T, k=4, E=8, H=128, I=64, dtype=torch.bfloat16, bias=True, sentinels=True,
+                     requires_grad=False)
+    fc = FormatCase(case, *FORMATS[fmt])
+    names = cuda_kernel_names(lambda: ops.experts_forward(*fc.args(), **fc.kwargs))
+    if names is not None:
+        assert any("gemv" in n for n in names) == (fmt != "int8"), sorted(names)
+    out = ops.experts_forward(*fc.args(), **fc.kwargs)
+    assert rel_err(out, dense_reference(fc, case.hidden, case.weights, case.kwargs)) < TOL[torch.bfloat16]
+
+
+def decoded_absmax(packed, codes, scale, offset, blocksize, quant_type):
+    """The fp32 block scales that double-quantized statistics decode to, through the kernels
+    themselves: every weight set to the code of 1.0 dequantizes to its block's scale."""
+    one = 15 if quant_type == "nf4" else 3  # code of 1.0
+    ones = torch.full_like(packed, one * 17)
+    w = ops.dequant_expert(ones, codes, blocksize, torch.float32, None, quant_type, scale, offset)
+    return w.reshape(w.shape[0], -1, blocksize)[..., 0].contiguous()
+
+
+# Double-quantized statistics are decoded inside each kernel: every rung must compute exactly what
+# it computes from a plain absmax holding the decoded values (same weights, same order).
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("rung", ["scratch", "fused", "fused_mma", "gemv"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
+def test_double_quant_bitwise_equals_decoded_plain(quant_type, rung, transposed, env):
+    if rung == "fused_mma" and not HOPPER:
+        pytest.skip("the mma.sync form differs from 'fused' only on Hopper")
+    if rung == "gemv":
+        env("MOEQUANT_DECODE_MAX_PAIRS", "64")
+    else:
+        for k, v in RUNGS[rung].items():
+            env(k, v)
+    T = 3 if rung == "gemv" else 70
+    case = cuda_case(T=T, H=320, I=64, E=4, k=2, dtype=torch.bfloat16, transposed=transposed and rung != "gemv",
+                     bias=True, lora=(rung != "gemv",) * 2, rank=8, requires_grad=False, blocksize=32)
+    fc = FormatCase(case, quant_type, True)
+    plain = list(fc.stacks)
+    for i, name in ((1, "gate_up"), (3, "down")):
+        plain[i] = decoded_absmax(fc.stacks[i - 1], fc.stacks[i], fc.kwargs[f"{name}_absmax_scale"],
+                                  fc.kwargs[f"{name}_absmax_offset"], 32, quant_type)
+    kw_plain = {k: v for k, v in fc.kwargs.items() if "absmax_" not in k}
+    base = (case.hidden, case.index, case.weights)
+    out_dq = ops.experts_forward(*fc.args(), **fc.kwargs)
+    out_plain = ops.experts_forward(*base, *plain, **kw_plain)
+    assert torch.equal(out_dq, out_plain)
+    if rung == "gemv":
+        return
+    o1, h1 = ops._experts_forward_train(*fc.args(), **fc.kwargs)
+    o2, h2 = ops._experts_forward_train(*base, *plain, **kw_plain)
+    assert torch.equal(o1, o2) and torch.equal(h1, h2)
+    g = torch.randn_like(o1)
+    g_dq = ops.experts_backward(g, *base, h1, *fc.stacks, **fc.kwargs)
+    g_plain = ops.experts_backward(g, *base, h2, *plain, **kw_plain)
+    for a, b in zip(g_dq, g_plain):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_int8_row_sliced_scratch(transposed, env):
+    """int8 stacks through row slices of one expert (a scratch budget below one expert) and an
+    odd intermediate size (rows of 33 codes: chunks that straddle rows)."""
+    env("MOEQUANT_EXPERTS_SCRATCH_BYTES", "8192")
+    env("MOEQUANT_DECODE_MAX_PAIRS", "0")
+    case = cuda_case(T=30, H=256, I=33, E=4, k=2, dtype=torch.bfloat16, transposed=transposed, lora=(True, True),
+                     rank=8, bias=True, requires_grad=False, blocksize=32)
+    check_format_case(FormatCase(case, "int8", False), torch.bfloat16)
+
+
+def test_format_mismatch_errors():
+    case = cuda_case(T=4, k=2, E=4, requires_grad=False)
+    fc = FormatCase(case, "int8", False)
+    with pytest.raises(RuntimeError):  # int8 codes handed over as NF4
+        ops.experts_forward(*fc.args(), **dict(fc.kwargs, quant_type="nf4"))
+    fq = FormatCase(case, "nf4", True)
+    kw = dict(fq.kwargs)
+    del kw["down_absmax_scale"]
+    with pytest.raises(RuntimeError, match="absmax"):
+        ops.experts_forward(*fq.args(), **kw)

@@ -281,3 +281,232 @@ def test_over_2_pow_31_elements():
                 assert_bits_equal(one[r : r + 1], want)
     assert_bits_equal(one[-3:], out[-1, -3:])
     assert math.prod(out.shape) == E * N * K
+
+
+# ---- every format: FP4 and int8 codes, double-quantized statistics --------------------------
+
+QUANT_TYPES = ["nf4", "fp4", "int8"]
+
+
+def check_format_against_cpu(w, bs, quant_type, out_dtypes=DTYPES):
+    """quantize_nf4(quant_type) on CPU and CUDA bit for bit, and dequant of both stacks into every dtype."""
+    p_cpu, a_cpu = ops.quantize_nf4(w.cpu(), bs, quant_type)
+    p_gpu, a_gpu = ops.quantize_nf4(w.cuda(), bs, quant_type)
+    assert p_gpu.is_cuda and p_gpu.dtype == (torch.int8 if quant_type == "int8" else torch.uint8)
+    assert_bits_equal(p_gpu, p_cpu)
+    assert_bits_equal(a_gpu, a_cpu)
+    for dt in out_dtypes:
+        assert_bits_equal(ops.dequant_expert(p_gpu, a_gpu, bs, dt, None, quant_type),
+                          ops.dequant_expert(p_cpu, a_cpu, bs, dt, None, quant_type))
+    return p_gpu, a_gpu
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bs", [32, 64, 256, 4096])
+def test_formats_random_match_cpu(quant_type, dtype, bs):
+    w = random_weight((3, 64, 2 * max(bs, 128)), dtype, seed=bs + 1)
+    check_format_against_cpu(w, bs, quant_type)
+
+
+@pytest.mark.parametrize("quant_type", ["fp4", "int8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_formats_edge_values(quant_type, dtype):
+    """All-zero rows/blocks, -0, NaN, +-Inf, huge and subnormal values: CUDA stores what the CPU
+    kernel (and so bitsandbytes) stores."""
+    bs = 64
+    finfo = torch.finfo(dtype)
+    blocks = [
+        torch.zeros(bs), -torch.zeros(bs), torch.full((bs,), float("nan")),
+        torch.cat([torch.tensor([float("nan")]), torch.randn(bs - 1)]),
+        torch.cat([torch.tensor([float("inf")]), torch.randn(bs - 1)]),
+        torch.cat([torch.tensor([-float("inf")]), torch.randn(bs - 1)]),
+        torch.full((bs,), finfo.max), torch.randn(bs) * finfo.smallest_normal,
+        torch.randn(bs) * finfo.smallest_normal * 2.0**-5, torch.tensor([finfo.max, -finfo.max] * (bs // 2)),
+        torch.tensor([0.0, -0.0, 1.0, -1.0] * (bs // 4)),
+    ]
+    if dtype == torch.float32:
+        blocks += [torch.randn(bs) * 1e-39, torch.randn(bs) * 1e-44]
+    w = torch.stack(blocks).to(dtype)  # one block (4-bit) or one row (int8) each
+    p, a = check_format_against_cpu(w, bs, quant_type)
+    if quant_type == "fp4":  # bitsandbytes' fp4 stores +0 and -0 both as code 0 (its rank-7 value)
+        assert torch.all(p.view(-1, bs // 2)[:2].cpu() == 0x00)
+    else:  # an all-zero row: 0 * (127 / 0) = NaN, stored as 0
+        assert torch.all(p[:2].cpu() == 0) and torch.all(a[:2].cpu() == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp4_every_representable_value(dtype):
+    """Every finite value in [-1, 1] of a 16-bit type at absmax 1: every FP4 threshold and tie,
+    including the three midpoints within 1/32 of zero that the fast encoder counts apart."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    vals = bits.float()
+    vals = vals[torch.isfinite(vals) & (vals.abs() <= 1)]
+    per_block = 63
+    vals = torch.cat([vals, vals.new_zeros((-vals.numel()) % per_block)]).view(-1, per_block)
+    check_format_against_cpu(blocks_to_weight(torch.cat([torch.ones(vals.shape[0], 1), vals], dim=1), dtype), 64,
+                             "fp4")
+
+
+def test_fp4_fp32_ties_and_neighbours():
+    mids = torch.tensor([-0.8333333730697632, -0.5833333730697632, -0.4166666865348816, -0.2916666865348816,
+                         -0.2083333432674408, -0.0859375, -0.0026041667442768812, 0.0, 0.0026041667442768812,
+                         0.0859375, 0.2083333432674408, 0.2916666865348816, 0.4166666865348816,
+                         0.5833333730697632, 0.8333333730697632], dtype=torch.float32)
+    edges = torch.arange(-33, 34, dtype=torch.float32) / 32
+    bits = torch.cat([mids, edges]).clamp(-1, 1).view(torch.int32)
+    near = torch.cat([(bits + d).view(torch.float32) for d in range(-8, 9)])
+    near = near[near.abs() <= 1]
+    for amax in [1.0, 3.0, 0.7, 1e-30, 3e38]:
+        vals = near * amax
+        vals = torch.cat([vals, torch.zeros((-vals.numel()) % 63)]).view(-1, 63)
+        w = blocks_to_weight(torch.cat([torch.full((vals.shape[0], 1), amax), vals], dim=1), torch.float32)
+        check_format_against_cpu(w, 64, "fp4")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [1, 3, 8, 30, 100, 768, 2048, 2056, 5000])
+def test_int8_row_lengths(dtype, cols):
+    """Rows held in registers (<= 2048), rows re-read for the encode, and lengths that are not a
+    multiple of 8 (the element-wise kernels), in stacks and a 2-D weight."""
+    check_format_against_cpu(random_weight((3, 5, cols), dtype, seed=cols), 64, "int8")
+    check_format_against_cpu(random_weight((7, cols), dtype, seed=cols + 1), 64, "int8")
+
+
+def test_int8_rounding_ties():
+    """Values whose scaled form is exactly k + 0.5 round half to even, as torch.round does."""
+    row = torch.tensor([127.0] + [k + 0.5 for k in range(-126, 126)] + [0.0, -127.0], dtype=torch.float32)
+    check_format_against_cpu(row.view(1, -1), 64, "int8")
+
+
+def compress_both(absmax):
+    return ops.compress_statistics(absmax.cuda()), ops.compress_statistics(absmax.cpu())
+
+
+@pytest.mark.parametrize("bs,shape", [(64, (4, 96, 512)), (32, (3, 100, 320)), (256, (2, 64, 4096)),
+                                      (64, (160, 256)), (4096, (2, 8, 8192))])
+def test_compress_statistics_matches_cpu(bs, shape, record_property):
+    """Group absmax and codes equal the CPU kernel's wherever the per-matrix offset (torch's fp32
+    mean, reduced in another order on the GPU) is the same; where it is off by rounding, codes move
+    by at most one step and rarely. Everything downstream of the statistics is exact: decoding any
+    given statistics gives the CPU's bits."""
+    w = random_weight(shape, torch.bfloat16, seed=sum(shape))
+    _, absmax = ops.quantize_nf4(w.cuda(), bs)
+    (c_g, s_g, o_g), (c_c, s_c, o_c) = compress_both(absmax)
+    assert c_g.dtype == torch.uint8 and c_g.shape == absmax.shape
+    assert s_g.shape == s_c.shape and o_g.shape == o_c.shape == absmax.shape[:-1]
+    o_g, o_c = o_g.cpu().view(-1), o_c.view(-1)
+    assert torch.allclose(o_g, o_c, rtol=1e-6, atol=0)
+    same = (o_g == o_c).repeat_interleave(absmax.shape[-1])
+    codes_g, codes_c = c_g.cpu().view(-1).int(), c_c.view(-1).int()
+    assert torch.equal(codes_g[same], codes_c[same])
+    flips = (codes_g != codes_c).sum().item()
+    assert (codes_g - codes_c).abs().max().item() <= 1
+    assert flips <= max(4, codes_g.numel() // 100)
+    record_property("offset_mismatches", int((o_g != o_c).sum()))
+    record_property("code_flips", flips)
+    print(f"compress_statistics bs={bs} shape={shape}: offsets differ in {(o_g != o_c).sum().item()} of "
+          f"{o_g.numel()} matrices, {flips} of {codes_g.numel()} codes flipped")
+    # Same statistics in, same bits out: CUDA dequant of the GPU's statistics equals the CPU's.
+    p, _ = ops.quantize_nf4(w.cuda(), bs)
+    for dt in DTYPES:
+        assert_bits_equal(ops.dequant_expert(p, c_g, bs, dt, None, "nf4", s_g, o_g.view(o_c.shape).cuda()),
+                          ops.dequant_expert(p.cpu(), c_g.cpu(), bs, dt, None, "nf4", s_g.cpu(), o_g.view(o_c.shape)))
+
+
+def test_compress_statistics_exact_when_offsets_agree():
+    """Absmax rows whose fp32 mean is exact in any order (small integers times a power of two):
+    the GPU's statistics equal the CPU's bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    absmax = torch.randint(0, 64, (5, 1000), generator=g).float() * 2.0**-7
+    absmax[1] = 0  # an all-zero matrix: zero group absmax, code 0
+    absmax[2, :300] = absmax[2, 0]  # a constant group
+    (c_g, s_g, o_g), (c_c, s_c, o_c) = compress_both(absmax)
+    assert_bits_equal(o_g, o_c)
+    assert_bits_equal(s_g, s_c)
+    assert_bits_equal(c_g, c_c)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bs", [32, 64, 512])
+def test_double_quant_dequant_matches_cpu(quant_type, dtype, bs):
+    """Dequant with double-quantized statistics (whole stack and one expert), bit for bit with the
+    CPU kernel decoding the same statistics; blocks per matrix not a multiple of 256 included."""
+    w = random_weight((3, 72, 2 * max(bs, 160)), torch.bfloat16, seed=bs + 5)
+    p, a = ops.quantize_nf4(w.cuda(), bs, quant_type)
+    codes, scale, offset = ops.compress_statistics(a)
+    full = ops.dequant_expert(p, codes, bs, dtype, None, quant_type, scale, offset)
+    want = ops.dequant_expert(p.cpu(), codes.cpu(), bs, dtype, None, quant_type, scale.cpu(), offset.cpu())
+    assert_bits_equal(full, want)
+    for e in range(3):
+        assert_bits_equal(ops.dequant_expert(p, codes, bs, dtype, e, quant_type, scale, offset), want[e])
+    # Close to the plain stack: double quant moves each block scale by at most half a map step.
+    plain = ops.dequant_expert(p, a, bs, torch.float32, None, quant_type).float()
+    assert (full.float() - plain).abs().max() <= 0.01 * a.abs().max() + 1e-3
+
+
+def test_format_errors():
+    w = torch.randn(2, 8, 64, device="cuda")
+    with pytest.raises(RuntimeError, match="nf4.*fp4.*int8"):
+        ops.quantize_nf4(w, 64, "nf8")
+    p, a = ops.quantize_nf4(w, 64, "int8")
+    with pytest.raises(RuntimeError, match="int8"):
+        codes, scale, offset = ops.compress_statistics(torch.rand(2, 8, device="cuda"))
+        ops.dequant_expert(p, codes, 64, torch.bfloat16, None, "int8", scale, offset)
+    p4, a4 = ops.quantize_nf4(w, 64, "fp4")
+    with pytest.raises(RuntimeError, match="absmax"):
+        ops.dequant_expert(p4, a4.to(torch.uint8), 64, torch.bfloat16, None, "fp4")
+
+
+@pytest.mark.parametrize("quant_type", ["fp4", "int8"])
+def test_formats_over_2_pow_31_elements(quant_type):
+    """64-bit indexing for the new formats: sampled rows past element 2^31 match the CPU kernel."""
+    E, N, K = 2, 16384, 65536 + 128
+    assert E * N * K > 2**31
+    free, _ = torch.cuda.mem_get_info()
+    if free < 16 * 2**30:
+        pytest.skip("needs ~16 GB of free GPU memory")
+    torch.manual_seed(1)
+    w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16)
+    p, a = ops.quantize_nf4(w, 64, quant_type)
+    out = ops.dequant_expert(p, a, 64, torch.bfloat16, None, quant_type)
+    stat_row = K // 64 if quant_type == "fp4" else 1
+    for e in range(E):
+        for r in [0, N // 2, N - 1]:
+            p_cpu, a_cpu = ops.quantize_nf4(w[e, r : r + 1].cpu(), 64, quant_type)
+            assert_bits_equal(p[e, r : r + 1], p_cpu)
+            assert_bits_equal(a[e, r * stat_row : (r + 1) * stat_row].reshape(a_cpu.shape), a_cpu)
+            assert_bits_equal(out[e, r : r + 1], ops.dequant_expert(p_cpu, a_cpu, 64, torch.bfloat16, None, quant_type))
+
+
+def _bnb_functional():
+    return pytest.importorskip("bitsandbytes.functional")
+
+
+def test_fp4_matches_bitsandbytes_cpu_format():
+    F = _bnb_functional()
+    w = random_weight((2, 64, 256), torch.float32)
+    for bs in [64, 128]:
+        q, st = F.quantize_4bit(w.flatten(), blocksize=bs, quant_type="fp4", compress_statistics=False)
+        p, a = ops.quantize_nf4(w.cuda(), bs, "fp4")
+        assert torch.equal(p.cpu().flatten(), q.cpu().flatten())
+        assert torch.equal(a.cpu().flatten(), st.absmax.cpu().flatten())
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_double_quant_vs_bitsandbytes_cuda(quant_type):
+    """bitsandbytes' CUDA dequantize_4bit reads our double-quantized statistics (its QuantState
+    with nested state) and produces our values, except where its fast-math decode rounds the block
+    scale differently (counted, bounded)."""
+    F = _bnb_cuda()
+    w = random_weight((1, 512, 1024), torch.bfloat16, seed=9).cuda()
+    p, a = ops.quantize_nf4(w, 64, quant_type)
+    codes, scale, offset = ops.compress_statistics(a)
+    ours = ops.dequant_expert(p, codes, 64, torch.float32, None, quant_type, scale, offset).flatten()
+    _, st = F.quantize_4bit(w.flatten(), blocksize=64, quant_type=quant_type, compress_statistics=True)
+    st.absmax, st.offset = codes.flatten(), offset.reshape(())
+    st.state2.absmax = scale.flatten()
+    theirs = F.dequantize_4bit(p.view(-1, 1), st).float().flatten()
+    mismatch = (ours != theirs).float().mean().item()
+    assert mismatch <= 1e-3, mismatch
