@@ -144,7 +144,8 @@ def _wrap_quantized_experts(tuner, peft_config, model, adapter_name, low_cpu_mem
         from accelerate import init_empty_weights as ctx
     targeted = []
     for module_name, unwrapped, module in quantized:
-        order = [p for p in getattr(module, "_moequant_param_order", ()) if hasattr(module, p)]
+        # is_quantized, not hasattr: reading a quantized attribute dequantizes the whole stack
+        order = [p for p in getattr(module, "_moequant_param_order", ()) if is_quantized(module, p)]
         for param_name in order:
             key = f"{unwrapped}.{param_name}"
             if not is_quantized(module, param_name) or not _matches(key, targets):
