@@ -2,90 +2,357 @@
 
     plugins:
       - moequant.integrations.axolotl.MoequantPlugin
-    load_in_4bit: true          # bitsandbytes NF4 for the nn.Linear layers (or load_in_8bit + adapter: lora)
-    adapter: qlora
-    quantize_moe_experts: true  # the experts: moequant NF4, trained through torch.ops.moequant.experts_forward
+    quantize_moe_experts: true
+    adapter: qlora              # + load_in_4bit: 4-bit experts (bnb_config_kwargs.bnb_4bit_quant_type nf4|fp4,
+    load_in_4bit: true          #   bnb_4bit_use_double_quant, default true as in Axolotl); or
+                                # adapter: lora + load_in_8bit: 8-bit (row-wise int8) experts
     lora_target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]
     lora_dropout: 0.0           # required when experts are targeted
-    moequant_blocksize: 64      # optional
-    moequant_fuse: quantized  # optional: quantized | cpu | device, see moequant.quantize_experts_on_load
+    moequant_blocksize: 64      # optional (4-bit formats)
+    moequant_fuse: quantized    # optional: quantized | cpu | device, see moequant.quantize_experts_on_load
+    moequant_cache_dir: ...     # optional: keep the quantized experts; the next run loads them instead
 
-The plugin takes the option over from Axolotl's own expert quantization: it clears
-``cfg.quantize_moe_experts`` before the model is loaded (so Axolotl's loader patch stays off),
-loads inside :func:`moequant.quantize_experts_on_load`, and sets ``cfg.moequant_quantized`` once
-the model is built. PEFT then targets the quantized parameters through moequant's PEFT routing.
+Where each step happens in Axolotl 0.21's loader:
+
+* ``register`` (raw config, before validation): the option is taken over. ``quantize_moe_experts``
+  is cleared and ``moequant_quantize_experts`` records the request, so Axolotl's validator, its
+  ``device_map`` override (``{"": LOCAL_RANK}``) and its own loader patch never see it; the
+  settings are checked here, so a config moequant cannot train fails before any data is loaded.
+* ``pre_model_load``: architecture check on an empty (meta) model, CPU/GPU check, experts cache
+  lookup, then the transformers loader is patched (:func:`moequant.quantize_experts_on_load`).
+* ``post_model_build``: the load is finished (stacks counted, memory line logged), the cache
+  written on a miss, the loader unpatched, and ``model._moe_experts_quantized`` set so that
+  Axolotl skips ``prepare_model_for_kbit_training`` (it would upcast every frozen weight).
+* ``pre_lora_load`` / ``post_lora_load``: around ``get_peft_model``, moequant's PEFT injection is
+  the outermost one: quantized stacks are wrapped first, in their dense order, then Axolotl's own
+  target-parameters patch handles the rest; removed afterwards.
+* A failure anywhere in ``ModelLoader.load`` closes whatever the plugin opened (transformers and
+  PEFT end up unpatched); the ``ParamWrapper`` methods of :func:`moequant.integrations.peft.patch_peft`
+  stay, as the trained model's forward needs them (they pass through for any other parameter).
+
+moequant's summary lines are logged under ``axolotl.integrations.moequant``, which Axolotl shows
+at INFO (it hides INFO from loggers outside ``axolotl.*``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
+import time
+from typing import Literal, Optional
 
-from pydantic import BaseModel
+import torch
+from pydantic import BaseModel, field_validator
 
-from .transformers import memory_summary, quantize_experts_on_load
+from .cache import ExpertsCache
+from .peft import quantized_experts_injection
+from .transformers import _check_model, load_stats, memory_summary, quantize_experts_on_load
 
 try:
     from axolotl.integrations.base import BasePlugin
-except ImportError:  # importable (and testable) without Axolotl
+except ImportError:  # importable without Axolotl
     BasePlugin = object
 
-logger = logging.getLogger(__name__)
+LOG = logging.getLogger("axolotl.integrations.moequant")
 
-_ADAPTERS = {"qlora", "lora"}
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_4BIT_TYPES = ("nf4", "fp4")
 
 
 class MoequantArgs(BaseModel):
     """The Axolotl config keys this plugin reads (``quantize_moe_experts`` is Axolotl's own)."""
 
     moequant_blocksize: int = 64
-    moequant_fuse: str = "quantized"
+    moequant_fuse: Literal["quantized", "cpu", "device"] = "quantized"
+    moequant_cache_dir: Optional[str] = None
+    # Set by the plugin when it takes ``quantize_moe_experts: true`` over (not meant to be written by hand).
+    moequant_quantize_experts: Optional[bool] = None
+
+    @field_validator("moequant_blocksize")
+    @classmethod
+    def _blocksize(cls, value: int) -> int:
+        if value not in _BLOCKSIZES:
+            raise ValueError(f"moequant_blocksize must be a power of two in [32, 4096], got {value}")
+        return value
+
+
+def experts_format(cfg) -> tuple[str, bool]:
+    """``(quant_type, double_quant)`` of the experts for an Axolotl config, from its adapter and
+    ``load_in_*`` settings; ``ValueError`` naming the setting for anything moequant cannot train."""
+    adapter = cfg.get("adapter")
+    four, eight = bool(cfg.get("load_in_4bit")), bool(cfg.get("load_in_8bit"))
+    if adapter not in ("qlora", "lora"):
+        raise ValueError(
+            f"quantize_moe_experts with moequant trains an adapter on frozen quantized experts: set adapter: qlora "
+            f"(with load_in_4bit: true) or adapter: lora (with load_in_8bit: true); got adapter: {adapter!r}"
+        )
+    if four and eight:
+        raise ValueError("quantize_moe_experts with moequant: set one of load_in_4bit / load_in_8bit, not both")
+    if adapter == "qlora":
+        if not four:
+            raise ValueError(
+                "quantize_moe_experts with adapter: qlora needs load_in_4bit: true (4-bit experts); for 8-bit experts "
+                "use adapter: lora with load_in_8bit: true"
+            )
+        kwargs = cfg.get("bnb_config_kwargs") or {}
+        quant_type = kwargs.get("bnb_4bit_quant_type") or cfg.get("bnb_4bit_quant_type") or "nf4"
+        if quant_type not in _4BIT_TYPES:
+            raise ValueError(f"bnb_4bit_quant_type must be one of {_4BIT_TYPES} for moequant experts, got "
+                             f"{quant_type!r}")
+        double_quant = kwargs.get("bnb_4bit_use_double_quant", cfg.get("bnb_4bit_use_double_quant"))
+        # Axolotl's QLoRA default (loaders/model.py _set_quantization_config) is double quantization on.
+        return quant_type, True if double_quant is None else bool(double_quant)
+    if not eight:
+        raise ValueError(
+            "quantize_moe_experts with adapter: lora needs load_in_8bit: true (8-bit experts); for 4-bit experts use "
+            f"adapter: qlora with load_in_4bit: true (got load_in_4bit: {four}, load_in_8bit: {eight})"
+        )
+    return "int8", False
+
+
+def _loader_kwargs(quant_type: str, double_quant: bool) -> dict:
+    """The format arguments :func:`quantize_experts_on_load` takes; refuses formats this build lacks."""
+    params = inspect.signature(quantize_experts_on_load).parameters
+    if "quant_type" in params:
+        return {"quant_type": quant_type, "double_quant": double_quant}
+    if (quant_type, double_quant) != ("nf4", False):
+        raise ValueError(
+            f"this moequant build quantizes experts to NF4 with plain statistics only; the config asks for "
+            f"{quant_type} (double_quant={double_quant}): set bnb_config_kwargs.bnb_4bit_use_double_quant: false "
+            "with adapter: qlora + load_in_4bit"
+        )
+    return {}
+
+
+def check_config(cfg) -> None:
+    """Every setting the plugin can check without the model; ``ValueError`` naming the setting."""
+    experts_format(cfg)
+    targets = cfg.get("lora_target_parameters") or []
+    if targets and cfg.get("lora_dropout"):
+        raise ValueError(
+            "lora_target_parameters on moequant-quantized experts needs lora_dropout: 0 (dropout on the experts' "
+            f"input cannot be factored out of the fused experts op), got lora_dropout: {cfg.get('lora_dropout')}"
+        )
+    impl = cfg.get("experts_implementation")
+    if impl not in (None, "moequant"):
+        raise ValueError(
+            f"experts_implementation: {impl!r} would replace moequant's experts implementation on the quantized "
+            "experts; remove it (moequant selects its own) or drop quantize_moe_experts"
+        )
+    blocksize = cfg.get("moequant_blocksize")
+    if blocksize is not None and blocksize not in _BLOCKSIZES:
+        raise ValueError(f"moequant_blocksize must be a power of two in [32, 4096], got {blocksize}")
+    fuse = cfg.get("moequant_fuse")
+    if fuse is not None and fuse not in ("quantized", "cpu", "device"):
+        raise ValueError(f"moequant_fuse must be one of 'quantized', 'cpu', 'device', got {fuse!r}")
+
+
+def _gpu_only_settings(cfg) -> list[str]:
+    """Settings of ``cfg`` that need a CUDA device."""
+    found = []
+    device_map = cfg.get("device_map")
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    if any(isinstance(v, int) or (isinstance(v, str) and v.startswith("cuda")) for v in values):
+        found.append(f"device_map: {device_map!r}")
+    for key in ("deepspeed", "fsdp", "fsdp_config", "flash_attention"):
+        if cfg.get(key):
+            found.append(f"{key}: {cfg.get(key)!r}")
+    return found
+
+
+def check_architecture(cfg) -> None:
+    """Build the model on the meta device and check its experts; ``ValueError`` naming the model type."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = bool(cfg.get("trust_remote_code"))
+    config = AutoConfig.from_pretrained(cfg.get("base_model_config") or cfg.get("base_model"), trust_remote_code=trust)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    try:
+        _check_model(model)
+    except ValueError as err:
+        moe_like = sorted({type(m).__name__ for m in model.modules()
+                           if any(s in type(m).__name__.lower() for s in ("expert", "moe"))})
+        raise ValueError(
+            f"quantize_moe_experts with moequant: model type {config.model_type!r} ({type(model).__name__}) is not "
+            f"supported: {err}. MoE-like modules found: {', '.join(moe_like) or 'none'}"
+        ) from None
+
+
+def _check_linear_targets(cfg, model) -> None:
+    """``lora_target_linear`` adds every linear layer's name to ``target_modules``; PEFT's transformers
+    conversion maps names such as ``gate_proj``/``down_proj`` onto fused expert parameters, which
+    ``lora_target_parameters`` already targets: refuse that double targeting."""
+    if not cfg.get("lora_target_linear") or not cfg.get("lora_target_parameters"):
+        return
+    try:
+        from axolotl.loaders.adapter import find_all_linear_names
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:
+        return
+    names = sorted(set(find_all_linear_names(model)) | set(cfg.get("lora_target_modules") or []))
+    probe = LoraConfig(target_modules=names, target_parameters=[])
+    convert_peft_config_for_transformers(probe, model=model, conversions=get_model_conversion_mapping(model))
+    converted = sorted(probe.target_parameters or [])
+    if converted:
+        raise ValueError(
+            f"lora_target_linear adds {names} to the LoRA targets; PEFT maps {converted} of them onto the fused "
+            f"expert parameters, which lora_target_parameters {list(cfg.get('lora_target_parameters'))} already "
+            "targets, so the quantized experts would be targeted twice: set lora_target_linear: false and list "
+            "lora_target_modules explicitly"
+        )
 
 
 class MoequantPlugin(BasePlugin):
-    """Routes ``quantize_moe_experts: true`` through moequant's quantize-on-load."""
+    """Routes ``quantize_moe_experts: true`` through moequant's quantize-on-load (see the module docstring)."""
 
     def __init__(self):
         super().__init__()
-        self._loading: contextlib.ExitStack | None = None
+        self._open = contextlib.ExitStack()  # what a load has patched; closed at its end or on failure
+        self._cache: Optional[ExpertsCache] = None
+        self._cache_hit = False
 
     def get_input_args(self) -> str:
         return "moequant.integrations.axolotl.MoequantArgs"
 
+    # -- config ------------------------------------------------------------------------------
+
+    def register(self, cfg) -> None:
+        if cfg.get("quantize_moe_experts"):
+            check_config(cfg)
+            # Axolotl reads quantize_moe_experts in validation and in _set_device_map_config, before
+            # pre_model_load: it is taken over here, with the request kept under our own key.
+            cfg["moequant_quantize_experts"] = True
+            cfg["quantize_moe_experts"] = False
+        if cfg.get("moequant_quantize_experts"):
+            _guard_model_loader(self)
+
+    def on_config_validation_error(self, cfg) -> None:
+        _unguard_model_loader()
+
+    def post_train_unload(self, cfg) -> None:
+        self._close()
+        _unguard_model_loader()
+
+    # -- model load --------------------------------------------------------------------------
+
     def pre_model_load(self, cfg) -> None:
-        if not cfg.get("quantize_moe_experts"):
+        if not cfg.get("moequant_quantize_experts"):
             return
-        adapter = cfg.get("adapter")
-        if adapter not in _ADAPTERS:
-            raise ValueError(
-                f"quantize_moe_experts with moequant trains adapters on frozen NF4 experts: adapter must be one of "
-                f"{sorted(_ADAPTERS)}, got {adapter!r}"
-            )
-        if cfg.get("lora_target_parameters") and cfg.get("lora_dropout"):
-            raise ValueError(
-                "lora_target_parameters on moequant-quantized experts needs lora_dropout: 0, "
-                f"got {cfg.get('lora_dropout')}"
-            )
-        cfg["quantize_moe_experts"] = False  # Axolotl's own expert quantization stays off
-        self._loading = contextlib.ExitStack()
-        self._loading.enter_context(
-            quantize_experts_on_load(
-                blocksize=int(cfg.get("moequant_blocksize") or 64),
-                fuse=str(cfg.get("moequant_fuse", "quantized")),
-            )
+        check_config(cfg)
+        quant_type, double_quant = experts_format(cfg)
+        loader_kwargs = _loader_kwargs(quant_type, double_quant)
+        if not torch.cuda.is_available():
+            gpu_only = _gpu_only_settings(cfg)
+            if gpu_only:
+                raise ValueError(
+                    f"quantize_moe_experts with moequant: this machine has no CUDA device, but the config asks for "
+                    f"one ({'; '.join(gpu_only)}); remove those settings to train on the CPU"
+                )
+        check_architecture(cfg)
+        self._close()
+        blocksize = int(cfg.get("moequant_blocksize") or 64)
+        self._cache, self._cache_hit = None, False
+        if cfg.get("moequant_cache_dir"):
+            dtype = cfg.get("torch_dtype") or torch.bfloat16
+            self._cache = ExpertsCache(cfg["moequant_cache_dir"], cfg.get("base_model"), quant_type, double_quant,
+                                       blocksize, dtype)
+            self._cache_hit = self._cache.lookup()
+        self._open.enter_context(
+            quantize_experts_on_load(blocksize=blocksize, fuse=str(cfg.get("moequant_fuse") or "quantized"),
+                                     **loader_kwargs)
         )
-        logger.info("moequant: quantize_moe_experts handled by moequant (NF4 experts, fused LoRA op)")
+        if self._cache_hit:
+            self._open.enter_context(self._cache.hooks())
+        LOG.info("moequant: quantize_moe_experts handled by moequant (%s experts%s, blocksize %d, fused LoRA op)%s",
+                 quant_type, " with double-quantized statistics" if double_quant else "", blocksize,
+                 f"; experts cache hit: {self._cache.directory}" if self._cache_hit else "")
 
     def post_model_build(self, cfg, model) -> None:
-        if self._loading is None:
+        if not cfg.get("moequant_quantize_experts"):
             return
-        loading, self._loading = self._loading, None
-        loading.close()  # finishes the load: leftover experts quantized, summary logged
-        cfg["moequant_quantized"] = True
-        logger.info("moequant: %s", memory_summary(model).format())
+        self._close()  # finishes the load (experts the checkpoint lacked quantized) and unpatches transformers
+        stats = load_stats(model)
+        summary = memory_summary(model)
+        if summary.num_stacks == 0:
+            raise ValueError(f"quantize_moe_experts with moequant: no expert stack of {type(model).__name__} was "
+                             "quantized")
+        # Axolotl's post-build step recorded False (its own patch was off); True makes it skip
+        # prepare_model_for_kbit_training, which would upcast frozen weights and read every stack dense.
+        model._moe_experts_quantized = True
+        if stats is not None:
+            LOG.info("moequant: loaded %s in %.2f s (%.2f s quantizing)", type(model).__name__,
+                     time.perf_counter() - stats.started, stats.quantize_seconds)
+        LOG.info("moequant: %s", summary.format())
+        if self._cache is not None:
+            if self._cache_hit:
+                LOG.info("moequant: %d expert stacks from the cache %s (none quantized)", summary.num_stacks,
+                         self._cache.directory)
+            else:
+                size = self._cache.store(model)
+                LOG.info("moequant: %d quantized expert stacks saved to the cache %s (%.1f MB)", summary.num_stacks,
+                         self._cache.directory, size / 2**20)
+
+    def pre_lora_load(self, cfg, model) -> None:
+        if not cfg.get("moequant_quantize_experts"):
+            return
+        _check_linear_targets(cfg, model)
+        self._open.enter_context(quantized_experts_injection())
+
+    def post_lora_load(self, cfg, model) -> None:
+        if not cfg.get("moequant_quantize_experts"):
+            return
+        self._close()
+        if hasattr(model, "get_nb_trainable_parameters"):
+            trainable, total = model.get_nb_trainable_parameters()
+            LOG.info("moequant: trainable params %d || all params %d (quantized experts counted as their weights)",
+                     trainable, total)
 
     def post_model_load(self, cfg, model) -> None:
-        # If Axolotl failed between the two hooks, do not leave the loader patched.
-        if self._loading is not None:
-            self._loading.close()
-            self._loading = None
+        self._close()  # nothing is left open past the load, whatever happened in between
+
+    def _close(self) -> None:
+        self._open.close()
+        self._open = contextlib.ExitStack()
+
+
+def _guard_model_loader(plugin: MoequantPlugin) -> None:
+    """Wrap ``ModelLoader.load`` (idempotent) so that a load that fails between two plugin hooks
+    still closes what the plugin patched."""
+    try:
+        from axolotl.loaders.model import ModelLoader
+    except ImportError:
+        return
+    if getattr(ModelLoader.load, "_moequant_guarded", None) is not None:
+        ModelLoader.load._moequant_plugins[:] = [plugin]
+        return
+    original = ModelLoader.load
+    plugins = [plugin]
+
+    @functools.wraps(original)
+    def load(self, *args, **kwargs):
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            for p in plugins:
+                p._close()
+
+    load._moequant_guarded = original
+    load._moequant_plugins = plugins
+    ModelLoader.load = load
+
+
+def _unguard_model_loader() -> None:
+    try:
+        from axolotl.loaders.model import ModelLoader
+    except ImportError:
+        return
+    original = getattr(ModelLoader.load, "_moequant_guarded", None)
+    if original is not None:
+        ModelLoader.load = original
