@@ -215,15 +215,18 @@ def full_state_dict(model: nn.Module, trainable_only: bool = False) -> Optional[
     every rank must call it (it all-gathers).
     """
     if not any(_is_dtensor(p) for p in model.parameters()):
-        if not trainable_only:
-            return model.state_dict()
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        return {k: v for k, v in model.state_dict().items() if k in trainable}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = model.state_dict()
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    state = get_model_state_dict(model, options=options)
-    return state if torch.distributed.get_rank() == 0 else None
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        state = get_model_state_dict(model, options=options)
+        if torch.distributed.get_rank() != 0:
+            return None
+    if trainable_only:  # ignore_frozen_params drops frozen parameters, not buffers
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trainable}
+    return state
 
 
 def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike], **kwargs) -> None:

@@ -1,0 +1,244 @@
+"""FSDP2 QLoRA on N GPUs vs one: per-GPU memory, step time and loss of a Qwen3-30B-A3B-shaped model.
+
+The model has Qwen3-30B-A3B's shapes (H=2048, 128 experts of I=768, top-8, 32 heads, 4 KV heads,
+vocabulary 151936) truncated to --layers layers, random bf16 weights built on each rank from the
+same seed (identical on every rank, as a checkpoint would be), experts quantized by
+``moequant.quantize_model_experts``. PEFT LoRA r=16 on both expert projections
+(``target_parameters``) and the attention projections, AdamW, --global-batch sequences of --seq
+tokens per step split evenly over the ranks. With more than one rank the model is sharded by
+``moequant.integrations.fsdp.shard_model``; one rank runs it unsharded (the baseline).
+
+Per rank: resident bytes after sharding (all and the experts' stack shards alone), each step's
+peak ``max_memory_allocated`` (the first step's against the steady ones: no first-step spike),
+and step times; the global loss of every step. Run it once on one GPU, then on N with
+``--baseline`` pointing at the first JSON: the N-GPU JSON gets the ratios (resident experts vs
+1/N of one GPU's, scaling efficiency = t_1 / (N t_N) at the same global batch, max loss difference).
+
+    export NCCL_NVLS_ENABLE=0
+    torchrun --standalone --nproc-per-node 1 benchmarks/bench_fsdp.py --out one.json
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_fsdp.py --baseline one.json --out two.json
+
+``--device cpu --smoke`` runs the same pipeline at toy size with gloo (numbers meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MB = 1024 * 1024
+QWEN3_30B_A3B = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+    num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128, norm_topk_prob=True,
+    max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    decoder_sparse_step=1, mlp_only_layers=[],
+)
+SMOKE = dict(QWEN3_30B_A3B, vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+             num_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--global-batch", type=int, default=8, help="sequences per step, over all ranks")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=6, help="measured steps (the first is reported apart)")
+    p.add_argument("--rank-lora", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--plain-absmax", action="store_true", help="float32 absmax (no double-quantized statistics)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-reshard-after-forward", action="store_true")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--smoke", action="store_true", help="toy shapes (for a CPU check of the script)")
+    p.add_argument("--baseline", help="JSON of the one-rank run, to compare against")
+    p.add_argument("--out", help="JSON to write (rank 0)")
+    return p.parse_args(argv)
+
+
+def build_model(args, device: torch.device):
+    import transformers
+
+    import moequant
+
+    config = transformers.Qwen3MoeConfig(**(SMOKE if args.smoke else QWEN3_30B_A3B), num_hidden_layers=args.layers)
+    torch.manual_seed(0)
+    with device:  # identical weights on every rank (same seed, same device type)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    formats = {} if not args.plain_absmax else {"double_quant": False}
+    moequant.quantize_model_experts(model, blocksize=args.blocksize, **formats)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model.train()
+
+
+def add_lora(model, args):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=args.rank_lora, lora_alpha=2 * args.rank_lora, lora_dropout=0.0,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=EXPERT_TARGETS)
+    return get_peft_model(model, config)
+
+
+def stack_bytes(model) -> tuple[int, int]:
+    """(bytes of the quantized stacks this rank holds, bytes of the whole stacks)."""
+    from torch.distributed.tensor import DTensor
+
+    from moequant.integrations.fsdp import stack_tensors
+    from moequant.integrations.transformers import quantized_stacks
+
+    local = full = 0
+    for _, module, pname in quantized_stacks(model):
+        for tensor in stack_tensors(module, pname).values():
+            shard = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            local += shard.numel() * shard.element_size()
+            full += tensor.numel() * tensor.element_size()
+    return local, full
+
+
+def batch(args, step: int, rank: int, world: int, vocab: int, device) -> torch.Tensor:
+    """This rank's rows of step ``step``'s global batch (the same global batch whatever ``world``)."""
+    ids = torch.randint(0, vocab, (args.global_batch, args.seq), generator=torch.Generator().manual_seed(100 + step))
+    rows = args.global_batch // world
+    return ids[rank * rows:(rank + 1) * rows].to(device)
+
+
+class Memory:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def allocated(self, model) -> int:
+        """CUDA: allocated bytes; CPU: bytes of this rank's parameters and buffers (local shards)."""
+        if self.cuda:
+            return torch.cuda.memory_allocated()
+        from torch.distributed.tensor import DTensor
+
+        tensors = [t.to_local() if isinstance(t, DTensor) else t for t in [*model.parameters(), *model.buffers()]]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def reset_peak(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated() if self.cuda else 0
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def run(args) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.global_batch % world:
+        raise ValueError(f"--global-batch {args.global_batch} must be a multiple of the world size {world}")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    memory = Memory(device)
+
+    start = time.perf_counter()
+    model = add_lora(build_model(args, device), args)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if world > 1:
+        from moequant.integrations.fsdp import shard_model
+
+        shard_model(model, reshard_after_forward=not args.no_reshard_after_forward)
+    setup_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    resident = memory.allocated(model)
+    experts_local, experts_full = stack_bytes(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    vocab = model.config.vocab_size
+
+    losses, times, peaks = [], [], []
+    for step in range(args.steps):
+        ids = batch(args, step, rank, world, vocab, device)
+        memory.reset_peak()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        memory.sync()
+        times.append(time.perf_counter() - t0)
+        peaks.append(memory.peak())
+        global_loss = loss.detach().float().clone()
+        dist.all_reduce(global_loss)
+        losses.append(global_loss.item() / world)
+
+    per_rank = {
+        "resident_bytes": resident, "experts_local_bytes": experts_local, "step_peak_bytes": peaks,
+        "step_s": times, "setup_s": setup_s,
+    }
+    gathered = [None] * world
+    dist.all_gather_object(gathered, per_rank)
+    steady = slice(1, None) if args.steps > 1 else slice(0, None)
+    result = {
+        "world_size": world, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "args": vars(args), "losses": losses, "experts_full_bytes": experts_full,
+        "per_rank": gathered,
+        "step_s_mean": sum(max(r["step_s"][i] for r in gathered) for i in range(args.steps)[steady]) / len(range(args.steps)[steady]),
+        "resident_bytes_max": max(r["resident_bytes"] for r in gathered),
+        "experts_local_bytes_max": max(r["experts_local_bytes"] for r in gathered),
+        "first_step_peak_bytes_max": max(r["step_peak_bytes"][0] for r in gathered),
+        "steady_step_peak_bytes_max": max(max(r["step_peak_bytes"][steady]) for r in gathered),
+    }
+    if args.baseline:
+        with open(args.baseline) as f:
+            base = json.load(f)
+        if base["world_size"] != 1 or base["losses"].__len__() != len(losses):
+            raise ValueError(f"--baseline {args.baseline}: expected a one-rank run of {len(losses)} steps")
+        result["vs_one_rank"] = {
+            "experts_resident_fraction": result["experts_local_bytes_max"] / base["experts_local_bytes_max"],
+            "experts_resident_target": 1 / world + 0.05,
+            "resident_fraction": result["resident_bytes_max"] / max(base["resident_bytes_max"], 1),
+            "steady_peak_fraction": result["steady_step_peak_bytes_max"] / max(base["steady_step_peak_bytes_max"], 1),
+            "first_step_spike": result["first_step_peak_bytes_max"] / max(result["steady_step_peak_bytes_max"], 1),
+            "scaling_efficiency": base["step_s_mean"] / (world * result["step_s_mean"]),
+            "speedup": base["step_s_mean"] / result["step_s_mean"],
+            "max_loss_diff": max(abs(a - b) for a, b in zip(losses, base["losses"])),
+        }
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    if "RANK" not in os.environ:  # plain `python bench_fsdp.py`: one rank
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    try:
+        result = run(args)
+        if dist.get_rank() == 0:
+            text = json.dumps(result, indent=1)
+            print(text if len(text) < 4000 else json.dumps({k: v for k, v in result.items() if k != "per_rank"}, indent=1))
+            if args.out:
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "w") as f:
+                    f.write(text + "\n")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
