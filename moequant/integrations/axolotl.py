@@ -47,7 +47,7 @@ import torch
 from pydantic import BaseModel, field_validator
 
 from .cache import ExpertsCache
-from .peft import quantized_experts_injection
+from .peft import quantized_experts_injection, remove_injection
 from .transformers import _check_model, load_stats, memory_summary, quantize_experts_on_load
 
 try:
@@ -257,6 +257,8 @@ class MoequantPlugin(BasePlugin):
                 )
         check_architecture(cfg)
         self._close()
+        # The loader installs moequant's PEFT injection (patch_peft); it is taken off again at the end.
+        self._open.callback(remove_injection)
         blocksize = int(cfg.get("moequant_blocksize") or 64)
         self._cache, self._cache_hit = None, False
         if cfg.get("moequant_cache_dir"):
@@ -303,6 +305,7 @@ class MoequantPlugin(BasePlugin):
         if not cfg.get("moequant_quantize_experts"):
             return
         _check_linear_targets(cfg, model)
+        self._open.callback(remove_injection)
         self._open.enter_context(quantized_experts_injection())
 
     def post_lora_load(self, cfg, model) -> None:

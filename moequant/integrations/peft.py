@@ -254,6 +254,7 @@ def _get_nb_trainable_parameters(self) -> tuple[int, int]:
 def patch_peft() -> bool:
     """Install the moequant behaviour of PEFT's ``ParamWrapper`` (idempotent); False without PEFT."""
     if _ORIGINALS:
+        install_injection()  # again: a library may have replaced BaseTuner._inject_parameters since
         return True
     try:
         from peft import PeftModel
