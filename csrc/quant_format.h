@@ -15,10 +15,11 @@ enum class QuantType { kNF4, kFP4, kInt8 };
 MOEQUANT_HD bool is_4bit(QuantType t) { return t != QuantType::kInt8; }
 
 // ---- FP4 --------------------------------------------------------------------------------
-// bitsandbytes' `get_4bit_type("fp4")`, indexed by code (not sorted; code 0 is +0, code 8 is -0).
+// bitsandbytes' `get_4bit_type("fp4")`, indexed by code (not sorted; codes 0 and 8 are both +0,
+// code 8 being the sign bit's twin of code 0).
 #define MOEQUANT_FP4_VALUES                                                                   \
   {0.0f, 0.005208333488553762f, 0.6666666865348816f, 1.0f, 0.3333333432674408f, 0.5f,          \
-   0.1666666716337204f, 0.25f, -0.0f, -0.005208333488553762f, -0.6666666865348816f, -1.0f,     \
+   0.1666666716337204f, 0.25f, 0.0f, -0.005208333488553762f, -0.6666666865348816f, -1.0f,     \
    -0.3333333432674408f, -0.5f, -0.1666666716337204f, -0.25f}
 
 // fp32 midpoints of the sorted FP4 values (bitsandbytes' `_get_4bit_quantize_bounds("fp4")`).
@@ -30,8 +31,8 @@ MOEQUANT_HD bool is_4bit(QuantType t) { return t != QuantType::kInt8; }
 
 // Code of the r-th smallest FP4 value (bitsandbytes' argsort order of the codebook), packed as
 // 16 nibbles, rank r in bits [4r, 4r+4): a shift instead of a run-time array index on the GPU.
-// Ranks 7 and 8 are the two zeros: +0 (code 0) ranks first, so [-0.0026, 0] -> +0 and
-// (0, 0.0026] -> code 8 (-0), exactly as bitsandbytes' bucketize + order lookup stores them.
+// Ranks 7 and 8 are the two zeros: code 0 ranks first, so [-0.0026, 0] -> code 0 and
+// (0, 0.0026] -> code 8, exactly as bitsandbytes' bucketize + order lookup stores them.
 constexpr uint64_t kFP4CodeOfRank = 0x3254761809EFCDABull;  // ranks 0..15: 11,10,13,12,15,14,9,0,8,1,6,7,4,5,2,3
 
 constexpr float kFP4Values[16] = MOEQUANT_FP4_VALUES;

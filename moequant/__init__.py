@@ -1,4 +1,4 @@
-"""moequant: NF4-quantized fused MoE experts for LoRA/QLoRA fine-tuning.
+"""moequant: quantized (NF4, FP4, int8) fused MoE experts for LoRA/QLoRA fine-tuning.
 
 The operators live in ``torch.ops.moequant`` (registered by ``moequant._C``); this package adds
 typed wrappers and the integrations with transformers, PEFT and Axolotl.
@@ -6,13 +6,18 @@ typed wrappers and the integrations with transformers, PEFT and Axolotl.
 
 from ._ops import ops
 from .experts import experts_forward
-from .nf4 import NF4Stack, dequant_expert, quantize_nf4
+from .formats import QUANT_TYPES, QuantStack, compress_statistics, dequant_expert, quantize
+from .nf4 import NF4Stack, quantize_nf4
 from .integrations import load_quantized, quantize_experts_on_load, quantize_model_experts, save_quantized
 
 __all__ = [
     "ops",
+    "QUANT_TYPES",
+    "QuantStack",
     "NF4Stack",
+    "quantize",
     "quantize_nf4",
+    "compress_statistics",
     "dequant_expert",
     "experts_forward",
     "quantize_experts_on_load",

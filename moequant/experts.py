@@ -7,15 +7,15 @@ from typing import Optional
 import torch
 
 from ._ops import ops
-from .nf4 import NF4Stack
+from .formats import QuantStack
 
 
 def experts_forward(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
-    gate_up: NF4Stack,
-    down: NF4Stack,
+    gate_up: QuantStack,
+    down: QuantStack,
     *,
     activation: str = "silu",
     transposed: bool = False,
@@ -27,14 +27,15 @@ def experts_forward(
     act_alpha: float = 1.702,
     act_limit: float = 7.0,
 ) -> torch.Tensor:
-    """The routed, gated experts MLP computed from NF4 stacks: ``[T, H] -> [T, H]``.
+    """The routed, gated experts MLP computed from quantized stacks: ``[T, H] -> [T, H]``.
 
     Args:
         hidden_states: ``[T, H]`` activations (float32/float16/bfloat16; float64 on CPU).
         top_k_index: ``[T, k]`` expert ids (int64 or int32); ids ``>= E`` contribute zero.
         top_k_weights: ``[T, k]`` routing weights.
         gate_up, down: the quantized stacks, logical ``[E, 2I, H]`` and ``[E, H, I]``
-            (``[E, H, 2I]`` and ``[E, I, H]`` when ``transposed``).
+            (``[E, H, 2I]`` and ``[E, I, H]`` when ``transposed``), in one quant_type (each may or
+            may not have double-quantized statistics).
         activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"swiglu_oai"`` (gpt-oss).
         interleaved: gate/up in even/odd output features instead of two halves.
         gate_up_bias, down_bias: optional ``[E, 2I]`` and ``[E, H]`` biases (frozen).
@@ -44,7 +45,15 @@ def experts_forward(
     Differentiable w.r.t. ``hidden_states``, ``top_k_weights`` and the LoRA factors; the backward
     recomputes dequantized weights from the packed stacks.
     """
-    if gate_up.blocksize != down.blocksize:
+    for name, stack in (("gate_up", gate_up), ("down", down)):
+        if not isinstance(stack, QuantStack):
+            raise TypeError(f"experts_forward: {name} must be a QuantStack, got {type(stack).__name__}")
+    if gate_up.quant_type != down.quant_type:
+        raise ValueError(
+            f"experts_forward: gate_up and down must share a quant_type, got {gate_up.quant_type!r} and "
+            f"{down.quant_type!r}"
+        )
+    if gate_up.quant_type != "int8" and gate_up.blocksize != down.blocksize:
         raise ValueError(
             f"experts_forward: gate_up and down must share a blocksize, got {gate_up.blocksize} and {down.blocksize}"
         )
@@ -72,4 +81,7 @@ def experts_forward(
         down_lora_scaling=float(d_s),
         act_alpha=act_alpha,
         act_limit=act_limit,
+        quant_type=gate_up.quant_type,
+        **gate_up.op_kwargs("gate_up_"),
+        **down.op_kwargs("down_"),
     )

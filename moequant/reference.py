@@ -69,6 +69,11 @@ def experts_forward_reference(
     down_lora_scaling: float = 1.0,
     act_alpha: float = 1.702,
     act_limit: float = 7.0,
+    quant_type: str = "nf4",
+    gate_up_absmax_scale: Optional[torch.Tensor] = None,
+    gate_up_absmax_offset: Optional[torch.Tensor] = None,
+    down_absmax_scale: Optional[torch.Tensor] = None,
+    down_absmax_offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """What ``torch.ops.moequant.experts_forward`` computes, in ``compute_dtype`` arithmetic.
 
@@ -76,13 +81,16 @@ def experts_forward_reference(
     ``h = x W_gu[e]^T + b_gu[e] + s_gu (x A_gu[e]^T) B_gu[e]^T``, ``a = act(h)``,
     ``y = a W_d[e]^T + b_d[e] + s_d (a A_d[e]^T) B_d[e]^T``, ``out[t] += top_k_weights[t, j] * y``.
     Slots with ``e >= E`` (expert-parallel sentinels) contribute zero. ``W`` are the dequantized
-    stacks (``[E, out, in]``, or ``[E, in, out]`` when ``transposed``). Arithmetic is fp32
+    stacks in their format (``quant_type``, plain or double-quantized statistics; ``[E, out, in]``,
+    or ``[E, in, out]`` when ``transposed``). Arithmetic is fp32
     (fp64 for fp64 inputs); the result has ``hidden_states.dtype``.
     """
     compute = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
     num_experts = gate_up_packed.shape[0]
-    w_gu = ops.dequant_expert(gate_up_packed, gate_up_absmax, blocksize, torch.float32, None).to(compute)
-    w_d = ops.dequant_expert(down_packed, down_absmax, blocksize, torch.float32, None).to(compute)
+    w_gu = ops.dequant_expert(gate_up_packed, gate_up_absmax, blocksize, torch.float32, None, quant_type,
+                              gate_up_absmax_scale, gate_up_absmax_offset).to(compute)
+    w_d = ops.dequant_expert(down_packed, down_absmax, blocksize, torch.float32, None, quant_type,
+                             down_absmax_scale, down_absmax_offset).to(compute)
     x_all = hidden_states.to(compute)
     out = torch.zeros_like(x_all)
 

@@ -45,8 +45,8 @@ def checkpoints(tmp_path_factory):
     return {arch: save_tiny_checkpoint(arch, str(tmp_path_factory.mktemp(arch))) for arch in ARCHITECTURES}
 
 
-def load_quantized_on_load(path, dtype=torch.bfloat16, **kwargs):
-    with quantize_experts_on_load():
+def load_quantized_on_load(path, dtype=torch.bfloat16, quant_type="nf4", double_quant=None, **kwargs):
+    with quantize_experts_on_load(quant_type=quant_type, double_quant=double_quant):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
 
 
@@ -124,8 +124,14 @@ def test_memory_accounting(arch, checkpoints):
         for pname in ("gate_up_proj", "down_proj"):
             stack = nf4_stack_of(module, pname)
             assert stack.packed.numel() * 2 == stack.shape.numel()
-            packed += stack.shape.numel() // 2 + stack.absmax.numel() * 4
+            # the loader's default: NF4 with double-quantized statistics (uint8 codes, a scale per
+            # 256 blocks, an offset per expert)
+            assert stack.format == "nf4+dq" and stack.absmax.dtype == torch.uint8
+            packed += (stack.shape.numel() // 2 + stack.absmax.numel() + stack.absmax_scale.numel() * 4
+                       + stack.absmax_offset.numel() * 4)
     assert summary.experts_packed_bytes == packed
+    assert summary.formats == ("nf4+dq",) and f"{summary.bytes_per_weight:.4f} B/weight" in summary.format()
+    assert 0.5 < summary.bytes_per_weight < 0.5625
     assert model.get_memory_footprint() == plain.get_memory_footprint() - dense + packed
     stats = load_stats(model)
     assert stats.num_stacks == summary.num_stacks and stats.packed_bytes == packed
@@ -153,8 +159,8 @@ def test_per_expert_quantization_equals_fused_quantization(arch, checkpoints, mo
     streamed = []
     real = integration._quantize_experts_streaming
 
-    def counting(sources, blocksize):
-        stack = real(sources, blocksize)
+    def counting(*args):
+        stack = real(*args)
         streamed.append(stack is not None)
         return stack
 
@@ -170,7 +176,9 @@ def test_per_expert_quantization_equals_fused_quantization(arch, checkpoints, mo
     for (name_a, module_a, p_a), (name_b, module_b, p_b) in pairs:
         assert (name_a, p_a) == (name_b, p_b)
         a, b = nf4_stack_of(module_a, p_a), nf4_stack_of(module_b, p_b)
-        assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax), (name_a, p_a)
+        assert a.format == b.format == "nf4+dq"
+        for x, y in zip(a.tensors(), b.tensors()):
+            assert torch.equal(x, y), (name_a, p_a)
         assert (a.shape, a.dtype, a.blocksize) == (b.shape, b.dtype, b.blocksize)
         count += 1
     assert count == memory_summary(models["cpu"]).num_stacks > 0
@@ -343,14 +351,14 @@ def test_state_dict_round_trip_and_cached_load(arch, checkpoints, tmp_path, monk
     # the pre-quantized cache loads without calling the quantizer
     save_quantized(model, str(tmp_path / "cache"))
     calls = []
-    real_quantize = moequant.integrations.parametrize.quantize_nf4
+    real_quantize = moequant.integrations.parametrize.quantize
 
-    def counting(weight, blocksize=64):
+    def counting(weight, *args, **kwargs):
         if weight.device.type != "meta":
             calls.append(tuple(weight.shape))
-        return real_quantize(weight, blocksize)
+        return real_quantize(weight, *args, **kwargs)
 
-    monkeypatch.setattr(moequant.integrations.parametrize, "quantize_nf4", counting)
+    monkeypatch.setattr(moequant.integrations.parametrize, "quantize", counting)
     start = time.perf_counter()
     with caplog.at_level(logging.INFO, logger="moequant"):
         cached = load_quantized(str(tmp_path / "cache"))
@@ -374,9 +382,11 @@ def test_dtype_and_device_map(checkpoints):
     with torch.no_grad():
         bf16 = model(ids).logits
     stack = nf4_stack_of(find_experts_modules(model)[0][1], "gate_up_proj")
-    model.float()  # the absmax stays float32, the stacks now read as float32
+    model.float()  # the statistics keep their dtypes (uint8 codes, float32 scale/offset), the stacks read as float32
     stack32 = nf4_stack_of(find_experts_modules(model)[0][1], "gate_up_proj")
-    assert stack32.absmax.dtype == torch.float32 and torch.equal(stack32.absmax, stack.absmax)
+    assert stack32.absmax.dtype == torch.uint8 and torch.equal(stack32.absmax, stack.absmax)
+    assert stack32.absmax_scale.dtype == stack32.absmax_offset.dtype == torch.float32
+    assert torch.equal(stack32.absmax_scale, stack.absmax_scale) and torch.equal(stack32.absmax_offset, stack.absmax_offset)
     assert find_experts_modules(model)[0][1].gate_up_proj.dtype == torch.float32
     # bf16 vs fp32 compute may flip a random router's top-k, so the reference is the same
     # checkpoint loaded in fp32 (same codes and absmax, as the checkpoint is bf16)
@@ -478,8 +488,18 @@ def test_auto_device_map_sizes_experts_at_nf4(tmp_path):
     experts = meta.model.layers[0].mlp.experts
     numel = experts.gate_up_proj.numel() + experts.down_proj.numel()
     assert dense["model.layers.0.mlp.experts"] == numel * 2
-    assert packed["model.layers.0.mlp.experts"] == leaves["model.layers.0.mlp.experts"] == numel // 2 + numel // 64 * 4
-    assert dense[""] - packed[""] == 4 * (numel * 2 - (numel // 2 + numel // 64 * 4))
+    # the default format, NF4 with double-quantized statistics: per expert matrix one uint8 code
+    # per block, one fp32 scale per 256 blocks, one fp32 offset
+    stacked = sum(moequant.formats.stack_nbytes(p.shape, 64, "nf4", True) for p in (experts.gate_up_proj, experts.down_proj))
+    num_experts = experts.gate_up_proj.shape[0]
+    groups = sum(-(-p[0].numel() // 64 // 256) for p in (experts.gate_up_proj, experts.down_proj))
+    assert stacked == numel // 2 + numel // 64 + num_experts * (4 * groups + 4 * 2)
+    assert packed["model.layers.0.mlp.experts"] == leaves["model.layers.0.mlp.experts"] == stacked
+    assert dense[""] - packed[""] == 4 * (numel * 2 - stacked)
+    with quantize_experts_on_load(quant_type="int8"):
+        int8, _ = accelerate_integration.compute_module_sizes(meta)
+    rows = experts.gate_up_proj.shape[0] * (experts.gate_up_proj.shape[1] + experts.down_proj.shape[1])
+    assert int8["model.layers.0.mlp.experts"] == numel + 4 * rows
 
     budget = int(packed[""] * 1.3)
     assert budget < dense[""]
@@ -493,20 +513,25 @@ def test_auto_device_map_sizes_experts_at_nf4(tmp_path):
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
 def test_save_pretrained_writes_dequantized_experts(arch, checkpoints, tmp_path):
-    """A plain load of the saved model is the dequantized twin; quantizing it again is lossless."""
+    """A plain load of the saved model is the dequantized twin; quantizing it again is lossless
+    (plain NF4: each block's absmax is one of its dequantized values; double-quantized statistics
+    are themselves rounded, so there only the codes come back)."""
     path = checkpoints[arch]
-    model = load_quantized_on_load(path, dtype=torch.float32)
+    model = load_quantized_on_load(path, dtype=torch.float32, double_quant=False)
     model.save_pretrained(tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     reference = dequantized_reference(path, model, torch.float32)
     ids = sample_ids()
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, reference(ids).logits, atol=0, rtol=0)
-    again = load_quantized_on_load(str(tmp_path), dtype=torch.float32)
-    for (_, m1), (_, m2) in zip(find_experts_modules(model), find_experts_modules(again)):
+    again = load_quantized_on_load(str(tmp_path), dtype=torch.float32, double_quant=False)
+    again_dq = load_quantized_on_load(str(tmp_path), dtype=torch.float32)
+    for (_, m1), (_, m2), (_, m3) in zip(find_experts_modules(model), find_experts_modules(again),
+                                         find_experts_modules(again_dq)):
         for pname in ("gate_up_proj", "down_proj"):
-            s1, s2 = nf4_stack_of(m1, pname), nf4_stack_of(m2, pname)
+            s1, s2, s3 = nf4_stack_of(m1, pname), nf4_stack_of(m2, pname), nf4_stack_of(m3, pname)
             assert torch.equal(s1.packed, s2.packed) and torch.equal(s1.absmax, s2.absmax)
+            assert s3.double_quant and torch.equal(s1.packed, s3.packed)
 
 
 def test_experts_missing_from_checkpoint_are_quantized_after_init(tmp_path):
@@ -521,3 +546,67 @@ def test_experts_missing_from_checkpoint_are_quantized_after_init(tmp_path):
     experts = find_experts_modules(model)
     assert all(is_quantized(m, p) for _, m in experts for p in ("gate_up_proj", "down_proj"))
     assert load_stats(model).num_stacks == 3  # quantized while loading; the fourth after initialization
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("fp4", True), ("int8", None), ("nf4", False)])
+def test_formats_load_run_and_round_trip(quant_type, double_quant, checkpoints, tmp_path):
+    """Quantize-on-load in each format (per-expert checkpoint: streamed), the forward equals the
+    dequantized model, save_quantized/load_quantized keep the format, and a cache whose metadata
+    names another format fails clearly."""
+    import json
+
+    path = checkpoints["qwen3_moe"]
+    model = load_quantized_on_load(path, dtype=torch.float32, quant_type=quant_type, double_quant=double_quant)
+    fmt = quant_type + ("+dq" if double_quant else "")
+    stacks = [nf4_stack_of(m, p) for _, m, p in quantized_stacks(model)]
+    assert stacks and {s.format for s in stacks} == {fmt}
+    # per-expert quantization equals quantizing the fused tensor in this format
+    fused = load_quantized_on_load(path, dtype=torch.float32, quant_type=quant_type, double_quant=double_quant)
+    summary = memory_summary(model)
+    assert summary.formats == (fmt,) and f"MB {fmt} ({summary.bytes_per_weight:.4f} B/weight" in summary.format()
+    expected_bpw = {"fp4+dq": (0.5, 0.52), "int8": (1.0, 1.1), "nf4": (0.5625, 0.5625)}[fmt]
+    assert expected_bpw[0] <= summary.bytes_per_weight <= expected_bpw[1]
+    ids = sample_ids()
+    reference = dequantized_reference(path, model, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, atol=0, rtol=0)
+    save_quantized(model, str(tmp_path / "cache"))
+    meta = json.load(open(tmp_path / "cache" / "moequant_config.json"))
+    assert (meta["quant_type"], meta["double_quant"]) == (quant_type, bool(double_quant))
+    cached = load_quantized(str(tmp_path / "cache"), dtype=torch.float32)
+    assert {nf4_stack_of(m, p).format for _, m, p in quantized_stacks(cached)} == {fmt}
+    with torch.no_grad():
+        torch.testing.assert_close(cached(ids).logits, model(ids).logits, atol=0, rtol=0)
+    # the same cache read as another format
+    other = {"fp4": ("fp4", False), "int8": ("nf4", True), "nf4": ("int8", False)}[quant_type]
+    meta["quant_type"], meta["double_quant"] = other
+    json.dump(meta, open(tmp_path / "cache" / "moequant_config.json", "w"))
+    with pytest.raises(ValueError, match="load_quantized"):
+        load_quantized(str(tmp_path / "cache"))
+
+
+def test_streaming_quantization_formats_match_fused():
+    from moequant.integrations.transformers import _quantize_experts_streaming
+
+    gate = [torch.randn(32, 64) for _ in range(3)]
+    up = [torch.randn(32, 64) for _ in range(3)]
+    dense = torch.cat([torch.stack(gate), torch.stack(up)], dim=1)
+    for quant_type, double_quant in (("int8", False), ("fp4", True), ("nf4", True)):
+        stack = _quantize_experts_streaming([[lambda t=t: t for t in gate], [lambda t=t: t for t in up]], 64,
+                                            quant_type, double_quant)
+        fused = moequant.quantize(dense, quant_type, 64, double_quant)
+        assert stack.format == fused.format
+        for a, b in zip(stack.tensors(), fused.tensors()):
+            assert torch.equal(a, b)
+    odd = [torch.randn(3, 30) for _ in range(2)]  # int8 takes any shape; 4-bit declines straddling blocks
+    assert _quantize_experts_streaming([[lambda t=t: t for t in odd]], 64, "int8", False).shape == (2, 3, 30)
+
+
+def test_loader_format_errors():
+    with pytest.raises(ValueError, match="double_quant=True needs a 4-bit quant_type"):
+        with quantize_experts_on_load(quant_type="int8", double_quant=True):
+            pass
+    with pytest.raises(ValueError, match="quant_type must be one of"):
+        with quantize_experts_on_load(quant_type="nf8"):
+            pass

@@ -231,7 +231,7 @@ def test_dequant_bad_inputs():
     with pytest.raises(RuntimeError, match="needs a stack"):
         s2 = quantize_nf4(torch.randn(8, 64), 64)
         ops.dequant_expert(s2.packed, s2.absmax, 64, torch.float32, 0)
-    with pytest.raises(TypeError, match="NF4Stack"):
+    with pytest.raises(TypeError, match="QuantStack"):
         dequant_expert(s.packed)
     with pytest.raises(TypeError, match="torch.Tensor"):
         quantize_nf4([1.0, 2.0])

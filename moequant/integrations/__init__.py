@@ -2,7 +2,15 @@
 implementation) and PEFT (LoRA on quantized experts through the fused op)."""
 
 from .experts import ExpertsLayout, experts_layout, moequant_experts_forward, register_experts_implementation
-from .parametrize import NF4Parametrization, dequantize_parameter, is_quantized, nf4_stack_of, quantize_parameter
+from .parametrize import (
+    NF4Parametrization,
+    QuantParametrization,
+    dequantize_parameter,
+    is_quantized,
+    nf4_stack_of,
+    quant_stack_of,
+    quantize_parameter,
+)
 from .peft import lora_factors, patch_peft
 from .serialization import load_quantized, save_quantized
 from .transformers import (
@@ -21,6 +29,7 @@ __all__ = [
     "LoadStats",
     "MemorySummary",
     "NF4Parametrization",
+    "QuantParametrization",
     "dense_state_dict",
     "dequantize_parameter",
     "experts_layout",
@@ -33,6 +42,7 @@ __all__ = [
     "moequant_experts_forward",
     "nf4_stack_of",
     "patch_peft",
+    "quant_stack_of",
     "quantize_experts_on_load",
     "quantize_model_experts",
     "quantize_parameter",

@@ -270,6 +270,9 @@ def moequant_experts_forward(
         interleaved=layout.interleaved,
         act_alpha=layout.act_alpha,
         act_limit=layout.act_limit,
+        quant_type=gate_up.quant_type,  # one format per module (quantize_experts_module)
+        **gate_up.op_kwargs("gate_up_"),
+        **down.op_kwargs("down_"),
         **kwargs,
     )
     if layout.post_expert_norm:

@@ -1,10 +1,12 @@
-"""Make a fused expert parameter live as an NF4 stack while it still reads as a dense tensor.
+"""Make a fused expert parameter live as a quantized stack while it still reads as a dense tensor.
 
 After :func:`quantize_parameter`, ``module.<name>`` is computed by
 ``torch.nn.utils.parametrize`` from the packed codes (``module.parametrizations.<name>.original``,
-a frozen ``uint8`` parameter) and the absmax buffer of the :class:`NF4Parametrization`. Any code
-that reads the attribute keeps working; the moequant experts implementation reads the packed data
-directly (:func:`nf4_stack_of`) and never materializes the dense stack.
+a frozen ``uint8``/``int8`` parameter) and the statistics buffers of the
+:class:`QuantParametrization` (``absmax``, and ``absmax_scale``/``absmax_offset`` when
+double-quantized). Any code that reads the attribute keeps working; the moequant experts
+implementation reads the packed data directly (:func:`quant_stack_of`) and never materializes the
+dense stack.
 """
 
 from __future__ import annotations
@@ -15,94 +17,144 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..nf4 import NF4Stack, quantize_nf4
 from .._ops import ops
+from ..formats import QuantStack, check_format, quantize
+
+_STAT_BUFFERS = ("absmax", "absmax_scale", "absmax_offset")
 
 
-class NF4Parametrization(nn.Module):
-    """Dequantizes the packed codes it is applied to: ``uint8 [E, N, K/2] -> dtype [E, N, K]``."""
+class QuantParametrization(nn.Module):
+    """Dequantizes the packed codes it is applied to: ``[E, N, K/2]`` (int8: ``[E, N, K]``) ``-> dtype [E, N, K]``."""
 
-    def __init__(self, absmax: torch.Tensor, shape: torch.Size, blocksize: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        absmax: torch.Tensor,
+        shape: torch.Size,
+        blocksize: int,
+        dtype: torch.dtype,
+        quant_type: str = "nf4",
+        absmax_scale: Optional[torch.Tensor] = None,
+        absmax_offset: Optional[torch.Tensor] = None,
+    ):
         super().__init__()
         self.register_buffer("absmax", absmax)
+        if absmax_scale is not None:  # double-quantized statistics
+            self.register_buffer("absmax_scale", absmax_scale)
+            self.register_buffer("absmax_offset", absmax_offset)
         self.shape = torch.Size(shape)
         self.blocksize = int(blocksize)
         self.dtype = dtype
+        self.quant_type = quant_type
+
+    @property
+    def double_quant(self) -> bool:
+        return "absmax_scale" in self._buffers
+
+    def statistics(self) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return self.absmax, self._buffers.get("absmax_scale"), self._buffers.get("absmax_offset")
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        return ops.dequant_expert(packed, self.absmax, self.blocksize, self.dtype, None)
+        absmax, scale, offset = self.statistics()
+        return ops.dequant_expert(packed, absmax, self.blocksize, self.dtype, None, self.quant_type, scale, offset)
 
     def _apply(self, fn, recurse=True):
-        # model.to(dtype) / .half() would cast the float32 absmax like any float buffer; the NF4
-        # format defines it as float32, so only its device follows. The dtype the stack reads as
-        # follows the conversion, as a dense parameter's would.
-        absmax = self.absmax
+        # model.to(dtype) / .half() would cast the float32 statistics like any float buffer; the
+        # formats define them as float32 (or uint8 codes), so only their device follows. The
+        # dtype the stack reads as follows the conversion, as a dense parameter's would.
+        before = {name: self._buffers[name] for name in _STAT_BUFFERS if name in self._buffers}
         super()._apply(fn, recurse)
-        if self.absmax.dtype != torch.float32:
-            self.absmax = absmax.to(self.absmax.device)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
         probe = fn(torch.empty(0, dtype=self.dtype))
         if probe.is_floating_point():
             self.dtype = probe.dtype
         return self
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.shape)}, blocksize={self.blocksize}, dtype={self.dtype}"
+        fmt = f"{self.quant_type}{'+dq' if self.double_quant else ''}"
+        return f"format={fmt}, shape={tuple(self.shape)}, blocksize={self.blocksize}, dtype={self.dtype}"
+
+
+# The NF4-only name of earlier versions.
+NF4Parametrization = QuantParametrization
 
 
 def is_quantized(module: nn.Module, name: str) -> bool:
-    """Whether ``module.<name>`` is an NF4 stack parametrized by moequant."""
+    """Whether ``module.<name>`` is a quantized stack parametrized by moequant."""
     if not parametrize.is_parametrized(module, name):
         return False
-    return any(isinstance(p, NF4Parametrization) for p in module.parametrizations[name])
+    return any(isinstance(p, QuantParametrization) for p in module.parametrizations[name])
 
 
-def _nf4_parametrization(module: nn.Module, name: str) -> NF4Parametrization:
+def _quant_parametrization(module: nn.Module, name: str) -> QuantParametrization:
     for p in module.parametrizations[name]:
-        if isinstance(p, NF4Parametrization):
+        if isinstance(p, QuantParametrization):
             return p
     raise ValueError(f"{type(module).__name__}.{name} is not quantized by moequant")
 
 
-def nf4_stack_of(module: nn.Module, name: str) -> NF4Stack:
+def quant_stack_of(module: nn.Module, name: str) -> QuantStack:
     """The packed stack behind a quantized parameter, without dequantizing anything."""
-    p = _nf4_parametrization(module, name)
-    return NF4Stack(module.parametrizations[name].original, p.absmax, p.shape, p.blocksize, p.dtype)
+    p = _quant_parametrization(module, name)
+    absmax, scale, offset = p.statistics()
+    return QuantStack(module.parametrizations[name].original, absmax, p.shape, p.blocksize, p.dtype, p.quant_type,
+                      scale, offset)
 
 
-def quantize_parameter(module: nn.Module, name: str, blocksize: int = 64, stack: Optional[NF4Stack] = None) -> NF4Stack:
-    """Replace ``module.<name>`` (a float tensor ``[E, N, K]``) by its NF4 stack, parametrized to read dense.
+nf4_stack_of = quant_stack_of  # the name of earlier versions
 
-    The dense tensor is dropped from the module before returning, so it is freed as soon as the
-    caller lets go of it. Pass ``stack`` to install an already-quantized stack instead.
+
+
+def quantize_parameter(
+    module: nn.Module,
+    name: str,
+    blocksize: int = 64,
+    stack: Optional[QuantStack] = None,
+    quant_type: str = "nf4",
+    double_quant: Optional[bool] = None,
+) -> QuantStack:
+    """Replace ``module.<name>`` (a float tensor ``[E, N, K]``) by its quantized stack, parametrized to read dense.
+
+    ``quant_type`` / ``double_quant`` as in :func:`moequant.quantize` (default: NF4 with
+    double-quantized statistics). The dense tensor is dropped from the module before returning,
+    so it is freed as soon as the caller lets go of it. Pass ``stack`` to install an
+    already-quantized stack instead.
     """
     weight = getattr(module, name)
     if stack is None:
+        double_quant = check_format(quant_type, double_quant, where=f"{type(module).__name__}.{name}")
         if weight.dim() != 3 or not weight.is_floating_point():
             raise ValueError(
                 f"moequant quantizes 3-D float expert tensors [E, N, K]; {type(module).__name__}.{name} is "
                 f"{weight.dtype} with shape {tuple(weight.shape)}"
             )
         num_experts, n, k = weight.shape
-        if (n * k) % blocksize != 0 or k % 2 != 0:
+        if quant_type != "int8" and ((n * k) % blocksize != 0 or k % 2 != 0):
             raise ValueError(
-                f"{type(module).__name__}.{name} has shape {tuple(weight.shape)}: NF4 needs an even last dimension "
-                f"and N*K ({n * k}) divisible by blocksize ({blocksize})"
+                f"{type(module).__name__}.{name} has shape {tuple(weight.shape)}: {quant_type} needs an even last "
+                f"dimension and N*K ({n * k}) divisible by blocksize ({blocksize})"
             )
-        stack = quantize_nf4(weight.detach(), blocksize)
+        stack = quantize(weight.detach(), quant_type, blocksize, double_quant)
     del weight
     # The packed codes replace the dense parameter under the same name, so that parametrize keeps
     # them as `parametrizations.<name>.original` (frozen: the base weights never train).
     delattr(module, name)
     module.register_parameter(name, nn.Parameter(stack.packed, requires_grad=False))
     parametrize.register_parametrization(
-        module, name, NF4Parametrization(stack.absmax, stack.shape, stack.blocksize, stack.dtype), unsafe=True
+        module,
+        name,
+        QuantParametrization(stack.absmax, stack.shape, stack.blocksize, stack.dtype, stack.quant_type,
+                             stack.absmax_scale, stack.absmax_offset),
+        unsafe=True,
     )
     return stack
 
 
 def dequantize_parameter(module: nn.Module, name: str) -> torch.Tensor:
     """Undo :func:`quantize_parameter`: ``module.<name>`` becomes a plain dense parameter again."""
-    dense = nf4_stack_of(module, name).dequantize()
+    dense = quant_stack_of(module, name).dequantize()
     parametrize.remove_parametrizations(module, name, leave_parametrized=False)
     delattr(module, name)
     module.register_parameter(name, nn.Parameter(dense, requires_grad=False))

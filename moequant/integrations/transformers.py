@@ -1,4 +1,5 @@
-"""Quantize transformers' fused MoE experts to NF4 while ``from_pretrained`` loads them.
+"""Quantize transformers' fused MoE experts (NF4 by default; FP4, int8, double-quantized
+statistics: see :mod:`moequant.formats`) while ``from_pretrained`` loads them.
 
     with moequant.quantize_experts_on_load():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
@@ -14,7 +15,7 @@ Three loader behaviours would otherwise hold several dense expert tensors at onc
 saving; the context changes them, and only while it is active: ``caching_allocator_warmup``
 (reserves the whole model at its dense size on the GPU) is skipped; the asynchronous loader, whose
 thread pool prefetches many dense tensors ahead of the one being set, is turned off
-(``HF_DEACTIVATE_ASYNC_LOAD``); and ``device_map="auto"`` sizes expert tensors at their NF4 size
+(``HF_DEACTIVATE_ASYNC_LOAD``); and ``device_map="auto"`` sizes expert tensors at their quantized size
 (``compute_module_sizes``), instead of offloading layers that would fit once quantized.
 
 Checkpoints that store one tensor per expert (transformers fuses them with ``MergeModulelist`` /
@@ -48,6 +49,7 @@ import torch
 from torch import nn
 
 from .experts import ExpertsLayout, experts_layout, is_experts_module, select_experts_implementation
+from ..formats import check_format, compress_statistics, format_name, stack_nbytes
 from .parametrize import is_quantized, nf4_stack_of, quantize_parameter
 from .peft import patch_peft
 
@@ -86,8 +88,11 @@ def _check_model(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return experts
 
 
-def quantize_experts_module(module: nn.Module, blocksize: int = 64) -> int:
-    """Quantize the dense, materialized expert weights of one experts module; returns bytes freed."""
+def quantize_experts_module(
+    module: nn.Module, blocksize: int = 64, quant_type: str = "nf4", double_quant: Optional[bool] = None
+) -> int:
+    """Quantize the dense, materialized expert weights of one experts module (both projections in
+    one format, see :func:`moequant.quantize`); returns bytes freed."""
     layout: ExpertsLayout = getattr(module, "_moequant_layout", None) or experts_layout(module)
     module._moequant_layout = layout
     freed = 0
@@ -99,18 +104,24 @@ def quantize_experts_module(module: nn.Module, blocksize: int = 64) -> int:
             continue
         freed += weight.numel() * weight.element_size()
         del weight
-        quantize_parameter(module, name, blocksize)
+        quantize_parameter(module, name, blocksize, quant_type=quant_type, double_quant=double_quant)
     select_experts_implementation(module)
     patch_peft()
     return freed
 
 
-def quantize_model_experts(model: nn.Module, blocksize: int = 64) -> nn.Module:
-    """Quantize every fused experts module of an already-built model in place (also works on ``meta``)."""
+def quantize_model_experts(
+    model: nn.Module, blocksize: int = 64, quant_type: str = "nf4", double_quant: Optional[bool] = None
+) -> nn.Module:
+    """Quantize every fused experts module of an already-built model in place (also works on ``meta``).
+
+    ``quant_type`` is ``"nf4"``, ``"fp4"`` or ``"int8"``; ``double_quant=None`` means
+    double-quantized statistics for the 4-bit formats (bitsandbytes ``compress_statistics``)."""
+    check_format(quant_type, double_quant, where="quantize_model_experts")
     for _, module in _check_model(model):
         module._moequant_allow_meta = True
         try:
-            quantize_experts_module(module, blocksize)
+            quantize_experts_module(module, blocksize, quant_type, double_quant)
         finally:
             del module._moequant_allow_meta
     install_parameter_accounting(model)
@@ -150,7 +161,8 @@ def dense_state_dict(model: nn.Module) -> dict:
     for name, module, pname in quantized_stacks(model):
         prefix = name[: -len(pname)]
         state.pop(f"{prefix}parametrizations.{pname}.original", None)
-        state.pop(f"{prefix}parametrizations.{pname}.0.absmax", None)
+        for buffer in ("absmax", "absmax_scale", "absmax_offset"):
+            state.pop(f"{prefix}parametrizations.{pname}.0.{buffer}", None)
         state[name] = nf4_stack_of(module, pname).dequantize().cpu()
     return state
 
@@ -189,16 +201,24 @@ class MemorySummary:
     experts_packed_bytes: int = 0
     other_bytes: int = 0
     num_stacks: int = 0
+    experts_weights: int = 0  # logical weights of the quantized stacks
+    formats: tuple = ()  # sorted format names of the stacks, e.g. ("nf4+dq",)
 
     @property
     def total_bytes(self) -> int:
         return self.experts_packed_bytes + self.other_bytes
 
+    @property
+    def bytes_per_weight(self) -> float:
+        """Real bytes per expert weight: codes plus every statistic."""
+        return self.experts_packed_bytes / max(self.experts_weights, 1)
+
     def format(self) -> str:
         ratio = self.experts_dense_bytes / max(self.experts_packed_bytes, 1)
         return (
             f"{self.num_stacks} expert stacks: {self.experts_dense_bytes / _MB:.1f} MB dense -> "
-            f"{self.experts_packed_bytes / _MB:.1f} MB NF4 ({ratio:.2f}x smaller); "
+            f"{self.experts_packed_bytes / _MB:.1f} MB {'/'.join(self.formats) or 'quantized'} "
+            f"({self.bytes_per_weight:.4f} B/weight, {ratio:.2f}x smaller); "
             f"other weights {self.other_bytes / _MB:.1f} MB; model {self.total_bytes / _MB:.1f} MB"
         )
 
@@ -206,13 +226,16 @@ class MemorySummary:
 def memory_summary(model: nn.Module) -> MemorySummary:
     """Dense vs packed bytes of the quantized experts, and the bytes of everything else."""
     summary = MemorySummary()
-    packed_ids = set()
+    packed_ids, formats = set(), set()
     for _, module, pname in quantized_stacks(model):
         stack = nf4_stack_of(module, pname)
         summary.num_stacks += 1
+        summary.experts_weights += stack.shape.numel()
         summary.experts_dense_bytes += stack.shape.numel() * torch.empty((), dtype=stack.dtype).element_size()
         summary.experts_packed_bytes += stack.nbytes()
-        packed_ids.update((id(stack.packed), id(stack.absmax)))
+        packed_ids.update(id(t) for t in stack.tensors())
+        formats.add(stack.format)
+    summary.formats = tuple(sorted(formats))
     seen = set()
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) in packed_ids or id(t) in seen:
@@ -233,6 +256,8 @@ class LoadStats:
     tensors plus the dense expert tensor being quantized (the loader's own transient buffers aside)."""
 
     blocksize: int = 64
+    quant_type: str = "nf4"
+    double_quant: bool = True
     num_stacks: int = 0
     dense_bytes: int = 0
     packed_bytes: int = 0
@@ -250,6 +275,8 @@ class _Hook:
     depth = 0
     saved: dict = {}
     blocksize = 64
+    quant_type = "nf4"
+    double_quant = True
     fuse = "quantized"
     device_map = None  # of the from_pretrained call being served
     stats: "weakref.WeakKeyDictionary[nn.Module, LoadStats]" = weakref.WeakKeyDictionary()
@@ -264,8 +291,11 @@ def _set_param_and_quantize(model, target_name, param_value, *args, **kwargs):
     stats = _Hook.stats.get(model)
     if stats is None:
         _check_model(model)  # fail fast, before anything is loaded, on unsupported layouts
-        stats = _Hook.stats[model] = LoadStats(blocksize=_Hook.blocksize)
-        logger.info("moequant: quantizing fused experts of %s to NF4 while loading", type(model).__name__)
+        stats = _Hook.stats[model] = LoadStats(
+            blocksize=_Hook.blocksize, quant_type=_Hook.quant_type, double_quant=_Hook.double_quant
+        )
+        logger.info("moequant: quantizing fused experts of %s to %s while loading", type(model).__name__,
+                    format_name(stats.quant_type, stats.double_quant))
     module_path, _, param_name = target_name.rpartition(".")
     module = model.get_submodule(module_path) if module_path else model
     if isinstance(param_value, _QuantizedExperts):
@@ -292,7 +322,8 @@ def _set_param_and_quantize(model, target_name, param_value, *args, **kwargs):
     del dense
     stats.peak_resident_bytes = max(stats.peak_resident_bytes, stats.resident_bytes + incoming)
     start = time.perf_counter()
-    stack = quantize_parameter(module, param_name, stats.blocksize)
+    stack = quantize_parameter(module, param_name, stats.blocksize, quant_type=stats.quant_type,
+                               double_quant=stats.double_quant)
     # The loader keeps its own reference to the dense tensor until it has materialized the next
     # one (a loop variable); release the storage now so two dense tensors never coexist.
     if isinstance(param_value, torch.Tensor) and not isinstance(param_value, nn.Parameter):
@@ -317,7 +348,7 @@ def _mark_loaded(module: nn.Module, layout: ExpertsLayout) -> None:
 
 
 def _record_stack(module: nn.Module, layout: ExpertsLayout, stack, dense_bytes: int, stats: "LoadStats") -> None:
-    """Bookkeeping after one expert stack of ``module`` was installed in NF4."""
+    """Bookkeeping after one expert stack of ``module`` was installed quantized."""
     _mark_loaded(module, layout)
     if all(is_quantized(module, n) for n in layout.weight_names):
         select_experts_implementation(module)
@@ -332,8 +363,9 @@ def _record_stack(module: nn.Module, layout: ExpertsLayout, stack, dense_bytes: 
         stats.cuda_peak_bytes[str(stack.device)] = max(stats.cuda_peak_bytes.get(str(stack.device), 0), peak)
     if stats.num_stacks % 16 == 0:
         logger.info(
-            "moequant: %d expert stacks quantized (%.1f MB dense -> %.1f MB NF4)",
+            "moequant: %d expert stacks quantized (%.1f MB dense -> %.1f MB %s)",
             stats.num_stacks, stats.dense_bytes / _MB, stats.packed_bytes / _MB,
+            format_name(stats.quant_type, stats.double_quant),
         )
 
 
@@ -402,13 +434,19 @@ def _streamable(converter) -> bool:
     return _Hook.fuse == "quantized" and not offloads and _is_expert_fusion(converter) and _is_stack_fusion(converter)
 
 
-def _quantize_experts_streaming(sources: list[list], blocksize: int):
+def _quantize_experts_streaming(
+    sources: list[list], blocksize: int, quant_type: str = "nf4", double_quant: bool = False
+):
     """Quantize ``sources[s][e]()`` (deferred loads of expert e's tensor [N_s, K] for source s) into
-    one NF4 stack ``[E, sum N_s, K]``, loading and releasing one expert tensor at a time. Returns
-    None (nothing loaded beyond expert 0, which is kept in ``sources`` as loaded tensors) when the
+    one stack ``[E, sum N_s, K]`` in ``quant_type``, loading and releasing one expert tensor at a
+    time; with ``double_quant`` the finished stack's statistics are then compressed per expert
+    (the same bits as quantizing the fused tensor with double quantization). Returns None
+    (nothing loaded beyond expert 0, which is kept in ``sources`` as loaded tensors) when the
     tensors do not allow it."""
-    from ..nf4 import NF4Stack
+    from ..formats import QuantStack
     from .. import _ops  # noqa: F401  (registers torch.ops.moequant)
+
+    four_bit = quant_type != "int8"
 
     num_experts = len(sources[0])
     if num_experts == 0 or any(len(s) != num_experts for s in sources):
@@ -420,14 +458,15 @@ def _quantize_experts_streaming(sources: list[list], blocksize: int):
         first.append(t)
     k = first[0].shape[-1] if first[0] is not None else 0
     if any(t is None or t.dim() != 2 or t.shape[-1] != k or not t.is_floating_point() or t.device.type not in ("cuda", "cpu")
-           or (t.shape[0] * k) % blocksize or k % 2 for t in first):
+           or (four_bit and ((t.shape[0] * k) % blocksize or k % 2)) for t in first):
         return None
     rows = [t.shape[0] for t in first]
     dtype, device = first[0].dtype, first[0].device
     del first
     n = sum(rows)
-    packed = torch.empty((num_experts, n, k // 2), dtype=torch.uint8, device=device)
-    absmax = torch.empty((num_experts, n * k // blocksize), dtype=torch.float32, device=device)
+    packed = torch.empty((num_experts, n, k // 2 if four_bit else k), dtype=torch.uint8 if four_bit else torch.int8,
+                         device=device)
+    absmax = torch.empty((num_experts, n * k // blocksize if four_bit else n), dtype=torch.float32, device=device)
     for e in range(num_experts):
         row = 0
         for s, n_s in zip(sources, rows):
@@ -436,12 +475,14 @@ def _quantize_experts_streaming(sources: list[list], blocksize: int):
             if t is None or tuple(t.shape) != (n_s, k):
                 raise ValueError(f"moequant: expert {e} of a fused projection has shape "
                                  f"{None if t is None else tuple(t.shape)}, expected {(n_s, k)}")
-            p, a = torch.ops.moequant.quantize_nf4(t.to(device), blocksize)
+            p, a = torch.ops.moequant.quantize_nf4(t.to(device), blocksize, quant_type)
             del t
             packed[e, row:row + n_s] = p
-            absmax[e, row * k // blocksize:(row + n_s) * k // blocksize] = a
+            first_stat = row * k // blocksize if four_bit else row
+            absmax[e, first_stat:first_stat + a.numel()] = a
             row += n_s
-    return NF4Stack(packed, absmax, torch.Size((num_experts, n, k)), blocksize, dtype)
+    stack = QuantStack(packed, absmax, torch.Size((num_experts, n, k)), blocksize, dtype, quant_type)
+    return compress_statistics(stack) if double_quant else stack
 
 
 def _weight_converter_convert(self, layer_name, *args, **kwargs):
@@ -453,7 +494,7 @@ def _weight_converter_convert(self, layer_name, *args, **kwargs):
     if not deferred or not _streamable(self):
         return original(self, layer_name, *args, **kwargs)
     start = time.perf_counter()
-    stack = _quantize_experts_streaming(lists, _Hook.blocksize)
+    stack = _quantize_experts_streaming(lists, _Hook.blocksize, _Hook.quant_type, _Hook.double_quant)
     if stack is None:  # shapes it cannot take: transformers' own chain on what was left
         return original(self, layer_name, *args, **kwargs)
     for p in self.source_patterns:
@@ -485,13 +526,9 @@ def _convert_and_load(*args, **kwargs):
         _Hook.device_map = None
 
 
-def nf4_nbytes(numel: int, blocksize: int) -> int:
-    """Bytes of an NF4 stack of ``numel`` weights: 4-bit codes plus one float32 absmax per block."""
-    return numel // 2 + (numel // blocksize) * 4
-
-
 def _module_sizes_at_nf4(model, hf_quantizer=None, *args, **kwargs):
-    """Wraps accelerate-integration ``compute_module_sizes``: expert tensors count at their NF4 size."""
+    """Wraps accelerate-integration ``compute_module_sizes``: expert tensors count at their
+    quantized size (in the format being loaded)."""
     all_sizes, leaf_sizes = _Hook.saved["compute_module_sizes"](model, hf_quantizer, *args, **kwargs)
     buffers_only = kwargs.get("buffers_only", args[0] if args else False)
     if buffers_only:
@@ -503,7 +540,8 @@ def _module_sizes_at_nf4(model, hf_quantizer=None, *args, **kwargs):
                 continue
             name = f"{module_name}.{pname}"
             element = hf_quantizer.param_element_size(model, name, param) if hf_quantizer else param.element_size()
-            saved = param.numel() * element - nf4_nbytes(param.numel(), _Hook.blocksize)
+            saved = param.numel() * element - stack_nbytes(param.shape, _Hook.blocksize, _Hook.quant_type,
+                                                           _Hook.double_quant)
             parts = name.split(".")
             for i in range(len(parts)):
                 all_sizes[".".join(parts[:i])] -= saved
@@ -520,7 +558,7 @@ def _skip_caching_allocator_warmup(*args, **kwargs) -> None:
 def _finish(model: nn.Module, stats: LoadStats) -> None:
     """After ``from_pretrained``: quantize experts the checkpoint lacked (initialized by transformers)."""
     for _, module in find_experts_modules(model):
-        quantize_experts_module(module, stats.blocksize)
+        quantize_experts_module(module, stats.blocksize, stats.quant_type, stats.double_quant)
     install_parameter_accounting(model)
     summary = memory_summary(model)
     logger.info(
@@ -587,8 +625,14 @@ _FUSE_MODES = ("quantized", "cpu", "device")
 
 
 @contextlib.contextmanager
-def quantize_experts_on_load(blocksize: int = 64, fuse: str = "quantized"):
-    """Quantize fused MoE experts to NF4 inside ``from_pretrained`` calls made in this context.
+def quantize_experts_on_load(
+    blocksize: int = 64, fuse: str = "quantized", quant_type: str = "nf4", double_quant: Optional[bool] = None
+):
+    """Quantize fused MoE experts inside ``from_pretrained`` calls made in this context.
+
+    ``quant_type``: ``"nf4"`` (default), ``"fp4"`` or ``"int8"`` (row-wise, for 8-bit LoRA;
+    ``blocksize`` is then ignored). ``double_quant``: double-quantized 4-bit statistics
+    (bitsandbytes ``bnb_4bit_use_double_quant``; ``None`` means on for 4-bit, off for int8).
 
     ``fuse`` says how checkpoints that store one tensor per expert become a fused stack:
     ``"quantized"`` (default) quantizes expert by expert straight into the packed stack on the
@@ -605,12 +649,13 @@ def quantize_experts_on_load(blocksize: int = 64, fuse: str = "quantized"):
         raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize}")
     if fuse not in _FUSE_MODES:
         raise ValueError(f"fuse must be one of {_FUSE_MODES}, got {fuse!r}")
+    double_quant = check_format(quant_type, double_quant, where="quantize_experts_on_load")
     with _Hook.lock:
         if _Hook.depth == 0:
             _patch()
         _Hook.depth += 1
-        previous = (_Hook.blocksize, _Hook.fuse)
-        _Hook.blocksize, _Hook.fuse = blocksize, fuse
+        previous = (_Hook.blocksize, _Hook.fuse, _Hook.quant_type, _Hook.double_quant)
+        _Hook.blocksize, _Hook.fuse, _Hook.quant_type, _Hook.double_quant = blocksize, fuse, quant_type, double_quant
     try:
         yield
         for model, stats in list(_Hook.stats.items()):
@@ -618,7 +663,7 @@ def quantize_experts_on_load(blocksize: int = 64, fuse: str = "quantized"):
     finally:
         with _Hook.lock:
             _Hook.stats = weakref.WeakKeyDictionary()
-            _Hook.blocksize, _Hook.fuse = previous
+            _Hook.blocksize, _Hook.fuse, _Hook.quant_type, _Hook.double_quant = previous
             _Hook.depth -= 1
             if _Hook.depth == 0:
                 _unpatch()
