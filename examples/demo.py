@@ -1,4 +1,4 @@
-"""moequant end to end on a tiny MoE: quantize on load, LoRA on the NF4 experts, save, reload, generate.
+"""moequant end to end on a tiny MoE: quantize on load, LoRA on the quantized experts, save, reload, generate.
 
     python examples/demo.py            # CPU: well under 2 minutes; uses the GPU when there is one
     python examples/demo.py --steps 60 --layers 6
@@ -59,12 +59,15 @@ def memory_table(model) -> str:
 
     s = memory_summary(model)
     mb = 1024 * 1024
+    # "nf4+dq" -> "NF4 + dq" (dq: double-quantized statistics)
+    fmt = ", ".join(f.replace("nf4", "NF4").replace("fp4", "FP4").replace("+dq", " + dq") for f in s.formats)
     rows = [
-        ("experts, bf16", s.experts_dense_bytes, s.experts_dense_bytes + s.other_bytes),
-        ("experts, moequant NF4", s.experts_packed_bytes, s.total_bytes),
+        ("experts, bf16", s.experts_dense_bytes, s.experts_dense_bytes + s.other_bytes,
+         s.experts_dense_bytes / s.experts_weights),
+        (f"experts, moequant {fmt}", s.experts_packed_bytes, s.total_bytes, s.bytes_per_weight),
     ]
-    lines = [f"{'':24}{'experts MB':>12}{'model MB':>12}"]
-    lines += [f"{name:24}{e / mb:12.2f}{t / mb:12.2f}" for name, e, t in rows]
+    lines = [f"{'':28}{'experts MB':>12}{'model MB':>12}{'B/weight':>10}"]
+    lines += [f"{name:28}{e / mb:12.2f}{t / mb:12.2f}{bpw:10.4f}" for name, e, t, bpw in rows]
     lines.append(f"{s.num_stacks} stacks, {s.experts_dense_bytes / s.experts_packed_bytes:.2f}x smaller experts; "
                  f"num_parameters() = {model.num_parameters():,}; get_memory_footprint() = "
                  f"{model.get_memory_footprint() / mb:.2f} MB")
@@ -87,6 +90,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--workdir", default=None, help="where the checkpoint and adapter go (default: a temp dir)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quant-type", default="nf4", choices=moequant.QUANT_TYPES,
+                        help="experts format: nf4 (QLoRA), fp4, or int8 row-wise (8-bit LoRA)")
+    parser.add_argument("--no-double-quant", action="store_true",
+                        help="plain fp32 block statistics instead of double-quantized ones (4-bit formats)")
     args = parser.parse_args()
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("moequant").setLevel(logging.INFO)
@@ -102,7 +109,8 @@ def main() -> None:
     make_checkpoint(checkpoint, args.layers)
 
     def load():
-        with moequant.quantize_experts_on_load():
+        with moequant.quantize_experts_on_load(quant_type=args.quant_type,
+                                               double_quant=False if args.no_double_quant else None):
             return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, device_map=args.device)
 
     print(f"2. loading on {args.device} with quantize-on-load")
@@ -111,13 +119,13 @@ def main() -> None:
     print(f"   loaded in {time.perf_counter() - start:.2f} s, experts implementation: "
           f"{model.config._experts_implementation!r}\n" + memory_table(model))
 
-    print(f"3. LoRA (r={args.rank}) on the NF4 experts and attention, {args.steps} steps")
+    print(f"3. LoRA (r={args.rank}) on the quantized experts and attention, {args.steps} steps")
     lora = LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
     model = get_peft_model(model, lora)
-    model.print_trainable_parameters()  # counts each NF4 stack as its E*N*K logical weights
+    model.print_trainable_parameters()  # counts each quantized stack as its E*N*K logical weights
     with open(DATA, encoding="utf-8") as f:
         text = f.read()
     ids = torch.tensor(tok.encode(text)[1:])
