@@ -4,34 +4,55 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "quant_format.h"
+
 namespace {
 
 c10::OperatorHandle op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& w, int64_t blocksize) {
-  static auto h = op("moequant::quantize_nf4").typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
-  return h.call(w, blocksize);
+std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& w, int64_t blocksize,
+                                            const std::string& quant_type = "nf4") {
+  static auto h = op("moequant::quantize_nf4")
+                      .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, c10::string_view)>();
+  return h.call(w, blocksize, quant_type);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_statistics(const at::Tensor& absmax) {
+  static auto h = op("moequant::compress_statistics")
+                      .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&)>();
+  return h.call(absmax);
 }
 
 at::Tensor dequant(const at::Tensor& p, const at::Tensor& a, int64_t blocksize, at::ScalarType dtype,
-                   std::optional<int64_t> expert) {
+                   std::optional<int64_t> expert, const std::string& quant_type = "nf4",
+                   const std::optional<at::Tensor>& scale = std::nullopt,
+                   const std::optional<at::Tensor>& offset = std::nullopt) {
   static auto h = op("moequant::dequant_expert")
                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, at::ScalarType,
-                                        std::optional<int64_t>)>();
-  return h.call(p, a, blocksize, dtype, expert);
+                                        std::optional<int64_t>, c10::string_view, const std::optional<at::Tensor>&,
+                                        const std::optional<at::Tensor>&)>();
+  return h.call(p, a, blocksize, dtype, expert, quant_type, scale, offset);
 }
+
+c10::IValue opt(const std::optional<at::Tensor>& t) { return t ? c10::IValue(*t) : c10::IValue(); }
+
+// Statistics of one stack: absmax, and the double-quant scale/offset when present.
+struct Stats {
+  at::Tensor absmax;
+  std::optional<at::Tensor> scale, offset;
+};
 
 // experts_forward through the boxed dispatcher, with only the arguments a test varies.
 at::Tensor experts_forward(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& w, const at::Tensor& gu_p,
-                           const at::Tensor& gu_a, const at::Tensor& d_p, const at::Tensor& d_a,
-                           const std::optional<at::Tensor>& gu_A, const std::optional<at::Tensor>& gu_B) {
+                           const Stats& gu, const at::Tensor& d_p, const Stats& d,
+                           const std::optional<at::Tensor>& gu_A, const std::optional<at::Tensor>& gu_B,
+                           const std::string& quant_type = "nf4") {
   static auto h = op("moequant::experts_forward");
-  torch::jit::Stack stack{x, idx, w, gu_p, gu_a, d_p, d_a, int64_t{64}, std::string("silu"), false, false,
-                          c10::IValue(), c10::IValue(), gu_A ? c10::IValue(*gu_A) : c10::IValue(),
-                          gu_B ? c10::IValue(*gu_B) : c10::IValue(), 1.0, c10::IValue(), c10::IValue(), 1.0,
-                          1.702, 7.0};
+  torch::jit::Stack stack{x, idx, w, gu_p, gu.absmax, d_p, d.absmax, int64_t{64}, std::string("silu"), false, false,
+                          c10::IValue(), c10::IValue(), opt(gu_A), opt(gu_B), 1.0, c10::IValue(), c10::IValue(), 1.0,
+                          1.702, 7.0, quant_type, opt(gu.scale), opt(gu.offset), opt(d.scale), opt(d.offset)};
   h.callBoxed(&stack);
   return stack[0].toTensor();
 }
@@ -96,7 +117,7 @@ TEST(Experts, ForwardBackwardThroughAutogradFromCpp) {
   const at::Tensor A = (torch::randn({E, r, H}, torch::kDouble) * 0.1).requires_grad_(true);
   const at::Tensor B = (torch::randn({E, 2 * I, r}, torch::kDouble) * 0.1).requires_grad_(true);
 
-  const at::Tensor out = experts_forward(x, idx, w, gu_p, gu_a, d_p, d_a, A, B);
+  const at::Tensor out = experts_forward(x, idx, w, gu_p, {gu_a}, d_p, {d_a}, A, B);
   ASSERT_TRUE(out.requires_grad());
   const at::Tensor g = torch::randn_like(out);
   out.backward(g);
@@ -104,7 +125,7 @@ TEST(Experts, ForwardBackwardThroughAutogradFromCpp) {
   // Finite-difference check of one coordinate of each gradient (the op is smooth in fp64).
   auto loss = [&](const at::Tensor& xx, const at::Tensor& ww, const at::Tensor& AA) {
     torch::NoGradGuard no_grad;
-    return (experts_forward(xx, idx, ww, gu_p, gu_a, d_p, d_a, AA, B) * g).sum().item<double>();
+    return (experts_forward(xx, idx, ww, gu_p, {gu_a}, d_p, {d_a}, AA, B) * g).sum().item<double>();
   };
   const double eps = 1e-6;
   auto fd = [&](const at::Tensor& t, int64_t flat, auto make) {
@@ -128,12 +149,90 @@ TEST(Experts, NegativeIndexIsAClearError) {
   at::Tensor idx = torch::zeros({3, 1}, torch::kLong);
   idx[1][0] = -3;
   try {
-    experts_forward(torch::randn({3, 64}), idx, torch::ones({3, 1}), gu_p, gu_a, d_p, d_a, std::nullopt,
+    experts_forward(torch::randn({3, 64}), idx, torch::ones({3, 1}), gu_p, {gu_a}, d_p, {d_a}, std::nullopt,
                     std::nullopt);
     FAIL() << "expected an error";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("top_k_index must be >= 0"), std::string::npos);
   }
+}
+
+// ---- formats: one case per format through the dispatcher ----------------------------------
+
+TEST(Formats, FP4FollowsItsCodebook) {
+  torch::manual_seed(1);
+  const at::Tensor w = torch::randn({2, 8, 64});
+  auto [packed, absmax] = quantize(w, 32, "fp4");
+  EXPECT_EQ(packed.sizes(), (std::vector<int64_t>{2, 8, 32}));
+  const at::Tensor d = dequant(packed, absmax, 32, at::kFloat, 1, "fp4");
+  const auto p = packed[1].reshape(-1).contiguous();
+  const auto a = absmax[1].contiguous();
+  for (int64_t i = 0; i < d.numel(); ++i) {
+    const uint8_t byte = p.data_ptr<uint8_t>()[i / 2];
+    const uint8_t code = i % 2 == 0 ? byte >> 4 : byte & 0xF;
+    EXPECT_EQ(d.reshape(-1)[i].item<float>(), moequant::kFP4Values[code] * a.data_ptr<float>()[i / 32]);
+  }
+  // the largest magnitude of each block encodes as +-1 (codes 3 / 11)
+  const at::Tensor err = (dequant(packed, absmax, 32, at::kFloat, std::nullopt, "fp4") - w).abs();
+  EXPECT_TRUE(err.reshape({-1, 32}).amax(1).le(absmax.reshape(-1) * 0.25f).all().item<bool>());
+}
+
+TEST(Formats, DoubleQuantDecodesThroughTheDynamicMap) {
+  torch::manual_seed(2);
+  const int64_t E = 3, H = 64, I = 32, T = 7;
+  auto [gu_p, gu_a] = quantize(torch::randn({E, 2 * I, H}) * 0.1, 64);
+  auto [d_p, d_a] = quantize(torch::randn({E, H, I}) * 0.1, 64);
+  auto [codes, scale, offset] = compress_statistics(gu_a);
+  EXPECT_EQ(codes.scalar_type(), at::kByte);
+  EXPECT_EQ(scale.sizes(), (std::vector<int64_t>{E, 1}));
+  EXPECT_EQ(offset.sizes(), (std::vector<int64_t>{E}));
+  // decoded absmax: map[code] * scale + offset, per expert
+  at::Tensor decoded = at::empty_like(gu_a);
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t b = 0; b < gu_a.size(1); ++b) {
+      const float v = moequant::kDynamicMap[codes[e][b].item<uint8_t>()] * scale[e][0].item<float>() +
+                      offset[e].item<float>();
+      decoded[e][b] = v;
+    }
+  }
+  EXPECT_TRUE(at::equal(dequant(gu_p, codes, 64, at::kFloat, std::nullopt, "nf4", scale, offset),
+                        dequant(gu_p, decoded, 64, at::kFloat, std::nullopt)));
+  EXPECT_TRUE((decoded - gu_a).abs().le(gu_a.abs().amax() * 0.02).all().item<bool>());
+  const at::Tensor x = torch::randn({T, H});
+  const at::Tensor idx = torch::randint(0, E, {T, 2});
+  const at::Tensor w = torch::rand({T, 2});
+  const at::Tensor got = experts_forward(x, idx, w, gu_p, {codes, scale, offset}, d_p, {d_a}, std::nullopt,
+                                         std::nullopt);
+  const at::Tensor want = experts_forward(x, idx, w, gu_p, {decoded}, d_p, {d_a}, std::nullopt, std::nullopt);
+  EXPECT_TRUE(at::allclose(got, want, 1e-6, 1e-6));
+  // codes without their scale/offset: a clear error naming the missing arguments
+  try {
+    experts_forward(x, idx, w, gu_p, {codes}, d_p, {d_a}, std::nullopt, std::nullopt);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("gate_up_absmax_scale and gate_up_absmax_offset must be given"),
+              std::string::npos);
+  }
+}
+
+TEST(Formats, Int8RowWiseForwardBackward) {
+  torch::manual_seed(3);
+  const int64_t E = 2, H = 32, I = 16, T = 6;
+  auto [gu_q, gu_s] = quantize(torch::randn({E, 2 * I, H}) * 0.1, 64, "int8");
+  auto [d_q, d_s] = quantize(torch::randn({E, H, I}) * 0.1, 64, "int8");
+  EXPECT_EQ(gu_q.scalar_type(), at::kChar);
+  EXPECT_EQ(gu_s.sizes(), (std::vector<int64_t>{E, 2 * I}));
+  EXPECT_TRUE(gu_q.abs().amax().le(127).item<bool>());
+  const at::Tensor d = dequant(gu_q, gu_s, 64, at::kFloat, 1, "int8");
+  const at::Tensor want = (gu_q[1].to(at::kFloat) * gu_s[1].unsqueeze(1)) * moequant::kInt8InvScale;
+  EXPECT_TRUE(at::equal(d, want));
+  const at::Tensor x = torch::randn({T, H}, torch::requires_grad());
+  const at::Tensor idx = torch::randint(0, E, {T, 1});
+  const at::Tensor out = experts_forward(x, idx, torch::ones({T, 1}), gu_q, {gu_s}, d_q, {d_s}, std::nullopt,
+                                         std::nullopt, "int8");
+  out.sum().backward();
+  EXPECT_EQ(x.grad().sizes(), x.sizes());
+  EXPECT_TRUE(x.grad().abs().sum().item<float>() > 0);
 }
 
 }  // namespace
