@@ -7,6 +7,6 @@ PY=${PYTHON:-python3}
 if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q torch==2.13.0   # pinned CPU build; keeps an installed (CUDA) torch
 fi
-$PY -m pip install -q transformers==5.17.0 peft==0.21.0 accelerate==1.15.0 safetensors
+$PY -m pip install -q transformers==5.20.1 peft==0.21.2 accelerate==1.15.0 safetensors
 MAX_JOBS=${MAX_JOBS:-$(nproc)} $PY -m pip install -q --no-build-isolation -e .
 $PY examples/demo.py "$@"

@@ -20,6 +20,13 @@ $PY -m pip install -q --no-deps bitsandbytes==0.50.2 || {
   [ -n "${CI:-}" ] && exit 1
   echo "warning: bitsandbytes unavailable; bit-exactness tests against it will skip" >&2
 }
+# Axolotl 0.21.0 for tests/test_integration_axolotl.py: --no-deps (its pins include GPU/cloud packages
+# and a torch range) and --ignore-requires-python (it declares >= 3.12; it runs on 3.11), plus exactly
+# the packages its imported modules need, each pinned (tests/requirements-axolotl.txt).
+$PY -m pip install -q --no-deps --ignore-requires-python -r tests/requirements-axolotl.txt || {
+  [ -n "${CI:-}" ] && exit 1
+  echo "warning: could not install Axolotl; tests/test_integration_axolotl.py will skip" >&2
+}
 # GoogleTest and CMake for tests/cpp. Outside CI, a machine that cannot install them (e.g. an
 # offline GPU box) skips the C++ suite with a warning; in CI that is an error.
 if ! ls /usr/lib/*/cmake/GTest/GTestConfig.cmake >/dev/null 2>&1 || ! command -v cmake >/dev/null; then
