@@ -9,8 +9,9 @@ and ratios moequant / baseline. Timing: CUDA events around each call after warm-
 
 moequant's stacks are in the format of --quant-type (nf4, fp4, int8) and --double-quant /
 --no-double-quant (4-bit statistics; default plain). --also-formats times more formats in the
-same run against the same baseline (e.g. nf4,nf4_dq,fp4,int8: "<type>[_dq]"), each recorded as
-impl "moequant[<format>]" with its own ratios.
+same run against the same baseline (e.g. nf4_dq,fp4,int8,nf4: "<type>[_dq]"; the primary format
+again is a control of the run's noise), each recorded as impl "moequant[<format>]" with its own
+ratios.
 
     python benchmarks/bench_experts.py [--shapes qwen3_30b_a3b,...] [--tokens 1,8,256,4096,16384]
         [--reps 10] [--no-lora] [--compare-rungs] [--quant-type nf4] [--double-quant]
@@ -326,7 +327,7 @@ def main():
     formats = [(args.quant_type, args.double_quant)]
     for spec in filter(None, args.also_formats.split(",")):
         fmt = parse_format(spec)
-        if fmt not in formats:
+        if fmt not in formats[1:]:  # the primary format again: a same-run control of the noise
             formats.append(fmt)
     import peft
     import transformers

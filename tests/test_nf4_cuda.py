@@ -392,10 +392,10 @@ def test_compress_statistics_matches_cpu(bs, shape, record_property):
     given statistics gives the CPU's bits."""
     w = random_weight(shape, torch.bfloat16, seed=sum(shape))
     _, absmax = ops.quantize_nf4(w.cuda(), bs)
-    (c_g, s_g, o_g), (c_c, s_c, o_c) = compress_both(absmax)
+    (c_g, s_g, offset_g), (c_c, s_c, offset_c) = compress_both(absmax)
     assert c_g.dtype == torch.uint8 and c_g.shape == absmax.shape
-    assert s_g.shape == s_c.shape and o_g.shape == o_c.shape == absmax.shape[:-1]
-    o_g, o_c = o_g.cpu().view(-1), o_c.view(-1)
+    assert s_g.shape == s_c.shape and offset_g.shape == offset_c.shape == absmax.shape[:-1]
+    o_g, o_c = offset_g.cpu().view(-1), offset_c.view(-1)
     assert torch.allclose(o_g, o_c, rtol=1e-6, atol=0)
     same = (o_g == o_c).repeat_interleave(absmax.shape[-1])
     codes_g, codes_c = c_g.cpu().view(-1).int(), c_c.view(-1).int()
@@ -410,15 +410,16 @@ def test_compress_statistics_matches_cpu(bs, shape, record_property):
     # Same statistics in, same bits out: CUDA dequant of the GPU's statistics equals the CPU's.
     p, _ = ops.quantize_nf4(w.cuda(), bs)
     for dt in DTYPES:
-        assert_bits_equal(ops.dequant_expert(p, c_g, bs, dt, None, "nf4", s_g, o_g.view(o_c.shape).cuda()),
-                          ops.dequant_expert(p.cpu(), c_g.cpu(), bs, dt, None, "nf4", s_g.cpu(), o_g.view(o_c.shape)))
+        assert_bits_equal(ops.dequant_expert(p, c_g, bs, dt, None, "nf4", s_g, offset_g),
+                          ops.dequant_expert(p.cpu(), c_g.cpu(), bs, dt, None, "nf4", s_g.cpu(), offset_g.cpu()))
 
 
 def test_compress_statistics_exact_when_offsets_agree():
-    """Absmax rows whose fp32 mean is exact in any order (small integers times a power of two):
-    the GPU's statistics equal the CPU's bit for bit."""
+    """Absmax rows whose fp32 mean is exact in any order (small integers times a power of two,
+    1024 per row: the sum is exact and dividing by 1024 or multiplying by 1/1024, as torch's CUDA
+    mean does, agree): the GPU's statistics equal the CPU's bit for bit."""
     g = torch.Generator().manual_seed(3)
-    absmax = torch.randint(0, 64, (5, 1000), generator=g).float() * 2.0**-7
+    absmax = torch.randint(0, 64, (5, 1024), generator=g).float() * 2.0**-7
     absmax[1] = 0  # an all-zero matrix: zero group absmax, code 0
     absmax[2, :300] = absmax[2, 0]  # a constant group
     (c_g, s_g, o_g), (c_c, s_c, o_c) = compress_both(absmax)

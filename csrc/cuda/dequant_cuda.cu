@@ -176,6 +176,19 @@ at::Tensor dequant_expert_cuda(const at::Tensor& packed, const at::Tensor& absma
       is_4bit(type) ? rows : std::max<int64_t>(1, std::min<int64_t>(rows, ((int64_t{1} << 31) / std::max<int64_t>(cols, 1))));
   const int64_t first = expert.value_or(0), count = expert.has_value() ? 1 : matrices;
   at::Tensor flat = out.view({count, rows * cols});
+  if (is_4bit(type) && !s.scales.double_quant()) {
+    // Plain 4-bit statistics hold no per-matrix state: the selected matrices decode as one matrix
+    // of count * N rows, one 1-D grid over the whole output (no tail tile per matrix).
+    QuantStackView one_matrix = s;
+    one_matrix.data = p.const_data_ptr<uint8_t>() + first * (rows * cols / 2);
+    one_matrix.scales.absmax += first * s.scales.blocks_per_matrix;
+    one_matrix.scales.blocks_per_matrix *= count;
+    one_matrix.rows = count * rows;
+    MatrixSelection all;
+    all.count = 1;
+    dequant_matrices(one_matrix, all, 0, count * rows, out, /*streaming_store=*/true);
+    return out;
+  }
   for (int64_t m0 = 0; m0 < count; m0 += kMaxGridY) {
     MatrixSelection sel;
     sel.first = first + m0;

@@ -4,8 +4,8 @@
 // Launch 3: out[t] = sum_j w[t, j] (sum_s y[s, p] + b_d[e]) in slot order. Splitting K keeps
 // enough CTAs in flight when one expert's rows are few (mixtral's down projection: 4096 rows of
 // 14336) and bounds the staged input vector to a few KB, so that occupancy does not depend on K.
-// A warp owns kRowsPerWarp output rows of its split; each lane decodes 16-byte units (32 weights)
-// of those rows, all loads of a step in flight before the first decode, and multiplies with the
+// A warp owns kRowsPerWarp output rows of its split; each lane decodes units of 32 weights (16
+// bytes of 4-bit codes, or 32 bytes of int8 codes: the only step that differs by format) of those rows, all loads of a step in flight before the first decode, and multiplies with the
 // input vector staged in shared memory, padded by 4 floats every 32 so that the 16-byte reads of
 // lanes with different units hit different banks. Sums run in a fixed order: results are
 // reproducible.
@@ -38,7 +38,6 @@ bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& 
   int64_t max_pairs = kDefaultDecodeMaxPairs;
   if (const char* v = std::getenv("MOEQUANT_DECODE_MAX_PAIRS")) max_pairs = std::atoll(v);
   if (num_pairs == 0 || num_pairs > max_pairs || transposed) return false;
-  if (!is_4bit(gate_up.type)) return false;  // int8 stacks: the grouped path (scratch rung)
   // Rows must be whole 16-byte units (32 weights).
   return gate_up.cols % 32 == 0 && down.cols % 32 == 0;
 }
@@ -104,9 +103,17 @@ __device__ __forceinline__ float gemv_input(const GemvInput<in_t, kActInput, kAc
   }
 }
 
-template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant>
+// The codes of one 16-byte unit of a 4-bit row (32 weights) or two of an int8 row (32 weights).
+template <bool kInt8>
+struct UnitCodes {
+  uint4 v[kInt8 ? 2 : 1];
+};
+
+// kInt8: the decode step reads one byte per weight (one scale per row, applied once per unit);
+// otherwise a 4-bit codebook through the pair table, with plain or double-quantized block scales.
+template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8>
 __global__ void __launch_bounds__(kGemvThreads)
-nf4_gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
+gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
                 int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
                 int64_t top_k, GemvInput<in_t, kActInput, kAct> in, float* __restrict__ out) {
   extern __shared__ float4 staged[];  // split_units * kPaddedUnitFloats floats
@@ -120,7 +127,7 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quan
   const int64_t unit0 = s * split_units;
   const int units = static_cast<int>(std::min(split_units, units_per_row - unit0));
 
-  tables.fill(args.codebook);  // one LDS.64 decodes two weights, conflict-free
+  if constexpr (!kInt8) tables.fill(args.codebook);  // one LDS.64 decodes two weights, conflict-free
   const MatrixScales<kDoubleQuant> scales(args.scales, e, tables.map);
   float* xs = reinterpret_cast<float*>(staged);
 #pragma unroll
@@ -132,7 +139,7 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quan
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t copy_offset = lane_table_copy_offset();
-  const uint4* weights = reinterpret_cast<const uint4*>(packed);
+  const UnitCodes<kInt8>* weights = reinterpret_cast<const UnitCodes<kInt8>*>(packed);
   const int64_t row_tiles = (N + kRowsPerCta - 1) / kRowsPerCta;
 
   // A warp's work is a sequence of steps (row tile, u0): lane l takes unit u0 + l of its
@@ -147,7 +154,7 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quan
     if (st.u0 >= units) st = {st.tile + gridDim.x, 0};
     return st;
   };
-  uint4 bytes[kRowsPerWarp];
+  UnitCodes<kInt8> bytes[kRowsPerWarp];
   LoadedScale amax[kRowsPerWarp];
   const int64_t expert_unit0 = e * N * units_per_row;
   auto load_step = [&](Step st) {
@@ -156,9 +163,11 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quan
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int64_t row = st.tile * kRowsPerCta + warp * kRowsPerWarp + rr;
-      const int64_t unit = (e * N + (row < N ? row : N - 1)) * units_per_row + unit0 + u;
+      const int64_t r = row < N ? row : N - 1;
+      const int64_t unit = (e * N + r) * units_per_row + unit0 + u;
       bytes[rr] = weights[unit];
-      amax[rr] = scales.load((unit - expert_unit0) >> log2_units_per_block);
+      // int8: one scale per row (its "block"); 4-bit: one per block of units.
+      amax[rr] = scales.load(kInt8 ? r : (unit - expert_unit0) >> log2_units_per_block);
     }
   };
   float acc[kRowsPerWarp];
@@ -167,7 +176,7 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quan
   Step st{blockIdx.x, 0};
   load_step(st);
   while (st.tile < row_tiles) {
-    uint4 cur[kRowsPerWarp];
+    UnitCodes<kInt8> cur[kRowsPerWarp];
     LoadedScale cur_amax[kRowsPerWarp];
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) cur[rr] = bytes[rr], cur_amax[rr] = amax[rr];
@@ -179,18 +188,39 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quan
       float sum[kRowsPerWarp];
 #pragma unroll
       for (int rr = 0; rr < kRowsPerWarp; ++rr) sum[rr] = 0.0f;
+      if constexpr (kInt8) {
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {  // 8 weights per 32-bit word, shared by the rows
-        const float4 xa = xu[2 * w], xb = xu[2 * w + 1];
-        const float x[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        for (int w = 0; w < 8; ++w) {  // 4 weights per 32-bit word, shared by the rows
+          const float4 xw = xu[w];
+          const float x[4] = {xw.x, xw.y, xw.z, xw.w};
 #pragma unroll
-        for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-          const uint32_t word = w == 0 ? cur[rr].x : w == 1 ? cur[rr].y : w == 2 ? cur[rr].z : cur[rr].w;
+          for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+            const uint4& c = cur[rr].v[w / 4];
+            // Byte b of the word, as a float: 2^23 + (b + 128) built with one byte permute, minus
+            // 2^23 + 128 (exact), instead of a shift and an int -> float conversion.
+            const uint32_t word = (w % 4 == 0 ? c.x : w % 4 == 1 ? c.y : w % 4 == 2 ? c.z : c.w) ^ 0x80808080u;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float2 v = pair_lookup(pair_table, word, i, copy_offset);
-            sum[rr] = fmaf(v.x, x[2 * i], sum[rr]);
-            sum[rr] = fmaf(v.y, x[2 * i + 1], sum[rr]);
+            for (int i = 0; i < 4; ++i) {
+              const float q = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7650u | i)) - 8388736.0f;
+              sum[rr] = fmaf(q, x[i], sum[rr]);
+            }
+          }
+        }
+      } else {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {  // 8 weights per 32-bit word, shared by the rows
+          const float4 xa = xu[2 * w], xb = xu[2 * w + 1];
+          const float x[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+          for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+            const uint4& c = cur[rr].v[0];
+            const uint32_t word = w == 0 ? c.x : w == 1 ? c.y : w == 2 ? c.z : c.w;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float2 v = pair_lookup(pair_table, word, i, copy_offset);
+              sum[rr] = fmaf(v.x, x[2 * i], sum[rr]);
+              sum[rr] = fmaf(v.y, x[2 * i + 1], sum[rr]);
+            }
           }
         }
       }
@@ -206,6 +236,7 @@ nf4_gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quan
         float v = acc[rr];
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if constexpr (kInt8) v *= kInt8InvScale;  // (q * row absmax) / 127, the 1/127 applied once
         if (lane == 0 && row0 + rr < N) out[(s * P + p) * N + row0 + rr] = v;
         acc[rr] = 0.0f;
       }
@@ -258,11 +289,25 @@ static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs,
   const int64_t ctas = persistent_grid(kernel, kGemvThreads, row_tiles * split.splits * num_pairs, smem);
   const int64_t ctas_x = std::clamp<int64_t>(ctas / (split.splits * num_pairs), 1, row_tiles);
   const dim3 grid(static_cast<unsigned>(ctas_x), static_cast<unsigned>(split.splits), static_cast<unsigned>(num_pairs));
-  const int log2_units_per_block = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32));
+  const int log2_units_per_block =
+      is_4bit(w.type) ? __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32)) : 0;  // int8: unused
   kernel<<<grid, kGemvThreads, smem, stream>>>(static_cast<const uint8_t*>(view.data), args, w.rows,
                                                w.cols, split.units, log2_units_per_block,
                                                pair_expert.const_data_ptr<int64_t>(), w.experts, top_k, input, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The GEMV of one stack, instantiated for its format.
+template <typename in_t, bool kActInput, GatedActivation kAct>
+static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert, int64_t top_k,
+                              const GemvInput<in_t, kActInput, kAct>& input, float* out, cudaStream_t stream) {
+  if (!is_4bit(w.type)) {
+    launch_gemv(gemv_kernel<in_t, kActInput, kAct, false, true>, w, num_pairs, pair_expert, top_k, input, out, stream);
+  } else if (w.double_quant()) {
+    launch_gemv(gemv_kernel<in_t, kActInput, kAct, true, false>, w, num_pairs, pair_expert, top_k, input, out, stream);
+  } else {
+    launch_gemv(gemv_kernel<in_t, kActInput, kAct, false, false>, w, num_pairs, pair_expert, top_k, input, out, stream);
+  }
 }
 
 at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& top_k_index, const at::Tensor& pair_weights,
@@ -290,23 +335,11 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
       constexpr GatedActivation kAct = decltype(kind)::value;
       const GemvInput<T_, false, kAct> in1{reinterpret_cast<const T_*>(hidden.const_data_ptr()), nullptr, 0, nullptr,
                                            act.interleaved, act.alpha, act.limit};
-      if (gate_up.double_quant()) {
-        launch_gemv(nf4_gemv_kernel<T_, false, kAct, true>, gate_up, P, pair_expert, k, in1, h.mutable_data_ptr<float>(),
-                    stream);
-      } else {
-        launch_gemv(nf4_gemv_kernel<T_, false, kAct, false>, gate_up, P, pair_expert, k, in1,
-                    h.mutable_data_ptr<float>(), stream);
-      }
+      launch_for_format(gate_up, P, pair_expert, k, in1, h.mutable_data_ptr<float>(), stream);
       const GemvInput<T_, true, kAct> in2{nullptr, h.const_data_ptr<float>(), gu_splits,
                                           gate_up_bias.defined() ? gate_up_bias.const_data_ptr<float>() : nullptr,
                                           act.interleaved, act.alpha, act.limit};
-      if (down.double_quant()) {
-        launch_gemv(nf4_gemv_kernel<T_, true, kAct, true>, down, P, pair_expert, k, in2, y.mutable_data_ptr<float>(),
-                    stream);
-      } else {
-        launch_gemv(nf4_gemv_kernel<T_, true, kAct, false>, down, P, pair_expert, k, in2, y.mutable_data_ptr<float>(),
-                    stream);
-      }
+      launch_for_format(down, P, pair_expert, k, in2, y.mutable_data_ptr<float>(), stream);
     });
     const unsigned combine_ctas = static_cast<unsigned>((T * H + kGemvThreads - 1) / kGemvThreads);
     decode_combine_kernel<T_><<<combine_ctas, kGemvThreads, 0, stream>>>(

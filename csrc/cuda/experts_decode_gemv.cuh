@@ -1,6 +1,7 @@
 // Rung (c) of DESIGN.md §4: the decode path. With few (token, slot) pairs every expert sees
-// about one row, so a GEMM wastes its tiles; instead each pair runs a fused 4-bit GEMV that reads
-// the packed weights directly (a quarter of bf16's bytes), with no routing sort and no scratch.
+// about one row, so a GEMM wastes its tiles; instead each pair runs a fused GEMV that reads the
+// quantized weights directly (4-bit: a quarter of bf16's bytes; int8: half), with no routing sort
+// and no scratch.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,8 +11,8 @@
 
 namespace moequant {
 
-// Whether the GEMV path serves `num_pairs` = T*k pairs (inference without LoRA; 4-bit stacks, int8
-// ones take the grouped path; stored [out, in] layout with rows of whole 16-byte units).
+// Whether the GEMV path serves `num_pairs` = T*k pairs (inference without LoRA, any format,
+// stored [out, in] layout with rows of whole 32-weight units).
 // MOEQUANT_DECODE_MAX_PAIRS overrides the pair threshold (0 disables the path; tests use it).
 bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& gate_up, const PackedStack& down);
 

@@ -10,9 +10,10 @@
 // blocksize 64): 4 lanes x 2 chunks per block reached 75-88% of a same-run copy; 8 x 1 (512
 // bytes per warp step) 60-67%, 2 x 4 64-74%, 1 x 8 44-48%.
 //
-// int8 row-wise: one warp per output row; the row's chunks stay in registers between the absmax
-// reduction and the encode when they fit (rows up to 2048 elements), else the encode pass reads
-// the row again (from L2). Rows whose length is not a multiple of 8 take an element-wise kernel.
+// int8 row-wise: a warp per output row (half a warp for rows up to 1024); the row's chunks stay in
+// registers between the absmax reduction and the encode when they fit (rows up to 2048 elements),
+// else the encode pass reads the row again (from L2). Rows whose length is not a multiple of 8
+// take an element-wise kernel.
 //
 // Bit-exact with the CPU kernels: IEEE division and __fmul_rn, no fast math.
 #include <ATen/ATen.h>
@@ -209,7 +210,7 @@ static void quantize_4bit(const T* wp, uint8_t* pp, float* ap, int64_t num_block
 
 // ---- int8 row-wise -------------------------------------------------------------------------
 
-constexpr int kInt8RowChunks = 8;  // 8-element chunks per lane held in registers (rows up to 2048)
+constexpr int kInt8RowChunks = 8;  // 8-element chunks per lane held in registers
 
 // The int8 codes of one chunk, little-endian, element 0 in the low byte.
 template <typename T>
@@ -223,26 +224,33 @@ __device__ __forceinline__ uint2 encode_int8_chunk(const Chunk8<T>& c, float mul
   return make_uint2(word[0], word[1]);
 }
 
-// One warp per row (grid-stride over rows); cols is a multiple of 8 and rows start 16-byte aligned.
-template <typename T>
+// LANES threads per row (a warp holds 32 / LANES rows; grid-stride over rows); cols is a multiple
+// of 8 and rows start 16-byte aligned. Short rows take half a warp each, so that a warp keeps as
+// many loads in flight as with long rows (H200, qwen3 down rows of 768: 57% of copy with 32 lanes).
+template <typename T, int LANES>
 __global__ void __launch_bounds__(kQuantizeThreads)
 quantize_int8_rows_kernel(const T* __restrict__ weight, int8_t* __restrict__ codes, float* __restrict__ row_absmax,
                           int64_t num_rows, int64_t cols) {
-  const int lane = threadIdx.x % 32;
+  constexpr int kRowsPerWarp = 32 / LANES;
+  const int lane = threadIdx.x % LANES;
+  const int group = (threadIdx.x % 32) / LANES;
   const int64_t warp = (int64_t{blockIdx.x} * kQuantizeThreads + threadIdx.x) / 32;
   const int64_t num_warps = int64_t{gridDim.x} * (kQuantizeThreads / 32);
   const int64_t row_chunks = cols / 8;
-  const bool in_registers = row_chunks <= 32 * kInt8RowChunks;
-  for (int64_t row = warp; row < num_rows; row += num_warps) {
+  const bool in_registers = row_chunks <= LANES * kInt8RowChunks;
+  // Warp-uniform loop, so every lane takes part in the shuffles; inactive groups idle.
+  for (int64_t first = warp * kRowsPerWarp; first < num_rows; first += num_warps * kRowsPerWarp) {
+    const int64_t row = first + group;
+    const bool active = row < num_rows;
     const T* w = weight + row * cols;
     uint2* out = reinterpret_cast<uint2*>(codes + row * cols);
     Chunk8<T> x[kInt8RowChunks];
     float amax = 0.0f;
-    for (int64_t c0 = 0; c0 < row_chunks; c0 += 32 * kInt8RowChunks) {
+    for (int64_t c0 = 0; c0 < row_chunks; c0 += LANES * kInt8RowChunks) {
 #pragma unroll
       for (int c = 0; c < kInt8RowChunks; ++c) {
-        const int64_t ch = c0 + c * 32 + lane;
-        x[c] = ch < row_chunks ? load_chunk(w + ch * 8) : Chunk8<T>{};
+        const int64_t ch = c0 + c * LANES + lane;
+        x[c] = active && ch < row_chunks ? load_chunk(w + ch * 8) : Chunk8<T>{};
       }
 #pragma unroll
       for (int c = 0; c < kInt8RowChunks; ++c) {
@@ -251,20 +259,23 @@ quantize_int8_rows_kernel(const T* __restrict__ weight, int8_t* __restrict__ cod
       }
     }
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) amax = absmax_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    for (int offset = LANES / 2; offset > 0; offset /= 2) {
+      amax = absmax_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    }
+    if (!active) continue;
     if (lane == 0) row_absmax[row] = amax;
     const float multiplier = int8_row_multiplier(amax);
-    for (int64_t c0 = 0; c0 < row_chunks; c0 += 32 * kInt8RowChunks) {
+    for (int64_t c0 = 0; c0 < row_chunks; c0 += LANES * kInt8RowChunks) {
       if (!in_registers) {
 #pragma unroll
         for (int c = 0; c < kInt8RowChunks; ++c) {
-          const int64_t ch = c0 + c * 32 + lane;
+          const int64_t ch = c0 + c * LANES + lane;
           if (ch < row_chunks) x[c] = load_chunk(w + ch * 8);
         }
       }
 #pragma unroll
       for (int c = 0; c < kInt8RowChunks; ++c) {
-        const int64_t ch = c0 + c * 32 + lane;
+        const int64_t ch = c0 + c * LANES + lane;
         if (ch < row_chunks) out[ch] = encode_int8_chunk(x[c], multiplier);
       }
     }
@@ -297,8 +308,12 @@ static void quantize_int8(const T* wp, int8_t* cp, float* ap, int64_t num_rows, 
   const int64_t ctas = (num_rows + kRowsPerCta - 1) / kRowsPerCta;
   auto stream = at::cuda::getCurrentCUDAStream();
   if (cols % 8 == 0 && is_aligned(cp, 16)) {
-    const int64_t grid = persistent_grid(quantize_int8_rows_kernel<T>, kQuantizeThreads, ctas);
-    quantize_int8_rows_kernel<T><<<grid, kQuantizeThreads, 0, stream>>>(wp, cp, ap, num_rows, cols);
+    auto go = [&](auto kernel) {
+      const int64_t grid = persistent_grid(kernel, kQuantizeThreads, ctas);
+      kernel<<<grid, kQuantizeThreads, 0, stream>>>(wp, cp, ap, num_rows, cols);
+    };
+    if (cols / 8 <= 16 * kInt8RowChunks) go(quantize_int8_rows_kernel<T, 16>);  // rows up to 1024
+    else go(quantize_int8_rows_kernel<T, 32>);
   } else {
     const int64_t grid = persistent_grid(quantize_int8_rows_elementwise_kernel<T>, kQuantizeThreads, ctas);
     quantize_int8_rows_elementwise_kernel<T><<<grid, kQuantizeThreads, 0, stream>>>(wp, cp, ap, num_rows, cols);
