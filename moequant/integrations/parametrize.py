@@ -2,11 +2,15 @@
 
 After :func:`quantize_parameter`, ``module.<name>`` is computed by
 ``torch.nn.utils.parametrize`` from the packed codes (``module.parametrizations.<name>.original``,
-a frozen ``uint8``/``int8`` parameter) and the statistics buffers of the
-:class:`QuantParametrization` (``absmax``, and ``absmax_scale``/``absmax_offset`` when
-double-quantized). Any code that reads the attribute keeps working; the moequant experts
-implementation reads the packed data directly (:func:`quant_stack_of`) and never materializes the
-dense stack.
+a frozen ``uint8``/``int8`` parameter) and the statistics of the :class:`QuantParametrization`
+(``absmax``, and ``absmax_scale``/``absmax_offset`` when double-quantized). Any code that reads the
+attribute keeps working; the moequant experts implementation reads the packed data directly
+(:func:`quant_stack_of`) and never materializes the dense stack.
+
+The statistics are frozen parameters, not buffers, although they never train: like the packed
+codes they are per-expert data (leading dim ``E``), and parameter-sharding wrappers (FSDP2's
+``fully_shard``, ZeRO-3) shard parameters only; as buffers every rank would hold them whole. The
+state-dict keys are the same either way (``….parametrizations.<name>.0.absmax``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch.nn.utils import parametrize
 from .._ops import ops
 from ..formats import QuantStack, check_format, quantize
 
-_STAT_BUFFERS = ("absmax", "absmax_scale", "absmax_offset")
+_STATISTICS = ("absmax", "absmax_scale", "absmax_offset")
 
 
 class QuantParametrization(nn.Module):
@@ -37,10 +41,10 @@ class QuantParametrization(nn.Module):
         absmax_offset: Optional[torch.Tensor] = None,
     ):
         super().__init__()
-        self.register_buffer("absmax", absmax)
+        self.absmax = nn.Parameter(absmax, requires_grad=False)
         if absmax_scale is not None:  # double-quantized statistics
-            self.register_buffer("absmax_scale", absmax_scale)
-            self.register_buffer("absmax_offset", absmax_offset)
+            self.absmax_scale = nn.Parameter(absmax_scale, requires_grad=False)
+            self.absmax_offset = nn.Parameter(absmax_offset, requires_grad=False)
         self.shape = torch.Size(shape)
         self.blocksize = int(blocksize)
         self.dtype = dtype
@@ -48,25 +52,25 @@ class QuantParametrization(nn.Module):
 
     @property
     def double_quant(self) -> bool:
-        return "absmax_scale" in self._buffers
+        return "absmax_scale" in self._parameters
 
     def statistics(self) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        return self.absmax, self._buffers.get("absmax_scale"), self._buffers.get("absmax_offset")
+        return self.absmax, self._parameters.get("absmax_scale"), self._parameters.get("absmax_offset")
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         absmax, scale, offset = self.statistics()
         return ops.dequant_expert(packed, absmax, self.blocksize, self.dtype, None, self.quant_type, scale, offset)
 
     def _apply(self, fn, recurse=True):
-        # model.to(dtype) / .half() would cast the float32 statistics like any float buffer; the
-        # formats define them as float32 (or uint8 codes), so only their device follows. The
+        # model.to(dtype) / .half() would cast the float32 statistics like any float parameter;
+        # the formats define them as float32 (or uint8 codes), so only their device follows. The
         # dtype the stack reads as follows the conversion, as a dense parameter's would.
-        before = {name: self._buffers[name] for name in _STAT_BUFFERS if name in self._buffers}
+        before = {name: self._parameters[name].data for name in _STATISTICS if name in self._parameters}
         super()._apply(fn, recurse)
         for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
+            param = self._parameters[name]
+            if param.dtype != old.dtype:
+                param.data = old.to(param.device)
         probe = fn(torch.empty(0, dtype=self.dtype))
         if probe.is_floating_point():
             self.dtype = probe.dtype
@@ -86,6 +90,13 @@ def is_quantized(module: nn.Module, name: str) -> bool:
     if not parametrize.is_parametrized(module, name):
         return False
     return any(isinstance(p, QuantParametrization) for p in module.parametrizations[name])
+
+
+def stored_numel(module: nn.Module, name: str) -> int:
+    """Elements stored for the quantized ``module.<name>``: packed codes plus statistics, which is
+    what ``parameters()`` counts for it (the dense parameter counted its logical ``E*N*K``)."""
+    statistics = sum(p.numel() for p in _quant_parametrization(module, name).parameters())
+    return module.parametrizations[name].original.numel() + statistics
 
 
 def _quant_parametrization(module: nn.Module, name: str) -> QuantParametrization:

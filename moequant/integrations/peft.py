@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .parametrize import dequantize_parameter, is_quantized, nf4_stack_of
+from .parametrize import dequantize_parameter, is_quantized, nf4_stack_of, stored_numel
 
 logger = logging.getLogger(__name__)
 
@@ -246,8 +246,7 @@ def _get_nb_trainable_parameters(self) -> tuple[int, int]:
         layout = getattr(module, "_moequant_layout", None)
         for name in layout.weight_names if layout is not None else ():
             if is_quantized(module, name):
-                stack = nf4_stack_of(module, name)
-                total += stack.shape.numel() - stack.packed.numel()
+                total += nf4_stack_of(module, name).shape.numel() - stored_numel(module, name)
     return trainable, total
 
 

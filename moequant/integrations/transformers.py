@@ -50,7 +50,7 @@ from torch import nn
 
 from .experts import ExpertsLayout, experts_layout, is_experts_module, select_experts_implementation
 from ..formats import check_format, compress_statistics, format_name, stack_nbytes
-from .parametrize import is_quantized, nf4_stack_of, quantize_parameter
+from .parametrize import is_quantized, nf4_stack_of, quantize_parameter, stored_numel
 from .peft import patch_peft
 
 logger = logging.getLogger(__name__)
@@ -149,8 +149,7 @@ def _num_parameters_with_logical_experts(self, only_trainable: bool = False, exc
     if only_trainable:  # the packed codes are frozen; so are the logical weights they stand for
         return total
     for _, module, pname in quantized_stacks(self):
-        stack = nf4_stack_of(module, pname)
-        total += stack.shape.numel() - stack.packed.numel()
+        total += nf4_stack_of(module, pname).shape.numel() - stored_numel(module, pname)
     return total
 
 
