@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..formats import QUANT_TYPES, check_stack, format_name
+from .fsdp import full_state_dict
 from .parametrize import nf4_stack_of
 from .transformers import install_parameter_accounting, quantize_model_experts, quantized_stacks
 
@@ -32,7 +33,10 @@ METADATA_NAME = "moequant_config.json"
 
 
 def save_quantized(model: nn.Module, save_directory: Union[str, os.PathLike]) -> None:
-    """Write ``config.json``, ``moequant_config.json`` and the quantized state dict to ``save_directory``."""
+    """Write ``config.json``, ``moequant_config.json`` and the quantized state dict to ``save_directory``.
+
+    A model sharded with FSDP2 (:func:`moequant.integrations.fsdp.shard_model`) saves the same
+    files: every rank must call it, rank 0 writes."""
     from safetensors.torch import save_file
 
     stacks = list(quantized_stacks(model))
@@ -43,8 +47,6 @@ def save_quantized(model: nn.Module, save_directory: Union[str, os.PathLike]) ->
             "save_quantized stores moequant's quantized experts next to plain tensors; a model whose nn.Linear layers are "
             "bitsandbytes-quantized is not supported (load it from its original checkpoint instead)"
         )
-    os.makedirs(save_directory, exist_ok=True)
-    model.config.save_pretrained(save_directory)
     quantized = [nf4_stack_of(module, p) for _, module, p in stacks]
     blocksizes = sorted({s.blocksize for s in quantized})
     dtypes = sorted({str(s.dtype).removeprefix("torch.") for s in quantized})
@@ -55,6 +57,13 @@ def save_quantized(model: nn.Module, save_directory: Union[str, os.PathLike]) ->
             f"{blocksizes}, {dtypes}, {[format_name(*f) for f in formats]}"
         )
     quant_type, double_quant = formats[0]
+    # Sharded by FSDP2: every rank sends its shards (packed bytes as stored, nothing dequantized)
+    # and rank 0 alone writes.
+    full_state = full_state_dict(model)
+    if full_state is None:
+        return
+    os.makedirs(save_directory, exist_ok=True)
+    model.config.save_pretrained(save_directory)
     with open(os.path.join(save_directory, METADATA_NAME), "w") as f:
         json.dump(
             {"format": FORMAT, "quant_type": quant_type, "double_quant": double_quant, "blocksize": blocksizes[0],
@@ -65,7 +74,7 @@ def save_quantized(model: nn.Module, save_directory: Union[str, os.PathLike]) ->
 
     # safetensors refuses tensors sharing storage (tied embeddings): keep the first name of each.
     state, seen = {}, set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in full_state.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen:
             continue
