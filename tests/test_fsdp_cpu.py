@@ -109,13 +109,18 @@ def assert_bad_combinations_refused(rank):
     with pytest.raises(ValueError, match=r"has 5 experts, which the mesh's 2 shards do not divide.*one of \[1, 5\]"):
         shard_model(odd)
     even = quantize_model_experts(AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"), dtype=torch.float32))
-    with pytest.raises(ValueError, match="tensor/expert/context/pipeline parallel"):
+    with pytest.raises(ValueError, match=r"dims \('dp', 'tp'\); moequant supports data parallel meshes only"):
         shard_model(even, init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp")))
     with pytest.raises(ValueError, match="mesh has 3 dims"):
         shard_model(even, init_device_mesh("cpu", (1, 1, WORLD)))
     with pytest.raises(ValueError, match=r"shard_placement_fn places .*gate_up_proj.packed.*splits an expert's blocks"):
         shard_model(even, shard_placement_fn=lambda p: Shard(1))
-    shard_model(even)
+    # HSDP, (replicate, shard) = (1, 2): accepted, stacks split over the shard dim
+    from torch.distributed.tensor import Replicate
+
+    shard_model(even, init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")))
+    packed = even.model.layers[0].mlp.experts.parametrizations.gate_up_proj.original
+    assert packed.placements == (Replicate(), Shard(0)) and packed.to_local().shape[0] == packed.shape[0] // WORLD
     with pytest.raises(ValueError, match="already a DTensor"):
         shard_model(even)
 

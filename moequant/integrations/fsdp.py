@@ -4,8 +4,10 @@
     shard_model(model)                                  # after init_process_group
     optimizer = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
     ...
-    save_adapter(model, "adapter")                      # rank 0 writes, every rank calls
-    moequant.save_quantized(model.get_base_model(), "cache")
+    save_adapter(model, "adapter")                      # every rank calls, rank 0 writes
+
+``moequant.save_quantized`` also takes a sharded model (one without adapters): every rank calls it,
+the shards are gathered to rank 0 as stored, and rank 0 writes what one process would.
 
 A quantized stack is stored as frozen parameters whose dim 0 is the expert: the packed codes
 ``uint8 [E, N, K/2]`` and their statistics (``absmax [E, N*K/B]``, and the double-quant tensors).
@@ -24,6 +26,7 @@ the caller's ``mp_policy``), then the root.
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Optional, Union
 
 import torch
@@ -31,13 +34,19 @@ from torch import nn
 
 from .parametrize import is_quantized
 
+# Words of mesh dim names that denote a parallelism other than data parallel (torchtitan, accelerate).
+_OTHER_PARALLELISMS = frozenset(
+    {"tp", "etp", "ep", "cp", "pp", "sp", "tensor", "expert", "experts", "context", "pipeline", "sequence"}
+)
+
+
 def _fsdp():
     try:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
-        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.tensor import Shard
     except ImportError as err:  # torch < 2.6
         raise ImportError(f"moequant's FSDP2 support needs torch.distributed.fsdp.fully_shard (torch>=2.6): {err}")
-    return fully_shard, MixedPrecisionPolicy, OffloadPolicy, DTensor, Shard
+    return fully_shard, MixedPrecisionPolicy, Shard
 
 
 def _is_dtensor(tensor) -> bool:
@@ -83,17 +92,16 @@ def _decoder_layers(model: nn.Module, experts: list[nn.Module]) -> list[nn.Modul
 
 def _shard_size(mesh) -> int:
     """Ranks a tensor is split over: the mesh for FSDP, its second dim for HSDP (replicate, shard)."""
+    words = {w for n in (mesh.mesh_dim_names or ()) for w in re.split(r"[_\-\s]+", n.lower())}
+    if words & _OTHER_PARALLELISMS:
+        raise ValueError(
+            f"shard_model: mesh has dims {tuple(mesh.mesh_dim_names)}; moequant supports data parallel meshes only "
+            "(1-D: FSDP, 2-D: HSDP as (replicate, shard)), not tensor/expert/context/pipeline parallel ones. Pass "
+            "the data-parallel (sub)mesh only"
+        )
     if mesh.ndim == 1:
         return mesh.size()
     if mesh.ndim == 2:
-        names = [n.lower() for n in (mesh.mesh_dim_names or ())]
-        other = [n for n in names if any(k in n for k in ("tp", "tensor", "ep", "expert", "cp", "context", "pp"))]
-        if other:
-            raise ValueError(
-                f"shard_model: mesh has dims {tuple(mesh.mesh_dim_names)}; a 2-D mesh is taken as HSDP "
-                "(replicate, shard), and moequant does not support tensor/expert/context/pipeline parallel meshes. "
-                "Pass the data-parallel (sub)mesh only"
-            )
         return mesh.size(1)
     raise ValueError(
         f"shard_model: mesh has {mesh.ndim} dims {tuple(mesh.mesh_dim_names or ())}; expected a 1-D mesh (FSDP) or a "
@@ -112,7 +120,7 @@ def _default_mesh(model: nn.Module):
 def check_shardable(model: nn.Module, mesh, shard_placement_fn: Optional[Callable] = None) -> list[tuple[str, nn.Module]]:
     """Raise ``ValueError`` for a model/mesh combination :func:`shard_model` cannot shard correctly;
     returns the quantized experts modules."""
-    _, _, _, _, Shard = _fsdp()
+    _, _, Shard = _fsdp()
     experts = _quantized_experts(model)
     if not experts:
         raise ValueError(
@@ -187,7 +195,7 @@ def shard_model(
     distributed (tensor/expert parallel), for meshes of other parallelisms, and for a
     ``shard_placement_fn`` that would split a stack along another dim than its experts.
     """
-    fully_shard, MixedPrecisionPolicy, OffloadPolicy, _, _ = _fsdp()
+    fully_shard, MixedPrecisionPolicy, _ = _fsdp()
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         raise ValueError("shard_model: torch.distributed is not initialized; call init_process_group first")
     mesh = mesh if mesh is not None else _default_mesh(model)
@@ -200,7 +208,8 @@ def shard_model(
     with_mp = dict(common, mp_policy=mp_policy) if mp_policy is not None else common
     for _, module in experts:
         fully_shard(module, **common, mp_policy=MixedPrecisionPolicy())
-    for layer in _decoder_layers(model, [m for _, m in experts]):
+    # reversed pre-order: a nested unit is sharded before any unit that contains it
+    for layer in reversed(_decoder_layers(model, [m for _, m in experts])):
         fully_shard(layer, **with_mp)
     fully_shard(model, **with_mp)
     return model
