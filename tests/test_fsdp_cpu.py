@@ -125,12 +125,35 @@ def assert_bad_combinations_refused(rank):
         shard_model(even)
 
 
+def assert_mixed_precision_keeps_statistics():
+    """With ``param_dtype=bfloat16`` the layers compute in bf16 while the experts units gather their
+    statistics in float32 (cast, they would be another format: the op refuses them)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model = quantize_model_experts(AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"), dtype=torch.float32))
+    shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    layer = model.model.layers[0]
+    seen = {}
+
+    def record(module, args):
+        seen["q_proj"] = layer.self_attn.q_proj.weight.dtype
+        seen.update({n: t.dtype for n, t in stack_tensors(module, "gate_up_proj").items()})
+
+    layer.mlp.experts.register_forward_pre_hook(record)
+    with torch.no_grad():
+        logits = model(input_ids=global_batch()).logits
+    assert logits.dtype == torch.bfloat16 and logits.isfinite().all()
+    assert seen == {"q_proj": torch.bfloat16, "packed": torch.uint8, "absmax": torch.uint8,
+                    "absmax_scale": torch.float32, "absmax_offset": torch.float32}, seen
+
+
 def worker(rank, path, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
         assert_bad_combinations_refused(rank)
+        assert_mixed_precision_keeps_statistics()
 
         model = load_peft_model(path)
         ids = global_batch()[rank : rank + 1]
