@@ -5,15 +5,15 @@
 # BENCH_ANYWAY=1 (benchmark even after a test failure), NF4_BENCH="nf4 fp4 int8 nf4_dq fp4_dq"
 # (bench_nf4.py once per format, NF4_BENCH_ARGS passed to each; JSON bench_nf4-<format>.json packed
 # into $OUT/bench_nf4.tgz: the device tool returns at most 8 files), BENCH_TIMEOUT (seconds for
-# bench_experts.py), KEEP_SO=1 (copy the built extension to $OUT).
+# bench_experts.py), KEEP_SO=1 (copy the built extension to $OUT), SAN_TOOLS / SAN_TIMEOUT.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | tee "$OUT/build.log"
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
   start=$(date +%s)
-  MOEQUANT_CUDA_ARCHS=90a MAX_JOBS=16 python setup.py build_ext --inplace --build-temp /tmp/moequant_build > "$OUT/build.log" 2>&1 \
+  MOEQUANT_CUDA_ARCHS=90a MAX_JOBS=16 python setup.py build_ext --inplace --build-temp /tmp/moequant_build >> "$OUT/build.log" 2>&1 \
     || { echo "BUILD FAILED"; grep -E "error" -A3 "$OUT/build.log" | head -60; exit 1; }
   echo "build: $(( $(date +%s) - start )) s"
 fi
@@ -29,8 +29,8 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   [ "$rc" = 0 ] || [ "${BENCH_ANYWAY:-0}" = 1 ] || exit 0
 fi
 if [ "${SANITIZE:-0}" = "1" ]; then
-  for tool in memcheck racecheck; do
-    MOEQUANT_DECODE_MAX_PAIRS=${SAN_DECODE:-64} timeout 200 compute-sanitizer --tool $tool --print-limit 20 \
+  for tool in ${SAN_TOOLS:-memcheck racecheck}; do
+    MOEQUANT_DECODE_MAX_PAIRS=${SAN_DECODE:-64} timeout "${SAN_TIMEOUT:-200}" compute-sanitizer --tool $tool --print-limit 20 \
       python -m pytest tests/test_experts_cuda.py -q -x -p no:cacheprovider \
       -k "${SAN_K:-test_int32_index or test_all_pairs or test_blocksize_32 or (test_token_counts and 5) or test_row_sliced_scratch and bfloat16-False}" \
       > "$OUT/sanitizer_$tool.log" 2>&1
