@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One GPU call: `axolotl train` with moequant's plugin against the same config with Axolotl's own
+# quantize_moe_experts (no plugin), on a Qwen3-30B-A3B-shaped checkpoint truncated to $LAYERS layers
+# (random weights, generated here). Writes $OUT/bench_axolotl.json and the logs.
+#   needs: .whl/ with Axolotl 0.21.0 and the packages the device lacks (benchmarks/README.md);
+#   DRY_RUN=1 runs the same steps on a CPU with tiny shapes (no wheels, no build).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/bench_axolotl_out}; mkdir -p "$OUT"
+W=${WORKDIR:-/tmp/axbench}; rm -rf "$W"; mkdir -p "$W"
+LAYERS=${LAYERS:-2}; STEPS=${STEPS:-20}
+CONFIG=examples/axolotl/qwen3-30b-a3b-qlora.yml
+export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/steps.txt"; }
+
+if [ -z "${DRY_RUN:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  # wandb's 20 MB wheel does not fit the call's 64 MiB; Axolotl only imports it (no use_wandb here), and
+  # transformers treats a wandb without `run` as absent.
+  mkdir -p /tmp/site/wandb && echo '"""Stand-in for the wandb package (imported, never used, by Axolotl here)."""' > /tmp/site/wandb/__init__.py
+  export PYTHONPATH=/tmp/site:$PWD
+  # The extension builds while the checkpoint is written and Axolotl's own run trains (it needs no moequant).
+  ( MOEQUANT_CUDA_ARCHS=90a MAX_JOBS=14 python3 -m pip install --no-build-isolation --no-deps -q -e . > "$OUT/build.log" 2>&1; echo $? > "$OUT/build.rc" ) &
+  BUILD=$!
+  TINY=""
+else
+  export PYTHONPATH=$PWD; BUILD=""; TINY="--tiny"
+fi
+# On a CPU: fp32 and no Triton LoRA kernels (the device run keeps the config's bf16 and Axolotl's defaults).
+DRY=(); [ -n "${DRY_RUN:-}" ] && DRY=(bf16=false lora_qkv_kernel=false lora_o_kernel=false lora_mlp_kernel=false)
+stamp "setup done"
+run() { python3 benchmarks/bench_axolotl.py "$@" > "$OUT/$LABEL.log" 2>&1; grep '^BENCH_AXOLOTL ' "$OUT/$LABEL.log" | cut -d' ' -f2- > "$OUT/$LABEL.json"; stamp "$LABEL rc=$? $(tail -c 300 "$OUT/$LABEL.json")"; }
+COMMON=(max_steps=$STEPS sequence_len=256 micro_batch_size=8 gradient_accumulation_steps=1 sample_packing=false
+        flash_attention=false 'attn_implementation="sdpa"' gradient_checkpointing=false save_strategy='"no"' save_steps=null
+        learning_rate=0.0001
+        'bnb_config_kwargs={"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": false}' logging_steps=1 seed=0
+        ${DRY[@]+"${DRY[@]}"})
+
+LABEL=checkpoint run make-checkpoint "$W/ckpt" --layers "$LAYERS" $TINY
+LABEL=bf16_load run bf16-load "$W/ckpt"
+LABEL=axolotl_own run train "$CONFIG" "$W" axolotl_own "${COMMON[@]}" 'plugins=[]'
+[ -n "$BUILD" ] && { wait "$BUILD"; stamp "moequant build rc=$(cat "$OUT/build.rc")"; tail -5 "$OUT/build.log"; }
+LABEL=moequant_first run train "$CONFIG" "$W" moequant_first "${COMMON[@]}" "moequant_cache_dir=\"$W/cache\""
+LABEL=moequant_cached run train "$CONFIG" "$W" moequant_cached "${COMMON[@]}" "moequant_cache_dir=\"$W/cache\""
+python3 - "$OUT" <<'PY'
+import json, os, sys, torch
+out = sys.argv[1]
+runs = {}
+for name in ("checkpoint", "bf16_load", "axolotl_own", "moequant_first", "moequant_cached"):
+    path = os.path.join(out, f"{name}.json")
+    text = open(path).read().strip() if os.path.exists(path) else ""
+    runs[name] = json.loads(text) if text else {"missing": f"see {name}.log"}
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+json.dump({"device": device, "torch": torch.__version__, "runs": runs}, open(os.path.join(out, "bench_axolotl.json"), "w"), indent=1)
+PY
+stamp "done"
