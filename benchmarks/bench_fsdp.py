@@ -192,11 +192,13 @@ def run(args) -> dict:
     gathered = [None] * world
     dist.all_gather_object(gathered, per_rank)
     steady = slice(1, None) if args.steps > 1 else slice(0, None)
+    steady_steps = range(args.steps)[steady]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     result = {
-        "world_size": world, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "args": vars(args), "losses": losses, "experts_full_bytes": experts_full,
-        "per_rank": gathered,
-        "step_s_mean": sum(max(r["step_s"][i] for r in gathered) for i in range(args.steps)[steady]) / len(range(args.steps)[steady]),
+        "world_size": world, "device": device_name, "torch": torch.__version__, "args": vars(args),
+        "losses": losses, "experts_full_bytes": experts_full, "per_rank": gathered,
+        # a step lasts as long as its slowest rank
+        "step_s_mean": sum(max(r["step_s"][i] for r in gathered) for i in steady_steps) / len(steady_steps),
         "resident_bytes_max": max(r["resident_bytes"] for r in gathered),
         "experts_local_bytes_max": max(r["experts_local_bytes"] for r in gathered),
         "first_step_peak_bytes_max": max(r["step_peak_bytes"][0] for r in gathered),
@@ -205,7 +207,7 @@ def run(args) -> dict:
     if args.baseline:
         with open(args.baseline) as f:
             base = json.load(f)
-        if base["world_size"] != 1 or base["losses"].__len__() != len(losses):
+        if base["world_size"] != 1 or len(base["losses"]) != len(losses):
             raise ValueError(f"--baseline {args.baseline}: expected a one-rank run of {len(losses)} steps")
         result["vs_one_rank"] = {
             "experts_resident_fraction": result["experts_local_bytes_max"] / base["experts_local_bytes_max"],
@@ -231,7 +233,8 @@ def main(argv=None):
         result = run(args)
         if dist.get_rank() == 0:
             text = json.dumps(result, indent=1)
-            print(text if len(text) < 4000 else json.dumps({k: v for k, v in result.items() if k != "per_rank"}, indent=1))
+            summary = {k: v for k, v in result.items() if k != "per_rank"}
+            print(text if len(text) < 4000 else json.dumps(summary, indent=1))
             if args.out:
                 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
                 with open(args.out, "w") as f:

@@ -99,7 +99,7 @@ def assert_shards_hold_packed_bytes(model):
         assert tensors["packed"].to_local().shape[-1] * 2 == module.parametrizations[pname][0].shape[-1]
 
 
-def assert_bad_combinations_refused(rank):
+def assert_bad_combinations_refused():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
 
@@ -152,7 +152,7 @@ def worker(rank, path, port, out_dir):
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
-        assert_bad_combinations_refused(rank)
+        assert_bad_combinations_refused()
         assert_mixed_precision_keeps_statistics()
 
         model = load_peft_model(path)

@@ -117,7 +117,9 @@ def _default_mesh(model: nn.Module):
     return init_device_mesh(device_type, (torch.distributed.get_world_size(),))
 
 
-def check_shardable(model: nn.Module, mesh, shard_placement_fn: Optional[Callable] = None) -> list[tuple[str, nn.Module]]:
+def check_shardable(
+    model: nn.Module, mesh, shard_placement_fn: Optional[Callable] = None
+) -> list[tuple[str, nn.Module]]:
     """Raise ``ValueError`` for a model/mesh combination :func:`shard_model` cannot shard correctly;
     returns the quantized experts modules."""
     _, _, Shard = _fsdp()
@@ -176,6 +178,42 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _unit_kwargs(reshard_after_forward, offload_policy, shard_placement_fn, mesh) -> dict:
+    kwargs = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if offload_policy is not None:
+        kwargs["offload_policy"] = offload_policy
+    if shard_placement_fn is not None:
+        kwargs["shard_placement_fn"] = shard_placement_fn
+    return kwargs
+
+
+def shard_experts(
+    model: nn.Module,
+    mesh=None,
+    *,
+    reshard_after_forward: Union[bool, int] = True,
+    offload_policy=None,
+    shard_placement_fn: Optional[Callable] = None,
+) -> list[nn.Module]:
+    """``fully_shard`` each quantized experts module of ``model`` as its own unit, without mixed
+    precision, after the checks of :func:`shard_model`; returns those modules.
+
+    :func:`shard_model` starts with this. It is also the step to run before a wrapper that shards
+    the rest of the model itself with a ``param_dtype`` (accelerate's FSDP2 ``prepare`` leaves
+    modules that already are FSDP units alone): its decoder-layer units would otherwise hold the
+    stacks and cast their float32 statistics.
+    """
+    fully_shard, MixedPrecisionPolicy, _ = _fsdp()
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise ValueError("moequant FSDP2: torch.distributed is not initialized; call init_process_group first")
+    mesh = mesh if mesh is not None else _default_mesh(model)
+    experts = [m for _, m in check_shardable(model, mesh, shard_placement_fn)]
+    kwargs = _unit_kwargs(reshard_after_forward, offload_policy, shard_placement_fn, mesh)
+    for module in experts:
+        fully_shard(module, **kwargs, mp_policy=MixedPrecisionPolicy())
+    return experts
+
+
 def shard_model(
     model: nn.Module,
     mesh=None,
@@ -195,23 +233,17 @@ def shard_model(
     distributed (tensor/expert parallel), for meshes of other parallelisms, and for a
     ``shard_placement_fn`` that would split a stack along another dim than its experts.
     """
-    fully_shard, MixedPrecisionPolicy, _ = _fsdp()
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        raise ValueError("shard_model: torch.distributed is not initialized; call init_process_group first")
-    mesh = mesh if mesh is not None else _default_mesh(model)
-    experts = check_shardable(model, mesh, shard_placement_fn)
-    common = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
-    if offload_policy is not None:
-        common["offload_policy"] = offload_policy
-    if shard_placement_fn is not None:
-        common["shard_placement_fn"] = shard_placement_fn
-    with_mp = dict(common, mp_policy=mp_policy) if mp_policy is not None else common
-    for _, module in experts:
-        fully_shard(module, **common, mp_policy=MixedPrecisionPolicy())
+    fully_shard = _fsdp()[0]
+    mesh = mesh if mesh is not None or not torch.distributed.is_initialized() else _default_mesh(model)
+    experts = shard_experts(model, mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload_policy,
+                            shard_placement_fn=shard_placement_fn)
+    kwargs = _unit_kwargs(reshard_after_forward, offload_policy, shard_placement_fn, mesh)
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
     # reversed pre-order: a nested unit is sharded before any unit that contains it
-    for layer in reversed(_decoder_layers(model, [m for _, m in experts])):
-        fully_shard(layer, **with_mp)
-    fully_shard(model, **with_mp)
+    for layer in reversed(_decoder_layers(model, experts)):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
     return model
 
 
