@@ -112,7 +112,8 @@ void check_statistics(const char* op, const std::string& name, const StackShape&
               " must be float32 (plain statistics) or uint8 (double-quantized) ",
               dims_str(c10::SymIntArrayRef(expected)), ", got ", absmax.scalar_type());
   TORCH_CHECK(absmax.sym_sizes() == c10::SymIntArrayRef(expected), op, ": ", absmax_name, " must have shape ",
-              dims_str(c10::SymIntArrayRef(expected)), " for a ", quant_type_name(shape.type), " stack with packed shape ",
+              dims_str(c10::SymIntArrayRef(expected)), " for quant_type \"", quant_type_name(shape.type),
+              "\" and packed shape ",
               dims_str(packed.sym_sizes()),
               is_4bit(shape.type) ? " and blocksize " + num_str(blocksize) : std::string(" (one per row)"), ", got ",
               dims_str(absmax.sym_sizes()));

@@ -310,10 +310,12 @@ def test_op_errors():
         ops.dequant_expert(p, q.absmax, 64, torch.float32, None, "int8")
     with pytest.raises(RuntimeError, match=r'packed must be uint8 \[..., N, K/2\] for quant_type "nf4"'):
         ops.dequant_expert(q.packed, q.absmax, 64, torch.float32, None, "nf4")
-    with pytest.raises(RuntimeError, match=r"absmax must have shape \[2, 16\] for a int8 stack"):
+    with pytest.raises(RuntimeError, match=r'absmax must have shape \[2, 16\] for quant_type "int8"'):
         ops.dequant_expert(q.packed, q.absmax[:, :8], 64, torch.float32, None, "int8")
     with pytest.raises(RuntimeError, match="compress_statistics: absmax must be float32"):
         ops.compress_statistics(a)
+    empty_codes, empty_scale, empty_offset = ops.compress_statistics(torch.empty(3, 0))
+    assert empty_codes.shape == (3, 0) and empty_scale.shape == (3, 0) and empty_offset.isnan().all()
 
 
 # ---- experts ops per format ----------------------------------------------------------------

@@ -3,6 +3,7 @@
 // with one fp32 group absmax each. Parallel over groups.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 
 #include "../kernels.h"
 #include "../quant_checks.h"
@@ -15,7 +16,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_statistics_cpu(const at:
   const at::Tensor a = absmax.contiguous();
   const int64_t blocks = a.size(-1);
   const int64_t groups = (blocks + kDoubleQuantGroup - 1) / kDoubleQuantGroup;
-  const int64_t matrices = blocks == 0 ? a.numel() : a.numel() / blocks;
+  const int64_t matrices = c10::multiply_integers(a.sizes().slice(0, a.dim() - 1));
   std::vector<int64_t> scale_sizes = a.sizes().vec();
   scale_sizes.back() = groups;
   at::Tensor codes = at::empty_like(a, a.options().dtype(at::kByte));
