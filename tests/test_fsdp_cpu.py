@@ -1,7 +1,8 @@
 """FSDP2 on the CPU (gloo, two processes): a quantize-on-load tiny Qwen3-MoE with LoRA on experts and
 attention, sharded by moequant.integrations.fsdp.shard_model, trains to the losses and adapter of one
-process on the same global batch; its shards hold packed bytes only; adapter and quantized cache
-save from the sharded model; bad meshes are refused."""
+process on the same global batch; its shards hold packed bytes only; so does a model that only rank 0
+loaded (shard_model_from_rank0); adapter and quantized cache save from the sharded model; bad meshes
+are refused."""
 
 from __future__ import annotations
 
@@ -25,7 +26,13 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 import moequant  # noqa: E402
 from moequant.integrations import quantize_model_experts  # noqa: E402
-from moequant.integrations.fsdp import full_state_dict, save_adapter, shard_model, stack_tensors  # noqa: E402
+from moequant.integrations.fsdp import (  # noqa: E402
+    full_state_dict,
+    save_adapter,
+    shard_model,
+    shard_model_from_rank0,
+    stack_tensors,
+)
 from moequant.integrations.parametrize import NF4Parametrization  # noqa: E402
 from moequant.integrations.transformers import quantized_stacks  # noqa: E402
 
@@ -35,9 +42,19 @@ TIMEOUT_S = 150  # the whole two-process run; it takes ~10 s
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def load_peft_model(path):
-    with moequant.quantize_experts_on_load():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+def load_peft_model(path, on_meta=False):
+    """The tiny model quantized on load, with LoRA; ``on_meta``: its empty twin (meta parameters,
+    experts quantized on meta, LoRA on meta), what ranks other than 0 build for rank-0 loading."""
+    if on_meta:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+        quantize_model_experts(model)
+    else:
+        with moequant.quantize_experts_on_load():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "o_proj"],
                         target_parameters=EXPERT_TARGETS)
     torch.manual_seed(0)  # the same LoRA A init in every process
@@ -178,6 +195,18 @@ def worker(rank, path, port, out_dir):
         assert all(s["exp_avg"].to_local().numel() < s["exp_avg"].numel() for s in states)
         assert all(sharded_grads) and len(sharded_grads) == STEPS
 
+        # rank-0 loading: rank 0 alone loads (quantizing once); the others build on meta and
+        # receive only their shards
+        rank0_state = load_peft_model(path).state_dict() if rank == 0 else None
+        scattered = load_peft_model(path, on_meta=True)
+        with NoDequantize():
+            shard_model_from_rank0(scattered, rank0_state)
+            assert_shards_hold_packed_bytes(scattered)
+            assert not any(p.device.type == "meta" for p in scattered.parameters())
+            scattered_losses = torch.stack(train(scattered, ids)[0])
+        dist.all_reduce(scattered_losses)
+        scattered_losses /= WORLD
+
         # save_quantized from a sharded (inference) model: gathered codes, nothing dequantized
         with moequant.quantize_experts_on_load():
             plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -185,9 +214,9 @@ def worker(rank, path, port, out_dir):
             shard_model(plain)
             with torch.no_grad():
                 logits = plain(input_ids=global_batch()).logits
-            moequant.save_quantized(plain, os.path.join(out_dir, "cache"))
-            if rank != 0:  # rank 0 alone writes
-                assert not os.path.exists(os.path.join(out_dir, "cache", "moequant_model.safetensors"))
+            # a directory per rank, to see that rank 1 writes nothing (not even the directory)
+            moequant.save_quantized(plain, os.path.join(out_dir, f"cache{rank}"))
+            assert os.path.exists(os.path.join(out_dir, f"cache{rank}")) == (rank == 0)
             trainable = full_state_dict(plain, trainable_only=True)  # not frozen: every float weight but the stacks
             if rank == 0:
                 expected = {n for n, p in plain.named_parameters() if p.requires_grad}
@@ -197,7 +226,8 @@ def worker(rank, path, port, out_dir):
                 assert trainable is None
         dist.barrier()
         if rank == 0:
-            torch.save({"losses": mean_losses, "logits": logits}, os.path.join(out_dir, "result.pt"))
+            torch.save({"losses": mean_losses, "scattered_losses": scattered_losses, "logits": logits},
+                       os.path.join(out_dir, "result.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -237,6 +267,7 @@ def test_fsdp2_matches_one_process(checkpoint, tmp_path):
     model.save_pretrained(str(tmp_path / "adapter_one_process"))
     result = torch.load(tmp_path / "result.pt")
     torch.testing.assert_close(result["losses"], torch.stack(losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result["scattered_losses"], torch.stack(losses), rtol=1e-5, atol=1e-6)
     assert losses[-1] < losses[0] - 0.05  # it trained: the comparison is meaningful
 
     sharded = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
@@ -251,13 +282,13 @@ def test_fsdp2_matches_one_process(checkpoint, tmp_path):
     with moequant.quantize_experts_on_load():
         plain = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     moequant.save_quantized(plain, str(tmp_path / "cache_one_process"))
-    saved = load_file(str(tmp_path / "cache" / "moequant_model.safetensors"))
+    saved = load_file(str(tmp_path / "cache0" / "moequant_model.safetensors"))
     expected = load_file(str(tmp_path / "cache_one_process" / "moequant_model.safetensors"))
     assert saved.keys() == expected.keys()
     for key in expected:
         assert saved[key].dtype == expected[key].dtype and torch.equal(saved[key], expected[key]), key
     assert any(t.dtype == torch.uint8 for t in saved.values())
-    reloaded = moequant.load_quantized(str(tmp_path / "cache"))
+    reloaded = moequant.load_quantized(str(tmp_path / "cache0"))
     with torch.no_grad():
         logits = reloaded(input_ids=global_batch()).logits
     torch.testing.assert_close(result["logits"], logits, rtol=1e-5, atol=1e-5)

@@ -113,6 +113,8 @@ def _default_mesh(model: nn.Module):
     from torch.distributed.device_mesh import init_device_mesh
 
     device_types = {p.device.type for p in model.parameters() if p.device.type != "meta"}
+    if not device_types:  # built on meta: the device the process group's default backend drives
+        device_types = {"cuda" if torch.distributed.get_backend() == "nccl" else "cpu"}
     device_type = "cuda" if "cuda" in device_types else (device_types.pop() if len(device_types) == 1 else "cpu")
     return init_device_mesh(device_type, (torch.distributed.get_world_size(),))
 
@@ -244,6 +246,27 @@ def shard_model(
     for layer in reversed(_decoder_layers(model, experts)):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    return model
+
+
+def shard_model_from_rank0(model: nn.Module, rank0_state: Optional[dict], mesh=None, **shard_kwargs) -> nn.Module:
+    """Shard a model whose weights only rank 0 holds (the ``cpu_ram_efficient_loading`` case).
+
+    ``model``: on every rank, the model built with empty (meta) parameters, its experts quantized
+    on meta (``quantize_model_experts``, same format as rank 0's) and wrapped as on rank 0 (PEFT).
+    ``rank0_state``: on rank 0, the ``state_dict()`` of the real model (loaded once, experts
+    quantized once: packed codes and statistics, LoRA factors); ignored elsewhere. The meta model is
+    sharded by :func:`shard_model` (``mesh`` and ``shard_kwargs`` as there), then rank 0 sends one
+    tensor at a time and every rank keeps its shards; no rank but 0 ever holds the whole model, and
+    no stack is dequantized. Every rank must call it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0 and not rank0_state:
+        raise ValueError("shard_model_from_rank0: rank 0 must pass the full state dict of the loaded model")
+    shard_model(model, mesh, **shard_kwargs)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, rank0_state if torch.distributed.get_rank() == 0 else {}, options=options)
     return model
 
 
