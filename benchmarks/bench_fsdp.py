@@ -18,7 +18,10 @@ and step times; the global loss of every step. Run it once on one GPU, then on N
     torchrun --standalone --nproc-per-node 1 benchmarks/bench_fsdp.py --out one.json
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_fsdp.py --baseline one.json --out two.json
 
-``--device cpu --smoke`` runs the same pipeline at toy size with gloo (numbers meaningless).
+``--rank0-load``: rank 0 alone builds (and quantizes) the model, the other ranks build it on meta
+and receive their shards (``shard_model_from_rank0``); ``setup_peak_bytes`` shows what each rank held
+while loading. ``--device cpu --smoke`` runs the same pipeline at toy size with gloo (numbers
+meaningless).
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--plain-absmax", action="store_true", help="float32 absmax (no double-quantized statistics)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-reshard-after-forward", action="store_true")
+    p.add_argument("--rank0-load", action="store_true",
+                   help="rank 0 alone builds the model; the others build it on meta and get their shards")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--smoke", action="store_true", help="toy shapes (for a CPU check of the script)")
     p.add_argument("--baseline", help="JSON of the one-rank run, to compare against")
@@ -68,14 +73,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_model(args, device: torch.device):
+def build_model(args, device: torch.device, on_meta: bool = False):
+    """The quantized model on ``device``; ``on_meta``: its empty twin (meta parameters, experts
+    quantized on meta, real buffers), what ranks other than 0 build for --rank0-load."""
     import transformers
+    from accelerate import init_empty_weights
 
     import moequant
 
     config = transformers.Qwen3MoeConfig(**(SMOKE if args.smoke else QWEN3_30B_A3B), num_hidden_layers=args.layers)
     torch.manual_seed(0)
-    with device:  # identical weights on every rank (same seed, same device type)
+    # identical weights on every rank (same seed, same device type)
+    with init_empty_weights(include_buffers=False) if on_meta else device:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     formats = {} if not args.plain_absmax else {"double_quant": False}
     moequant.quantize_model_experts(model, blocksize=args.blocksize, **formats)
@@ -154,14 +163,25 @@ def run(args) -> dict:
     memory = Memory(device)
 
     start = time.perf_counter()
-    model = add_lora(build_model(args, device), args)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if world > 1:
-        from moequant.integrations.fsdp import shard_model
+    memory.reset_peak()
+    shard_kwargs = dict(reshard_after_forward=not args.no_reshard_after_forward)
+    if world > 1 and args.rank0_load:
+        from moequant.integrations.fsdp import shard_model_from_rank0
 
-        shard_model(model, reshard_after_forward=not args.no_reshard_after_forward)
+        rank0_state = add_lora(build_model(args, device), args).state_dict() if rank == 0 else None
+        model = add_lora(build_model(args, device, on_meta=True), args)
+        shard_model_from_rank0(model, rank0_state, **shard_kwargs)
+        del rank0_state
+    else:
+        model = add_lora(build_model(args, device), args)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if world > 1:
+            from moequant.integrations.fsdp import shard_model
+
+            shard_model(model, **shard_kwargs)
     setup_s = time.perf_counter() - start
+    setup_peak = memory.peak()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     resident = memory.allocated(model)
@@ -187,7 +207,7 @@ def run(args) -> dict:
 
     per_rank = {
         "resident_bytes": resident, "experts_local_bytes": experts_local, "step_peak_bytes": peaks,
-        "step_s": times, "setup_s": setup_s,
+        "step_s": times, "setup_s": setup_s, "setup_peak_bytes": setup_peak,
     }
     gathered = [None] * world
     dist.all_gather_object(gathered, per_rank)
