@@ -8,6 +8,8 @@
 
 ``moequant.save_quantized`` also takes a sharded model (one without adapters): every rank calls it,
 the shards are gathered to rank 0 as stored, and rank 0 writes what one process would.
+:func:`shard_model_from_rank0` shards a model that only rank 0 loaded (the other ranks build it on
+meta); :func:`shard_experts` is the experts-only first step, for wrappers that shard the rest.
 
 A quantized stack is stored as frozen parameters whose dim 0 is the expert: the packed codes
 ``uint8 [E, N, K/2]`` and their statistics (``absmax [E, N*K/B]``, and the double-quant tensors).
