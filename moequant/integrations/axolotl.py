@@ -168,8 +168,12 @@ def check_architecture(cfg) -> None:
 
     trust = bool(cfg.get("trust_remote_code"))
     config = AutoConfig.from_pretrained(cfg.get("base_model_config") or cfg.get("base_model"), trust_remote_code=trust)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    except Exception as err:  # e.g. a multimodal class Axolotl loads otherwise: the loader's own check remains
+        LOG.debug("moequant: no early architecture check for %s (%s)", config.model_type, err)
+        return
     try:
         _check_model(model)
     except ValueError as err:
