@@ -245,7 +245,9 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
 
 // Dynamic shared memory of the [K, N] kernel: a ring of stages (rows of `in`, packed codes,
 // their absmax, or with double quant their group scale and the 4-byte word holding their 8-bit
-// code), then one decoded k-tile.
+// code), then one decoded k-tile. With double quant Tile128Kn's three stages take 3 KB more (117
+// KB with the static tables): one CTA per SM instead of two for [K, N] products of more than 64
+// rows per expert (not measured; the benchmarked cells use 16-64-row tiles or scratch there).
 template <class S, bool kDoubleQuant>
 struct KnSmem {
   static constexpr int kParts = S::BN / kChunkWeights;           // packed chunks per k row
