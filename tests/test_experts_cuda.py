@@ -426,12 +426,16 @@ def test_all_pairs_sentinel():
 
 @pytest.mark.parametrize("decode", ["gemv", "grouped"])
 def test_negative_index_raises(decode, env):
+    """The routed paths raise on the host; the decode GEMV's no-grad call (decode="gemv") asserts on
+    the device instead, which ends the CUDA context: tests/test_experts_cuda_graphs.py runs it in a
+    subprocess."""
     env("MOEQUANT_DECODE_MAX_PAIRS", "64" if decode == "gemv" else "0")
     case = cuda_case(T=4, k=2, E=4, requires_grad=False)
     idx = case.index.clone()
     idx[1, 0] = -1
-    with pytest.raises(RuntimeError, match="negative expert id"):
-        ops.experts_forward(case.hidden, idx, case.weights, *case.args()[3:], **case.kwargs)
+    if decode == "grouped":
+        with pytest.raises(RuntimeError, match="negative expert id"):
+            ops.experts_forward(case.hidden, idx, case.weights, *case.args()[3:], **case.kwargs)
     with pytest.raises(RuntimeError, match="negative expert id"):
         ops._experts_forward_train(case.hidden, idx, case.weights, *case.args()[3:], **case.kwargs)
 

@@ -8,10 +8,9 @@
 // bytes of 4-bit codes, or 32 bytes of int8 codes: the only step that differs by format) of those rows, all loads of a step in flight before the first decode, and multiplies with the
 // input vector staged in shared memory, padded by 4 floats every 32 so that the 16-byte reads of
 // lanes with different units hit different banks. Sums run in a fixed order: results are
-// reproducible.
+// reproducible. No host synchronization: the path can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
@@ -33,6 +32,13 @@ constexpr int64_t kSplitUnits = 64;
 constexpr int kPaddedUnitFloats = 36;  // 32 inputs + 4 floats of padding per unit in shared memory
 constexpr int kStagedPerThread = kSplitUnits * 32 / kGemvThreads;
 constexpr int kRowsPerCta = kGemvWarps * kRowsPerWarp;
+// CUDA_KERNEL_ASSERT_MSG prints this as the failed assertion (with file, line, block and thread).
+#define MOEQUANT_NEGATIVE_EXPERT_ID_MSG \
+  "moequant.experts_forward: top_k_index holds a negative expert id; ids must be in [0, E) (or >= E for sentinel " \
+  "slots that contribute zero)"
+#ifndef CUDA_KERNEL_ASSERT_MSG  // older torch: the condition alone is printed
+#define CUDA_KERNEL_ASSERT_MSG(cond, msg) CUDA_KERNEL_ASSERT(cond)
+#endif
 
 bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& gate_up, const PackedStack& down) {
   int64_t max_pairs = kDefaultDecodeMaxPairs;
@@ -122,7 +128,13 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
   float2* const pair_table = tables.pair;
   const int64_t s = blockIdx.y, p = blockIdx.z, P = gridDim.z;
   const int64_t e = pair_expert[p];
-  if (e < 0 || e >= E) return;  // sentinel slot (or a negative id, raised on the host): never read
+  // A negative id is an error, checked on the device so that the path never waits for the host
+  // (CUDA-graph capturable): like torch's own index checks, a device-side assert that fails the
+  // next synchronizing call. One thread per pair reports it.
+  if (e < 0 && threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0) {
+    CUDA_KERNEL_ASSERT_MSG(e >= 0, MOEQUANT_NEGATIVE_EXPERT_ID_MSG);
+  }
+  if (e < 0 || e >= E) return;  // sentinel slot: never read
   const int64_t units_per_row = K / 32;
   const int64_t unit0 = s * split_units;
   const int units = static_cast<int>(std::min(split_units, units_per_row - unit0));
@@ -317,12 +329,8 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
   const int64_t T = hidden.size(0), H = hidden.size(1), k = top_k_index.size(1), P = T * k;
   const int64_t E = gate_up.experts, I = down.cols;
   const at::Tensor pair_expert = top_k_index.to(at::kLong).contiguous().view({-1});
-  // A negative expert id must raise. Its check is this path's one host sync, taken after the
-  // kernels are queued (they skip such slots), so that the GPU is busy while the host waits.
-  at::Tensor min_id = at::empty({}, pair_expert.options().device(at::kCPU).pinned_memory(true));
-  min_id.copy_(pair_expert.min(), /*non_blocking=*/true);
-  at::cuda::CUDAEvent min_id_ready;
-  min_id_ready.record(at::cuda::getCurrentCUDAStream());
+  // No device -> host copy or sync anywhere below (a negative id is a device-side assert in
+  // gemv_kernel; buffers come from the caching allocator): the call can be captured in a CUDA graph.
   const auto f32 = hidden.options().dtype(at::kFloat);
   const int64_t gu_splits = gemv_split(H).splits, d_splits = gemv_split(I).splits;
   at::Tensor h = at::empty({gu_splits, P, 2 * I}, f32);  // split partial sums
@@ -348,10 +356,6 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
         T, E, k, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  min_id_ready.synchronize();
-  TORCH_CHECK(min_id.item<int64_t>() >= 0,
-              "moequant.experts_forward: top_k_index holds a negative expert id; ids must be in [0, ",
-              std::to_string(E), ") (or >= ", std::to_string(E), " for sentinel slots that contribute zero)");
   return out;
 }
 
