@@ -1,0 +1,243 @@
+"""Decode per-layer experts call (T=1 and T=8, no grad) replayed from a CUDA graph: moequant's
+fused GEMV in each format beside transformers' bf16 `grouped_mm` experts, same run, same routing.
+
+Each graph holds --calls consecutive experts calls, each with its own input and routing (top-k of
+softmax(randn)), so that what one call reads is not in L2 for the next (as consecutive layers of a
+model step); the time per call is the graph's replay time / --calls (CUDA events, 3 warm-ups,
+median of --reps). Also timed: a graph of one call (includes the graph launch) and the same calls
+eagerly. The bf16 baseline is graph-captured when its eager call makes no host sync (checked with
+torch.cuda.set_sync_debug_mode("error") first) and capture succeeds; otherwise it is timed eagerly
+and the row says so (`bf16_captured`, `bf16_capture_error`).
+
+Bandwidth: GB/s of the packed bytes the call reads (codes + statistics of the distinct experts its
+routing selects, both projections) over the per-call time, and its % of a same-run device-to-device
+copy (read + write bytes / time of a 1 GiB `copy_`).
+
+    python benchmarks/bench_decode_graph.py [--shapes qwen3_30b_a3b,olmoe_1b_7b,mixtral_8x7b,deepseek_v3]
+        [--tokens 1,8] [--formats nf4,nf4_dq,fp4,fp4_dq,int8] [--calls 16] [--reps 20]
+        [--out benchmarks/results/bench_decode_graph-<device>.json]
+    python benchmarks/bench_decode_graph.py --device cpu --shapes tiny --reps 2   # smoke: eager only
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_experts import SHAPES as REFERENCE_SHAPES  # noqa: E402
+from bench_experts import build_bf16_experts, format_name, parse_format, quantize_experts  # noqa: E402
+
+from moequant import ops  # noqa: E402
+
+SHAPES = dict(REFERENCE_SHAPES, tiny=(256, 128, 16, 8))  # tiny: CPU smoke runs
+
+
+def median_ms(fn, reps, device, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_gbps(device, reps):
+    """Same-run reference: device-to-device copy of 1 GiB, (read + write) bytes / time."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), reps, device)
+    del src, dst
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def host_sync_error(fn):
+    """None if fn() makes no host synchronization, else the first line of the error it raised."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return None
+    except RuntimeError as err:
+        return str(err).strip().splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
+def capture(fn):
+    """A CUDA graph of fn(), after two warm-up calls on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph
+
+
+def routed_calls(T, H, E, k, calls, device, gen):
+    """--calls independent (hidden, top_k_index, top_k_weights) triples."""
+    out = []
+    for _ in range(calls):
+        logits = torch.randn(T, E, device=device, generator=gen)
+        w, idx = torch.softmax(logits, dim=-1).topk(k, dim=-1)
+        x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
+        out.append((x, idx, (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)))
+    return out
+
+
+def timed(run_all, calls, reps, device, graphable=True):
+    """Per-call ms of run_all (which makes `calls` calls): eager, and replayed from a graph."""
+    r = {"eager_ms": median_ms(run_all, reps, device) / calls}
+    if device.type == "cuda" and graphable:
+        graph = capture(run_all)
+        r["graph_ms"] = median_ms(graph.replay, reps, device) / calls
+        del graph
+    return r
+
+
+@torch.no_grad()
+def bench_shape(name, tokens, formats, calls, reps, device, copy_rate, rows):
+    H, I, E, k = SHAPES[name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    experts = build_bf16_experts(H, I, E, k, device)
+    stacks = {fmt: quantize_experts(experts, *fmt) for fmt in formats}
+    bf16_expert_bytes = 3 * H * I * 2
+    for T in tokens:
+        inputs = routed_calls(T, H, E, k, calls, device, gen)
+        distinct = [torch.unique(idx).numel() for _, idx, _ in inputs]  # host-side, outside timing
+        mean_distinct = statistics.mean(distinct)
+
+        def bf16_all():
+            for x, idx, w in inputs:
+                experts(x, idx, w)
+
+        bf16_err = host_sync_error(bf16_all) if device.type == "cuda" else None
+        try:
+            bf16 = timed(bf16_all, calls, reps, device, graphable=bf16_err is None)
+        except RuntimeError as err:  # capture refused: time it eagerly
+            bf16_err = str(err).strip().splitlines()[0]
+            torch.cuda.synchronize()
+            bf16 = timed(bf16_all, calls, reps, device, graphable=False)
+        bf16_captured = "graph_ms" in bf16
+        bf16_ms = bf16.get("graph_ms", bf16["eager_ms"])
+        for fmt in formats:
+            positional, format_kw, stack_bytes = stacks[fmt]
+
+            def mq_all():
+                for x, idx, w in inputs:
+                    ops.experts_forward(x, idx, w, *positional, blocksize=64, **format_kw)
+
+            mq_err = host_sync_error(mq_all) if device.type == "cuda" else None
+            mq = timed(mq_all, calls, reps, device, graphable=mq_err is None)
+            if device.type == "cuda" and mq_err is None:  # one call per graph: includes the graph launch
+                x0, idx0, w0 = inputs[0]
+                one = capture(lambda: ops.experts_forward(x0, idx0, w0, *positional, blocksize=64, **format_kw))
+                mq["graph1_ms"] = median_ms(one.replay, reps, device)
+                del one
+            mq_ms = mq.get("graph_ms", mq["eager_ms"])
+            read_bytes = mean_distinct * stack_bytes / E
+            gbps = read_bytes / (mq_ms * 1e-3) / 1e9
+            row = dict(
+                shape=name, T=T, format=format_name(*fmt), calls_per_graph=calls,
+                mean_distinct_experts=mean_distinct, packed_bytes_read=read_bytes,
+                moequant_us=mq_ms * 1e3, moequant_captured="graph_ms" in mq,
+                moequant_graph_1call_us=mq["graph1_ms"] * 1e3 if "graph1_ms" in mq else None,
+                moequant_eager_us=mq["eager_ms"] * 1e3, moequant_host_sync=mq_err,
+                packed_gbps=gbps, pct_of_copy=100 * gbps / copy_rate if copy_rate else None,
+                bf16_us=bf16_ms * 1e3, bf16_eager_us=bf16["eager_ms"] * 1e3, bf16_captured=bf16_captured,
+                bf16_capture_error=bf16_err,
+                bf16_gbps=mean_distinct * bf16_expert_bytes / (bf16_ms * 1e-3) / 1e9,
+                ratio_vs_bf16=mq_ms / bf16_ms,
+            )
+            rows.append(row)
+            print(f"{name:14s} T={T:<2d} {row['format']:7s} {'graph' if row['moequant_captured'] else 'EAGER'} "
+                  f"{row['moequant_us']:7.1f} us (1-call graph {row['moequant_graph_1call_us'] or float('nan'):6.1f}, "
+                  f"eager {row['moequant_eager_us']:6.1f}) {gbps:7.0f} GB/s = "
+                  f"{row['pct_of_copy'] or float('nan'):5.1f}% of copy | bf16 "
+                  f"{'graph' if bf16_captured else 'eager'} {row['bf16_us']:7.1f} us | ratio {row['ratio_vs_bf16']:.2f}",
+                  flush=True)
+        del inputs
+    # T=8 against T=1 per format (issue 16: no slower than 1.5x), graph times where there are any.
+    for fmt in formats:
+        by_t = {r["T"]: r for r in rows if r["shape"] == name and r["format"] == format_name(*fmt)}
+        if 1 in by_t and 8 in by_t:
+            by_t[8]["t8_over_t1"] = by_t[8]["moequant_us"] / by_t[1]["moequant_us"]
+    del experts, stacks
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="qwen3_30b_a3b,olmoe_1b_7b,mixtral_8x7b,deepseek_v3")
+    ap.add_argument("--tokens", default="1,8")
+    ap.add_argument("--formats", default="nf4,nf4_dq,fp4,fp4_dq,int8", help="<type>[_dq], comma-separated")
+    ap.add_argument("--calls", type=int, default=16, help="experts calls per captured graph")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: eager smoke run, no graphs")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    formats = [parse_format(f) for f in args.formats.split(",") if f]
+    shapes = args.shapes.split(",")
+    for s in shapes:
+        if s not in SHAPES:
+            ap.error(f"unknown shape {s!r}: expected one of {', '.join(SHAPES)}")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if args.calls < 1:
+        ap.error("--calls must be >= 1")
+    import transformers
+
+    device = torch.device(args.device)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", dev_name).strip("_")
+    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                        f"bench_decode_graph-{slug}.json")
+    copy_rate = copy_gbps(device, args.reps) if device.type == "cuda" else None
+    if copy_rate:
+        print(f"device copy: {copy_rate:.0f} GB/s (read + write)", flush=True)
+    rows = []
+    meta = dict(device=dev_name, torch=torch.__version__, transformers=transformers.__version__,
+                python=platform.python_version(), command=" ".join(sys.argv), copy_gbps=copy_rate,
+                timing=f"CUDA events, 3 warm-ups, median of {args.reps} replays of a graph of {args.calls} calls",
+                rows=rows)
+    for name in shapes:
+        bench_shape(name, tokens, formats, args.calls, args.reps, device, copy_rate, rows)
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w") as f:
+            json.dump(meta, f, indent=1)
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
