@@ -9,6 +9,9 @@ eagerly. The bf16 baseline is graph-captured when its eager call makes no host s
 torch.cuda.set_sync_debug_mode("error") first) and capture succeeds; otherwise it is timed eagerly
 and the row says so (`bf16_captured`, `bf16_capture_error`).
 
+--lora-rank r (default 16) also times the first format with LoRA r on both projections (row
+"<format>+lora<r>"; its bandwidth counts the packed bytes only).
+
 Bandwidth: GB/s of the packed bytes the call reads (codes + statistics of the distinct experts its
 routing selects, both projections) over the per-call time, and its % of a same-run device-to-device
 copy (read + write bytes / time of a 1 GiB `copy_`).
@@ -126,11 +129,20 @@ def timed(run_all, calls, reps, device, graphable=True):
 
 
 @torch.no_grad()
-def bench_shape(name, tokens, formats, calls, reps, device, copy_rate, rows):
+def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate, rows):
     H, I, E, k = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
     experts = build_bf16_experts(H, I, E, k, device)
     stacks = {fmt: quantize_experts(experts, *fmt) for fmt in formats}
+    variants = [(fmt, {}) for fmt in formats]
+    if lora_rank:  # the first format again with LoRA on both projections (PEFT layout: A [E, r, in], B [E, out, r])
+        lora = dict(gate_up_lora_A=torch.randn(E, lora_rank, H, device=device, dtype=torch.bfloat16) * H**-0.5,
+                    gate_up_lora_B=torch.randn(E, 2 * I, lora_rank, device=device, dtype=torch.bfloat16) * 0.01,
+                    gate_up_lora_scaling=2.0,
+                    down_lora_A=torch.randn(E, lora_rank, I, device=device, dtype=torch.bfloat16) * I**-0.5,
+                    down_lora_B=torch.randn(E, H, lora_rank, device=device, dtype=torch.bfloat16) * 0.01,
+                    down_lora_scaling=2.0)
+        variants.append((formats[0], lora))
     bf16_expert_bytes = 3 * H * I * 2
     for T in tokens:
         inputs = routed_calls(T, H, E, k, calls, device, gen)
@@ -150,8 +162,10 @@ def bench_shape(name, tokens, formats, calls, reps, device, copy_rate, rows):
             bf16 = timed(bf16_all, calls, reps, device, graphable=False)
         bf16_captured = "graph_ms" in bf16
         bf16_ms = bf16.get("graph_ms", bf16["eager_ms"])
-        for fmt in formats:
+        for fmt, lora_kw in variants:
             positional, format_kw, stack_bytes = stacks[fmt]
+            format_kw = dict(format_kw, **lora_kw)
+            label = format_name(*fmt) + (f"+lora{lora_rank}" if lora_kw else "")
 
             def mq_all():
                 for x, idx, w in inputs:
@@ -168,7 +182,7 @@ def bench_shape(name, tokens, formats, calls, reps, device, copy_rate, rows):
             read_bytes = mean_distinct * stack_bytes / E
             gbps = read_bytes / (mq_ms * 1e-3) / 1e9
             row = dict(
-                shape=name, T=T, format=format_name(*fmt), calls_per_graph=calls,
+                shape=name, T=T, format=label, calls_per_graph=calls,
                 mean_distinct_experts=mean_distinct, packed_bytes_read=read_bytes,
                 moequant_us=mq_ms * 1e3, moequant_captured="graph_ms" in mq,
                 moequant_graph_1call_us=mq["graph1_ms"] * 1e3 if "graph1_ms" in mq else None,
@@ -188,8 +202,8 @@ def bench_shape(name, tokens, formats, calls, reps, device, copy_rate, rows):
                   flush=True)
         del inputs
     # T=8 against T=1 per format (issue 16: no slower than 1.5x), graph times where there are any.
-    for fmt in formats:
-        by_t = {r["T"]: r for r in rows if r["shape"] == name and r["format"] == format_name(*fmt)}
+    for label in {r["format"] for r in rows if r["shape"] == name}:
+        by_t = {r["T"]: r for r in rows if r["shape"] == name and r["format"] == label}
         if 1 in by_t and 8 in by_t:
             by_t[8]["t8_over_t1"] = by_t[8]["moequant_us"] / by_t[1]["moequant_us"]
     del experts, stacks
@@ -204,6 +218,8 @@ def main():
     ap.add_argument("--tokens", default="1,8")
     ap.add_argument("--formats", default="nf4,nf4_dq,fp4,fp4_dq,int8", help="<type>[_dq], comma-separated")
     ap.add_argument("--calls", type=int, default=16, help="experts calls per captured graph")
+    ap.add_argument("--lora-rank", type=int, default=16,
+                    help="also time the first format with LoRA of this rank on both projections (0: no)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: eager smoke run, no graphs")
     ap.add_argument("--out", default=None)
@@ -232,7 +248,7 @@ def main():
                 timing=f"CUDA events, 3 warm-ups, median of {args.reps} replays of a graph of {args.calls} calls",
                 rows=rows)
     for name in shapes:
-        bench_shape(name, tokens, formats, args.calls, args.reps, device, copy_rate, rows)
+        bench_shape(name, tokens, formats, args.lora_rank, args.calls, args.reps, device, copy_rate, rows)
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         with open(out_path, "w") as f:
             json.dump(meta, f, indent=1)
