@@ -10,7 +10,7 @@ Configurations (--configs):
                  target_parameters and on q/k/v/o_proj), unmerged, lora_B non-zero; the experts'
                  LoRA runs inside the decode GEMV path (per-pair products), so it captures too
 
-Modes (--modes), each configuration and mode in its own process (memory figures are per process):
+Modes (--modes; each configuration runs in its own process, its modes one after the other):
   graph     prefill eagerly into a transformers StaticCache, then capture ONE decode step
             (forward of the last tokens, greedy argmax, next position) in a torch.cuda.CUDAGraph
             and replay it --new-tokens times; no host work between tokens. Before capturing, the
@@ -259,30 +259,35 @@ def worker(args):
     model, resident = build_model(args, device)
     build_s = time.perf_counter() - t0
     rows = []
-    for batch in args.batch_list:
-        gen = torch.Generator(device="cpu").manual_seed(batch)
-        prompt = torch.randint(0, text_config(model).vocab_size, (batch, args.prompt_len), generator=gen).to(device)
-        row = dict(config=args.config, mode=args.mode, batch=batch, layers=args.layers, size=args.size,
-                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, model_resident_mb=mb(resident),
-                   build_s=build_s)
-        if args.config.startswith("moequant"):
-            row["format"] = args.quant_type + ("_dq" if args.double_quant else "")
-        try:
-            if args.mode == "generate":
-                row.update(run_generate(model, prompt, args, device))
-            else:
-                row.update(run_loop(model, prompt, args, device, use_graph=args.mode == "graph"))
-        except Exception as err:  # recorded, so the other rows still run
-            row["error"] = f"{type(err).__name__}: {str(err).strip()[:2000]}"
-            traceback.print_exc()
+    for mode in args.mode_list:
+        for batch in args.batch_list:
+            gen = torch.Generator(device="cpu").manual_seed(batch)
+            prompt = torch.randint(0, text_config(model).vocab_size, (batch, args.prompt_len), generator=gen)
+            prompt = prompt.to(device)
+            row = dict(config=args.config, mode=mode, batch=batch, layers=args.layers, size=args.size,
+                       prompt_len=args.prompt_len, new_tokens=args.new_tokens, model_resident_mb=mb(resident),
+                       build_s=build_s)
+            if args.config.startswith("moequant"):
+                row["format"] = args.quant_type + ("_dq" if args.double_quant else "")
+            try:
+                if mode == "generate":
+                    row.update(run_generate(model, prompt, args, device))
+                else:
+                    row.update(run_loop(model, prompt, args, device, use_graph=mode == "graph"))
+            except Exception as err:  # recorded, so the other rows still run
+                row["error"] = f"{type(err).__name__}: {str(err).strip()[:2000]}"
+                traceback.print_exc()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
             if device.type == "cuda":
-                torch.cuda.synchronize()
-        if device.type == "cuda":
-            row["peak_mb"] = mb(torch.cuda.max_memory_allocated(device))
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    with open(args.worker_out, "w") as f:
-        json.dump(rows, f)
+                row["peak_mb"] = mb(torch.cuda.max_memory_allocated(device))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            with open(args.worker_out, "w") as f:  # after every row: a timed-out worker keeps what it measured
+                json.dump(rows, f)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def main():
@@ -302,10 +307,9 @@ def main():
     ap.add_argument("--generate-backend", default="cudagraphs", choices=["cudagraphs", "inductor", "eager"],
                     help="generate mode's torch.compile backend (eager: dynamo tracing only, no graphs; CPU smoke)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per configuration and mode (one process)")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per configuration (one process)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--config", help=argparse.SUPPRESS)  # worker process: one configuration and mode
-    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)  # worker process: one configuration
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.double_quant is None:
@@ -316,7 +320,7 @@ def main():
         ap.error("--new-tokens must be >= 4 (the warm-up steps run inside the static cache's length)")
     args.batch_list = [int(b) for b in args.batches.split(",") if b]
     configs = [c for c in args.configs.split(",") if c]
-    modes = [m for m in args.modes.split(",") if m]
+    modes = args.mode_list = [m for m in args.modes.split(",") if m]
     for c in configs:
         if c not in CONFIGS:
             ap.error(f"unknown config {c!r}: expected some of {', '.join(CONFIGS)}")
@@ -345,34 +349,32 @@ def main():
                    "--quant-type", args.quant_type, "--double-quant" if args.double_quant else "--no-double-quant",
                    "--rank", str(args.rank), "--generate-backend", args.generate_backend, "--device", args.device]
     for config in configs:
-        for mode in modes:
-            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-                worker_out = tmp.name
-            cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--modes", mode, "--config", config, "--mode", mode,
-                   "--worker-out", worker_out]
-            print(f"== {config} / {mode}", flush=True)
-            t0 = time.perf_counter()
-            try:
-                r = subprocess.run(cmd, timeout=args.timeout, capture_output=True, text=True)
-                sys.stdout.write(r.stdout)
-                if r.returncode != 0:
-                    failures.append(dict(config=config, mode=mode, returncode=r.returncode, stderr=r.stderr[-4000:]))
-                    sys.stdout.write(r.stderr[-4000:])
-                elif os.path.exists(worker_out):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+            worker_out = tmp.name
+        cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--modes", args.modes, "--config", config,
+               "--worker-out", worker_out]
+        print(f"== {config}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            r = subprocess.run(cmd, timeout=args.timeout, capture_output=True, text=True)
+            sys.stdout.write(r.stdout)
+            if r.returncode != 0:
+                failures.append(dict(config=config, returncode=r.returncode, stderr=r.stderr[-4000:]))
+                sys.stdout.write(r.stderr[-4000:])
+        except subprocess.TimeoutExpired as err:
+            stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
+            failures.append(dict(config=config, error=f"timed out after {args.timeout} s", stderr=stderr[-4000:]))
+        finally:
+            if os.path.exists(worker_out):
+                if os.path.getsize(worker_out):
                     with open(worker_out) as f:
                         rows.extend(json.load(f))
-            except subprocess.TimeoutExpired as err:
-                failures.append(dict(config=config, mode=mode, error=f"timed out after {args.timeout} s",
-                                     stderr=(err.stderr or b"")[-4000:].decode(errors="replace")
-                                     if isinstance(err.stderr, bytes) else (err.stderr or "")[-4000:]))
-            finally:
-                if os.path.exists(worker_out):
-                    os.unlink(worker_out)
-            print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
-            summarize(rows, meta)
-            os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-            with open(out_path, "w") as f:
-                json.dump(meta, f, indent=1)
+                os.unlink(worker_out)
+        print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
+        summarize(rows, meta)
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w") as f:
+            json.dump(meta, f, indent=1)
     print_table(rows)
     print(f"wrote {out_path}")
 
