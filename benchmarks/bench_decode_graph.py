@@ -73,7 +73,6 @@ def copy_gbps(device, reps):
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), reps, device)
-    del src, dst
     return 2 * n / (ms * 1e-3) / 1e9
 
 
@@ -200,16 +199,11 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
                   f"{row['pct_of_copy'] or float('nan'):5.1f}% of copy | bf16 "
                   f"{'graph' if bf16_captured else 'eager'} {row['bf16_us']:7.1f} us | ratio {row['ratio_vs_bf16']:.2f}",
                   flush=True)
-        del inputs
     # T=8 against T=1 per format (issue 16: no slower than 1.5x), graph times where there are any.
     for label in {r["format"] for r in rows if r["shape"] == name}:
         by_t = {r["T"]: r for r in rows if r["shape"] == name and r["format"] == label}
         if 1 in by_t and 8 in by_t:
             by_t[8]["t8_over_t1"] = by_t[8]["moequant_us"] / by_t[1]["moequant_us"]
-    del experts, stacks
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def main():
@@ -249,6 +243,9 @@ def main():
                 rows=rows)
     for name in shapes:
         bench_shape(name, tokens, formats, args.lora_rank, args.calls, args.reps, device, copy_rate, rows)
+        gc.collect()  # the shape's weights and graphs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         with open(out_path, "w") as f:
             json.dump(meta, f, indent=1)
