@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import time
 from typing import Literal, Optional
@@ -110,20 +109,6 @@ def experts_format(cfg) -> tuple[str, bool]:
             f"adapter: qlora with load_in_4bit: true (got load_in_4bit: {four}, load_in_8bit: {eight})"
         )
     return "int8", False
-
-
-def _loader_kwargs(quant_type: str, double_quant: bool) -> dict:
-    """The format arguments :func:`quantize_experts_on_load` takes; refuses formats this build lacks."""
-    params = inspect.signature(quantize_experts_on_load).parameters
-    if "quant_type" in params:
-        return {"quant_type": quant_type, "double_quant": double_quant}
-    if (quant_type, double_quant) != ("nf4", False):
-        raise ValueError(
-            f"this moequant build quantizes experts to NF4 with plain statistics only; the config asks for "
-            f"{quant_type} (double_quant={double_quant}): set bnb_config_kwargs.bnb_4bit_use_double_quant: false "
-            "with adapter: qlora + load_in_4bit"
-        )
-    return {}
 
 
 def check_config(cfg) -> None:
@@ -251,7 +236,6 @@ class MoequantPlugin(BasePlugin):
             return
         check_config(cfg)
         quant_type, double_quant = experts_format(cfg)
-        loader_kwargs = _loader_kwargs(quant_type, double_quant)
         if not torch.cuda.is_available():
             gpu_only = _gpu_only_settings(cfg)
             if gpu_only:
@@ -272,7 +256,7 @@ class MoequantPlugin(BasePlugin):
             self._cache_hit = self._cache.lookup()
         self._open.enter_context(
             quantize_experts_on_load(blocksize=blocksize, fuse=str(cfg.get("moequant_fuse") or "quantized"),
-                                     **loader_kwargs)
+                                     quant_type=quant_type, double_quant=double_quant)
         )
         if self._cache_hit:
             self._open.enter_context(self._cache.hooks())
