@@ -36,7 +36,9 @@ else:
     sources.remove(os.path.join("ops", "register_cuda.cpp"))
 
 debug = os.environ.get("MOEQUANT_DEBUG") == "1"
-cxx_flags = ["-O3" if not debug else "-O0", "-std=c++20", "-fopenmp"]
+# -ffp-contract=off: no fused multiply-add contraction (builds with -march=native would otherwise
+# fuse the decode's a * b + c and break bit-exactness with bitsandbytes).
+cxx_flags = ["-O3" if not debug else "-O0", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
 extra_compile_args = {"cxx": cxx_flags}
 define_macros = [("Py_LIMITED_API", "0x030A0000")]
 if with_cuda:

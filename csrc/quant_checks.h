@@ -1,6 +1,6 @@
 // Argument checks and output shapes of the stack ops (quantize_nf4, dequant_expert,
 // compress_statistics), shared by the CPU, CUDA and Meta kernels so that every backend rejects
-// the same inputs with the same message. Formats: /work/plan/FORMATS.md, csrc/quant_format.h.
+// the same inputs with the same message. Formats: csrc/quant_format.h and the README.
 #pragma once
 
 #include <ATen/ATen.h>

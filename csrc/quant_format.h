@@ -1,5 +1,5 @@
 // The storage formats shared by every kernel (CPU and CUDA): 4-bit codebooks (NF4, FP4), int8
-// row-wise, and double-quantized block statistics. See /work/plan/FORMATS.md and DESIGN.md §2.
+// row-wise, and double-quantized block statistics. See the README (Formats) and DESIGN.md §2.
 // Everything here must stay bit-identical to bitsandbytes 0.50.2's CPU/default backend, so no
 // fast-math and no reordering or contraction of fp32 arithmetic.
 #pragma once

@@ -1,4 +1,4 @@
-"""Quantized expert stacks in every storage format (see /work/plan/FORMATS.md and DESIGN.md §2).
+"""Quantized expert stacks in every storage format (see the README's Formats section and DESIGN.md §2).
 
 ============  ==============================  ====================================================
 quant_type    packed                          statistics
