@@ -1,6 +1,9 @@
 """The experts cache behind ``moequant_cache_dir`` (moequant.integrations.cache), on a real from_pretrained."""
 
+import glob
+import json
 import os
+import weakref
 
 import pytest
 import torch
@@ -9,7 +12,8 @@ from transformers import AutoModelForCausalLM
 import moequant.integrations.transformers as hook
 from _integration_models import save_tiny_checkpoint
 from moequant.integrations import find_experts_modules
-from moequant.integrations.cache import MANIFEST_NAME, TENSORS_NAME, ExpertsCache, cache_key
+import moequant.integrations.cache as cache_module
+from moequant.integrations.cache import MANIFEST_NAME, ExpertsCache, cache_key
 from moequant.integrations.parametrize import quant_stack_of
 from moequant.integrations.transformers import quantize_experts_on_load
 
@@ -19,8 +23,9 @@ def checkpoint(tmp_path):
     return save_tiny_checkpoint("qwen3_moe", str(tmp_path / "ckpt"))
 
 
-def load(checkpoint, cache_dir, monkeypatch, quant_type="nf4", double_quant=True, blocksize=64):
-    """One load through the cache; returns (model, hit, number of stacks quantized)."""
+def load(checkpoint, cache_dir, monkeypatch, quant_type="nf4", double_quant=True, blocksize=64, wait=True):
+    """One load through the cache; returns (model, hit, number of stacks quantized, cache). ``wait``: join the
+    entry's background write before returning."""
     quantized = []
     original = hook._quantize_experts_streaming
 
@@ -35,7 +40,13 @@ def load(checkpoint, cache_dir, monkeypatch, quant_type="nf4", double_quant=True
     with quantize_experts_on_load(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant), cache.hooks():
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
     if not hit:
-        cache.store(model)
+        nbytes = cache.store(model)
+        assert nbytes == sum(t.numel() * t.element_size() for stack in stacks(model).values()
+                             for t in (stack.packed, stack.absmax, stack.absmax_scale, stack.absmax_offset)
+                             if t is not None)
+        if wait:
+            cache.wait()
+            assert cache.writer.error is None
     return model, hit, sum(quantized), cache
 
 
@@ -64,30 +75,172 @@ def test_second_load_reads_the_cache_without_quantizing(checkpoint, tmp_path, mo
     assert torch.equal(first(x).logits, second(x).logits)
 
 
-@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "no_manifest", "bad_manifest"])
-def test_damaged_entry_is_rebuilt_not_loaded(checkpoint, tmp_path, monkeypatch, damage):
-    reference, _, _, cache = load(checkpoint, tmp_path / "cache", monkeypatch)
-    tensors = os.path.join(cache.directory, TENSORS_NAME)
-    manifest = os.path.join(cache.directory, MANIFEST_NAME)
-    if damage == "flip_byte":
-        with open(tensors, "r+b") as f:
-            f.seek(os.path.getsize(tensors) - 7)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 0xFF]))
-    elif damage == "truncate":
-        with open(tensors, "r+b") as f:
-            f.truncate(os.path.getsize(tensors) // 2)
-    elif damage == "no_manifest":
-        os.remove(manifest)
-    else:
-        with open(manifest, "w") as f:
-            f.write("{not json")
-    model, hit, quantized, cache = load(checkpoint, tmp_path / "cache", monkeypatch)
-    assert not hit and quantized == 4  # detected, deleted, quantized again ...
+def entry_files(cache):
+    return sorted(glob.glob(os.path.join(cache.directory, "*")))
+
+
+def test_entry_is_complete_once_the_writer_is_joined(checkpoint, tmp_path, monkeypatch):
+    model, _, _, cache = load(checkpoint, tmp_path / "cache", monkeypatch)
+    assert not cache.writer.is_alive()
+    with open(os.path.join(cache.directory, MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    assert manifest["version"] == cache_module.CACHE_VERSION and set(manifest["stacks"]) == set(stacks(model))
+    files = [os.path.join(cache.directory, meta["file"]) for meta in manifest["stacks"].values()]
+    assert sorted(files + [os.path.join(cache.directory, MANIFEST_NAME)]) == entry_files(cache)  # one file a stack
+    assert not glob.glob(str(tmp_path / "cache" / ".partial-*"))  # the temporary directory was renamed
+    assert_same_stacks(stacks(model), cache_module.load_entry(cache.directory, "nf4", True, 64))
+
+
+def test_same_cache_dir_twice_in_one_process(checkpoint, tmp_path, monkeypatch):
+    """No explicit wait: the next lookup, and the next store, of the directory join the write in flight."""
+    first, hit, _, cache = load(checkpoint, tmp_path / "cache", monkeypatch, wait=False)
+    assert not hit
+    second, hit, quantized, _ = load(checkpoint, tmp_path / "cache", monkeypatch, wait=False)
+    assert hit and quantized == 0 and not cache.writer.is_alive()
+    assert_same_stacks(stacks(first), stacks(second))
+    again = ExpertsCache(str(tmp_path / "cache"), checkpoint, "nf4", True, 64, torch.bfloat16)
+    again.store(first)  # rewrite the entry, then at once a second write of the same entry
+    third = ExpertsCache(str(tmp_path / "cache"), checkpoint, "nf4", True, 64, torch.bfloat16)
+    third.store(second)
+    assert not again.writer.is_alive()  # the second store joined the first
+    check = ExpertsCache(str(tmp_path / "cache"), checkpoint, "nf4", True, 64, torch.bfloat16)
+    assert check.lookup() and not third.writer.is_alive() and third.writer.error is None
+    assert_same_stacks(stacks(first), check.stacks)
+
+
+def test_store_returns_before_the_entry_is_written(checkpoint, tmp_path, monkeypatch):
+    import threading
+
+    release = threading.Event()
+    original = cache_module._write_file
+
+    def slow_write(path, data):
+        assert release.wait(30)
+        original(path, data)
+
+    model, _, _, _ = load(checkpoint, tmp_path / "model", monkeypatch)
+    monkeypatch.setattr(cache_module, "_write_file", slow_write)
+    cache = ExpertsCache(str(tmp_path / "cache"), checkpoint, "nf4", True, 64, torch.bfloat16)
+    cache.store(model)
+    assert cache.writer.is_alive() and not os.path.exists(cache.directory)  # store did not wait for the write
+    release.set()
+    cache.wait()
+    assert cache.writer.error is None and os.path.isfile(os.path.join(cache.directory, MANIFEST_NAME))
+
+
+def test_writer_holds_one_stack_on_the_host_at_a_time(checkpoint, tmp_path, monkeypatch):
+    """The host copies (clones here, as a GPU stack's would be) die before the next stack is copied."""
+    live, most = [0], [0]
+    original = cache_module._host_tensors
+
+    def counted(tensors, ready, streams):
+        host = {field: t.clone() for field, t in original(tensors, ready, streams).items()}
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        weakref.finalize(host["packed"], lambda: live.__setitem__(0, live[0] - 1))
+        return host
+
+    monkeypatch.setattr(cache_module, "_host_tensors", counted)
+    model, _, _, cache = load(checkpoint, tmp_path / "cache", monkeypatch)
+    assert len(stacks(model)) == 4 and most[0] == 1 and live[0] == 0
+    assert ExpertsCache(str(tmp_path / "cache"), checkpoint, "nf4", True, 64, torch.bfloat16).lookup()
+
+
+@pytest.mark.parametrize("how", ["raise", "killed"])
+def test_interrupted_write_leaves_no_loadable_entry(checkpoint, tmp_path, monkeypatch, how):
+    """``raise``: the writer fails before the rename (cleaned up); ``killed``: nothing after the failure runs,
+    as when the process is killed (the temporary directory stays behind, complete but for the rename)."""
+    def no_rename(src, dst):
+        raise RuntimeError("interrupted before the rename")
+
+    monkeypatch.setattr(cache_module.os, "replace", no_rename)
+    if how == "killed":
+        real_rmtree = cache_module.shutil.rmtree
+        monkeypatch.setattr(cache_module.shutil, "rmtree",
+                            lambda path, **kw: None if ".partial-" in str(path) else real_rmtree(path, **kw))
+    reference, hit, _, cache = load(checkpoint, tmp_path / "cache", monkeypatch, wait=False)
+    cache.wait()
+    assert not hit and isinstance(cache.writer.error, RuntimeError)
+    assert not os.path.exists(cache.directory)
+    partial = glob.glob(str(tmp_path / "cache" / ".partial-*"))
+    assert len(partial) == (1 if how == "killed" else 0)
+    if partial:
+        assert os.path.isfile(os.path.join(partial[0], MANIFEST_NAME))
+    monkeypatch.undo()
+    model, hit, quantized, _ = load(checkpoint, tmp_path / "cache", monkeypatch)
+    assert not hit and quantized == 4  # not loaded: quantized again ...
     assert_same_stacks(stacks(reference), stacks(model))
     _, hit, quantized, _ = load(checkpoint, tmp_path / "cache", monkeypatch)
-    assert hit and quantized == 0  # ... and rewritten whole
+    assert hit and quantized == 0  # ... and written whole
+
+
+def _flip_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) - 7)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _edit_manifest(path, edit):
+    with open(path) as f:
+        manifest = json.load(f)
+    edit(manifest)
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
+def _first_stack(manifest):
+    return next(iter(manifest["stacks"].values()))
+
+
+def _swap_first_two_files(manifest):
+    """Sound files with the wrong stacks' names: checksums match, the tensors do not fit the manifest."""
+    first, second = list(manifest["stacks"].values())[:2]
+    keys = ("file", "size", "sha256")
+    swapped = {k: second[k] for k in keys}
+    second.update({k: first[k] for k in keys})
+    first.update(swapped)
+
+
+DAMAGES = {
+    "flip_byte": _flip_byte,
+    "truncate": _truncate,
+    "remove": os.remove,
+    "garbage": lambda path: open(path, "w").write("{not json"),
+}
+MANIFEST_EDITS = {
+    "old_version": lambda m: m.update(version=1),
+    "shape": lambda m: _first_stack(m).update(shape=[s * 2 for s in _first_stack(m)["shape"]]),
+    "path_outside": lambda m: _first_stack(m).update(file="../" + _first_stack(m)["file"]),
+    "no_stacks": lambda m: m.update(stacks={}),
+    "swapped_files": lambda m: _swap_first_two_files(m),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES) + [f"manifest:{edit}" for edit in sorted(MANIFEST_EDITS)])
+def test_damaged_entry_is_rebuilt_not_loaded(checkpoint, tmp_path, monkeypatch, damage):
+    reference, _, _, cache = load(checkpoint, tmp_path / "cache", monkeypatch)
+    files = entry_files(cache)
+    assert len(files) == 5  # four stacks and the manifest
+    targets = [os.path.join(cache.directory, MANIFEST_NAME)] if damage.startswith("manifest:") else files
+    for target in targets:  # the damage is caught whichever file it hits
+        if damage.startswith("manifest:"):
+            _edit_manifest(target, MANIFEST_EDITS[damage.split(":")[1]])
+        else:
+            DAMAGES[damage](target)
+        probe = ExpertsCache(str(tmp_path / "cache"), checkpoint, "nf4", True, 64, torch.bfloat16)
+        assert not probe.lookup() and probe.stacks is None
+        assert not os.path.exists(cache.directory)  # deleted
+        _, _, _, cache = load(checkpoint, tmp_path / "cache", monkeypatch)  # and rewritten
+    model, hit, quantized, cache = load(checkpoint, tmp_path / "cache", monkeypatch)
+    assert hit and quantized == 0
+    assert_same_stacks(stacks(reference), stacks(model))
 
 
 def test_key_changes_with_checkpoint_format_and_blocksize(checkpoint):

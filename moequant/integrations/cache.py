@@ -5,17 +5,23 @@
     with moequant.quantize_experts_on_load(...), cache.hooks():   # the cache wraps the loader hook
         model = AutoModelForCausalLM.from_pretrained(checkpoint, ...)
     if not hit:
-        cache.store(model)
+        cache.store(model)      # returns at once; the entry is written by a background thread
+    cache.wait()                # only where the entry must be on disk now (lookup/store of the dir and exit join it)
 
-An entry is a directory ``<cache_dir>/<key>`` holding ``experts.safetensors`` (every stack's packed
-codes and statistics under ``<parameter name>.<field>``) and ``manifest.json`` (each stack's shape,
-blocksize, dtype and format, plus the size and SHA-256 of the tensor file). The key hashes the
-checkpoint's files (name, size and modification time of every ``*.safetensors`` / ``*.json``; a hub
-snapshot's directory name is its commit) with the format, blocksize and dtype, so a changed
-checkpoint, format or blocksize is a different entry. An entry is written to a temporary
-directory and renamed into place (atomic on one filesystem); one whose manifest is missing, whose
-file size or checksum differs, or whose tensors do not match the manifest is deleted and rebuilt,
-never loaded.
+An entry is a directory ``<cache_dir>/<key>`` holding one safetensors file per expert stack
+(its packed codes and statistics) and ``manifest.json`` (each stack's shape, blocksize, dtype and
+format, plus its file's name, size and SHA-256). The key hashes the checkpoint's files (name, size
+and modification time of every ``*.safetensors`` / ``*.json``; a hub snapshot's directory name is
+its commit) with the format, blocksize, dtype and entry version, so a changed checkpoint, format or
+blocksize is a different entry. An entry is written to a temporary directory and renamed into place
+(atomic on one filesystem), so a process killed mid-write leaves only a ``.partial-*`` directory that
+is never looked up; one whose manifest is missing, whose files' sizes or checksums differ, or whose
+tensors do not match the manifest is deleted and rebuilt, never loaded.
+
+Writing is off the load's critical path: :meth:`ExpertsCache.store` only records which stacks to
+write and starts a (non-daemon) writer thread, which copies one stack at a time to the host (host
+memory holds one stack, not the model's experts), serializes, hashes and writes it. Reading checks
+and deserializes the same in-memory bytes (one pass over each file), several stacks at a time.
 
 On a hit the loader never reads the checkpoint's expert tensors when they are stored per expert
 (the fusion converter hands over the cached stack instead), and never quantizes them in any case.
@@ -26,6 +32,7 @@ setup; this cache keeps only the expert stacks and lets the usual loader build t
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import hashlib
@@ -34,6 +41,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -45,10 +54,11 @@ from .transformers import quantized_stacks
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-TENSORS_NAME = "experts.safetensors"
+# 2: one file per stack, each with its own size and SHA-256 (1 kept every stack in one file).
+CACHE_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 _FIELDS = ("packed", "absmax", "absmax_scale", "absmax_offset")
+_READ_THREADS = 4  # file reads and SHA-256 release the GIL, so stacks are checked in parallel
 
 
 def checkpoint_files(checkpoint: str) -> tuple[str, list[str]]:
@@ -83,83 +93,238 @@ def cache_key(checkpoint: str, quant_type: str, double_quant: bool, blocksize: i
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(16 * 1024 * 1024), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _stack_meta(stack: QuantStack) -> dict:
     return {"shape": list(stack.shape), "blocksize": stack.blocksize, "dtype": str(stack.dtype).removeprefix("torch."),
             "quant_type": stack.quant_type, "double_quant": stack.double_quant}
 
 
-def save_entry(model: nn.Module, directory: str) -> int:
-    """Write every quantized stack of ``model`` as one cache entry at ``directory`` (atomically); returns bytes."""
-    from safetensors.torch import save_file
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
 
-    tensors, stacks = {}, {}
+_writers: dict[str, list["_EntryWriter"]] = {}  # cache directory (real path) -> writes started in this process
+_writers_lock = threading.Lock()
+
+
+def wait_for_writes(cache_dir: Optional[str] = None) -> None:
+    """Join the entry writes this process started in ``cache_dir`` (every cache directory when ``None``)."""
+    with _writers_lock:
+        if cache_dir is None:
+            pending = [w for ws in _writers.values() for w in ws]
+            _writers.clear()
+        else:
+            pending = _writers.pop(os.path.realpath(cache_dir), [])
+    for writer in pending:
+        writer.join()
+
+
+# The writers are non-daemon threads, which the interpreter joins before it exits anyway; the
+# atexit join also covers an embedding that tears threads down differently.
+atexit.register(wait_for_writes)
+
+
+def _host_tensors(tensors: dict[str, torch.Tensor], ready: dict, streams: dict) -> dict[str, torch.Tensor]:
+    """One stack's tensors on the host (a copy for device tensors; the CPU tensors themselves).
+
+    The copy runs on a side stream of the writer thread, after the event ``store`` recorded on the
+    caller's stream: it waits for the quantization that produced the stack, but not for anything
+    training queues later (a copy on the caller's stream would sit between its kernels, and a
+    synchronous copy of every stack in ``store`` would hold them all on the host at once). The stacks
+    are frozen, so nothing writes them while they are copied; they stay referenced until the copy
+    (into pageable memory, which returns once the side stream has finished it) is done."""
+    host = {}
+    for field, tensor in tensors.items():
+        if tensor.device.type != "cuda":
+            host[field] = tensor.contiguous()
+            continue
+        stream = streams.get(tensor.device)
+        if stream is None:
+            stream = streams[tensor.device] = torch.cuda.Stream(device=tensor.device)
+            stream.wait_event(ready[tensor.device])
+        with torch.cuda.stream(stream):
+            host[field] = tensor.to("cpu")
+    return host
+
+
+def _write_file(path: str, data: bytes) -> None:
+    # No fsync: a crash may lose a renamed entry's bytes, but the size/SHA-256 check then rebuilds it.
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+class _EntryWriter(threading.Thread):
+    """Writes one entry: ``stacks`` is ``[(name, meta, {field: tensor})]``; ``ready`` the event per CUDA device
+    after which the stacks may be read."""
+
+    def __init__(self, stacks: list, directory: str, ready: dict):
+        super().__init__(name=f"moequant-cache-writer-{os.path.basename(directory)}", daemon=False)
+        self.stacks, self.directory, self.ready = stacks, directory, ready
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            self._write()
+        except BaseException as err:  # the entry is simply absent; the next run quantizes and writes again
+            self.error = err
+            logger.warning("moequant: writing the experts cache entry %s failed (%s: %s); it will be rebuilt",
+                           self.directory, type(err).__name__, err)
+        finally:
+            self.stacks = []  # drop the references to the model's stacks
+
+    def _write(self) -> None:
+        from safetensors.torch import save
+
+        parent = os.path.dirname(os.path.abspath(self.directory))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+        try:
+            streams, manifest = {}, {}
+            for index in range(len(self.stacks)):
+                name, meta, tensors = self.stacks[index]
+                self.stacks[index] = None  # the stack is no longer held once it is written
+                host = _host_tensors(tensors, self.ready, streams)
+                del tensors
+                data = save(host)
+                del host  # at most one stack's host copy (and its serialization) at a time
+                file = f"stack-{index:05d}.safetensors"
+                _write_file(os.path.join(tmp, file), data)
+                manifest[name] = dict(meta, file=file, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+                del data
+            with open(os.path.join(tmp, MANIFEST_NAME), "w") as f:
+                json.dump({"version": CACHE_VERSION, "stacks": manifest}, f, indent=1)
+            shutil.rmtree(self.directory, ignore_errors=True)
+            os.replace(tmp, self.directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("moequant: experts cache entry %s written (%d stacks)", self.directory, len(manifest))
+
+
+def start_entry_write(model: nn.Module, directory: str) -> tuple[_EntryWriter, int]:
+    """Start writing every quantized stack of ``model`` as the entry at ``directory``; returns the (started)
+    writer and the bytes of the stacks' tensors."""
+    stacks, nbytes, devices = [], 0, set()
     for name, module, pname in quantized_stacks(model):
         stack = quant_stack_of(module, pname)
-        stacks[name] = _stack_meta(stack)
-        for field in _FIELDS:
-            t = getattr(stack, field)
-            if t is not None:
-                tensors[f"{name}.{field}"] = t.detach().contiguous().cpu()
+        tensors = {field: getattr(stack, field).detach() for field in _FIELDS if getattr(stack, field) is not None}
+        stacks.append((name, _stack_meta(stack), tensors))
+        for tensor in tensors.values():
+            nbytes += tensor.numel() * tensor.element_size()
+            if tensor.device.type == "cuda":
+                devices.add(tensor.device)
     if not stacks:
         raise ValueError(f"moequant cache: {type(model).__name__} has no quantized expert stacks to save")
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+    ready = {device: torch.cuda.current_stream(device).record_event() for device in devices}
+    writer = _EntryWriter(stacks, directory, ready)
+    writer.start()
+    return writer, nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory} is partial (no {MANIFEST_NAME})")
     try:
-        path = os.path.join(tmp, TENSORS_NAME)
-        save_file(tensors, path)
-        manifest = {"version": CACHE_VERSION, "stacks": stacks, "size": os.path.getsize(path), "sha256": _sha256(path)}
-        with open(os.path.join(tmp, MANIFEST_NAME), "w") as f:
-            json.dump(manifest, f, indent=1)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest["size"]
+        with open(path) as f:
+            manifest = json.load(f)
+        version, stacks = manifest.get("version"), manifest["stacks"]
+        for name, meta in stacks.items():
+            file, size, checksum = meta["file"], int(meta["size"]), meta["sha256"]
+            if not isinstance(file, str) or os.path.basename(file) != file or not isinstance(checksum, str):
+                raise ValueError(f"bad file entry for {name}: {file!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path} is unreadable ({err})") from None
+    if version != CACHE_VERSION:
+        raise ValueError(f"{path} has cache version {version}, expected {CACHE_VERSION}")
+    if not stacks:
+        raise ValueError(f"{path} lists no stacks")
+    return stacks
+
+
+_SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+                       "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def _tensors_of(buffer: torch.Tensor, path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in ``buffer`` (uint8), as views of it: the bytes that
+    were hashed are the bytes loaded, with no second copy (``safetensors.torch.load`` copies each)."""
+    if buffer.numel() < 8:
+        raise ValueError(f"{path} is too short to be a safetensors file")
+    header_len = int.from_bytes(buffer[:8].numpy().tobytes(), "little")
+    if header_len > buffer.numel() - 8:
+        raise ValueError(f"{path} has a header of {header_len} bytes, longer than the file")
+    try:
+        header = json.loads(buffer[8:8 + header_len].numpy().tobytes())
+    except ValueError as err:
+        raise ValueError(f"{path} has an unreadable header ({err})") from None
+    data, tensors = buffer[8 + header_len:], {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        begin, end = info.get("data_offsets", (0, -1))
+        shape = info.get("shape")
+        if dtype is None or not 0 <= begin <= end <= data.numel() or not isinstance(shape, list):
+            raise ValueError(f"{path}: tensor {name} has an unreadable entry {info}")
+        raw = data[begin:end]
+        if raw.storage_offset() % dtype.itemsize:
+            raw = raw.clone()  # not aligned for its dtype: a copy of this one tensor
+        numel = 1
+        for size in shape:
+            numel *= int(size)
+        if numel * dtype.itemsize != end - begin:
+            raise ValueError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape} {info['dtype']}")
+        tensors[name] = raw.view(dtype).reshape(shape)
+    return tensors
+
+
+def _read_stack(directory: str, name: str, meta: dict, quant_type: str, double_quant: bool,
+                blocksize: int) -> QuantStack:
+    """One stack, checked against the manifest: the SHA-256 is taken over exactly the bytes deserialized."""
+    if (meta["quant_type"], bool(meta["double_quant"]), int(meta["blocksize"])) != (
+            quant_type, bool(double_quant), int(blocksize)):
+        raise ValueError(f"{name} in {directory} is {meta['quant_type']} (double_quant={meta['double_quant']}, "
+                         f"blocksize {meta['blocksize']}), expected {quant_type} ({double_quant}, {blocksize})")
+    path = os.path.join(directory, meta["file"])
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} ({name}) is missing")
+    size = os.path.getsize(path)
+    if size != int(meta["size"]):
+        raise ValueError(f"{path} has {size} bytes, the manifest says {meta['size']}")
+    buffer = torch.empty(size, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    with open(path, "rb") as f:
+        read = f.readinto(view)
+    if read != size or hashlib.sha256(view).hexdigest() != meta["sha256"]:
+        raise ValueError(f"{path} does not match its SHA-256 in the manifest")
+    tensors = _tensors_of(buffer, path)
+    unknown = set(tensors) - set(_FIELDS)
+    if unknown or "packed" not in tensors or "absmax" not in tensors:
+        raise ValueError(f"{path} holds {sorted(tensors)}, expected packed, absmax and optional statistics")
+    state = dict(tensors, shape=torch.tensor(meta["shape"], dtype=torch.int64), dtype=meta["dtype"],
+                 blocksize=torch.tensor(int(meta["blocksize"])), quant_type=meta["quant_type"])
+    return QuantStack.from_state_dict(state, quant_type=quant_type, double_quant=double_quant)
 
 
 def load_entry(directory: str, quant_type: str, double_quant: bool, blocksize: int) -> dict[str, QuantStack]:
     """The stacks of a cache entry, on the CPU; ``ValueError`` saying what is wrong with an entry that
     is partial, corrupt, or of another format."""
-    from safetensors.torch import load_file
-
-    manifest_path = os.path.join(directory, MANIFEST_NAME)
-    path = os.path.join(directory, TENSORS_NAME)
-    if not os.path.isfile(manifest_path) or not os.path.isfile(path):
-        raise ValueError(f"{directory} is partial (no {MANIFEST_NAME} or {TENSORS_NAME})")
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        stacks_meta, size, checksum = manifest["stacks"], int(manifest["size"]), manifest["sha256"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{manifest_path} is unreadable ({err})") from None
-    if manifest.get("version") != CACHE_VERSION:
-        raise ValueError(f"{manifest_path} has cache version {manifest.get('version')}, expected {CACHE_VERSION}")
-    if os.path.getsize(path) != size:
-        raise ValueError(f"{path} has {os.path.getsize(path)} bytes, the manifest says {size}")
-    if _sha256(path) != checksum:
-        raise ValueError(f"{path} does not match its SHA-256 in the manifest")
-    tensors = load_file(path)
-    stacks = {}
-    for name, meta in stacks_meta.items():
-        if (meta["quant_type"], bool(meta["double_quant"]), int(meta["blocksize"])) != (
-                quant_type, bool(double_quant), int(blocksize)):
-            raise ValueError(f"{name} in {directory} is {meta['quant_type']} (double_quant={meta['double_quant']}, "
-                             f"blocksize {meta['blocksize']}), expected {quant_type} ({double_quant}, {blocksize})")
-        state = {field: tensors[f"{name}.{field}"] for field in _FIELDS if f"{name}.{field}" in tensors}
-        state.update(shape=torch.tensor(meta["shape"], dtype=torch.int64), dtype=meta["dtype"],
-                     blocksize=torch.tensor(int(meta["blocksize"])), quant_type=meta["quant_type"])
-        stacks[name] = QuantStack.from_state_dict(state, quant_type=quant_type, double_quant=double_quant)
-    return stacks
+    stacks_meta = _read_manifest(directory)
+    names = list(stacks_meta)
+    with ThreadPoolExecutor(max_workers=max(1, min(_READ_THREADS, os.cpu_count() or 1, len(names)))) as pool:
+        futures = [pool.submit(_read_stack, directory, name, stacks_meta[name], quant_type, double_quant, blocksize)
+                   for name in names]
+        try:
+            return {name: future.result() for name, future in zip(names, futures)}
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _device_for(device_map, name: str) -> torch.device:
@@ -182,12 +347,16 @@ class ExpertsCache:
                  dtype: torch.dtype):
         self.format = (quant_type, bool(double_quant), int(blocksize))
         self.key = cache_key(checkpoint, quant_type, double_quant, blocksize, dtype)
+        self.cache_dir = cache_dir
         self.directory = os.path.join(cache_dir, self.key)
+        self.writer: Optional[_EntryWriter] = None
         self.stacks: Optional[dict[str, QuantStack]] = None
         self.served: set[str] = set()
 
     def lookup(self) -> bool:
-        """Load the entry if it is there and sound; a partial or corrupt one is deleted (and rebuilt later)."""
+        """Load the entry if it is there and sound; a partial or corrupt one is deleted (and rebuilt later).
+        Writes this process started in the same cache directory are finished first."""
+        wait_for_writes(self.cache_dir)
         if not os.path.exists(self.directory):
             return False
         try:
@@ -201,7 +370,18 @@ class ExpertsCache:
         return True
 
     def store(self, model: nn.Module) -> int:
-        return save_entry(model, self.directory)
+        """Start writing ``model``'s quantized stacks as this entry (in the background, see :meth:`wait`);
+        returns the bytes of the stacks' tensors."""
+        wait_for_writes(self.cache_dir)  # one write per entry at a time: the rename replaces what is there
+        self.writer, nbytes = start_entry_write(model, self.directory)
+        with _writers_lock:
+            _writers.setdefault(os.path.realpath(self.cache_dir), []).append(self.writer)
+        return nbytes
+
+    def wait(self) -> None:
+        """Block until the entry started by :meth:`store` (and any other write to this cache directory) is
+        on disk, or has failed (the failure is logged, and the entry simply absent)."""
+        wait_for_writes(self.cache_dir)
 
     def _cached(self, name: str) -> Optional[QuantStack]:
         return None if self.stacks is None else self.stacks.get(name)
