@@ -89,6 +89,13 @@ def test_entry_is_complete_once_the_writer_is_joined(checkpoint, tmp_path, monke
     assert sorted(files + [os.path.join(cache.directory, MANIFEST_NAME)]) == entry_files(cache)  # one file a stack
     assert not glob.glob(str(tmp_path / "cache" / ".partial-*"))  # the temporary directory was renamed
     assert_same_stacks(stacks(model), cache_module.load_entry(cache.directory, "nf4", True, 64))
+    from safetensors.torch import load_file  # the files are plain safetensors files
+
+    for name, meta in manifest["stacks"].items():
+        tensors = load_file(os.path.join(cache.directory, meta["file"]))
+        stack = stacks(model)[name]
+        assert tensors.keys() == {f for f in cache_module._FIELDS if getattr(stack, f) is not None}
+        assert all(torch.equal(t, getattr(stack, f)) for f, t in tensors.items())
 
 
 def test_same_cache_dir_twice_in_one_process(checkpoint, tmp_path, monkeypatch):
@@ -114,9 +121,9 @@ def test_store_returns_before_the_entry_is_written(checkpoint, tmp_path, monkeyp
     release = threading.Event()
     original = cache_module._write_file
 
-    def slow_write(path, data):
+    def slow_write(path, tensors):
         assert release.wait(30)
-        original(path, data)
+        return original(path, tensors)
 
     model, _, _, _ = load(checkpoint, tmp_path / "model", monkeypatch)
     monkeypatch.setattr(cache_module, "_write_file", slow_write)

@@ -59,6 +59,9 @@ CACHE_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 _FIELDS = ("packed", "absmax", "absmax_scale", "absmax_offset")
 _READ_THREADS = 4  # file reads and SHA-256 release the GIL, so stacks are checked in parallel
+# safetensors' dtype names (the entry's files are plain safetensors files, readable by that library)
+_SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+                       "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 def checkpoint_files(checkpoint: str) -> tuple[str, list[str]]:
@@ -146,10 +149,35 @@ def _host_tensors(tensors: dict[str, torch.Tensor], ready: dict, streams: dict) 
     return host
 
 
-def _write_file(path: str, data: bytes) -> None:
-    # No fsync: a crash may lose a renamed entry's bytes, but the size/SHA-256 check then rebuilds it.
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def _write_file(path: str, tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
+    """Write ``tensors`` (on the host) as a safetensors file straight from their memory, hashing the same
+    bytes on the way (``safetensors.torch.save`` would first copy them into one more buffer); returns the
+    file's size and SHA-256. No fsync: a crash may lose a renamed entry's bytes, but the size/SHA-256
+    check then rebuilds it."""
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))  # aligned offsets
+    header, offset, chunks = {}, 0, []
+    for name in order:
+        tensor = tensors[name]
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"moequant cache: cannot store {name} of dtype {tensor.dtype}")
+        raw = tensor.contiguous().reshape(-1).view(torch.uint8)
+        header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + raw.numel()]}
+        offset += raw.numel()
+        chunks.append(raw)
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    digest, size = hashlib.sha256(), 0
     with open(path, "wb") as f:
-        f.write(data)
+        for part in [len(encoded).to_bytes(8, "little"), encoded] + [memoryview(c.numpy()) for c in chunks]:
+            digest.update(part)
+            f.write(part)
+            size += len(part)
+    return size, digest.hexdigest()
 
 
 class _EntryWriter(threading.Thread):
@@ -172,8 +200,6 @@ class _EntryWriter(threading.Thread):
             self.stacks = []  # drop the references to the model's stacks
 
     def _write(self) -> None:
-        from safetensors.torch import save
-
         parent = os.path.dirname(os.path.abspath(self.directory))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
@@ -184,12 +210,10 @@ class _EntryWriter(threading.Thread):
                 self.stacks[index] = None  # the stack is no longer held once it is written
                 host = _host_tensors(tensors, self.ready, streams)
                 del tensors
-                data = save(host)
-                del host  # at most one stack's host copy (and its serialization) at a time
                 file = f"stack-{index:05d}.safetensors"
-                _write_file(os.path.join(tmp, file), data)
-                manifest[name] = dict(meta, file=file, size=len(data), sha256=hashlib.sha256(data).hexdigest())
-                del data
+                size, checksum = _write_file(os.path.join(tmp, file), host)
+                del host  # at most one stack's host copy at a time
+                manifest[name] = dict(meta, file=file, size=size, sha256=checksum)
             with open(os.path.join(tmp, MANIFEST_NAME), "w") as f:
                 json.dump({"version": CACHE_VERSION, "stacks": manifest}, f, indent=1)
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -244,10 +268,6 @@ def _read_manifest(directory: str) -> dict:
     if not stacks:
         raise ValueError(f"{path} lists no stacks")
     return stacks
-
-
-_SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-                       "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 def _tensors_of(buffer: torch.Tensor, path: str) -> dict[str, torch.Tensor]:
