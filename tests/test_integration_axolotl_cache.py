@@ -3,6 +3,9 @@
 import glob
 import json
 import os
+import shutil
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -173,12 +176,20 @@ def test_interrupted_write_leaves_no_loadable_entry(checkpoint, tmp_path, monkey
     assert len(partial) == (1 if how == "killed" else 0)
     if partial:
         assert os.path.isfile(os.path.join(partial[0], MANIFEST_NAME))
+        # The writer was "killed": give its directory the pid of a process that has exited.
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        orphan = partial[0].replace(f".partial-{os.getpid()}@", f".partial-{child.pid}@")
+        os.rename(partial[0], orphan)
+        shutil.copytree(orphan, partial[0])  # and one of this (live) process
     monkeypatch.undo()
     model, hit, quantized, _ = load(checkpoint, tmp_path / "cache", monkeypatch)
     assert not hit and quantized == 4  # not loaded: quantized again ...
     assert_same_stacks(stacks(reference), stacks(model))
     _, hit, quantized, _ = load(checkpoint, tmp_path / "cache", monkeypatch)
     assert hit and quantized == 0  # ... and written whole
+    if partial:  # the dead process's temporary directory was deleted by the next write, the live one's kept
+        assert glob.glob(str(tmp_path / "cache" / ".partial-*")) == [partial[0]]
 
 
 def _flip_byte(path):

@@ -14,8 +14,8 @@ format, plus its file's name, size and SHA-256). The key hashes the checkpoint's
 and modification time of every ``*.safetensors`` / ``*.json``; a hub snapshot's directory name is
 its commit) with the format, blocksize, dtype and entry version, so a changed checkpoint, format or
 blocksize is a different entry. An entry is written to a temporary directory and renamed into place
-(atomic on one filesystem), so a process killed mid-write leaves only a ``.partial-*`` directory that
-is never looked up; one whose manifest is missing, whose files' sizes or checksums differ, or whose
+(atomic on one filesystem), so a process killed mid-write leaves only a ``.partial-<pid>@<host>-*``
+directory that is never looked up (and that the next write on that host deletes once the process is gone); one whose manifest is missing, whose files' sizes or checksums differ, or whose
 tensors do not match the manifest is deleted and rebuilt, never loaded.
 
 Writing is off the load's critical path: :meth:`ExpertsCache.store` only records which stacks to
@@ -39,7 +39,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -180,6 +182,29 @@ def _write_file(path: str, tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+_PARTIAL = re.compile(r"^\.partial-(\d+)@(.+)-[A-Za-z0-9_]+$")  # .partial-<pid>@<host>-<random>
+
+
+def _partial_prefix() -> str:
+    return f".partial-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _remove_orphaned_partials(parent: str) -> None:
+    """Delete the temporary directories of writers killed on this host (their process is gone); those of
+    live processes, or of other hosts sharing the directory, are left alone."""
+    host = socket.gethostname()
+    for entry in os.listdir(parent):
+        match = _PARTIAL.match(entry)
+        if match is None or match.group(2) != host:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        except OSError:  # alive, under another user
+            pass
+
+
 class _EntryWriter(threading.Thread):
     """Writes one entry: ``stacks`` is ``[(name, meta, {field: tensor})]``; ``ready`` the event per CUDA device
     after which the stacks may be read."""
@@ -202,7 +227,8 @@ class _EntryWriter(threading.Thread):
     def _write(self) -> None:
         parent = os.path.dirname(os.path.abspath(self.directory))
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+        _remove_orphaned_partials(parent)
+        tmp = tempfile.mkdtemp(prefix=_partial_prefix(), dir=parent)
         try:
             streams, manifest = {}, {}
             for index in range(len(self.stacks)):
