@@ -286,8 +286,8 @@ class MoequantPlugin(BasePlugin):
                          self._cache.directory)
             else:
                 size = self._cache.store(model)
-                LOG.info("moequant: %d quantized expert stacks saved to the cache %s (%.1f MB)", summary.num_stacks,
-                         self._cache.directory, size / 2**20)
+                LOG.info("moequant: %d quantized expert stacks being written to the cache %s in the background "
+                         "(%.1f MB)", summary.num_stacks, self._cache.directory, size / 2**20)
 
     def pre_lora_load(self, cfg, model) -> None:
         if not cfg.get("moequant_quantize_experts"):
