@@ -139,3 +139,21 @@ def save_fused_checkpoint(model, directory: str) -> str:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     return directory
+
+
+class NoDequantize:
+    """Fails on any dequantization of a quantized stack through its parametrization (a dense read
+    of an expert parameter, as the grouped_mm fallback or a dense LoRA delta would do)."""
+
+    def __enter__(self):
+        from moequant.integrations.parametrize import NF4Parametrization
+
+        self.parametrization, self.saved = NF4Parametrization, NF4Parametrization.forward
+
+        def forbidden(module, packed):
+            raise AssertionError("a quantized expert stack was dequantized through its parametrization")
+
+        NF4Parametrization.forward = forbidden
+
+    def __exit__(self, *exc):
+        self.parametrization.forward = self.saved

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from _integration_models import save_tiny_checkpoint, tiny_config
+from _integration_models import NoDequantize, save_tiny_checkpoint, tiny_config
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -33,7 +33,6 @@ from moequant.integrations.fsdp import (  # noqa: E402
     shard_model_from_rank0,
     stack_tensors,
 )
-from moequant.integrations.parametrize import NF4Parametrization  # noqa: E402
 from moequant.integrations.transformers import quantized_stacks  # noqa: E402
 
 WORLD = 2
@@ -79,21 +78,6 @@ def train(model, ids, on_step=None):
         optimizer.zero_grad()
         losses.append(loss.detach())
     return losses, optimizer
-
-
-class NoDequantize:
-    """Fails on any dequantization of a quantized stack (reading the dense parameter)."""
-
-    def __enter__(self):
-        self.saved = NF4Parametrization.forward
-
-        def forbidden(module, packed):
-            raise AssertionError("a quantized expert stack was dequantized")
-
-        NF4Parametrization.forward = forbidden
-
-    def __exit__(self, *exc):
-        NF4Parametrization.forward = self.saved
 
 
 def assert_shards_hold_packed_bytes(model):

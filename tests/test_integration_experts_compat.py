@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from _integration_models import ARCHITECTURES, save_tiny_checkpoint
+from _integration_models import ARCHITECTURES, NoDequantize, save_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, PreTrainedConfig  # noqa: E402
@@ -26,7 +26,7 @@ from transformers.integrations import moe  # noqa: E402
 import moequant.integrations.experts as experts_integration  # noqa: E402
 from moequant.integrations import find_experts_modules, nf4_stack_of, quantize_experts_on_load  # noqa: E402
 from moequant.integrations.experts import experts_layout  # noqa: E402
-from moequant.integrations.parametrize import NF4Parametrization, is_quantized  # noqa: E402
+from moequant.integrations.parametrize import is_quantized  # noqa: E402
 from moequant.integrations.transformers import quantize_experts_module  # noqa: E402
 
 # Sizes for a tiny instance of any experts class: every config attribute of these names is shrunk.
@@ -113,21 +113,6 @@ def _routing(num_experts: int, tokens: int = 10, top_k: int = 2):
     return index, weights
 
 
-class _NoDenseRead:
-    """Fails if anything reads a quantized stack dense (the grouped_mm fallback would)."""
-
-    def __enter__(self):
-        self.saved = NF4Parametrization.forward
-
-        def forbidden(module, packed):
-            raise AssertionError("a quantized expert stack was dequantized through its parametrization")
-
-        NF4Parametrization.forward = forbidden
-
-    def __exit__(self, *exc):
-        NF4Parametrization.forward = self.saved
-
-
 def _run(experts: nn.Module, hidden, index, weights):
     hidden = hidden.clone().requires_grad_(True)
     weights = weights.clone().requires_grad_(True)
@@ -177,7 +162,7 @@ def test_experts_class_supported_and_exact_or_refused(cls):
     hidden_dim = experts.down_proj.shape[2 if layout.transposed else 1]
     hidden = torch.randn(10, hidden_dim, generator=torch.Generator().manual_seed(2))
     index, weights = _routing(num_experts)
-    with _NoDenseRead():
+    with NoDequantize():
         out, grad_hidden, grad_weights, grads = _run(quantized, hidden, index, weights)
     ref_out, ref_grad_hidden, ref_grad_weights, ref_grads = _run(reference, hidden, index, weights)
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
@@ -312,7 +297,7 @@ def test_hub_kernel_replacing_the_experts_forward_is_refused():
     rebound.forward = types.MethodType(type(rebound).forward, rebound)  # kernelize's fallback
     quantize_experts_module(rebound)
     index, weights = _routing(rebound.num_experts)
-    with torch.no_grad(), _NoDenseRead():
+    with torch.no_grad(), NoDequantize():
         assert torch.isfinite(rebound(torch.randn(10, 64), index, weights)).all()
 
 
@@ -340,9 +325,8 @@ def test_hub_kernels_compose_or_are_refused(tmp_path, monkeypatch):
     experts = find_experts_modules(kernelized)
     assert experts and all("forward" not in m.__dict__ for _, m in experts)
     assert {m.config._experts_implementation for _, m in experts} == {"moequant"}
-    with torch.no_grad(), _NoDenseRead():
+    with torch.no_grad(), NoDequantize():
         torch.testing.assert_close(kernelized(ids).logits, plain(ids).logits, atol=0, rtol=0)
-
 
 
 def test_installed_transformers_is_in_the_stated_range():

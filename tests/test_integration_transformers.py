@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from _integration_models import (
-    ARCHITECTURES, FUSED_CHECKPOINT_ARCHITECTURES, build_tiny_model, save_fused_checkpoint, save_tiny_checkpoint,
+    ARCHITECTURES, FUSED_CHECKPOINT_ARCHITECTURES, NoDequantize, build_tiny_model, save_fused_checkpoint,
+    save_tiny_checkpoint,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -66,21 +67,6 @@ def sample_ids(batch=2, length=12, seed=1):
     return torch.randint(0, 96, (batch, length), generator=g)
 
 
-class _NoDenseRead:
-    """Fails the test if anything dequantizes a whole stack through the parametrization."""
-
-    def __enter__(self):
-        self.saved = NF4Parametrization.forward
-
-        def forbidden(module, packed):
-            raise AssertionError("a quantized expert stack was dequantized through its parametrization")
-
-        NF4Parametrization.forward = forbidden
-
-    def __exit__(self, *exc):
-        NF4Parametrization.forward = self.saved
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_quantized_logits_match_dequantized_bf16(arch, checkpoints):
     # float32 so that bf16 rounding cannot flip a router's top-k between the two models
@@ -98,7 +84,7 @@ def test_quantized_logits_match_dequantized_bf16(arch, checkpoints):
 
     reference = dequantized_reference(path, model, torch.float32)
     ids = sample_ids()
-    with torch.no_grad(), _NoDenseRead():
+    with torch.no_grad(), NoDequantize():
         logits = model(ids).logits
     with torch.no_grad():
         expected = reference(ids).logits
@@ -411,7 +397,7 @@ def test_gradient_checkpointing_keeps_no_dense_stack(checkpoints):
             return t
 
         ids = sample_ids()
-        with _NoDenseRead(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with NoDequantize(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
         assert not [s for s in saved if s[0] in dense_shapes and s[1].is_floating_point], reentrant
