@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_experts import SHAPES as REFERENCE_SHAPES  # noqa: E402
-from bench_experts import build_bf16_experts, format_name, parse_format, quantize_experts  # noqa: E402
+from bench_experts import build_bf16_experts, format_name, parse_format, quantize_experts, time_ms  # noqa: E402
 
 from moequant import ops  # noqa: E402
 
@@ -47,23 +47,16 @@ SHAPES = dict(REFERENCE_SHAPES, tiny=(256, 128, 16, 8))  # tiny: CPU smoke runs
 
 
 def median_ms(fn, reps, device, warmup=3):
+    """Median time of fn() in ms: CUDA events (bench_experts.time_ms) on a GPU, wall clock on a CPU."""
+    if device.type == "cuda":
+        return time_ms(fn, reps, warmup)
     for _ in range(warmup):
         fn()
     times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 

@@ -40,15 +40,10 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MB = 1024 * 1024
-QWEN3_30B_A3B = dict(
-    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
-    num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128, norm_topk_prob=True,
-    max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-    decoder_sparse_step=1, mlp_only_layers=[],
-)
-SMOKE = dict(QWEN3_30B_A3B, vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-             num_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+# The model shape and the CPU smoke shape are bench_load_train's (same Qwen3-30B-A3B config).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_load_train import QWEN3_30B_A3B, SMOKE  # noqa: E402
+
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
