@@ -24,7 +24,8 @@ from torch.nn.utils import parametrize
 from .._ops import ops
 from ..formats import QuantStack, check_format, quantize
 
-_STATISTICS = ("absmax", "absmax_scale", "absmax_offset")
+# Names of the statistics a quantized stack may carry (parameters of its parametrization).
+STATISTICS = ("absmax", "absmax_scale", "absmax_offset")
 
 
 class QuantParametrization(nn.Module):
@@ -65,7 +66,7 @@ class QuantParametrization(nn.Module):
         # model.to(dtype) / .half() would cast the float32 statistics like any float parameter;
         # the formats define them as float32 (or uint8 codes), so only their device follows. The
         # dtype the stack reads as follows the conversion, as a dense parameter's would.
-        before = {name: self._parameters[name].data for name in _STATISTICS if name in self._parameters}
+        before = {name: self._parameters[name].data for name in STATISTICS if name in self._parameters}
         super()._apply(fn, recurse)
         for name, old in before.items():
             param = self._parameters[name]
@@ -115,7 +116,6 @@ def quant_stack_of(module: nn.Module, name: str) -> QuantStack:
 
 
 nf4_stack_of = quant_stack_of  # the name of earlier versions
-
 
 
 def quantize_parameter(

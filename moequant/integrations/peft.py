@@ -148,7 +148,7 @@ def _wrap_quantized_experts(tuner, peft_config, model, adapter_name, low_cpu_mem
         order = [p for p in getattr(module, "_moequant_param_order", ()) if is_quantized(module, p)]
         for param_name in order:
             key = f"{unwrapped}.{param_name}"
-            if not is_quantized(module, param_name) or not _matches(key, targets):
+            if not _matches(key, targets):
                 continue
             if peft_config.lora_dropout:
                 raise ValueError(

@@ -50,7 +50,7 @@ from torch import nn
 
 from .experts import ExpertsLayout, experts_layout, is_experts_module, select_experts_implementation
 from ..formats import check_format, compress_statistics, format_name, stack_nbytes
-from .parametrize import is_quantized, nf4_stack_of, quantize_parameter, stored_numel
+from .parametrize import STATISTICS, is_quantized, nf4_stack_of, quantize_parameter, stored_numel
 from .peft import patch_peft
 
 logger = logging.getLogger(__name__)
@@ -160,8 +160,8 @@ def dense_state_dict(model: nn.Module) -> dict:
     for name, module, pname in quantized_stacks(model):
         prefix = name[: -len(pname)]
         state.pop(f"{prefix}parametrizations.{pname}.original", None)
-        for buffer in ("absmax", "absmax_scale", "absmax_offset"):
-            state.pop(f"{prefix}parametrizations.{pname}.0.{buffer}", None)
+        for statistic in STATISTICS:
+            state.pop(f"{prefix}parametrizations.{pname}.0.{statistic}", None)
         state[name] = nf4_stack_of(module, pname).dequantize().cpu()
     return state
 
