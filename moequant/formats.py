@@ -246,7 +246,7 @@ def dequant_expert(
     """Dequantize one expert (``[N, K]``) or, with ``expert=None``, the whole stack.
 
     4-bit: ``fp32(code[q] * absmax)`` with absmax decoded from double-quantized statistics when
-    present; int8: ``fp32(fp32(q * row_absmax) / 127)``; rounded to nearest-even into ``dtype``
+    present; int8: ``fp32(fp32(q * row_absmax) * fp32(1/127))``; rounded to nearest-even into ``dtype``
     (default: the dtype the stack was quantized from).
     """
     if not isinstance(stack, QuantStack):
