@@ -9,7 +9,7 @@ eagerly. The bf16 baseline is graph-captured when its eager call makes no host s
 torch.cuda.set_sync_debug_mode("error") first) and capture succeeds; otherwise it is timed eagerly
 and the row says so (`bf16_captured`, `bf16_capture_error`).
 
---lora-rank r (default 0: off) also times the first format with LoRA r on both projections (row
+--lora-rank r (default 16) also times the first format with LoRA r on both projections (row
 "<format>+lora<r>"; its bandwidth counts the packed bytes only).
 
 Bandwidth: GB/s of the packed bytes the call reads (codes + statistics of the distinct experts its
@@ -205,9 +205,8 @@ def main():
     ap.add_argument("--tokens", default="1,8")
     ap.add_argument("--formats", default="nf4,nf4_dq,fp4,fp4_dq,int8", help="<type>[_dq], comma-separated")
     ap.add_argument("--calls", type=int, default=16, help="experts calls per captured graph")
-    ap.add_argument("--lora-rank", type=int, default=0,
-                    help="also time the first format with LoRA of this rank on both projections (0: no; LoRA "
-                         "decode takes the routed path, which syncs, until the LoRA GEMV of 6e63af0 is validated)")
+    ap.add_argument("--lora-rank", type=int, default=16,
+                    help="also time the first format with LoRA of this rank on both projections (0: no)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: eager smoke run, no graphs")
     ap.add_argument("--out", default=None)

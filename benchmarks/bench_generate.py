@@ -7,7 +7,8 @@ Configurations (--configs):
   moequant       experts quantized in place (moequant.quantize_model_experts, --quant-type /
                  --double-quant), decode through the fused GEMV
   moequant_lora  the same plus a PEFT LoRA adapter (r=16 on the experts' gate_up/down via
-                 target_parameters and on q/k/v/o_proj), unmerged, lora_B non-zero
+                 target_parameters and on q/k/v/o_proj), unmerged, lora_B non-zero; the experts'
+                 LoRA runs inside the decode GEMV path (per-pair products), so it captures too
 
 Modes (--modes; each configuration runs in its own process, its modes one after the other):
   graph     prefill eagerly into a transformers StaticCache, then capture ONE decode step

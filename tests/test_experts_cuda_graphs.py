@@ -1,7 +1,7 @@
 """The no-grad decode path of experts_forward (the fused GEMV, T*k <= 64) makes no device->host copy
-and no host sync, in every format: it captures in a CUDA graph, replays bitwise like eager, runs
-under torch.compile(mode="reduce-overhead"), and still fails loudly on a negative expert id (a
-device-side assert, checked in a subprocess because it ends the CUDA context)."""
+and no host sync, in every format and with LoRA: it captures in a CUDA graph, replays bitwise like
+eager, runs under torch.compile(mode="reduce-overhead"), and still fails loudly on a negative
+expert id (a device-side assert, checked in a subprocess because it ends the CUDA context)."""
 
 import os
 import subprocess
@@ -43,11 +43,19 @@ def routed_inputs(T, seed):
     return hidden, index, (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16)
 
 
-def decode_call(gate_up, down):
+def decode_call(gate_up, down, **kwargs):
     def call(hidden, index, weights):
-        return moequant.experts_forward(hidden, index, weights, gate_up, down)
+        return moequant.experts_forward(hidden, index, weights, gate_up, down, **kwargs)
 
     return call
+
+
+def lora_factors(rank=16, dtype=torch.bfloat16, seed=3):
+    """LoRA kwargs of the typed wrapper for both projections, B non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape, scale: (torch.randn(*shape, generator=g) * scale).to("cuda", dtype)  # noqa: E731
+    return dict(gate_up_lora=(rnd(E, rank, H, scale=H**-0.5), rnd(E, 2 * I, rank, scale=0.1), 2.0),
+                down_lora=(rnd(E, rank, I, scale=I**-0.5), rnd(E, H, rank, scale=0.1), 0.5))
 
 
 @pytest.fixture(autouse=True)
@@ -55,11 +63,12 @@ def default_decode_threshold(monkeypatch):
     monkeypatch.delenv("MOEQUANT_DECODE_MAX_PAIRS", raising=False)  # the GEMV takes T*k <= 64
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["no_lora", "lora"])
 @pytest.mark.parametrize("T", [1, 8])
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @torch.no_grad()
-def test_capture_and_replay_bitwise(fmt, T):
-    call = decode_call(*make_stacks(fmt))
+def test_capture_and_replay_bitwise(fmt, T, lora):
+    call = decode_call(*make_stacks(fmt), **(lora_factors() if lora else {}))
     static = [t.clone() for t in routed_inputs(T, seed=0)]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -80,10 +89,11 @@ def test_capture_and_replay_bitwise(fmt, T):
         assert torch.equal(static_out, eager), (fmt, T, seed, (static_out.float() - eager.float()).abs().max().item())
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["no_lora", "lora"])
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @torch.no_grad()
-def test_decode_call_does_not_sync(fmt):
-    call = decode_call(*make_stacks(fmt))
+def test_decode_call_does_not_sync(fmt, lora):
+    call = decode_call(*make_stacks(fmt), **(lora_factors() if lora else {}))
     inputs = routed_inputs(8, seed=0)
     call(*inputs)  # first call: kernel attributes and occupancy queries
     torch.cuda.synchronize()
@@ -102,13 +112,14 @@ def test_decode_call_does_not_sync(fmt):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["no_lora", "lora"])
 @torch.no_grad()
-def test_compile_reduce_overhead_matches_eager():
+def test_compile_reduce_overhead_matches_eager(lora):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    call = decode_call(*make_stacks("nf4_dq"))
+    call = decode_call(*make_stacks("nf4_dq"), **(lora_factors() if lora else {}))
     compiled = torch.compile(call, mode="reduce-overhead", fullgraph=True)
     for seed in range(4):  # cudagraph trees record on the second or third call, then replay
         inputs = routed_inputs(1, seed)
@@ -116,6 +127,41 @@ def test_compile_reduce_overhead_matches_eager():
         out = compiled(*inputs).clone()
         assert torch.equal(out, call(*inputs)), seed
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+# LoRA in the decode path (per-pair products of the gathered factors, one more split of the GEMV's
+# partial sums) against the routed path on the same stacks (MOEQUANT_DECODE_MAX_PAIRS=0).
+@pytest.mark.parametrize("which", ["both", "gate_up", "down"])
+@pytest.mark.parametrize("activation,interleaved,bias", [("silu", False, False), ("gelu", False, True),
+                                                          ("gelu_tanh", False, False), ("swiglu_oai", True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("fmt", ["nf4_dq", "int8"])
+@torch.no_grad()
+def test_lora_decode_matches_routed_path(fmt, dtype, activation, interleaved, bias, which, monkeypatch):
+    gate_up, down = make_stacks(fmt)
+    g = torch.Generator().manual_seed(5)
+    kwargs = dict(activation=activation, interleaved=interleaved, **lora_factors(dtype=dtype))
+    if which != "both":
+        kwargs.pop("down_lora" if which == "gate_up" else "gate_up_lora")
+    if bias:
+        kwargs["gate_up_bias"] = (torch.randn(E, 2 * I, generator=g) * 0.1).to("cuda", dtype)
+        kwargs["down_bias"] = (torch.randn(E, H, generator=g) * 0.1).to("cuda", dtype)
+    call = decode_call(gate_up, down, **kwargs)
+    for T in (1, 3, 8):
+        hidden, index, weights = routed_inputs(T, seed=T)
+        hidden, weights = hidden.to(dtype), weights.to(dtype)
+        index[0, -1] = E  # an expert-parallel sentinel slot: contributes zero
+        decode = call(hidden, index, weights)
+        monkeypatch.setenv("MOEQUANT_DECODE_MAX_PAIRS", "0")
+        routed = call(hidden, index, weights)
+        monkeypatch.delenv("MOEQUANT_DECODE_MAX_PAIRS")
+        no_lora = moequant.experts_forward(hidden, index, weights, gate_up, down, activation=activation,
+                                           interleaved=interleaved, gate_up_bias=kwargs.get("gate_up_bias"),
+                                           down_bias=kwargs.get("down_bias"))
+        err = ((decode.double() - routed.double()).norm() / routed.double().norm()).item()
+        lora_size = ((routed.double() - no_lora.double()).norm() / routed.double().norm()).item()
+        assert lora_size > 0.05, lora_size  # the LoRA term is a visible part of the output
+        assert err < (2e-4 if dtype == torch.float32 else 2e-2), (T, err)
 
 
 NEGATIVE_ID_SCRIPT = textwrap.dedent(

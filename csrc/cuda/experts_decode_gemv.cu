@@ -8,7 +8,9 @@
 // bytes of 4-bit codes, or 32 bytes of int8 codes: the only step that differs by format) of those rows, all loads of a step in flight before the first decode, and multiplies with the
 // input vector staged in shared memory, padded by 4 floats every 32 so that the 16-byte reads of
 // lanes with different units hit different banks. Sums run in a fixed order: results are
-// reproducible. No host synchronization: the path can be captured in a CUDA graph.
+// reproducible. With LoRA, each projection's term for every pair (batched products of the
+// gathered factors, computed in ATen) is one more split of h or y. No host synchronization
+// anywhere: the path can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -322,9 +324,42 @@ static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at:
   }
 }
 
+// One projection's LoRA term for every pair, scaling * B[e] (A[e] in[p]), float32 [P, out]: the
+// pairs' factors gathered (at most a few dozen pairs) and two batched products, the first in the
+// factors' dtype as the routed path computes it. `ids`: the pairs' experts clamped into [0, E)
+// (a sentinel pair gets some expert's term, which nothing reads).
+static at::Tensor pair_lora_term(const DecodeLora& lora, const at::Tensor& in, const at::Tensor& ids) {
+  const at::Tensor u = at::bmm(lora.A.index_select(0, ids), in.unsqueeze(2));  // [P, r, 1]
+  return at::bmm(lora.B.index_select(0, ids).to(at::kFloat), u.to(at::kFloat)).squeeze(2).mul_(lora.scaling);
+}
+
+// act(sum of the gate_up splits + bias) [P, I] in `dtype`: the down projection's LoRA input (the
+// GEMV computes the same values while staging its input vector, but does not keep them).
+static at::Tensor pair_activation(const at::Tensor& h, const at::Tensor& bias, const at::Tensor& ids,
+                                  const ActivationSpec& act, at::ScalarType dtype) {
+  at::Tensor pre = h.sum(0);  // [P, 2I] float32
+  if (bias.defined()) pre.add_(bias.index_select(0, ids));
+  const int64_t I = pre.size(1) / 2;
+  const at::Tensor gate = act.interleaved ? pre.slice(1, 0, 2 * I, 2) : pre.narrow(1, 0, I);
+  const at::Tensor up = act.interleaved ? pre.slice(1, 1, 2 * I, 2) : pre.narrow(1, I, I);
+  at::Tensor a;
+  switch (act.kind) {
+    case GatedActivation::kSilu: a = at::silu(gate) * up; break;
+    case GatedActivation::kGelu: a = at::gelu(gate) * up; break;
+    case GatedActivation::kGeluTanh: a = at::gelu(gate, "tanh") * up; break;
+    case GatedActivation::kSwigluOai: {
+      const at::Tensor g = gate.clamp_max(act.limit);
+      a = (up.clamp_min(-act.limit).clamp_max(act.limit) + 1) * (g * at::sigmoid(g * act.alpha));
+      break;
+    }
+  }
+  return a.to(dtype);
+}
+
 at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& top_k_index, const at::Tensor& pair_weights,
                                const PackedStack& gate_up, const PackedStack& down, const ActivationSpec& act,
-                               const at::Tensor& gate_up_bias, const at::Tensor& down_bias) {
+                               const at::Tensor& gate_up_bias, const at::Tensor& down_bias,
+                               const DecodeLora& gate_up_lora, const DecodeLora& down_lora) {
   const at::Tensor hidden = hidden_in.contiguous();
   const int64_t T = hidden.size(0), H = hidden.size(1), k = top_k_index.size(1), P = T * k;
   const int64_t E = gate_up.experts, I = down.cols;
@@ -333,9 +368,18 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
   // gemv_kernel; buffers come from the caching allocator): the call can be captured in a CUDA graph.
   const auto f32 = hidden.options().dtype(at::kFloat);
   const int64_t gu_splits = gemv_split(H).splits, d_splits = gemv_split(I).splits;
-  at::Tensor h = at::empty({gu_splits, P, 2 * I}, f32);  // split partial sums
-  at::Tensor y = at::empty({d_splits, P, H}, f32);
+  // Split partial sums; a LoRA term is one more split, summed with the others in a fixed order.
+  const int64_t gu_terms = gu_splits + (gate_up_lora.present() ? 1 : 0);
+  const int64_t d_terms = d_splits + (down_lora.present() ? 1 : 0);
+  at::Tensor h = at::empty({gu_terms, P, 2 * I}, f32);
+  at::Tensor y = at::empty({d_terms, P, H}, f32);
   at::Tensor out = at::empty({T, H}, hidden.options());
+  at::Tensor lora_ids;
+  if (gate_up_lora.present() || down_lora.present()) lora_ids = pair_expert.clamp(0, E - 1);
+  if (gate_up_lora.present()) {
+    const at::Tensor pair_token = at::arange(P, pair_expert.options()).div_(k, "floor");
+    h.select(0, gu_splits).copy_(pair_lora_term(gate_up_lora, hidden.index_select(0, pair_token), lora_ids));
+  }
   auto stream = at::cuda::getCurrentCUDAStream();
   MOEQUANT_DISPATCH_EXPERTS_TYPES(hidden.scalar_type(), "moequant_decode_gemv", [&] {
     using T_ = typename native<scalar_t>::type;
@@ -344,14 +388,18 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
       const GemvInput<T_, false, kAct> in1{reinterpret_cast<const T_*>(hidden.const_data_ptr()), nullptr, 0, nullptr,
                                            act.interleaved, act.alpha, act.limit};
       launch_for_format(gate_up, P, pair_expert, k, in1, h.mutable_data_ptr<float>(), stream);
-      const GemvInput<T_, true, kAct> in2{nullptr, h.const_data_ptr<float>(), gu_splits,
+      const GemvInput<T_, true, kAct> in2{nullptr, h.const_data_ptr<float>(), gu_terms,
                                           gate_up_bias.defined() ? gate_up_bias.const_data_ptr<float>() : nullptr,
                                           act.interleaved, act.alpha, act.limit};
       launch_for_format(down, P, pair_expert, k, in2, y.mutable_data_ptr<float>(), stream);
     });
+    if (down_lora.present()) {
+      const at::Tensor a = pair_activation(h, gate_up_bias, lora_ids, act, hidden.scalar_type());
+      y.select(0, d_splits).copy_(pair_lora_term(down_lora, a, lora_ids));
+    }
     const unsigned combine_ctas = static_cast<unsigned>((T * H + kGemvThreads - 1) / kGemvThreads);
     decode_combine_kernel<T_><<<combine_ctas, kGemvThreads, 0, stream>>>(
-        y.const_data_ptr<float>(), d_splits, pair_expert.const_data_ptr<int64_t>(), pair_weights.const_data_ptr<float>(),
+        y.const_data_ptr<float>(), d_terms, pair_expert.const_data_ptr<int64_t>(), pair_weights.const_data_ptr<float>(),
         down_bias.defined() ? down_bias.const_data_ptr<float>() : nullptr, reinterpret_cast<T_*>(out.mutable_data_ptr()),
         T, E, k, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

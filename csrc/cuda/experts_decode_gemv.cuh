@@ -1,7 +1,8 @@
 // Rung (c) of DESIGN.md §4: the decode path. With few (token, slot) pairs every expert sees
 // about one row, so a GEMM wastes its tiles; instead each pair runs a fused GEMV that reads the
 // quantized weights directly (4-bit: a quarter of bf16's bytes; int8: half), with no routing sort
-// and no scratch.
+// and no scratch. LoRA terms are per-pair batched products of the gathered factors, added as one
+// more split of the GEMV's partial sums.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,15 +12,24 @@
 
 namespace moequant {
 
-// Whether the GEMV path serves `num_pairs` = T*k pairs (inference without LoRA, any format,
-// stored [out, in] layout with rows of whole 32-weight units).
+// Whether the GEMV path serves `num_pairs` = T*k pairs (inference, any format, with or without
+// LoRA, stored [out, in] layout with rows of whole 32-weight units).
 // MOEQUANT_DECODE_MAX_PAIRS overrides the pair threshold (0 disables the path; tests use it).
 bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& gate_up, const PackedStack& down);
 
+// One projection's LoRA factors for the decode path: A [E, r, in], B [E, out, r] in hidden's
+// dtype, contiguous; undefined when the projection has none.
+struct DecodeLora {
+  at::Tensor A, B;
+  double scaling = 1.0;
+  bool present() const { return A.defined(); }
+};
+
 // experts_forward for few pairs: [T, H] in hidden's dtype. `pair_weights` float32 [T*k];
-// biases float32 or undefined.
+// biases float32 or undefined. No device -> host copy or sync: capturable in a CUDA graph.
 at::Tensor decode_gemv_forward(const at::Tensor& hidden, const at::Tensor& top_k_index, const at::Tensor& pair_weights,
                                const PackedStack& gate_up, const PackedStack& down, const ActivationSpec& act,
-                               const at::Tensor& gate_up_bias, const at::Tensor& down_bias);
+                               const at::Tensor& gate_up_bias, const at::Tensor& down_bias,
+                               const DecodeLora& gate_up_lora, const DecodeLora& down_lora);
 
 }  // namespace moequant
