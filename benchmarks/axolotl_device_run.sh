@@ -53,14 +53,26 @@ LABEL=axolotl_own run train "$CONFIG" "$W" axolotl_own "${COMMON[@]}" 'plugins=[
 [ -n "$BUILD" ] && { wait "$BUILD"; stamp "moequant build rc=$(cat "$W/build.rc")"; tail -5 "$W/build.log" >> "$OUT/logs.txt"; }
 LABEL=moequant_first run train "$CONFIG" "$W" moequant_first "${COMMON[@]}" "moequant_cache_dir=\"$W/cache\""
 LABEL=moequant_cached run train "$CONFIG" "$W" moequant_cached "${COMMON[@]}" "moequant_cache_dir=\"$W/cache\""
+# The bf16 baseline through the same ModelLoader (LoRA on bf16 weights, no quantization), a few steps.
+BF16=(adapter='"lora"' load_in_4bit=false quantize_moe_experts=false bnb_config_kwargs=null 'plugins=[]')
+LABEL=bf16_axolotl run train "$CONFIG" "$W" bf16_axolotl "${COMMON[@]}" "${BF16[@]}" max_steps=3
+# Where a load's time goes (cProfile; these loads are slower by the profiler's overhead).
+if [ -n "${PROFILE_LOADS:-}" ]; then
+  export BENCH_AXOLOTL_PROFILE=1
+  LABEL=profile_bf16 run train "$CONFIG" "$W" profile_bf16 "${COMMON[@]}" "${BF16[@]}" max_steps=1
+  LABEL=profile_cached run train "$CONFIG" "$W" profile_cached "${COMMON[@]}" max_steps=1 "moequant_cache_dir=\"$W/cache\""
+  unset BENCH_AXOLOTL_PROFILE
+fi
 python3 - "$W" "$OUT" <<'PY'
 import json, os, sys, torch
 work, out = sys.argv[1], sys.argv[2]
 runs = {}
-for name in ("checkpoint", "bf16_load", "axolotl_own", "moequant_first", "moequant_cached"):
+for name in ("checkpoint", "bf16_load", "axolotl_own", "moequant_first", "moequant_cached", "bf16_axolotl",
+             "profile_bf16", "profile_cached"):
     path = os.path.join(work, f"{name}.json")
     text = open(path).read().strip() if os.path.exists(path) else ""
-    runs[name] = json.loads(text) if text else {"missing": "see logs.txt"}
+    if text or not name.startswith("profile"):
+        runs[name] = json.loads(text) if text else {"missing": "see logs.txt"}
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 json.dump({"device": device, "torch": torch.__version__, "runs": runs}, open(os.path.join(out, "bench_axolotl.json"), "w"), indent=1)
 PY

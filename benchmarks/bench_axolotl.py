@@ -12,8 +12,11 @@ training. benchmarks/axolotl_device_run.sh runs the comparison; figures are timi
 
 from __future__ import annotations
 
+import cProfile
+import io
 import json
 import os
+import pstats
 import sys
 import time
 
@@ -111,14 +114,27 @@ def train(config: str, workdir: str, label: str, pairs: list[str]) -> dict:
     result: dict = {"label": label, "overrides": {k: v for k, v in overrides.items() if k not in ("datasets",)}}
 
     original_load = ModelLoader.load
+    # BENCH_AXOLOTL_PROFILE=1: cProfile the load (its time then includes the profiler's overhead)
+    profile = bool(os.environ.get("BENCH_AXOLOTL_PROFILE"))
 
     def timed_load(self, *args, **kwargs):
         _sync()
         _reset()
+        profiler = cProfile.Profile() if profile else None
         start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         out = original_load(self, *args, **kwargs)
         _sync()
-        result.update(load_s=time.perf_counter() - start, load_peak_gib=_peak(), after_load_gib=_allocated())
+        seconds = time.perf_counter() - start
+        if profiler is not None:
+            profiler.disable()
+            text = io.StringIO()
+            stats = pstats.Stats(profiler, stream=text)
+            stats.sort_stats("cumulative").print_stats(45)
+            stats.sort_stats("tottime").print_stats(25)
+            result["load_profile"] = text.getvalue().splitlines()
+        result.update(load_s=seconds, load_peak_gib=_peak(), after_load_gib=_allocated())
         return out
 
     ModelLoader.load = timed_load
