@@ -3,12 +3,16 @@
 // 4-bit (NF4, FP4): LANES threads share one block of LANES * CHUNKS * 8 elements: each lane loads
 // its 8-element chunks (16-byte loads for 16-bit types), the group reduces absmax with warp
 // shuffles, then each lane encodes its chunks and stores 4 packed bytes per chunk. Chunk c of
-// lane l starts at element (c * LANES + l) * 8, so loads and stores are coalesced. Encoding uses
-// the exact bin table of nf4_encode_lut.h (the format's table is a kernel parameter; FP4 adds
-// two compares and its rank -> code map) and falls back to the compare encoder of
-// quant_format.h for blocks whose absmax is NaN/Inf. H200 (benchmarks/bench_nf4.py, NF4,
-// blocksize 64): 4 lanes x 2 chunks per block reached 75-88% of a same-run copy; 8 x 1 (512
-// bytes per warp step) 60-67%, 2 x 4 64-74%, 1 x 8 44-48%.
+// lane l starts at element (c * LANES + l) * 8, so loads and stores are coalesced; the next
+// block's chunks are loaded before this one is encoded. Encoding uses the exact bin tables of
+// nf4_encode_lut.h (the format's table is a kernel parameter) and falls back to the compare
+// encoder of quant_format.h for blocks whose absmax is NaN/Inf. The encode is issue-bound, so it
+// is counted in instructions: per element one conversion, the scale multiply, the bin fma, one
+// IMAD for the table offset, the table load, a compare, a predicated add (NF4) or shift (FP4) and
+// a funnel shift into the packed word; 16-bit absmax takes one packed max per two elements.
+// H200 (benchmarks/bench_nf4.py, NF4, blocksize 64): 4 lanes x 2 chunks per block reached 75-88%
+// of a same-run copy with the earlier ~14-instruction encode (FP4 ~19: 60-66%); 8 x 1 (512 bytes
+// per warp step) 60-67%, 2 x 4 64-74%, 1 x 8 44-48%.
 //
 // int8 row-wise: a warp per output row (half a warp for rows up to 1024); the row's chunks stay in
 // registers between the absmax reduction and the encode when they fit (rows up to 2048 elements),
@@ -20,6 +24,8 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstring>
+#include <iterator>
 #include <type_traits>
 
 #include "../kernels.h"
@@ -60,100 +66,173 @@ __device__ __forceinline__ float absmax_nan(float m, float x) {
 
 // ---- 4-bit -------------------------------------------------------------------------------
 
-// A 4-bit format's fast encoder as data: its bin table and the FP4 extras (nf4_encode_lut.h).
-struct Quant4Encoder {
-  NF4BinTable table;
-  Quant4EncodeExtras extras;
-  QuantType type;
+// The bin tables in shared memory: entry (bin, copy) at byte bin * kBinPitch + copy * 8, lane l
+// reading copy l % 16 (cuda_utils.cuh: the 16 lanes of a half-warp hit 16 different bank pairs
+// whatever their bins). The pitch is 512 bytes, not 128, so that the byte offset of a bin is the
+// fma's bits times 512: the shift drops the exponent and one LEA adds the copy (no mask).
+constexpr int kBinPitchShift = 9;
+constexpr int kBinTableRows = kFP4Bins;  // the larger of the two tables
+static_assert(kNF4Bins <= kBinTableRows && (kLaneTableCopies * kLaneTableEntryBytes) <= (1 << kBinPitchShift));
+static_assert(sizeof(NF4Bin) == kLaneTableEntryBytes && sizeof(Quant4CodeBin) == kLaneTableEntryBytes);
+
+// A format's bin table as a kernel parameter: (thr bits, base rank or codes) per bin.
+struct BinTableParam {
+  uint2 bins[kBinTableRows];
 };
 
-// Where a lane reads the bin table: the table (warp-uniform; kLaneTableCopies lane-interleaved
-// copies in shared memory, cuda_utils.cuh, since with one copy bins b and b + 16, x near -0.5 and
-// +0.5, collide) and the lane's copy offset in bytes.
-struct BinTableView {
-  const char* table;
-  uint32_t copy_offset;
-};
+template <typename Table>
+static BinTableParam bin_table_param(const Table& table) {
+  BinTableParam p{};
+  for (size_t b = 0; b < std::size(table.bins); ++b) {
+    static_assert(sizeof(table.bins[b]) == sizeof(uint2));
+    std::memcpy(&p.bins[b], &table.bins[b], sizeof(uint2));
+  }
+  return p;
+}
 
-// Exact code of x = w * scale when the block's absmax is finite (then |x| <= 1 + 2^-20).
-// kExtras: the format counts two midpoints by compares and maps ranks to codes (FP4).
-template <bool kExtras>
-__device__ __forceinline__ uint32_t encode_finite(float x, BinTableView bins, const Quant4EncodeExtras& extras) {
-  // Byte offset bin * 128 | copy offset: one shift and one LOP3.
-  const uint32_t offset =
-      lane_table_offset<63u << 7>(__float_as_uint(__fmaf_rn(x, 128.0f, kNF4BinMagic)) << 7, bins.copy_offset);
-  const NF4Bin e = *reinterpret_cast<const NF4Bin*>(bins.table + offset);
-  const uint32_t rank = e.base + (x > e.thr ? 1u : 0u);
-  if constexpr (kExtras) {
-    const uint32_t r = rank + (x > extras.extra_low ? 1u : 0u) + (x > extras.extra_high ? 1u : 0u);
-    return static_cast<uint32_t>(extras.code_of_rank >> (4 * r)) & 0xFu;
+// Code of x = w * scale when the block's absmax is finite (then |x| <= 1 + 2^-20), with the
+// format's bin table (nf4_encode_lut.h): NF4 rounds to the nearest bin and adds the compare to
+// the bin's base rank; FP4 rounds up and shifts to the bin's second code when x passes thr.
+// Only the low nibble of the result is the code (the caller funnels it into the packed word).
+template <QuantType kType>
+__device__ __forceinline__ uint32_t encode_finite(float x, const char* table, uint32_t copy_offset) {
+  const float f = kType == QuantType::kFP4 ? __fmaf_ru(x, 128.0f, kFP4BinMagic) : __fmaf_rn(x, 128.0f, kNF4BinMagic);
+  // f lies in [2^26, 2^27): its bits are the exponent's above bit 22 and the bin below; << 9
+  // leaves bin * 512.
+  const uint2 e = *reinterpret_cast<const uint2*>(table + ((__float_as_uint(f) << kBinPitchShift) | copy_offset));
+  uint32_t code = e.y;
+  if constexpr (kType == QuantType::kFP4) {
+    asm("{ .reg .pred p; setp.gt.f32 p, %1, %2; @p shr.b32 %0, %0, 4; }" : "+r"(code) : "f"(x), "f"(__uint_as_float(e.x)));
   } else {
-    return rank;
+    asm("{ .reg .pred p; setp.gt.f32 p, %1, %2; @p add.u32 %0, %0, 1; }" : "+r"(code) : "f"(x), "f"(__uint_as_float(e.x)));
+  }
+  return code;
+}
+
+// Element j of a chunk as fp32. bf16 is the top half of an fp32, so a pair's word gives both
+// values with one shift and one mask (to_float extracts the half first).
+template <typename T>
+__device__ __forceinline__ float chunk_float(const Chunk8<T>& c, int j) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const uint32_t word = reinterpret_cast<const uint32_t*>(c.v)[j / 2];
+    return __uint_as_float(j % 2 == 0 ? word << 16 : word & 0xFFFF0000u);
+  } else {
+    return to_float(c.v[j]);
   }
 }
 
-// Packs the codes of one chunk into a little-endian word: element 2i in the high nibble of byte i.
-template <bool kFinite, bool kExtras, typename T>
-__device__ __forceinline__ uint32_t encode_chunk(const Chunk8<T>& c, float scale, BinTableView bins,
-                                                 const Quant4EncodeExtras& extras, QuantType type) {
+// Packs the codes of one chunk into a little-endian word: element 2i in the high nibble of byte
+// i. Each code enters at the top of the word by a funnel shift that drops everything above its
+// nibble, so the codes are inserted in nibble order 1, 0, 3, 2, ... and need no mask.
+template <bool kFinite, QuantType kType, typename T>
+__device__ __forceinline__ uint32_t encode_chunk(const Chunk8<T>& c, float scale, const char* table,
+                                                 uint32_t copy_offset) {
   uint32_t word = 0;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float a = __fmul_rn(to_float(c.v[2 * i]), scale), b = __fmul_rn(to_float(c.v[2 * i + 1]), scale);
-    const uint32_t hi = kFinite ? encode_finite<kExtras>(a, bins, extras) : quant4_encode(type, a);
-    const uint32_t lo = kFinite ? encode_finite<kExtras>(b, bins, extras) : quant4_encode(type, b);
-    word |= ((hi << 4) | lo) << (8 * i);
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const float x = __fmul_rn(chunk_float(c, 2 * i + 1 - k), scale);
+      const uint32_t code = kFinite ? encode_finite<kType>(x, table, copy_offset) : quant4_encode(kType, x);
+      word = __funnelshift_r(word, code, 4);
+    }
   }
   return word;
 }
 
+// Running max |x| over a chunk, NaN-propagating like absmax_nan. 16-bit types compare pairs in
+// their own format (|x| and max are exact there, so the maximum is the same value): one max per
+// two elements instead of a conversion and a max per element.
+template <typename T>
+struct ChunkAbsmax {
+  float amax = 0.0f;
+  __device__ __forceinline__ void add(const Chunk8<float>& c) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = absmax_nan(amax, c.v[i]);
+  }
+  __device__ __forceinline__ float result() const { return amax; }
+};
+template <typename T>
+  requires(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>)
+struct ChunkAbsmax<T> {
+  using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  Pair amax = zero();
+  static __device__ __forceinline__ Pair zero() {
+    if constexpr (std::is_same_v<T, __half>) return __float2half2_rn(0.0f);
+    else return __float2bfloat162_rn(0.0f);
+  }
+  __device__ __forceinline__ void add(const Chunk8<T>& c) {
+    const Pair* p = reinterpret_cast<const Pair*>(c.v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) amax = __hmax2_nan(amax, __habs2(p[i]));
+  }
+  // As fp32, through absmax_nan so that a NaN comes out as the fp32 canonical NaN, as before.
+  __device__ __forceinline__ float result() const {
+    return absmax_nan(absmax_nan(0.0f, to_float(amax.x)), to_float(amax.y));
+  }
+};
+
 // BATCH chunks per lane are held in registers at a time. With BATCH == CHUNKS the block is read
-// once; larger blocks (2048, 4096) take two passes, the second reading the block again (mostly
-// from L1/L2), instead of holding up to 128 values per thread.
-template <typename T, int LANES, int CHUNKS, int BATCH, bool kExtras>
+// once and the next block's chunks are loaded before this one is encoded (two blocks in flight
+// per lane); larger blocks (2048, 4096) take two passes, the second reading the block again
+// (mostly from L1/L2), instead of holding up to 128 values per thread.
+template <typename T, int LANES, int CHUNKS, int BATCH, QuantType kType>
 __global__ void __launch_bounds__(kQuantizeThreads)
 quantize_4bit_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed, float* __restrict__ absmax,
-                     int64_t num_blocks, const __grid_constant__ Quant4Encoder encoder) {
-  static_assert(sizeof(NF4Bin) == kLaneTableEntryBytes, "encode_finite shifts bins by 7 bits");
+                     int64_t num_blocks, const __grid_constant__ BinTableParam bins) {
   static_assert(32 % LANES == 0 && CHUNKS % BATCH == 0);
   constexpr int kGroupsPerWarp = 32 / LANES;
   constexpr int64_t kBlock = int64_t{LANES} * CHUNKS * 8;
   constexpr bool kOnePass = BATCH == CHUNKS;
 
-  __shared__ NF4Bin bin_table[kNF4Bins * kLaneTableCopies];
-  for (int i = threadIdx.x; i < kNF4Bins * kLaneTableCopies; i += blockDim.x) {
-    bin_table[i] = encoder.table.bins[i / kLaneTableCopies];
+  __shared__ uint2 bin_table[kBinTableRows << kBinPitchShift >> 3];
+  for (int i = threadIdx.x; i < kBinTableRows * kLaneTableCopies; i += blockDim.x) {
+    const int bin = i / kLaneTableCopies, copy = i % kLaneTableCopies;
+    bin_table[(bin << kBinPitchShift >> 3) + copy] = bins.bins[bin];
   }
   __syncthreads();
-  const BinTableView bins{reinterpret_cast<const char*>(bin_table), lane_table_copy_offset()};
+  const char* table = reinterpret_cast<const char*>(bin_table);
+  const uint32_t copy_offset = lane_table_copy_offset();
 
   const int lane = threadIdx.x % LANES;
   const int group = (threadIdx.x % 32) / LANES;
   const int64_t warp = (int64_t{blockIdx.x} * kQuantizeThreads + threadIdx.x) / 32;
   const int64_t num_warps = int64_t{gridDim.x} * (kQuantizeThreads / 32);
+  const int64_t stride = num_warps * kGroupsPerWarp;
+  // Groups past the end load the last block (and store nothing): no predicated loads.
+  auto block_weight = [&](int64_t b) { return weight + min(b, num_blocks - 1) * kBlock + lane * 8; };
 
+  Chunk8<T> x[BATCH];
+  if constexpr (kOnePass) {
+#pragma unroll
+    for (int c = 0; c < BATCH; ++c) x[c] = load_chunk(block_weight(warp * kGroupsPerWarp + group) + c * (LANES * 8));
+  }
   // Warp-uniform loop, so every lane takes part in the shuffles; inactive groups idle.
-  for (int64_t first = warp * kGroupsPerWarp; first < num_blocks; first += num_warps * kGroupsPerWarp) {
+  for (int64_t first = warp * kGroupsPerWarp; first < num_blocks; first += stride) {
     const int64_t b = first + group;
     const bool active = b < num_blocks;
-    const T* w = weight + b * kBlock + lane * 8;
+    const T* w = block_weight(b);
     uint32_t* out = reinterpret_cast<uint32_t*>(packed + b * (kBlock / 2)) + lane;
 
-    Chunk8<T> x[BATCH];
-    float amax = 0.0f;
-#pragma unroll 1  // keeps one batch of loads live at a time
-    for (int c0 = 0; c0 < CHUNKS; c0 += BATCH) {
+    ChunkAbsmax<T> reduce;
+    Chunk8<T> cur[BATCH];
+    if constexpr (kOnePass) {
 #pragma unroll
       for (int c = 0; c < BATCH; ++c) {
-        if (active) x[c] = load_chunk(w + (c0 + c) * (LANES * 8));
-        else x[c] = Chunk8<T>{};
+        reduce.add(x[c]);
+        cur[c] = x[c];
+        x[c] = load_chunk(block_weight(b + stride) + c * (LANES * 8));  // the next block, in flight
       }
+    } else {
+#pragma unroll 1  // keeps one batch of loads live at a time
+      for (int c0 = 0; c0 < CHUNKS; c0 += BATCH) {
 #pragma unroll
-      for (int c = 0; c < BATCH; ++c) {
+        for (int c = 0; c < BATCH; ++c) x[c] = load_chunk(w + (c0 + c) * (LANES * 8));
 #pragma unroll
-        for (int i = 0; i < 8; ++i) amax = absmax_nan(amax, to_float(x[c].v[i]));
+        for (int c = 0; c < BATCH; ++c) reduce.add(x[c]);
       }
     }
+    float amax = reduce.result();
 #pragma unroll
     for (int offset = LANES / 2; offset > 0; offset /= 2) {
       amax = absmax_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
@@ -166,44 +245,43 @@ quantize_4bit_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed,
     for (int c0 = 0; c0 < CHUNKS; c0 += BATCH) {
       if constexpr (!kOnePass) {
 #pragma unroll
-        for (int c = 0; c < BATCH; ++c) x[c] = load_chunk(w + (c0 + c) * (LANES * 8));
+        for (int c = 0; c < BATCH; ++c) cur[c] = load_chunk(w + (c0 + c) * (LANES * 8));
       }
 #pragma unroll
       for (int c = 0; c < BATCH; ++c) {
-        out[(c0 + c) * LANES] = finite ? encode_chunk<true, kExtras>(x[c], scale, bins, encoder.extras, encoder.type)
-                                       : encode_chunk<false, kExtras>(x[c], scale, bins, encoder.extras, encoder.type);
+        out[(c0 + c) * LANES] = finite ? encode_chunk<true, kType>(cur[c], scale, table, copy_offset)
+                                       : encode_chunk<false, kType>(cur[c], scale, table, copy_offset);
       }
     }
   }
 }
 
 template <typename T, int LANES, int CHUNKS, int BATCH = CHUNKS>
-static void launch_quantize_4bit(const T* w, uint8_t* p, float* a, int64_t num_blocks, const Quant4Encoder& enc) {
+static void launch_quantize_4bit(const T* w, uint8_t* p, float* a, int64_t num_blocks, QuantType type) {
   constexpr int kBlocksPerCta = kQuantizeThreads / LANES;
+  const BinTableParam bins = type == QuantType::kFP4 ? bin_table_param(kFP4CodeBinTable) : bin_table_param(kNF4BinTable);
   auto go = [&](auto kernel) {
     const int64_t grid =
         persistent_grid(kernel, kQuantizeThreads, (num_blocks + kBlocksPerCta - 1) / kBlocksPerCta);
-    kernel<<<grid, kQuantizeThreads, 0, at::cuda::getCurrentCUDAStream()>>>(w, p, a, num_blocks, enc);
+    kernel<<<grid, kQuantizeThreads, 0, at::cuda::getCurrentCUDAStream()>>>(w, p, a, num_blocks, bins);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (enc.type == QuantType::kFP4) go(quantize_4bit_kernel<T, LANES, CHUNKS, BATCH, true>);
-  else go(quantize_4bit_kernel<T, LANES, CHUNKS, BATCH, false>);
+  if (type == QuantType::kFP4) go(quantize_4bit_kernel<T, LANES, CHUNKS, BATCH, QuantType::kFP4>);
+  else go(quantize_4bit_kernel<T, LANES, CHUNKS, BATCH, QuantType::kNF4>);
 }
 
 template <typename T>
 static void quantize_4bit(const T* wp, uint8_t* pp, float* ap, int64_t num_blocks, int64_t blocksize,
                           QuantType type) {
-  const Quant4Encoder enc{type == QuantType::kFP4 ? kFP4BinTable : kNF4BinTable,
-                          type == QuantType::kFP4 ? kFP4EncodeExtras : kNF4EncodeExtras, type};
   switch (blocksize) {
-    case 32: launch_quantize_4bit<T, 2, 2>(wp, pp, ap, num_blocks, enc); break;
-    case 64: launch_quantize_4bit<T, 4, 2>(wp, pp, ap, num_blocks, enc); break;
-    case 128: launch_quantize_4bit<T, 8, 2>(wp, pp, ap, num_blocks, enc); break;
-    case 256: launch_quantize_4bit<T, 16, 2>(wp, pp, ap, num_blocks, enc); break;
-    case 512: launch_quantize_4bit<T, 32, 2>(wp, pp, ap, num_blocks, enc); break;
-    case 1024: launch_quantize_4bit<T, 32, 4>(wp, pp, ap, num_blocks, enc); break;
-    case 2048: launch_quantize_4bit<T, 32, 8, 4>(wp, pp, ap, num_blocks, enc); break;
-    case 4096: launch_quantize_4bit<T, 32, 16, 4>(wp, pp, ap, num_blocks, enc); break;
+    case 32: launch_quantize_4bit<T, 2, 2>(wp, pp, ap, num_blocks, type); break;
+    case 64: launch_quantize_4bit<T, 4, 2>(wp, pp, ap, num_blocks, type); break;
+    case 128: launch_quantize_4bit<T, 8, 2>(wp, pp, ap, num_blocks, type); break;
+    case 256: launch_quantize_4bit<T, 16, 2>(wp, pp, ap, num_blocks, type); break;
+    case 512: launch_quantize_4bit<T, 32, 2>(wp, pp, ap, num_blocks, type); break;
+    case 1024: launch_quantize_4bit<T, 32, 4>(wp, pp, ap, num_blocks, type); break;
+    case 2048: launch_quantize_4bit<T, 32, 8, 4>(wp, pp, ap, num_blocks, type); break;
+    case 4096: launch_quantize_4bit<T, 32, 16, 4>(wp, pp, ap, num_blocks, type); break;
     default: TORCH_CHECK(false, "moequant.quantize_nf4: unsupported blocksize ", blocksize);
   }
 }
