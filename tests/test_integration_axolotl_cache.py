@@ -16,7 +16,7 @@ import moequant.integrations.transformers as hook
 from _integration_models import save_tiny_checkpoint
 from moequant.integrations import find_experts_modules
 import moequant.integrations.cache as cache_module
-from moequant.integrations.cache import MANIFEST_NAME, ExpertsCache, cache_key
+from moequant.integrations.cache import MANIFEST_NAME, EntryPrefetch, ExpertsCache, cache_key
 from moequant.integrations.parametrize import quant_stack_of
 from moequant.integrations.transformers import quantize_experts_on_load
 
@@ -136,6 +136,44 @@ def test_store_returns_before_the_entry_is_written(checkpoint, tmp_path, monkeyp
     release.set()
     cache.wait()
     assert cache.writer.error is None and os.path.isfile(os.path.join(cache.directory, MANIFEST_NAME))
+
+
+def test_deferred_write_starts_only_when_asked(checkpoint, tmp_path, monkeypatch):
+    """store(start=False) takes the stacks now (Axolotl: right after the build) and writes nothing until
+    start_write (the end of the load); cancel_write drops a write that never started (a failed load)."""
+    model, _, _, _ = load(checkpoint, tmp_path / "model", monkeypatch)
+    cache = ExpertsCache(str(tmp_path / "cache"), checkpoint, "nf4", True, 64, torch.bfloat16)
+    cache.store(model, start=False)
+    assert cache.writer is not None and cache.writer.ident is None
+    cache.wait()  # nothing started, nothing to join
+    assert not os.path.exists(cache.directory)
+    cache.start_write()
+    cache.start_write()  # idempotent
+    cache.wait()
+    assert cache.writer.error is None and os.path.isfile(os.path.join(cache.directory, MANIFEST_NAME))
+    dropped = ExpertsCache(str(tmp_path / "dropped"), checkpoint, "nf4", True, 64, torch.bfloat16)
+    dropped.store(model, start=False)
+    dropped.cancel_write()
+    dropped.start_write()  # after a cancel: nothing to start
+    dropped.wait()
+    assert dropped.writer is None and not os.path.exists(dropped.directory)
+
+
+def test_prefetch_serves_only_the_entry_the_load_asks_for(checkpoint, tmp_path, monkeypatch):
+    first, _, _, cache = load(checkpoint, tmp_path / "cache", monkeypatch)
+    args = (str(tmp_path / "cache"), checkpoint, "nf4", True, 64, torch.bfloat16)
+    prefetched = EntryPrefetch(*args).take(cache.key)
+    assert prefetched is not None and prefetched.hit and prefetched.directory == cache.directory
+    assert_same_stacks(stacks(first), prefetched.stacks)
+    # the load computed another key (e.g. the validated config's dtype differs from the raw config's guess)
+    other = cache_key(checkpoint, "nf4", True, 64, torch.float16)
+    assert other != cache.key and EntryPrefetch(*args).take(other) is None
+    # a miss is handed over as a looked-up miss; an error in the thread is kept, never raised
+    missing = EntryPrefetch(str(tmp_path / "empty"), *args[1:])
+    miss = missing.take(cache.key)
+    assert miss is not None and not miss.hit
+    broken = EntryPrefetch(args[0], str(tmp_path / "no-such-checkpoint"), *args[2:])
+    assert broken.take(cache.key) is None and isinstance(broken.error, Exception)
 
 
 def test_writer_holds_one_stack_on_the_host_at_a_time(checkpoint, tmp_path, monkeypatch):

@@ -18,14 +18,19 @@ Where each step happens in Axolotl 0.21's loader:
   is cleared and ``moequant_quantize_experts`` records the request, so Axolotl's validator, its
   ``device_map`` override (``{"": LOCAL_RANK}``) and its own loader patch never see it; the
   settings are checked here, so a config moequant cannot train fails before any data is loaded.
+  With ``moequant_cache_dir``, the cache entry is read and checked in a background thread from
+  here on, while Axolotl validates the config and loads the datasets.
 * ``pre_model_load``: architecture check on an empty (meta) model, CPU/GPU check, experts cache
-  lookup, then the transformers loader is patched (:func:`moequant.quantize_experts_on_load`).
-* ``post_model_build``: the load is finished (stacks counted, memory line logged), the cache
-  written on a miss, the loader unpatched, and ``model._moe_experts_quantized`` set so that
+  lookup (the prefetched entry when its key is the one the validated config gives), then the
+  transformers loader is patched (:func:`moequant.quantize_experts_on_load`).
+* ``post_model_build``: the load is finished (stacks counted, memory line logged), the stacks to
+  cache taken on a miss, the loader unpatched, and ``model._moe_experts_quantized`` set so that
   Axolotl skips ``prepare_model_for_kbit_training`` (it would upcast every frozen weight).
 * ``pre_lora_load`` / ``post_lora_load``: around ``get_peft_model``, moequant's PEFT injection is
   the outermost one: quantized stacks are wrapped first, in their dense order, then Axolotl's own
   target-parameters patch handles the rest; removed afterwards.
+* ``post_model_load`` (the end of the load): the cache entry starts being written, in the
+  background, so that it does not compete with the rest of the load.
 * A failure anywhere in ``ModelLoader.load`` closes whatever the plugin opened (transformers and
   PEFT end up unpatched); the ``ParamWrapper`` methods of :func:`moequant.integrations.peft.patch_peft`
   stay, as the trained model's forward needs them (they pass through for any other parameter).
@@ -45,7 +50,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, field_validator
 
-from .cache import ExpertsCache
+from .cache import EntryPrefetch, ExpertsCache
 from .peft import quantized_experts_injection, remove_injection
 from .transformers import _check_model, load_stats, memory_summary, quantize_experts_on_load
 
@@ -134,6 +139,32 @@ def check_config(cfg) -> None:
         raise ValueError(f"moequant_fuse must be one of 'quantized', 'cpu', 'device', got {fuse!r}")
 
 
+def _experts_dtype(cfg) -> torch.dtype:
+    """The dtype the experts are loaded in: Axolotl's ``torch_dtype`` once the config is normalized; from
+    the raw config, the one Axolotl's normalization will choose (``bf16: auto`` resolved as it does).
+    A wrong guess costs only the prefetch: the load compares cache keys."""
+    dtype = cfg.get("torch_dtype")
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    bf16, fp16 = cfg.get("bf16"), cfg.get("fp16")
+    if bf16 == "auto":
+        bf16 = not fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not bf16 and fp16 is None and not cfg.get("float16"):
+            fp16 = True
+    if bf16 or cfg.get("bfloat16"):
+        return torch.bfloat16
+    if cfg.get("load_in_8bit") or fp16 or cfg.get("float16"):
+        return torch.float16
+    return torch.float32
+
+
+def _cache_args(cfg) -> tuple:
+    """``ExpertsCache`` arguments for a config (its cache directory, checkpoint, format, blocksize, dtype)."""
+    quant_type, double_quant = experts_format(cfg)
+    return (cfg["moequant_cache_dir"], cfg.get("base_model"), quant_type, double_quant,
+            int(cfg.get("moequant_blocksize") or 64), _experts_dtype(cfg))
+
+
 def _gpu_only_settings(cfg) -> list[str]:
     """Settings of ``cfg`` that need a CUDA device."""
     found = []
@@ -206,6 +237,8 @@ class MoequantPlugin(BasePlugin):
         self._open = contextlib.ExitStack()  # what a load has patched; closed at its end or on failure
         self._cache: Optional[ExpertsCache] = None
         self._cache_hit = False
+        self._prefetch: Optional[EntryPrefetch] = None
+        self._cache_prefetched = False
 
     def get_input_args(self) -> str:
         return "moequant.integrations.axolotl.MoequantArgs"
@@ -221,6 +254,8 @@ class MoequantPlugin(BasePlugin):
             cfg["quantize_moe_experts"] = False
         if cfg.get("moequant_quantize_experts"):
             _guard_model_loader(self)
+            if cfg.get("moequant_cache_dir") and cfg.get("base_model"):
+                self._prefetch = EntryPrefetch(*_cache_args(cfg))
 
     def on_config_validation_error(self, cfg) -> None:
         _unguard_model_loader()
@@ -250,10 +285,15 @@ class MoequantPlugin(BasePlugin):
         blocksize = int(cfg.get("moequant_blocksize") or 64)
         self._cache, self._cache_hit = None, False
         if cfg.get("moequant_cache_dir"):
-            dtype = cfg.get("torch_dtype") or torch.bfloat16
-            self._cache = ExpertsCache(cfg["moequant_cache_dir"], cfg.get("base_model"), quant_type, double_quant,
-                                       blocksize, dtype)
-            self._cache_hit = self._cache.lookup()
+            self._cache = ExpertsCache(*_cache_args(cfg))
+            prefetched = self._prefetch.take(self._cache.key) if self._prefetch is not None else None
+            self._prefetch = None
+            self._cache_prefetched = prefetched is not None
+            if prefetched is not None:
+                self._cache = prefetched
+            else:
+                self._cache.lookup()
+            self._cache_hit = self._cache.hit
         self._open.enter_context(
             quantize_experts_on_load(blocksize=blocksize, fuse=str(cfg.get("moequant_fuse") or "quantized"),
                                      quant_type=quant_type, double_quant=double_quant)
@@ -262,7 +302,8 @@ class MoequantPlugin(BasePlugin):
             self._open.enter_context(self._cache.hooks())
         LOG.info("moequant: quantize_moe_experts handled by moequant (%s experts%s, blocksize %d, fused LoRA op)%s",
                  quant_type, " with double-quantized statistics" if double_quant else "", blocksize,
-                 f"; experts cache hit: {self._cache.directory}" if self._cache_hit else "")
+                 f"; experts cache hit: {self._cache.directory}"
+                 + (" (read ahead of the load)" if self._cache_prefetched else "") if self._cache_hit else "")
 
     def post_model_build(self, cfg, model) -> None:
         if not cfg.get("moequant_quantize_experts"):
@@ -285,9 +326,9 @@ class MoequantPlugin(BasePlugin):
                 LOG.info("moequant: %d expert stacks from the cache %s (none quantized)", summary.num_stacks,
                          self._cache.directory)
             else:
-                size = self._cache.store(model)
-                LOG.info("moequant: %d quantized expert stacks being written to the cache %s in the background "
-                         "(%.1f MB)", summary.num_stacks, self._cache.directory, size / 2**20)
+                size = self._cache.store(model, start=False)  # written once the load is over
+                LOG.info("moequant: %d quantized expert stacks to be written to the cache %s in the background "
+                         "after the load (%.1f MB)", summary.num_stacks, self._cache.directory, size / 2**20)
 
     def pre_lora_load(self, cfg, model) -> None:
         if not cfg.get("moequant_quantize_experts"):
@@ -307,6 +348,13 @@ class MoequantPlugin(BasePlugin):
 
     def post_model_load(self, cfg, model) -> None:
         self._close()  # nothing is left open past the load, whatever happened in between
+        if self._cache is not None:
+            self._cache.start_write()
+
+    def _drop_unstarted_write(self) -> None:
+        """A load that failed before its end writes no cache entry."""
+        if self._cache is not None:
+            self._cache.cancel_write()
 
     def _close(self) -> None:
         self._open.close()
@@ -330,6 +378,10 @@ def _guard_model_loader(plugin: MoequantPlugin) -> None:
     def load(self, *args, **kwargs):
         try:
             return original(self, *args, **kwargs)
+        except BaseException:
+            for p in plugins:
+                p._drop_unstarted_write()
+            raise
         finally:
             for p in plugins:
                 p._close()

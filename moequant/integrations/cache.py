@@ -250,9 +250,10 @@ class _EntryWriter(threading.Thread):
         logger.info("moequant: experts cache entry %s written (%d stacks)", self.directory, len(manifest))
 
 
-def start_entry_write(model: nn.Module, directory: str) -> tuple[_EntryWriter, int]:
-    """Start writing every quantized stack of ``model`` as the entry at ``directory``; returns the (started)
-    writer and the bytes of the stacks' tensors."""
+def entry_writer(model: nn.Module, directory: str) -> tuple[_EntryWriter, int]:
+    """A writer (not started) of every quantized stack of ``model`` as the entry at ``directory``, and the
+    bytes of the stacks' tensors. The stacks are taken now, under the names the loader gives them (a
+    PEFT wrapper added later would prefix them), and may be read once the current stream gets here."""
     stacks, nbytes, devices = [], 0, set()
     for name, module, pname in quantized_stacks(model):
         stack = quant_stack_of(module, pname)
@@ -265,9 +266,7 @@ def start_entry_write(model: nn.Module, directory: str) -> tuple[_EntryWriter, i
     if not stacks:
         raise ValueError(f"moequant cache: {type(model).__name__} has no quantized expert stacks to save")
     ready = {device: torch.cuda.current_stream(device).record_event() for device in devices}
-    writer = _EntryWriter(stacks, directory, ready)
-    writer.start()
-    return writer, nbytes
+    return _EntryWriter(stacks, directory, ready), nbytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +372,41 @@ def load_entry(directory: str, quant_type: str, double_quant: bool, blocksize: i
             raise
 
 
+class EntryPrefetch:
+    """Looks an entry up in a background thread, ahead of the load that needs it, so that reading and
+    checking its files overlaps what the caller does meanwhile (Axolotl: validating the config and
+    loading the datasets). :meth:`take` hands the looked-up cache over only if its key is the one the
+    load computes then; otherwise (a different format or dtype, or any error in the thread) the load
+    looks up for itself, so a prefetch can only save time, never change what is loaded."""
+
+    def __init__(self, cache_dir: str, checkpoint: str, quant_type: str, double_quant: bool, blocksize: int,
+                 dtype: torch.dtype):
+        self._args = (cache_dir, checkpoint, quant_type, double_quant, blocksize, dtype)
+        self.cache: Optional[ExpertsCache] = None
+        self.error: Optional[BaseException] = None
+        # A daemon: an unused prefetch must not keep the interpreter alive (it only reads).
+        self._thread = threading.Thread(target=self._run, name="moequant-cache-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            cache = ExpertsCache(*self._args)
+            cache.lookup()
+            self.cache = cache
+        except BaseException as err:  # e.g. a hub checkpoint not downloaded yet: the load looks up itself
+            self.error = err
+
+    def take(self, key: str) -> Optional["ExpertsCache"]:
+        """The looked-up cache if it is the entry ``key``, else ``None`` (waits for the thread)."""
+        self._thread.join()
+        cache, self.cache = self.cache, None
+        if cache is None or cache.key != key:
+            if self.error is not None:
+                logger.debug("moequant: experts cache prefetch failed (%s)", self.error)
+            return None
+        return cache
+
+
 def _device_for(device_map, name: str) -> torch.device:
     """The device transformers' ``device_map`` gives ``name`` (longest matching prefix; CPU without one)."""
     if not isinstance(device_map, dict):
@@ -399,6 +433,11 @@ class ExpertsCache:
         self.stacks: Optional[dict[str, QuantStack]] = None
         self.served: set[str] = set()
 
+    @property
+    def hit(self) -> bool:
+        """Whether :meth:`lookup` found a sound entry (its stacks are held on the host)."""
+        return self.stacks is not None
+
     def lookup(self) -> bool:
         """Load the entry if it is there and sound; a partial or corrupt one is deleted (and rebuilt later).
         Writes this process started in the same cache directory are finished first."""
@@ -415,14 +454,29 @@ class ExpertsCache:
             return False
         return True
 
-    def store(self, model: nn.Module) -> int:
-        """Start writing ``model``'s quantized stacks as this entry (in the background, see :meth:`wait`);
-        returns the bytes of the stacks' tensors."""
+    def store(self, model: nn.Module, start: bool = True) -> int:
+        """Write ``model``'s quantized stacks as this entry in the background (see :meth:`wait`); returns the
+        bytes of the stacks' tensors. ``start=False`` only takes the stacks: :meth:`start_write` begins the
+        write later (Axolotl's loader: after the load, whose remaining steps it would otherwise slow), and
+        :meth:`cancel_write` drops it (a load that failed)."""
         wait_for_writes(self.cache_dir)  # one write per entry at a time: the rename replaces what is there
-        self.writer, nbytes = start_entry_write(model, self.directory)
+        self.writer, nbytes = entry_writer(model, self.directory)
+        if start:
+            self.start_write()
+        return nbytes
+
+    def start_write(self) -> None:
+        """Start the write that :meth:`store` prepared (nothing when there is none, or it has started)."""
+        if self.writer is None or self.writer.ident is not None:
+            return
         with _writers_lock:
             _writers.setdefault(os.path.realpath(self.cache_dir), []).append(self.writer)
-        return nbytes
+        self.writer.start()
+
+    def cancel_write(self) -> None:
+        """Drop a write that :meth:`store` prepared but that has not started (and release its stacks)."""
+        if self.writer is not None and self.writer.ident is None:
+            self.writer = None
 
     def wait(self) -> None:
         """Block until the entry started by :meth:`store` (and any other write to this cache directory) is
