@@ -16,8 +16,9 @@
 //
 // int8 row-wise: a warp per output row (half a warp for rows up to 1024); the row's chunks stay in
 // registers between the absmax reduction and the encode when they fit (rows up to 2048 elements),
-// else the encode pass reads the row again (from L2). Rows whose length is not a multiple of 8
-// take an element-wise kernel.
+// else the encode pass reads the row again (from L2). Rows of finite nonzero absmax encode by one
+// multiply and one rounding add per element (no conversion instructions). Rows whose length is
+// not a multiple of 8 take an element-wise kernel.
 //
 // Bit-exact with the CPU kernels: IEEE division and __fmul_rn, no fast math.
 #include <ATen/ATen.h>
@@ -302,11 +303,45 @@ __device__ __forceinline__ uint2 encode_int8_chunk(const Chunk8<T>& c, float mul
   return make_uint2(word[0], word[1]);
 }
 
+// The same codes by one add per element, for rows whose absmax is finite and nonzero and whose
+// multiplier is finite (then every |w * multiplier| <= 127 * (1 + 2^-23) and no value is NaN):
+// fp32(y + 1.5 * 2^23) lies in [2^23, 2^24), where the ulp is 1, so it is 1.5 * 2^23 + rint(y)
+// (ties to even, as rintf), and its low byte is the int8 code. Then three byte permutes per
+// four codes. No conversion instructions (F2I, FRND), which run at a quarter of the issue rate.
+template <typename T>
+__device__ __forceinline__ uint2 encode_int8_chunk_finite(const Chunk8<T>& c, float multiplier) {
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+  uint32_t t[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) t[i] = __float_as_uint(__fadd_rn(__fmul_rn(chunk_float(c, i), multiplier), kRoundMagic));
+  uint32_t word[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t lo = __byte_perm(t[4 * h], t[4 * h + 1], 0x0040), hi = __byte_perm(t[4 * h + 2], t[4 * h + 3], 0x0040);
+    word[h] = __byte_perm(lo, hi, 0x5410);
+  }
+  return make_uint2(word[0], word[1]);
+}
+
+// One 8-element chunk, or zeros where `valid` is false (loaded as words: no per-element selects).
+template <typename T>
+__device__ __forceinline__ Chunk8<T> load_chunk_or_zero(const T* p, bool valid) {
+  Chunk8<T> c;
+  constexpr int kVecs = sizeof(Chunk8<T>) / 16;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    reinterpret_cast<uint4*>(&c)[i] = valid ? reinterpret_cast<const uint4*>(p)[i] : make_uint4(0, 0, 0, 0);
+  }
+  return c;
+}
+
 // LANES threads per row (a warp holds 32 / LANES rows; grid-stride over rows); cols is a multiple
 // of 8 and rows start 16-byte aligned. Short rows take half a warp each, so that a warp keeps as
 // many loads in flight as with long rows (H200, qwen3 down rows of 768: 57% of copy with 32 lanes).
+// 16-bit rows fit in 64 registers (4 CTAs, 32 warps per SM; unbounded they took 99 and ran 2
+// CTAs); fp32 chunks are twice the registers.
 template <typename T, int LANES>
-__global__ void __launch_bounds__(kQuantizeThreads)
+__global__ void __launch_bounds__(kQuantizeThreads, sizeof(T) == 2 ? 4 : 2)
 quantize_int8_rows_kernel(const T* __restrict__ weight, int8_t* __restrict__ codes, float* __restrict__ row_absmax,
                           int64_t num_rows, int64_t cols) {
   constexpr int kRowsPerWarp = 32 / LANES;
@@ -320,22 +355,21 @@ quantize_int8_rows_kernel(const T* __restrict__ weight, int8_t* __restrict__ cod
   for (int64_t first = warp * kRowsPerWarp; first < num_rows; first += num_warps * kRowsPerWarp) {
     const int64_t row = first + group;
     const bool active = row < num_rows;
-    const T* w = weight + row * cols;
+    // Groups past the end read the last row (and store nothing).
+    const T* w = weight + min(row, num_rows - 1) * cols;
     uint2* out = reinterpret_cast<uint2*>(codes + row * cols);
     Chunk8<T> x[kInt8RowChunks];
-    float amax = 0.0f;
+    ChunkAbsmax<T> reduce;
     for (int64_t c0 = 0; c0 < row_chunks; c0 += LANES * kInt8RowChunks) {
 #pragma unroll
       for (int c = 0; c < kInt8RowChunks; ++c) {
         const int64_t ch = c0 + c * LANES + lane;
-        x[c] = active && ch < row_chunks ? load_chunk(w + ch * 8) : Chunk8<T>{};
+        x[c] = load_chunk_or_zero(w + ch * 8, ch < row_chunks);
       }
 #pragma unroll
-      for (int c = 0; c < kInt8RowChunks; ++c) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) amax = absmax_nan(amax, to_float(x[c].v[i]));
-      }
+      for (int c = 0; c < kInt8RowChunks; ++c) reduce.add(x[c]);
     }
+    float amax = reduce.result();
 #pragma unroll
     for (int offset = LANES / 2; offset > 0; offset /= 2) {
       amax = absmax_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
@@ -343,6 +377,7 @@ quantize_int8_rows_kernel(const T* __restrict__ weight, int8_t* __restrict__ cod
     if (!active) continue;
     if (lane == 0) row_absmax[row] = amax;
     const float multiplier = int8_row_multiplier(amax);
+    const bool finite = amax > 0.0f && isfinite(amax) && isfinite(multiplier);  // uniform across the row
     for (int64_t c0 = 0; c0 < row_chunks; c0 += LANES * kInt8RowChunks) {
       if (!in_registers) {
 #pragma unroll
@@ -354,7 +389,9 @@ quantize_int8_rows_kernel(const T* __restrict__ weight, int8_t* __restrict__ cod
 #pragma unroll
       for (int c = 0; c < kInt8RowChunks; ++c) {
         const int64_t ch = c0 + c * LANES + lane;
-        if (ch < row_chunks) out[ch] = encode_int8_chunk(x[c], multiplier);
+        if (ch < row_chunks) {
+          out[ch] = finite ? encode_int8_chunk_finite(x[c], multiplier) : encode_int8_chunk(x[c], multiplier);
+        }
       }
     }
   }
