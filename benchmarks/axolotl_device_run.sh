@@ -60,6 +60,7 @@ LABEL=bf16_axolotl run train "$CONFIG" "$W" bf16_axolotl "${COMMON[@]}" "${BF16[
 if [ -n "${PROFILE_LOADS:-}" ]; then
   export BENCH_AXOLOTL_PROFILE=1
   LABEL=profile_bf16 run train "$CONFIG" "$W" profile_bf16 "${COMMON[@]}" "${BF16[@]}" max_steps=1
+  LABEL=profile_first run train "$CONFIG" "$W" profile_first "${COMMON[@]}" max_steps=1 "moequant_cache_dir=\"$W/cache-profile\""
   LABEL=profile_cached run train "$CONFIG" "$W" profile_cached "${COMMON[@]}" max_steps=1 "moequant_cache_dir=\"$W/cache\""
   unset BENCH_AXOLOTL_PROFILE
 fi
@@ -68,7 +69,7 @@ import json, os, sys, torch
 work, out = sys.argv[1], sys.argv[2]
 runs = {}
 for name in ("checkpoint", "bf16_load", "axolotl_own", "moequant_first", "moequant_cached", "bf16_axolotl",
-             "profile_bf16", "profile_cached"):
+             "profile_bf16", "profile_first", "profile_cached"):
     path = os.path.join(work, f"{name}.json")
     text = open(path).read().strip() if os.path.exists(path) else ""
     if text or not name.startswith("profile"):
