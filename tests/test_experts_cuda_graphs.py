@@ -129,13 +129,13 @@ def test_compile_reduce_overhead_matches_eager(lora):
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
-# LoRA in the decode path (per-pair products of the gathered factors, one more split of the GEMV's
-# partial sums) against the routed path on the same stacks (MOEQUANT_DECODE_MAX_PAIRS=0).
+# LoRA in the decode path (u = A[e] x per pair in one kernel, scaling * B[e] u added in the GEMV's
+# epilogue) against the routed path on the same stacks (MOEQUANT_DECODE_MAX_PAIRS=0).
 @pytest.mark.parametrize("which", ["both", "gate_up", "down"])
 @pytest.mark.parametrize("activation,interleaved,bias", [("silu", False, False), ("gelu", False, True),
                                                           ("gelu_tanh", False, False), ("swiglu_oai", True, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("fmt", ["nf4_dq", "int8"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
 @torch.no_grad()
 def test_lora_decode_matches_routed_path(fmt, dtype, activation, interleaved, bias, which, monkeypatch):
     gate_up, down = make_stacks(fmt)
@@ -162,6 +162,48 @@ def test_lora_decode_matches_routed_path(fmt, dtype, activation, interleaved, bi
         lora_size = ((routed.double() - no_lora.double()).norm() / routed.double().norm()).item()
         assert lora_size > 0.05, lora_size  # the LoRA term is a visible part of the output
         assert err < (2e-4 if dtype == torch.float32 else 2e-2), (T, err)
+
+
+def assert_decode_matches_routed(call, inputs, no_lora_call, tol, monkeypatch):
+    """decode == routed within `tol` (relative Frobenius), and the LoRA term is visible in the output."""
+    decode = call(*inputs)
+    monkeypatch.setenv("MOEQUANT_DECODE_MAX_PAIRS", "0")
+    routed = call(*inputs)
+    monkeypatch.delenv("MOEQUANT_DECODE_MAX_PAIRS")
+    assert torch.isfinite(decode).all()
+    err = ((decode.double() - routed.double()).norm() / routed.double().norm()).item()
+    lora_size = ((routed.double() - no_lora_call(*inputs).double()).norm() / routed.double().norm()).item()
+    assert lora_size > 0.05, lora_size
+    assert err < tol, err
+
+
+# Shapes where every loop of the decode LoRA has a tail: H = 4160 is 3 GEMV splits of the gate_up
+# input (44 + 44 + 42 units) and 5 chunks of the A product (4 x 1024 + 64), I = 2112 is 2 splits of
+# the down input and 3 chunks; rank 40 is more than one rank element per lane in the epilogue, rank
+# 8 fewer than the lanes; slot 1 of token 0 is a sentinel.
+@pytest.mark.parametrize("rank", [8, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@torch.no_grad()
+def test_lora_decode_matches_routed_path_with_tails(fmt, dtype, rank, monkeypatch):
+    h, i, e, k = 4160, 2112, 4, 2
+    quant_type, double_quant = FORMATS[fmt]
+    g = torch.Generator(device="cuda").manual_seed(11)
+    rnd = lambda *shape, scale: torch.randn(*shape, generator=g, device="cuda") * scale  # noqa: E731
+    gate_up = moequant.quantize(rnd(e, 2 * i, h, scale=h**-0.5), quant_type, 64, double_quant)
+    down = moequant.quantize(rnd(e, h, i, scale=i**-0.5), quant_type, 64, double_quant)
+    biases = dict(gate_up_bias=rnd(e, 2 * i, scale=0.1).to(dtype), down_bias=rnd(e, h, scale=0.1).to(dtype))
+    lora = dict(gate_up_lora=(rnd(e, rank, h, scale=h**-0.5).to(dtype), rnd(e, 2 * i, rank, scale=0.3).to(dtype), 2.0),
+                down_lora=(rnd(e, rank, i, scale=i**-0.5).to(dtype), rnd(e, h, rank, scale=0.3).to(dtype), 0.5))
+    call = decode_call(gate_up, down, **biases, **lora)
+    no_lora_call = decode_call(gate_up, down, **biases)
+    for T in (1, 5):
+        hidden = rnd(T, h, scale=1.0).to(dtype)
+        index = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(T)])
+        index[0, 1] = e
+        weights = torch.softmax(rnd(T, k, scale=1.0), dim=-1).to(dtype)
+        assert_decode_matches_routed(call, (hidden, index, weights), no_lora_call,
+                                     2e-4 if dtype == torch.float32 else 2e-2, monkeypatch)
 
 
 NEGATIVE_ID_SCRIPT = textwrap.dedent(

@@ -8,9 +8,11 @@
 // bytes of 4-bit codes, or 32 bytes of int8 codes: the only step that differs by format) of those rows, all loads of a step in flight before the first decode, and multiplies with the
 // input vector staged in shared memory, padded by 4 floats every 32 so that the 16-byte reads of
 // lanes with different units hit different banks. Sums run in a fixed order: results are
-// reproducible. With LoRA, each projection's term for every pair (batched products of the
-// gathered factors, computed in ATen) is one more split of h or y. No host synchronization
-// anywhere: the path can be captured in a CUDA graph.
+// reproducible. With LoRA, one small kernel per projection computes u = A[e] in[p] for every pair
+// (lora_a_kernel; for down, act(h + b_gu) is recomputed from the gate_up splits while staging),
+// and the GEMV adds scaling * B[e][row] . u to split 0 of each row in its epilogue: two kernels
+// for both projections instead of a chain of small ATen ops. No host synchronization anywhere:
+// the path can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -34,6 +36,8 @@ constexpr int64_t kSplitUnits = 64;
 constexpr int kPaddedUnitFloats = 36;  // 32 inputs + 4 floats of padding per unit in shared memory
 constexpr int kStagedPerThread = kSplitUnits * 32 / kGemvThreads;
 constexpr int kRowsPerCta = kGemvWarps * kRowsPerWarp;
+// Input elements per CTA of the LoRA A product: its u partial sums are [P, rank, ceil(K / this)].
+constexpr int64_t kLoraChunk = 1024;
 // CUDA_KERNEL_ASSERT_MSG prints this as the failed assertion (with file, line, block and thread).
 #define MOEQUANT_NEGATIVE_EXPERT_ID_MSG \
   "moequant.experts_forward: top_k_index holds a negative expert id; ids must be in [0, E) (or >= E for sentinel " \
@@ -111,6 +115,68 @@ __device__ __forceinline__ float gemv_input(const GemvInput<in_t, kActInput, kAc
   }
 }
 
+// One projection's LoRA as the GEMV's epilogue sees it: u = A[e] in[p] as partial sums over
+// input chunks [P, rank, parts] (lora_a_kernel), B [E, N, rank] in the input dtype. `B` null: none.
+template <typename in_t>
+struct GemvLora {
+  const float* u_parts = nullptr;
+  int64_t parts = 0;
+  const in_t* B = nullptr;
+  int64_t rank = 0;
+  float scaling = 1.0f;
+};
+
+// u[p, q] = A[e][q, :] . in[p] for chunk blockIdx.x of the input dimension and pair blockIdx.y;
+// the GEMV epilogue sums the chunks in order and rounds u to the input dtype, as the routed path's
+// product in the factors' dtype does. The input elements are rounded to the dtype too (for down,
+// act(h) in the dtype, as the routed path feeds its LoRA). A warp per rank row, lanes over the
+// chunk, a fixed reduction order: reproducible.
+template <typename in_t, bool kActInput, GatedActivation kAct>
+__global__ void __launch_bounds__(kGemvThreads)
+lora_a_kernel(const in_t* __restrict__ A, int64_t rank, int64_t K, const int64_t* __restrict__ pair_expert, int64_t E,
+              int64_t top_k, GemvInput<in_t, kActInput, kAct> in, float* __restrict__ u_parts) {
+  __shared__ float xs[kLoraChunk];
+  const int64_t chunk = blockIdx.x, parts = gridDim.x, p = blockIdx.y, P = gridDim.y;
+  const int64_t e = pair_expert[p];
+  if (e < 0 || e >= E) return;  // sentinel slot (a negative id asserts in gemv_kernel)
+  const int64_t c0 = chunk * kLoraChunk;
+  const int n = static_cast<int>(K - c0 < kLoraChunk ? K - c0 : kLoraChunk);
+  for (int i = threadIdx.x; i < n; i += kGemvThreads) {
+    xs[i] = to_float(from_float<in_t>(gemv_input(in, c0 + i, K, p, P, e, top_k)));
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t q = warp; q < rank; q += kGemvWarps) {
+    const in_t* a = A + (e * rank + q) * K + c0;
+    float acc = 0.0f;
+#pragma unroll 8
+    for (int i = lane; i < n; i += 32) acc = fmaf(to_float(a[i]), xs[i], acc);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) u_parts[(p * rank + q) * parts + chunk] = acc;
+  }
+}
+
+// scaling * B[e][row, :] . u[p] for one output row, summed over the warp's lanes (every lane
+// gets the result; call from all 32 lanes). `valid` false (a tail row): zero, nothing read.
+template <typename in_t>
+__device__ __forceinline__ float lora_row_term(const GemvLora<in_t>& lora, int64_t e, int64_t p, int64_t N,
+                                               int64_t row, bool valid, int lane) {
+  float acc = 0.0f;
+  if (valid) {
+    const in_t* b = lora.B + (e * N + row) * lora.rank;
+    for (int64_t q = lane; q < lora.rank; q += 32) {
+      const float* parts = lora.u_parts + (p * lora.rank + q) * lora.parts;
+      float u = 0.0f;
+      for (int64_t c = 0; c < lora.parts; ++c) u += __ldg(parts + c);  // fixed order
+      acc = fmaf(to_float(b[q]), to_float(from_float<in_t>(u)), acc);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  return lora.scaling * acc;
+}
+
 // The codes of one 16-byte unit of a 4-bit row (32 weights) or two of an int8 row (32 weights).
 template <bool kInt8>
 struct UnitCodes {
@@ -123,7 +189,7 @@ template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
                 int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
-                int64_t top_k, GemvInput<in_t, kActInput, kAct> in, float* __restrict__ out) {
+                int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, float* __restrict__ out) {
   extern __shared__ float4 staged[];  // split_units * kPaddedUnitFloats floats
   // Static, so that the pair table's address folds into the LDS instructions' immediate.
   __shared__ DecodeTables<kDoubleQuant> tables;
@@ -155,6 +221,7 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
   const uint32_t copy_offset = lane_table_copy_offset();
   const UnitCodes<kInt8>* weights = reinterpret_cast<const UnitCodes<kInt8>*>(packed);
   const int64_t row_tiles = (N + kRowsPerCta - 1) / kRowsPerCta;
+  const bool add_lora = lora.B != nullptr && s == 0;  // the LoRA term joins split 0 of each row
 
   // A warp's work is a sequence of steps (row tile, u0): lane l takes unit u0 + l of its
   // kRowsPerWarp rows. The next step's loads are issued before this step's decode, so that every
@@ -251,6 +318,7 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         if constexpr (kInt8) v *= kInt8InvScale;  // (q * row absmax) / 127, the 1/127 applied once
+        if (add_lora) v += lora_row_term(lora, e, p, N, row0 + rr, row0 + rr < N, lane);
         if (lane == 0 && row0 + rr < N) out[(s * P + p) * N + row0 + rr] = v;
         acc[rr] = 0.0f;
       }
@@ -290,9 +358,9 @@ static void dispatch_gemv_activation(GatedActivation kind, F&& f) {
   }
 }
 
-template <typename KernelT>
+template <typename KernelT, typename in_t>
 static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert,
-                        int64_t top_k, const auto& input, float* out, cudaStream_t stream) {
+                        int64_t top_k, const auto& input, const GemvLora<in_t>& lora, float* out, cudaStream_t stream) {
   const QuantStackView view = w.view();
   const Quant4Args args{view.scales, view.codebook};
   const GemvSplit split = gemv_split(w.cols);
@@ -307,53 +375,45 @@ static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs,
       is_4bit(w.type) ? __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32)) : 0;  // int8: unused
   kernel<<<grid, kGemvThreads, smem, stream>>>(static_cast<const uint8_t*>(view.data), args, w.rows,
                                                w.cols, split.units, log2_units_per_block,
-                                               pair_expert.const_data_ptr<int64_t>(), w.experts, top_k, input, out);
+                                               pair_expert.const_data_ptr<int64_t>(), w.experts, top_k, input, lora, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The GEMV of one stack, instantiated for its format.
 template <typename in_t, bool kActInput, GatedActivation kAct>
 static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert, int64_t top_k,
-                              const GemvInput<in_t, kActInput, kAct>& input, float* out, cudaStream_t stream) {
+                              const GemvInput<in_t, kActInput, kAct>& input, const GemvLora<in_t>& lora, float* out,
+                              cudaStream_t stream) {
   if (!is_4bit(w.type)) {
-    launch_gemv(gemv_kernel<in_t, kActInput, kAct, false, true>, w, num_pairs, pair_expert, top_k, input, out, stream);
+    launch_gemv(gemv_kernel<in_t, kActInput, kAct, false, true>, w, num_pairs, pair_expert, top_k, input, lora, out,
+                stream);
   } else if (w.double_quant()) {
-    launch_gemv(gemv_kernel<in_t, kActInput, kAct, true, false>, w, num_pairs, pair_expert, top_k, input, out, stream);
+    launch_gemv(gemv_kernel<in_t, kActInput, kAct, true, false>, w, num_pairs, pair_expert, top_k, input, lora, out,
+                stream);
   } else {
-    launch_gemv(gemv_kernel<in_t, kActInput, kAct, false, false>, w, num_pairs, pair_expert, top_k, input, out, stream);
+    launch_gemv(gemv_kernel<in_t, kActInput, kAct, false, false>, w, num_pairs, pair_expert, top_k, input, lora, out,
+                stream);
   }
 }
 
-// One projection's LoRA term for every pair, scaling * B[e] (A[e] in[p]), float32 [P, out]: the
-// pairs' factors gathered (at most a few dozen pairs) and two batched products, the first in the
-// factors' dtype as the routed path computes it. `ids`: the pairs' experts clamped into [0, E)
-// (a sentinel pair gets some expert's term, which nothing reads).
-static at::Tensor pair_lora_term(const DecodeLora& lora, const at::Tensor& in, const at::Tensor& ids) {
-  const at::Tensor u = at::bmm(lora.A.index_select(0, ids), in.unsqueeze(2));  // [P, r, 1]
-  return at::bmm(lora.B.index_select(0, ids).to(at::kFloat), u.to(at::kFloat)).squeeze(2).mul_(lora.scaling);
-}
-
-// act(sum of the gate_up splits + bias) [P, I] in `dtype`: the down projection's LoRA input (the
-// GEMV computes the same values while staging its input vector, but does not keep them).
-static at::Tensor pair_activation(const at::Tensor& h, const at::Tensor& bias, const at::Tensor& ids,
-                                  const ActivationSpec& act, at::ScalarType dtype) {
-  at::Tensor pre = h.sum(0);  // [P, 2I] float32
-  if (bias.defined()) pre.add_(bias.index_select(0, ids));
-  const int64_t I = pre.size(1) / 2;
-  const at::Tensor gate = act.interleaved ? pre.slice(1, 0, 2 * I, 2) : pre.narrow(1, 0, I);
-  const at::Tensor up = act.interleaved ? pre.slice(1, 1, 2 * I, 2) : pre.narrow(1, I, I);
-  at::Tensor a;
-  switch (act.kind) {
-    case GatedActivation::kSilu: a = at::silu(gate) * up; break;
-    case GatedActivation::kGelu: a = at::gelu(gate) * up; break;
-    case GatedActivation::kGeluTanh: a = at::gelu(gate, "tanh") * up; break;
-    case GatedActivation::kSwigluOai: {
-      const at::Tensor g = gate.clamp_max(act.limit);
-      a = (up.clamp_min(-act.limit).clamp_max(act.limit) + 1) * (g * at::sigmoid(g * act.alpha));
-      break;
-    }
-  }
-  return a.to(dtype);
+// u partial sums of one projection's LoRA for every pair (lora_a_kernel) into `u_parts`, and the
+// epilogue's view of them; an empty GemvLora when the projection has none. `in` is the GEMV's own
+// input spec.
+template <typename in_t, bool kActInput, GatedActivation kAct>
+static GemvLora<in_t> launch_lora_a(const DecodeLora& lora, int64_t num_pairs, const at::Tensor& pair_expert,
+                                    int64_t E, int64_t top_k, const GemvInput<in_t, kActInput, kAct>& in,
+                                    at::Tensor& u_parts, cudaStream_t stream) {
+  if (!lora.present()) return {};
+  const int64_t rank = lora.A.size(1), K = lora.A.size(2);
+  const int64_t parts = (K + kLoraChunk - 1) / kLoraChunk;
+  u_parts = at::empty({num_pairs, rank, parts}, lora.A.options().dtype(at::kFloat));
+  const dim3 grid(static_cast<unsigned>(parts), static_cast<unsigned>(num_pairs));
+  lora_a_kernel<in_t, kActInput, kAct><<<grid, kGemvThreads, 0, stream>>>(
+      reinterpret_cast<const in_t*>(lora.A.const_data_ptr()), rank, K, pair_expert.const_data_ptr<int64_t>(), E, top_k,
+      in, u_parts.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {u_parts.const_data_ptr<float>(), parts, reinterpret_cast<const in_t*>(lora.B.const_data_ptr()), rank,
+          static_cast<float>(lora.scaling)};
 }
 
 at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& top_k_index, const at::Tensor& pair_weights,
@@ -368,18 +428,11 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
   // gemv_kernel; buffers come from the caching allocator): the call can be captured in a CUDA graph.
   const auto f32 = hidden.options().dtype(at::kFloat);
   const int64_t gu_splits = gemv_split(H).splits, d_splits = gemv_split(I).splits;
-  // Split partial sums; a LoRA term is one more split, summed with the others in a fixed order.
-  const int64_t gu_terms = gu_splits + (gate_up_lora.present() ? 1 : 0);
-  const int64_t d_terms = d_splits + (down_lora.present() ? 1 : 0);
-  at::Tensor h = at::empty({gu_terms, P, 2 * I}, f32);
-  at::Tensor y = at::empty({d_terms, P, H}, f32);
+  // Split partial sums (a LoRA term joins split 0 of its rows in the GEMV's epilogue).
+  at::Tensor h = at::empty({gu_splits, P, 2 * I}, f32);
+  at::Tensor y = at::empty({d_splits, P, H}, f32);
   at::Tensor out = at::empty({T, H}, hidden.options());
-  at::Tensor lora_ids;
-  if (gate_up_lora.present() || down_lora.present()) lora_ids = pair_expert.clamp(0, E - 1);
-  if (gate_up_lora.present()) {
-    const at::Tensor pair_token = at::arange(P, pair_expert.options()).div_(k, "floor");
-    h.select(0, gu_splits).copy_(pair_lora_term(gate_up_lora, hidden.index_select(0, pair_token), lora_ids));
-  }
+  at::Tensor gate_up_u, down_u;  // LoRA u partial sums, alive until the GEMVs that read them have run
   auto stream = at::cuda::getCurrentCUDAStream();
   MOEQUANT_DISPATCH_EXPERTS_TYPES(hidden.scalar_type(), "moequant_decode_gemv", [&] {
     using T_ = typename native<scalar_t>::type;
@@ -387,19 +440,17 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
       constexpr GatedActivation kAct = decltype(kind)::value;
       const GemvInput<T_, false, kAct> in1{reinterpret_cast<const T_*>(hidden.const_data_ptr()), nullptr, 0, nullptr,
                                            act.interleaved, act.alpha, act.limit};
-      launch_for_format(gate_up, P, pair_expert, k, in1, h.mutable_data_ptr<float>(), stream);
-      const GemvInput<T_, true, kAct> in2{nullptr, h.const_data_ptr<float>(), gu_terms,
+      const GemvLora<T_> lora1 = launch_lora_a(gate_up_lora, P, pair_expert, E, k, in1, gate_up_u, stream);
+      launch_for_format(gate_up, P, pair_expert, k, in1, lora1, h.mutable_data_ptr<float>(), stream);
+      const GemvInput<T_, true, kAct> in2{nullptr, h.const_data_ptr<float>(), gu_splits,
                                           gate_up_bias.defined() ? gate_up_bias.const_data_ptr<float>() : nullptr,
                                           act.interleaved, act.alpha, act.limit};
-      launch_for_format(down, P, pair_expert, k, in2, y.mutable_data_ptr<float>(), stream);
+      const GemvLora<T_> lora2 = launch_lora_a(down_lora, P, pair_expert, E, k, in2, down_u, stream);
+      launch_for_format(down, P, pair_expert, k, in2, lora2, y.mutable_data_ptr<float>(), stream);
     });
-    if (down_lora.present()) {
-      const at::Tensor a = pair_activation(h, gate_up_bias, lora_ids, act, hidden.scalar_type());
-      y.select(0, d_splits).copy_(pair_lora_term(down_lora, a, lora_ids));
-    }
     const unsigned combine_ctas = static_cast<unsigned>((T * H + kGemvThreads - 1) / kGemvThreads);
     decode_combine_kernel<T_><<<combine_ctas, kGemvThreads, 0, stream>>>(
-        y.const_data_ptr<float>(), d_terms, pair_expert.const_data_ptr<int64_t>(), pair_weights.const_data_ptr<float>(),
+        y.const_data_ptr<float>(), d_splits, pair_expert.const_data_ptr<int64_t>(), pair_weights.const_data_ptr<float>(),
         down_bias.defined() ? down_bias.const_data_ptr<float>() : nullptr, reinterpret_cast<T_*>(out.mutable_data_ptr()),
         T, E, k, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,8 +1,8 @@
 // Rung (c) of DESIGN.md §4: the decode path. With few (token, slot) pairs every expert sees
 // about one row, so a GEMM wastes its tiles; instead each pair runs a fused GEMV that reads the
 // quantized weights directly (4-bit: a quarter of bf16's bytes; int8: half), with no routing sort
-// and no scratch. LoRA terms are per-pair batched products of the gathered factors, added as one
-// more split of the GEMV's partial sums.
+// and no scratch. A LoRA term costs one more small kernel per projection (u = A[e] x for every
+// pair); the GEMV adds scaling * B[e] u to its rows in the epilogue.
 #pragma once
 
 #include <ATen/ATen.h>
