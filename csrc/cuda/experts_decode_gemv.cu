@@ -157,24 +157,31 @@ lora_a_kernel(const in_t* __restrict__ A, int64_t rank, int64_t K, const int64_t
   }
 }
 
-// scaling * B[e][row, :] . u[p] for one output row, summed over the warp's lanes (every lane
-// gets the result; call from all 32 lanes). `valid` false (a tail row): zero, nothing read.
-template <typename in_t>
-__device__ __forceinline__ float lora_row_term(const GemvLora<in_t>& lora, int64_t e, int64_t p, int64_t N,
-                                               int64_t row, bool valid, int lane) {
-  float acc = 0.0f;
-  if (valid) {
-    const in_t* b = lora.B + (e * N + row) * lora.rank;
-    for (int64_t q = lane; q < lora.rank; q += 32) {
-      const float* parts = lora.u_parts + (p * lora.rank + q) * lora.parts;
-      float u = 0.0f;
-      for (int64_t c = 0; c < lora.parts; ++c) u += __ldg(parts + c);  // fixed order
-      acc = fmaf(to_float(b[q]), to_float(from_float<in_t>(u)), acc);
+// scaling * B[e][row0 + rr, :] . u[p] for the kRowsPerWarp rows of a warp, summed over its lanes
+// (every lane gets the results; call from all 32 lanes). The rows' B loads are issued together, so
+// a tile pays one load latency. Tail rows (>= N): zero, nothing read.
+template <int kRows, typename in_t>
+__device__ __forceinline__ void lora_row_terms(const GemvLora<in_t>& lora, int64_t e, int64_t p, int64_t N,
+                                               int64_t row0, int lane, float (&terms)[kRows]) {
+#pragma unroll
+  for (int rr = 0; rr < kRows; ++rr) terms[rr] = 0.0f;
+  for (int64_t q = lane; q < lora.rank; q += 32) {
+    const float* parts = lora.u_parts + (p * lora.rank + q) * lora.parts;
+    float u = 0.0f;
+    for (int64_t c = 0; c < lora.parts; ++c) u += __ldg(parts + c);  // fixed order
+    u = to_float(from_float<in_t>(u));
+#pragma unroll
+    for (int rr = 0; rr < kRows; ++rr) {
+      const int64_t row = row0 + rr;
+      if (row < N) terms[rr] = fmaf(to_float(lora.B[(e * N + row) * lora.rank + q]), u, terms[rr]);
     }
   }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  return lora.scaling * acc;
+  for (int rr = 0; rr < kRows; ++rr) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) terms[rr] += __shfl_xor_sync(0xffffffffu, terms[rr], o);
+    terms[rr] *= lora.scaling;
+  }
 }
 
 // The codes of one 16-byte unit of a 4-bit row (32 weights) or two of an int8 row (32 weights).
@@ -312,13 +319,15 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
     }
     if (next.tile != st.tile) {  // the tile's last step: reduce its rows
       const int64_t row0 = st.tile * kRowsPerCta + warp * kRowsPerWarp;
+      float lora_terms[kRowsPerWarp];
+      if (add_lora) lora_row_terms(lora, e, p, N, row0, lane, lora_terms);
 #pragma unroll
       for (int rr = 0; rr < kRowsPerWarp; ++rr) {
         float v = acc[rr];
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         if constexpr (kInt8) v *= kInt8InvScale;  // (q * row absmax) / 127, the 1/127 applied once
-        if (add_lora) v += lora_row_term(lora, e, p, N, row0 + rr, row0 + rr < N, lane);
+        if (add_lora) v += lora_terms[rr];
         if (lane == 0 && row0 + rr < N) out[(s * P + p) * N + row0 + rr] = v;
         acc[rr] = 0.0f;
       }
