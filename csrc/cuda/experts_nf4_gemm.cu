@@ -10,7 +10,8 @@
 // (mma.sync m16n8k16, fp32 accumulation). Weights are read once, as 4-bit; nothing dequantized
 // reaches global memory. Each output element is owned by one thread and summed in a fixed order:
 // results are deterministic. Two kernels, one per stored orientation (see each); on Hopper the
-// [N, K] products run on wgmma instead (experts_nf4_wgmma.cu), with the same row-tile plan.
+// [N, K] products run on wgmma instead (experts_nf4_wgmma.cu), with the same row-tile plan, and
+// so do the [K, N] products where MOEQUANT_KN_WGMMA=1 (opt-in until measured on device).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -473,11 +474,16 @@ void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, co
   const Quant4Args args{view.scales, view.codebook};
   const uint8_t* packed = static_cast<const uint8_t*>(view.data);
   const bool wgmma_nk = transpose_stored && nf4_wgmma_nk_enabled();
+  const bool wgmma_kn = !transpose_stored && nf4_wgmma_kn_enabled();
   for (int h = kNumTileHeights - 1; h >= 0; --h) {
     const int64_t first = plan.begin[h], count = plan.begin[h + 1] - first;
     if (count == 0) continue;
     if (wgmma_nk) {  // Hopper: experts_nf4_wgmma.cu
       launch_nf4_wgmma_nk<T>(in, out, packed, args, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
+      continue;
+    }
+    if (wgmma_kn) {  // Hopper, opt-in (MOEQUANT_KN_WGMMA=1): experts_nf4_wgmma.cu
+      launch_nf4_wgmma_kn<T>(in, out, packed, args, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
       continue;
     }
     auto go = [&](auto nk_shape, auto kn_shape) {

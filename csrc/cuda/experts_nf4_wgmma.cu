@@ -233,6 +233,209 @@ void launch_height(const at::Tensor& in, at::Tensor& out, const uint8_t* packed,
   else go(nf4_gemm_nk_wgmma_kernel<T, S, false>);
 }
 
+
+// The [K, N] product (stored S_e = [K, N]: weight rows are input features, the input gradient of
+// the standard layout): out^T = S_e^T · in^T. A stored row holds consecutive output features of
+// one k, so a thread cannot gather a register fragment (two k of one feature) from one packed
+// byte; instead each thread decodes one 32-feature chunk of one k row per k-tile (16 packed bytes,
+// one block scale) into a decoded tile in shared memory, [64 k][64 features] per warpgroup, rows
+// of 128 bytes with the 128-byte swizzle: exactly wgmma's MN-major layout, so the tile is the A
+// operand as written (transpose bit set), with no ldmatrix and no register fragments. The rows of
+// `in` are the B operand, K-major, in the same kind of cp.async ring as the [N, K] kernel (natural
+// k order here, 16-byte copies). A CTA of two warpgroups owns 128 output features x kRows rows;
+// each warpgroup decodes the 64 features its own wgmma reads (every weight decoded once per CTA).
+// The decoded tile rotates through three buffers: k-tile t is decoded while the wgmma of t - 1
+// runs, and buffer t % 3 was last read by k-tile t - 3, retired before the previous barrier.
+template <int kRows_>
+struct WgmmaKnTileShape {
+  static constexpr int kRows = kRows_;   // routing-order rows per CTA: the wgmma N
+  static constexpr int kGroups = 2;      // warpgroups, 64 output features each
+  static constexpr int BN = 64 * kGroups;
+  static constexpr int kThreads = 128 * kGroups;
+  // Ring of k-tiles of `in`, refilled kStages - kLookahead = 2 k-tiles after its last reader (as
+  // in WgmmaTileShape); three stages from 64 rows keep two CTAs on an SM.
+  static constexpr int kStages = kRows >= 64 ? 3 : 4, kLookahead = kStages - 2;
+  static constexpr int kStageBytes = kRows * kTileK * 2;
+  static constexpr int kGroupDecodedBytes = kTileK * 64 * 2;          // one warpgroup's [64 k][64]
+  static constexpr int kDecodedBytes = kGroups * kGroupDecodedBytes;  // one buffer
+  static constexpr int kDecodedBuffers = 3;
+  static constexpr int kAcc = kRows / 2;
+  static constexpr int kInChunks = kRows * 8;  // 16-byte copies of a stage
+  static constexpr int kCopiesPerThread = (kInChunks + kThreads - 1) / kThreads;
+  static constexpr int kRingBytes = kStages * kStageBytes + kDecodedBuffers * kDecodedBytes;
+  static constexpr int kSmemBytes = kRingBytes + 1024;  // + aligning to 1024 B
+  static constexpr int kOutPitch = BN * 2 + 16;         // epilogue tile, as WgmmaTileShape
+  static_assert(kTileK * 64 * 2 / kTileK == 128, "a decoded k row is one 128-byte swizzle row");
+  static_assert(kTileK * kGroups * 2 == kThreads, "each thread decodes one 32-feature chunk per k-tile");
+  static_assert(kRows * kOutPitch <= kRingBytes, "the epilogue tile fits in the ring");
+};
+
+template <typename T, class S, bool kDoubleQuant>
+__global__ void __launch_bounds__(S::kThreads, 2)
+nf4_gemm_kn_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
+                         const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N,
+                         int64_t K, int n_tiles, int log2_blocksize) {
+#if MOEQUANT_WGMMA_COMPILED
+  extern __shared__ uint8_t smem_raw[];  // ring of `in`, decoded buffers; then the epilogue tile
+  __shared__ DecodeTables<kDoubleQuant> tables;
+  tables.fill(args.codebook);
+  const float2* const pair_table = tables.pair;
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t ring = (raw + 1023u) & ~1023u;  // the swizzle atoms need 1024-byte alignment
+  const uint32_t decoded = ring + S::kStages * S::kStageBytes;
+  uint8_t* const staging = smem_raw + (ring - raw);
+  uint8_t* const decoded_ptr = staging + S::kStages * S::kStageBytes;
+
+  const RowTile tile = tiles[blockIdx.x / n_tiles];
+  const MatrixScales<kDoubleQuant> scales(args.scales, tile.expert, tables.map);
+  const int64_t n0 = int64_t{blockIdx.x % n_tiles} * S::BN;
+  const int rows = min(S::kRows, tile.row_end - tile.row_begin);
+  const T* const in_rows = in + int64_t{tile.row_begin} * K;
+  const int tid = threadIdx.x, lane = tid % 32, group = tid / 128;
+  const uint32_t lane_offset = lane_table_copy_offset();
+
+  // Rows of `in`, K-major: 16-byte chunk c of row r to swizzle(r, c % 8). Rows past the tile's end
+  // are zero-filled.
+  auto load_stage = [&](int slot, int64_t k0) {
+    const uint32_t stage = ring + slot * S::kStageBytes;
+#pragma unroll
+    for (int i = 0; i < S::kCopiesPerThread; ++i) {
+      const int c = tid + i * S::kThreads;
+      if (S::kInChunks % S::kThreads == 0 || c < S::kInChunks) {
+        const int r = c / 8, ch = c % 8;
+        const bool valid = r < rows;
+        cp_async16(stage + swizzle(r, ch, 8), valid ? in_rows + int64_t{r} * K + k0 + ch * 8 : in, valid);
+      }
+    }
+  };
+
+  // This thread's chunk of each k-tile: k row dk = (tid % 128) / 2, features 64 group + 32 half
+  // (half = tid % 2) of the CTA's 128, stored at element dk * N + feature of the k-tile's first row.
+  // Thread pairs read one 32-byte sector; the 8 threads of a quarter warp write 8 distinct 16-byte
+  // bank groups (4 k rows x 2 halves, chunks 4 half + j xor dk % 8).
+  const int dk = tid % 128 / 2, half = tid % 2;
+  const int64_t chunk_feature = n0 + 64 * group + 32 * half;
+  const bool chunk_valid = chunk_feature < N;  // N % 32 == 0: a chunk is all in or all out
+  const int64_t chunk_elem = int64_t{dk} * N + chunk_feature;  // within the expert's matrix
+  const uint8_t* const expert_packed = packed + int64_t{tile.expert} * N * K / 2;
+  const uint32_t chunk_dst = group * S::kGroupDecodedBytes + dk * 128;
+  struct Codes {
+    uint4 bytes;
+    LoadedScale scale;
+  };
+  // 32 features of one k lie in one block (B >= 32, chunks 32-aligned).
+  auto load_codes = [&](Codes& c, int64_t k0) {
+    c.bytes = make_uint4(0, 0, 0, 0);
+    c.scale = LoadedScale{0.0f, 0u};
+    if (chunk_valid) {
+      const int64_t elem = chunk_elem + k0 * N;
+      c.bytes = load_packed16(expert_packed + elem / 2);
+      c.scale = scales.load(elem >> log2_blocksize);
+    }
+  };
+  // Features past N decode as zeros (absmax 0): their outputs are never stored.
+  auto decode = [&](const Codes& c, int buffer) {
+    const float amax = scales.resolve(c.scale);
+    const uint32_t words[4] = {c.bytes.x, c.bytes.y, c.bytes.z, c.bytes.w};
+    uint8_t* const dst = decoded_ptr + buffer * S::kDecodedBytes + chunk_dst;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t v[4];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) v[b] = decode_byte<T>(pair_table, words[j], b, lane_offset, amax);
+      *reinterpret_cast<uint4*>(dst + ((4 * half + j) ^ (dk & 7)) * 16) = make_uint4(v[0], v[1], v[2], v[3]);
+    }
+  };
+
+  float acc[S::kAcc];
+#pragma unroll
+  for (int i = 0; i < S::kAcc; ++i) acc[i] = 0.0f;
+  const int64_t k_tiles = K / kTileK;
+#pragma unroll
+  for (int s = 0; s < S::kLookahead; ++s) {
+    if (s < k_tiles) load_stage(s, s * kTileK);
+    cp_async_commit();
+  }
+  // Packed codes of k-tiles t (decoded now) and t + 1; loads run two k-tiles ahead. One k-tile per
+  // iteration, straight-line: no branch splits the accumulators' live range, which would make
+  // ptxas serialize the wgmma.
+  Codes codes, codes_next;
+  load_codes(codes, 0);
+  if (k_tiles > 1) load_codes(codes_next, kTileK);
+  __syncthreads();  // the decode tables
+  for (int64_t t = 0; t < k_tiles; ++t) {
+    const int buffer = static_cast<int>(t % S::kDecodedBuffers);
+    decode(codes, buffer);  // while k-tile t - 1's wgmma runs
+    codes = codes_next;
+    if (t + 2 < k_tiles) load_codes(codes_next, (t + 2) * kTileK);
+    cp_async_wait<S::kLookahead - 1>();
+    fence_proxy_async_shared();  // this thread's decoded chunk and copies of k-tile t, to the tensor cores
+    wgmma_wait<1>();             // this thread's wgmma up to k-tile t - 2 retired
+    __syncthreads();             // k-tile t decoded and landed; slot and buffer of t - 2 free
+    const int64_t next = t + S::kLookahead;
+    if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
+    cp_async_commit();
+    const uint64_t desc_b = wgmma_desc_k_major_sw128(ring + static_cast<uint32_t>(t % S::kStages) * S::kStageBytes);
+    const uint64_t desc_a = wgmma_desc_mn_major_sw128(
+        decoded + buffer * S::kDecodedBytes + group * S::kGroupDecodedBytes, S::kGroupDecodedBytes);
+    // No operand fences around the wgmma: the accumulators are only touched by the wgmma
+    // statements (their "+f" operands order them) until the final wait, and a fence's moves
+    // would make ptxas serialize the wgmma with the next k-tile's decode.
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < kTileK / 16; ++s) {
+      // + 16 k rows (2048 bytes) of A and + 32 bytes of B per k16 step
+      WgmmaSsTransA<S::kRows>::template run<T>(acc, desc_a + (2048 >> 4) * s, desc_b + 2 * s);
+    }
+    wgmma_commit();
+  }
+  wgmma_wait<0>();
+  wgmma_fence_operands(acc);
+
+  // Accumulator i of thread (g, q): feature row g (+ 8 for i % 4 >= 2) of the warp's 16, routing
+  // row 8 (i / 4) + 2 q + i % 2 (as in the [N, K] kernel).
+  const int q = lane % 4;
+  const int feature = group * 64 + tid / 32 % 4 * 16 + lane / 4;
+  __syncthreads();  // every warpgroup is done with the ring and the decoded buffers
+#pragma unroll
+  for (int i = 0; i < S::kAcc; ++i) {
+    const int r = 8 * (i / 4) + 2 * q + i % 2, f = feature + 8 * (i % 4 / 2);
+    *reinterpret_cast<T*>(staging + r * S::kOutPitch + f * 2) = from_float<T>(acc[i]);
+  }
+  __syncthreads();
+  constexpr int kOutChunks = S::kRows * S::BN / 8;
+#pragma unroll
+  for (int i = 0; i < (kOutChunks + S::kThreads - 1) / S::kThreads; ++i) {
+    const int c = tid + i * S::kThreads, r = c / 16, ch = c % 16;
+    const int64_t col = n0 + ch * 8;
+    if (c < kOutChunks && r < rows && col < N) {
+      *reinterpret_cast<uint4*>(out + (int64_t{tile.row_begin} + r) * N + col) =
+          *reinterpret_cast<const uint4*>(staging + r * S::kOutPitch + ch * 16);
+    }
+  }
+#else
+  __trap();  // launched only where nf4_wgmma_kn_enabled(): an sm_90a build on an sm_90 device
+#endif
+}
+
+template <typename T, int kRows>
+void launch_kn_height(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
+                      const RowTile* tiles, int64_t num_tiles, int64_t N, int64_t K, int log2_blocksize) {
+  using S = WgmmaKnTileShape<kRows>;
+  const int64_t n_tiles = (N + S::BN - 1) / S::BN;
+  const int64_t ctas = num_tiles * n_tiles;
+  TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused 4-bit GEMM grid too large (", num_str(ctas), " CTAs)");
+  auto go = [&](auto kernel) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes));
+    kernel<<<static_cast<unsigned>(ctas), S::kThreads, S::kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()), packed, args,
+        tiles, N, K, static_cast<int>(n_tiles), log2_blocksize);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (args.scales.double_quant()) go(nf4_gemm_kn_wgmma_kernel<T, S, true>);
+  else go(nf4_gemm_kn_wgmma_kernel<T, S, false>);
+}
+
 }  // namespace
 
 bool nf4_wgmma_nk_enabled() {
@@ -244,6 +447,14 @@ bool nf4_wgmma_nk_enabled() {
 #else
   return false;
 #endif
+}
+
+bool nf4_wgmma_kn_enabled() {
+  static const bool requested = [] {
+    const char* v = std::getenv("MOEQUANT_KN_WGMMA");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return requested && nf4_wgmma_nk_enabled();
 }
 
 template <typename T>
@@ -264,6 +475,26 @@ void launch_nf4_wgmma_nk(const at::Tensor& in, at::Tensor& out, const uint8_t* p
 template void launch_nf4_wgmma_nk<__nv_bfloat16>(const at::Tensor&, at::Tensor&, const uint8_t*, const Quant4Args&,
                                                  const RowTile*, int64_t, int, int64_t, int64_t, int);
 template void launch_nf4_wgmma_nk<__half>(const at::Tensor&, at::Tensor&, const uint8_t*, const Quant4Args&,
+                                          const RowTile*, int64_t, int, int64_t, int64_t, int);
+
+template <typename T>
+void launch_nf4_wgmma_kn(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
+                         const RowTile* tiles, int64_t num_tiles, int height, int64_t N, int64_t K,
+                         int log2_blocksize) {
+  TORCH_CHECK(K % kTileK == 0 && N % kChunkWeights == 0 && log2_blocksize >= 5,
+              "moequant: the wgmma 4-bit [K, N] GEMM needs K % 64 == 0, N % 32 == 0 and blocksize >= 32");
+  switch (height) {
+    case 16: return launch_kn_height<T, 16>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
+    case 32: return launch_kn_height<T, 32>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
+    case 64: return launch_kn_height<T, 64>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
+    case 128: return launch_kn_height<T, 128>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
+    default: TORCH_CHECK(false, "moequant: no wgmma 4-bit [K, N] GEMM for row tiles of ", num_str(height));
+  }
+}
+
+template void launch_nf4_wgmma_kn<__nv_bfloat16>(const at::Tensor&, at::Tensor&, const uint8_t*, const Quant4Args&,
+                                                 const RowTile*, int64_t, int, int64_t, int64_t, int);
+template void launch_nf4_wgmma_kn<__half>(const at::Tensor&, at::Tensor&, const uint8_t*, const Quant4Args&,
                                           const RowTile*, int64_t, int, int64_t, int64_t, int);
 
 }  // namespace moequant

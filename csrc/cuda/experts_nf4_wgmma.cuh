@@ -1,5 +1,6 @@
-// The fused 4-bit grouped GEMM's [N, K] product on Hopper (sm_90a): wgmma with the decoded weights
-// as the register operand. See experts_nf4_wgmma.cu.
+// The fused 4-bit grouped GEMM on Hopper (sm_90a): the [N, K] product with the decoded weights as
+// wgmma's register operand, the [K, N] product with them as its shared-memory operand. See
+// experts_nf4_wgmma.cu.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,8 +24,20 @@ constexpr bool nf4_wgmma_height_supported(int height) {
 // out[rows of each tile] = in[rows] @ S_e^T for stored S_e = [N, K] (K % 64 == 0, N % 8 == 0),
 // over `num_tiles` row tiles of `height` rows (device array `tiles`), any 4-bit format (`args`).
 // T = __nv_bfloat16 or __half.
+// Whether the [K, N] products (stored S_e = [K, N]: the backward of the standard layout) run on
+// the wgmma kernel too: nf4_wgmma_nk_enabled() and MOEQUANT_KN_WGMMA=1 (read once per process;
+// opt-in until measured, the mma.sync kernel otherwise).
+bool nf4_wgmma_kn_enabled();
+
 template <typename T>
 void launch_nf4_wgmma_nk(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
+                         const RowTile* tiles, int64_t num_tiles, int height, int64_t N, int64_t K,
+                         int log2_blocksize);
+
+// out[rows of each tile] = in[rows] @ S_e for stored S_e = [K, N] (K % 64 == 0, N % 32 == 0), the
+// same row tiles and formats as launch_nf4_wgmma_nk.
+template <typename T>
+void launch_nf4_wgmma_kn(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
                          const RowTile* tiles, int64_t num_tiles, int height, int64_t N, int64_t K,
                          int log2_blocksize);
 
