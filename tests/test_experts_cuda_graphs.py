@@ -164,6 +164,23 @@ def test_lora_decode_matches_routed_path(fmt, dtype, activation, interleaved, bi
         assert err < (2e-4 if dtype == torch.float32 else 2e-2), (T, err)
 
 
+@pytest.mark.parametrize("weights_dtype", [torch.float16, torch.bfloat16, torch.float64])
+@torch.no_grad()
+def test_decode_reads_routing_weights_in_their_dtype(weights_dtype):
+    """The combine reads the routing weights in their own dtype (no cast kernel): the same output as
+    float32 weights of the same values, and as the routed path within rounding."""
+    call = decode_call(*make_stacks("nf4"))
+    for T in (1, 8):
+        hidden, index, weights = routed_inputs(T, seed=T)
+        weights = weights.to(weights_dtype)
+        out = call(hidden, index, weights)
+        assert out.abs().sum() > 0
+        assert torch.equal(out, call(hidden, index, weights.float())), T
+        strided = torch.empty(T, 2 * K, dtype=weights_dtype, device="cuda")[:, ::2]  # not contiguous
+        strided.copy_(weights)
+        assert torch.equal(out, call(hidden, index, strided)), T
+
+
 def assert_decode_matches_routed(call, inputs, no_lora_call, tol, monkeypatch):
     """decode == routed within `tol` (relative Frobenius), and the LoRA term is visible in the output."""
     decode = call(*inputs)

@@ -129,14 +129,14 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, bool train, cons
   const c10::cuda::CUDAGuard guard(hidden.device());
   const ExpertsCall c =
       prepare_call(op, hidden, index, weights, MOEQUANT_EXPERTS_ARG_NAMES);
-  const at::Tensor pair_weights = weights.to(at::kFloat).contiguous().view({-1});
   if (!train && decode_gemv_applies(c.T * c.k, c.transposed, c.gate_up, c.down)) {
     const DecodeLora gate_up_lora{c.gate_up_lora.A, c.gate_up_lora.B, c.gate_up_lora.scaling};
     const DecodeLora down_lora{c.down_lora.A, c.down_lora.B, c.down_lora.scaling};
-    return {decode_gemv_forward(hidden, index, pair_weights, c.gate_up, c.down, c.act,
+    return {decode_gemv_forward(hidden, index, weights, c.gate_up, c.down, c.act,  // weights: no cast kernel
                                 c.gate_up_bias, c.down_bias, gate_up_lora, down_lora),
             at::Tensor()};
   }
+  const at::Tensor pair_weights = weights.to(at::kFloat).contiguous().view({-1});
   const ExpertsRouting r = route_pairs(op, index, c.E);
   at::Tensor gate_up_out, h;
   if (train) {

@@ -214,15 +214,7 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
   const int64_t unit0 = s * split_units;
   const int units = static_cast<int>(std::min(split_units, units_per_row - unit0));
 
-  if constexpr (!kInt8) tables.fill(args.codebook);  // one LDS.64 decodes two weights, conflict-free
   const MatrixScales<kDoubleQuant> scales(args.scales, e, tables.map);
-  float* xs = reinterpret_cast<float*>(staged);
-#pragma unroll
-  for (int k = 0; k < kStagedPerThread; ++k) {  // unrolled: all input loads in flight at once
-    const int i = k * kGemvThreads + threadIdx.x;
-    if (i < units * 32) xs[i + (i / 32) * (kPaddedUnitFloats - 32)] = gemv_input(in, unit0 * 32 + i, K, p, P, e, top_k);
-  }
-  __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t copy_offset = lane_table_copy_offset();
@@ -262,7 +254,17 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr] = 0.0f;
   Step st{blockIdx.x, 0};
+  // The first step's weights only depend on the expert: their loads are in flight while the
+  // table is filled and the input vector staged (one memory latency per CTA instead of two).
   load_step(st);
+  if constexpr (!kInt8) tables.fill(args.codebook);  // one LDS.64 decodes two weights, conflict-free
+  float* xs = reinterpret_cast<float*>(staged);
+#pragma unroll
+  for (int k = 0; k < kStagedPerThread; ++k) {  // unrolled: all input loads in flight at once
+    const int i = k * kGemvThreads + threadIdx.x;
+    if (i < units * 32) xs[i + (i / 32) * (kPaddedUnitFloats - 32)] = gemv_input(in, unit0 * 32 + i, K, p, P, e, top_k);
+  }
+  __syncthreads();
   while (st.tile < row_tiles) {
     UnitCodes<kInt8> cur[kRowsPerWarp];
     LoadedScale cur_amax[kRowsPerWarp];
@@ -336,11 +338,13 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
   }
 }
 
-// out[t, c] = sum_j w[t, j] * (sum_s y[s, p, c] + b_d[e, c]) over valid slots, in slot order.
-template <typename out_t>
+// out[t, c] = sum_j w[t, j] * (sum_s y[s, p, c] + b_d[e, c]) over valid slots, in slot order. The
+// routing weights are read in their own dtype (w rounded to float32 as weights.to(float) does), so
+// that no cast kernel precedes the call.
+template <typename out_t, typename weight_t>
 __global__ void __launch_bounds__(kGemvThreads)
 decode_combine_kernel(const float* __restrict__ y, int64_t y_splits, const int64_t* __restrict__ pair_expert,
-                      const float* __restrict__ pair_weights, const float* __restrict__ bias, out_t* __restrict__ out,
+                      const weight_t* __restrict__ pair_weights, const float* __restrict__ bias, out_t* __restrict__ out,
                       int64_t T, int64_t E, int64_t top_k, int64_t H) {
   const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (i >= T * H) return;
@@ -352,7 +356,7 @@ decode_combine_kernel(const float* __restrict__ y, int64_t y_splits, const int64
     float v = 0.0f;
     for (int64_t s = 0; s < y_splits; ++s) v += y[(s * P + p) * H + c];
     if (bias != nullptr) v += bias[e * H + c];
-    acc += pair_weights[p] * v;
+    acc += to_float(pair_weights[p]) * v;
   }
   out[i] = from_float<out_t>(acc);
 }
@@ -425,7 +429,7 @@ static GemvLora<in_t> launch_lora_a(const DecodeLora& lora, int64_t num_pairs, c
           static_cast<float>(lora.scaling)};
 }
 
-at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& top_k_index, const at::Tensor& pair_weights,
+at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                const PackedStack& gate_up, const PackedStack& down, const ActivationSpec& act,
                                const at::Tensor& gate_up_bias, const at::Tensor& down_bias,
                                const DecodeLora& gate_up_lora, const DecodeLora& down_lora) {
@@ -433,6 +437,7 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
   const int64_t T = hidden.size(0), H = hidden.size(1), k = top_k_index.size(1), P = T * k;
   const int64_t E = gate_up.experts, I = down.cols;
   const at::Tensor pair_expert = top_k_index.to(at::kLong).contiguous().view({-1});
+  const at::Tensor pair_weights = top_k_weights.contiguous();
   // No device -> host copy or sync anywhere below (a negative id is a device-side assert in
   // gemv_kernel; buffers come from the caching allocator): the call can be captured in a CUDA graph.
   const auto f32 = hidden.options().dtype(at::kFloat);
@@ -457,12 +462,17 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
       const GemvLora<T_> lora2 = launch_lora_a(down_lora, P, pair_expert, E, k, in2, down_u, stream);
       launch_for_format(down, P, pair_expert, k, in2, lora2, y.mutable_data_ptr<float>(), stream);
     });
-    const unsigned combine_ctas = static_cast<unsigned>((T * H + kGemvThreads - 1) / kGemvThreads);
-    decode_combine_kernel<T_><<<combine_ctas, kGemvThreads, 0, stream>>>(
-        y.const_data_ptr<float>(), d_splits, pair_expert.const_data_ptr<int64_t>(), pair_weights.const_data_ptr<float>(),
-        down_bias.defined() ? down_bias.const_data_ptr<float>() : nullptr, reinterpret_cast<T_*>(out.mutable_data_ptr()),
-        T, E, k, H);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    using out_t = T_;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pair_weights.scalar_type(), "moequant_decode_combine", [&] {
+      using W_ = typename native<scalar_t>::type;
+      const unsigned combine_ctas = static_cast<unsigned>((T * H + kGemvThreads - 1) / kGemvThreads);
+      decode_combine_kernel<out_t, W_><<<combine_ctas, kGemvThreads, 0, stream>>>(
+          y.const_data_ptr<float>(), d_splits, pair_expert.const_data_ptr<int64_t>(),
+          reinterpret_cast<const W_*>(pair_weights.const_data_ptr()),
+          down_bias.defined() ? down_bias.const_data_ptr<float>() : nullptr,
+          reinterpret_cast<out_t*>(out.mutable_data_ptr()), T, E, k, H);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }

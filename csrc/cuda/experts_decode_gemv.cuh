@@ -25,9 +25,10 @@ struct DecodeLora {
   bool present() const { return A.defined(); }
 };
 
-// experts_forward for few pairs: [T, H] in hidden's dtype. `pair_weights` float32 [T*k];
-// biases float32 or undefined. No device -> host copy or sync: capturable in a CUDA graph.
-at::Tensor decode_gemv_forward(const at::Tensor& hidden, const at::Tensor& top_k_index, const at::Tensor& pair_weights,
+// experts_forward for few pairs: [T, H] in hidden's dtype. `top_k_weights` [T, k] in any float
+// dtype (read as float32 in the combine, no cast kernel); biases float32 or undefined. No device ->
+// host copy or sync: capturable in a CUDA graph.
+at::Tensor decode_gemv_forward(const at::Tensor& hidden, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                const PackedStack& gate_up, const PackedStack& down, const ActivationSpec& act,
                                const at::Tensor& gate_up_bias, const at::Tensor& down_bias,
                                const DecodeLora& gate_up_lora, const DecodeLora& down_lora);
