@@ -253,7 +253,8 @@ struct WgmmaKnTileShape {
   static constexpr int BN = 64 * kGroups;
   static constexpr int kThreads = 128 * kGroups;
   // Ring of k-tiles of `in`, refilled kStages - kLookahead = 2 k-tiles after its last reader (as
-  // in WgmmaTileShape); three stages from 64 rows keep two CTAs on an SM.
+  // in WgmmaTileShape). Three stages at 64 rows keep two CTAs on an SM (~106 KB each with the
+  // decode tables); at 128 rows one fits (~130 KB).
   static constexpr int kStages = kRows >= 64 ? 3 : 4, kLookahead = kStages - 2;
   static constexpr int kStageBytes = kRows * kTileK * 2;
   static constexpr int kGroupDecodedBytes = kTileK * 64 * 2;          // one warpgroup's [64 k][64]
@@ -265,7 +266,6 @@ struct WgmmaKnTileShape {
   static constexpr int kRingBytes = kStages * kStageBytes + kDecodedBuffers * kDecodedBytes;
   static constexpr int kSmemBytes = kRingBytes + 1024;  // + aligning to 1024 B
   static constexpr int kOutPitch = BN * 2 + 16;         // epilogue tile, as WgmmaTileShape
-  static_assert(kTileK * 64 * 2 / kTileK == 128, "a decoded k row is one 128-byte swizzle row");
   static_assert(kTileK * kGroups * 2 == kThreads, "each thread decodes one 32-feature chunk per k-tile");
   static_assert(kRows * kOutPitch <= kRingBytes, "the epilogue tile fits in the ring");
 };
