@@ -61,13 +61,16 @@ def lora_factors(rank=16, dtype=torch.bfloat16, seed=3):
 @pytest.fixture(autouse=True)
 def default_decode_threshold(monkeypatch):
     monkeypatch.delenv("MOEQUANT_DECODE_MAX_PAIRS", raising=False)  # the GEMV takes T*k <= 64
+    monkeypatch.delenv("MOEQUANT_DECODE_PDL", raising=False)  # programmatic dependent launches on sm_90+
 
 
+@pytest.mark.parametrize("pdl", ["1", "0"], ids=["pdl", "no_pdl"])
 @pytest.mark.parametrize("lora", [False, True], ids=["no_lora", "lora"])
 @pytest.mark.parametrize("T", [1, 8])
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @torch.no_grad()
-def test_capture_and_replay_bitwise(fmt, T, lora):
+def test_capture_and_replay_bitwise(fmt, T, lora, pdl, monkeypatch):
+    monkeypatch.setenv("MOEQUANT_DECODE_PDL", pdl)  # read at each call: the captured launches use it
     call = decode_call(*make_stacks(fmt), **(lora_factors() if lora else {}))
     static = [t.clone() for t in routed_inputs(T, seed=0)]
     side = torch.cuda.Stream()
@@ -179,6 +182,26 @@ def test_decode_reads_routing_weights_in_their_dtype(weights_dtype):
         strided = torch.empty(T, 2 * K, dtype=weights_dtype, device="cuda")[:, ::2]  # not contiguous
         strided.copy_(weights)
         assert torch.equal(out, call(hidden, index, strided)), T
+
+
+# Programmatic dependent launches (each kernel of the chain starts while its predecessor drains and
+# waits before reading its results) change no value: bitwise equal to plain stream-ordered launches,
+# eager and replayed, with sentinel slots (whose CTAs exit early, after the wait).
+@pytest.mark.parametrize("lora", [False, True], ids=["no_lora", "lora"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@torch.no_grad()
+def test_dependent_launches_match_plain_launches(fmt, lora, monkeypatch):
+    call = decode_call(*make_stacks(fmt), **(lora_factors() if lora else {}))
+    for T in (1, 3, 8):
+        hidden, index, weights = routed_inputs(T, seed=10 + T)
+        index[0, 0] = E + 3
+        monkeypatch.setenv("MOEQUANT_DECODE_PDL", "0")
+        plain = call(hidden, index, weights)
+        monkeypatch.setenv("MOEQUANT_DECODE_PDL", "1")
+        outs = [call(hidden, index, weights) for _ in range(4)]  # back to back: launches overlap
+        assert plain.abs().sum() > 0
+        for out in outs:
+            assert torch.equal(out, plain), (fmt, T)
 
 
 def assert_decode_matches_routed(call, inputs, no_lora_call, tol, monkeypatch):

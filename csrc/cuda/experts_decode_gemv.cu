@@ -11,14 +11,19 @@
 // reproducible. With LoRA, one small kernel per projection computes u = A[e] in[p] for every pair
 // (lora_a_kernel; for down, act(h + b_gu) is recomputed from the gate_up splits while staging),
 // and the GEMV adds scaling * B[e][row] . u to split 0 of each row in its epilogue: two kernels
-// for both projections instead of a chain of small ATen ops. No host synchronization anywhere:
-// the path can be captured in a CUDA graph.
+// for both projections instead of a chain of small ATen ops. On sm_90+ every kernel after the
+// first is a programmatic dependent launch: it starts while its predecessor drains, reads what
+// does not depend on it (the expert ids, its weights' first step, the decode table), and only then
+// waits for the predecessor's results (griddepcontrol.wait), so the per-kernel fixed costs
+// overlap. No host synchronization anywhere: the path can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
+#include <utility>
 
 #include "experts_common.cuh"
 #include "experts_decode_gemv.cuh"
@@ -45,6 +50,47 @@ constexpr int64_t kLoraChunk = 1024;
 #ifndef CUDA_KERNEL_ASSERT_MSG  // older torch: the condition alone is printed
 #define CUDA_KERNEL_ASSERT_MSG(cond, msg) CUDA_KERNEL_ASSERT(cond)
 #endif
+
+// Programmatic dependent launch, device side (sm_90+; no-ops elsewhere and in a kernel launched
+// without the attribute). Every kernel of the chain waits on every path, early exits included, so
+// that its completion implies its predecessors' (later kernels rely on it transitively).
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_kernel_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Launches `kernel`, as a programmatic dependent launch of the stream's previous kernel when
+// `dependent` (the kernel then calls wait_for_previous_kernel before reading its results).
+template <typename... KernelArgs, typename... Args>
+static void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, int threads, int smem, cudaStream_t stream,
+                          bool dependent, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = dependent ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+// Whether the chain's kernels after the first are programmatic dependent launches: sm_90+, and
+// MOEQUANT_DECODE_PDL is not "0" (an off switch for comparisons).
+static bool decode_dependent_launches() {
+  if (const char* v = std::getenv("MOEQUANT_DECODE_PDL")) {
+    if (std::string(v) == "0") return false;
+  }
+  return at::cuda::getCurrentDeviceProperties()->major >= 9;
+}
 
 bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& gate_up, const PackedStack& down) {
   int64_t max_pairs = kDefaultDecodeMaxPairs;
@@ -136,6 +182,8 @@ __global__ void __launch_bounds__(kGemvThreads)
 lora_a_kernel(const in_t* __restrict__ A, int64_t rank, int64_t K, const int64_t* __restrict__ pair_expert, int64_t E,
               int64_t top_k, GemvInput<in_t, kActInput, kAct> in, float* __restrict__ u_parts) {
   __shared__ float xs[kLoraChunk];
+  allow_next_kernel_launch();
+  wait_for_previous_kernel();  // the down projection's input is the previous kernel's output
   const int64_t chunk = blockIdx.x, parts = gridDim.x, p = blockIdx.y, P = gridDim.y;
   const int64_t e = pair_expert[p];
   if (e < 0 || e >= E) return;  // sentinel slot (a negative id asserts in gemv_kernel)
@@ -202,6 +250,8 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
   __shared__ DecodeTables<kDoubleQuant> tables;
   float2* const pair_table = tables.pair;
   const int64_t s = blockIdx.y, p = blockIdx.z, P = gridDim.z;
+  allow_next_kernel_launch();
+  // Before the wait, only what no kernel of this call writes: expert ids, weights, the table.
   const int64_t e = pair_expert[p];
   // A negative id is an error, checked on the device so that the path never waits for the host
   // (CUDA-graph capturable): like torch's own index checks, a device-side assert that fails the
@@ -209,7 +259,10 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
   if (e < 0 && threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0) {
     CUDA_KERNEL_ASSERT_MSG(e >= 0, MOEQUANT_NEGATIVE_EXPERT_ID_MSG);
   }
-  if (e < 0 || e >= E) return;  // sentinel slot: never read
+  if (e < 0 || e >= E) {  // sentinel slot: never read
+    wait_for_previous_kernel();
+    return;
+  }
   const int64_t units_per_row = K / 32;
   const int64_t unit0 = s * split_units;
   const int units = static_cast<int>(std::min(split_units, units_per_row - unit0));
@@ -258,6 +311,7 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
   // table is filled and the input vector staged (one memory latency per CTA instead of two).
   load_step(st);
   if constexpr (!kInt8) tables.fill(args.codebook);  // one LDS.64 decodes two weights, conflict-free
+  wait_for_previous_kernel();  // h (down's input) and the LoRA u sums come from earlier kernels
   float* xs = reinterpret_cast<float*>(staged);
 #pragma unroll
   for (int k = 0; k < kStagedPerThread; ++k) {  // unrolled: all input loads in flight at once
@@ -346,6 +400,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 decode_combine_kernel(const float* __restrict__ y, int64_t y_splits, const int64_t* __restrict__ pair_expert,
                       const weight_t* __restrict__ pair_weights, const float* __restrict__ bias, out_t* __restrict__ out,
                       int64_t T, int64_t E, int64_t top_k, int64_t H) {
+  wait_for_previous_kernel();
   const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (i >= T * H) return;
   const int64_t t = i / H, c = i % H, P = T * top_k;
@@ -373,7 +428,8 @@ static void dispatch_gemv_activation(GatedActivation kind, F&& f) {
 
 template <typename KernelT, typename in_t>
 static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert,
-                        int64_t top_k, const auto& input, const GemvLora<in_t>& lora, float* out, cudaStream_t stream) {
+                        int64_t top_k, const auto& input, const GemvLora<in_t>& lora, float* out, cudaStream_t stream,
+                        bool dependent) {
   const QuantStackView view = w.view();
   const Quant4Args args{view.scales, view.codebook};
   const GemvSplit split = gemv_split(w.cols);
@@ -386,26 +442,25 @@ static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs,
   const dim3 grid(static_cast<unsigned>(ctas_x), static_cast<unsigned>(split.splits), static_cast<unsigned>(num_pairs));
   const int log2_units_per_block =
       is_4bit(w.type) ? __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32)) : 0;  // int8: unused
-  kernel<<<grid, kGemvThreads, smem, stream>>>(static_cast<const uint8_t*>(view.data), args, w.rows,
-                                               w.cols, split.units, log2_units_per_block,
-                                               pair_expert.const_data_ptr<int64_t>(), w.experts, top_k, input, lora, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, grid, kGemvThreads, smem, stream, dependent, static_cast<const uint8_t*>(view.data), args,
+                w.rows, w.cols, split.units, log2_units_per_block, pair_expert.const_data_ptr<int64_t>(), w.experts,
+                top_k, input, lora, out);
 }
 
 // The GEMV of one stack, instantiated for its format.
 template <typename in_t, bool kActInput, GatedActivation kAct>
 static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert, int64_t top_k,
                               const GemvInput<in_t, kActInput, kAct>& input, const GemvLora<in_t>& lora, float* out,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, bool dependent) {
   if (!is_4bit(w.type)) {
     launch_gemv(gemv_kernel<in_t, kActInput, kAct, false, true>, w, num_pairs, pair_expert, top_k, input, lora, out,
-                stream);
+                stream, dependent);
   } else if (w.double_quant()) {
     launch_gemv(gemv_kernel<in_t, kActInput, kAct, true, false>, w, num_pairs, pair_expert, top_k, input, lora, out,
-                stream);
+                stream, dependent);
   } else {
     launch_gemv(gemv_kernel<in_t, kActInput, kAct, false, false>, w, num_pairs, pair_expert, top_k, input, lora, out,
-                stream);
+                stream, dependent);
   }
 }
 
@@ -415,16 +470,15 @@ static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at:
 template <typename in_t, bool kActInput, GatedActivation kAct>
 static GemvLora<in_t> launch_lora_a(const DecodeLora& lora, int64_t num_pairs, const at::Tensor& pair_expert,
                                     int64_t E, int64_t top_k, const GemvInput<in_t, kActInput, kAct>& in,
-                                    at::Tensor& u_parts, cudaStream_t stream) {
+                                    at::Tensor& u_parts, cudaStream_t stream, bool dependent) {
   if (!lora.present()) return {};
   const int64_t rank = lora.A.size(1), K = lora.A.size(2);
   const int64_t parts = (K + kLoraChunk - 1) / kLoraChunk;
   u_parts = at::empty({num_pairs, rank, parts}, lora.A.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(parts), static_cast<unsigned>(num_pairs));
-  lora_a_kernel<in_t, kActInput, kAct><<<grid, kGemvThreads, 0, stream>>>(
-      reinterpret_cast<const in_t*>(lora.A.const_data_ptr()), rank, K, pair_expert.const_data_ptr<int64_t>(), E, top_k,
-      in, u_parts.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(lora_a_kernel<in_t, kActInput, kAct>, grid, kGemvThreads, 0, stream, dependent,
+                reinterpret_cast<const in_t*>(lora.A.const_data_ptr()), rank, K, pair_expert.const_data_ptr<int64_t>(),
+                E, top_k, in, u_parts.mutable_data_ptr<float>());
   return {u_parts.const_data_ptr<float>(), parts, reinterpret_cast<const in_t*>(lora.B.const_data_ptr()), rank,
           static_cast<float>(lora.scaling)};
 }
@@ -448,30 +502,33 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
   at::Tensor out = at::empty({T, H}, hidden.options());
   at::Tensor gate_up_u, down_u;  // LoRA u partial sums, alive until the GEMVs that read them have run
   auto stream = at::cuda::getCurrentCUDAStream();
+  // The first kernel launches normally (its inputs come from outside the call); the rest depend
+  // programmatically on their predecessor when `pdl`.
+  const bool pdl = decode_dependent_launches();
   MOEQUANT_DISPATCH_EXPERTS_TYPES(hidden.scalar_type(), "moequant_decode_gemv", [&] {
     using T_ = typename native<scalar_t>::type;
     dispatch_gemv_activation(act.kind, [&](auto kind) {
       constexpr GatedActivation kAct = decltype(kind)::value;
       const GemvInput<T_, false, kAct> in1{reinterpret_cast<const T_*>(hidden.const_data_ptr()), nullptr, 0, nullptr,
                                            act.interleaved, act.alpha, act.limit};
-      const GemvLora<T_> lora1 = launch_lora_a(gate_up_lora, P, pair_expert, E, k, in1, gate_up_u, stream);
-      launch_for_format(gate_up, P, pair_expert, k, in1, lora1, h.mutable_data_ptr<float>(), stream);
+      const GemvLora<T_> lora1 = launch_lora_a(gate_up_lora, P, pair_expert, E, k, in1, gate_up_u, stream, false);
+      launch_for_format(gate_up, P, pair_expert, k, in1, lora1, h.mutable_data_ptr<float>(), stream,
+                        pdl && gate_up_lora.present());
       const GemvInput<T_, true, kAct> in2{nullptr, h.const_data_ptr<float>(), gu_splits,
                                           gate_up_bias.defined() ? gate_up_bias.const_data_ptr<float>() : nullptr,
                                           act.interleaved, act.alpha, act.limit};
-      const GemvLora<T_> lora2 = launch_lora_a(down_lora, P, pair_expert, E, k, in2, down_u, stream);
-      launch_for_format(down, P, pair_expert, k, in2, lora2, y.mutable_data_ptr<float>(), stream);
+      const GemvLora<T_> lora2 = launch_lora_a(down_lora, P, pair_expert, E, k, in2, down_u, stream, pdl);
+      launch_for_format(down, P, pair_expert, k, in2, lora2, y.mutable_data_ptr<float>(), stream, pdl);
     });
     using out_t = T_;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pair_weights.scalar_type(), "moequant_decode_combine", [&] {
       using W_ = typename native<scalar_t>::type;
       const unsigned combine_ctas = static_cast<unsigned>((T * H + kGemvThreads - 1) / kGemvThreads);
-      decode_combine_kernel<out_t, W_><<<combine_ctas, kGemvThreads, 0, stream>>>(
-          y.const_data_ptr<float>(), d_splits, pair_expert.const_data_ptr<int64_t>(),
-          reinterpret_cast<const W_*>(pair_weights.const_data_ptr()),
-          down_bias.defined() ? down_bias.const_data_ptr<float>() : nullptr,
-          reinterpret_cast<out_t*>(out.mutable_data_ptr()), T, E, k, H);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(decode_combine_kernel<out_t, W_>, dim3(combine_ctas), kGemvThreads, 0, stream, pdl,
+                    y.const_data_ptr<float>(), d_splits, pair_expert.const_data_ptr<int64_t>(),
+                    reinterpret_cast<const W_*>(pair_weights.const_data_ptr()),
+                    down_bias.defined() ? down_bias.const_data_ptr<float>() : nullptr,
+                    reinterpret_cast<out_t*>(out.mutable_data_ptr()), T, E, k, H);
     });
   });
   return out;
