@@ -357,9 +357,8 @@ nf4_gemm_kn_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
     cp_async_commit();
   }
   // Packed codes of k-tiles t (decoded now) and t + 1; loads run two k-tiles ahead. One k-tile per
-  // iteration, straight-line: no branch splits the accumulators' live range, which would make
-  // ptxas serialize the wgmma.
-  Codes codes, codes_next;
+  // iteration, straight-line.
+  Codes codes, codes_next{};
   load_codes(codes, 0);
   if (k_tiles > 1) load_codes(codes_next, kTileK);
   __syncthreads();  // the decode tables
@@ -379,8 +378,7 @@ nf4_gemm_kn_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
     const uint64_t desc_a = wgmma_desc_mn_major_sw128(
         decoded + buffer * S::kDecodedBytes + group * S::kGroupDecodedBytes, S::kGroupDecodedBytes);
     // No operand fences around the wgmma: the accumulators are only touched by the wgmma
-    // statements (their "+f" operands order them) until the final wait, and a fence's moves
-    // would make ptxas serialize the wgmma with the next k-tile's decode.
+    // statements (their "+f" operands order them) until the final wait.
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < kTileK / 16; ++s) {
