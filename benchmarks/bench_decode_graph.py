@@ -10,7 +10,10 @@ torch.cuda.set_sync_debug_mode("error") first) and capture succeeds; otherwise i
 and the row says so (`bf16_captured`, `bf16_capture_error`).
 
 --lora-rank r (default 16) also times the first format with LoRA r on both projections (row
-"<format>+lora<r>"; its bandwidth counts the packed bytes only).
+"<format>+lora<r>"; its bandwidth counts the packed bytes only). --no-pdl-rows also times the first
+format (and its LoRA row) with MOEQUANT_DECODE_PDL=0 (plain launches instead of programmatic dependent
+launches; rows "<format>-nopdl"). --profile-kernels prints, per shape and T, the CUDA kernels of one
+eager call of the first format (and its LoRA row) with their device times (torch.profiler).
 
 Bandwidth: GB/s of the packed bytes the call reads (codes + statistics of the distinct experts its
 routing selects, both projections) over the per-call time, and its % of a same-run device-to-device
@@ -18,6 +21,7 @@ copy (read + write bytes / time of a 1 GiB `copy_`).
 
     python benchmarks/bench_decode_graph.py [--shapes qwen3_30b_a3b,olmoe_1b_7b,mixtral_8x7b,deepseek_v3]
         [--tokens 1,8] [--formats nf4,nf4_dq,fp4,fp4_dq,int8] [--calls 16] [--reps 20]
+        [--lora-rank 16] [--no-pdl-rows] [--profile-kernels]
         [--out benchmarks/results/bench_decode_graph-<device>.json]
     python benchmarks/bench_decode_graph.py --device cpu --shapes tiny --reps 2   # smoke: eager only
 """
@@ -25,6 +29,7 @@ copy (read + write bytes / time of a 1 GiB `copy_`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -99,6 +104,38 @@ def capture(fn):
     return graph
 
 
+@contextlib.contextmanager
+def env_var(name, value):
+    """os.environ[name] = value inside the block (None: unchanged)."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def print_kernels(label, fn):
+    """The CUDA kernels one fn() launches, in launch order, with their device times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels)
+    print(f"  kernels of one call, {label}: {len(kernels)}, {total:.1f} us of device time", flush=True)
+    for e in kernels:
+        print(f"    {e.device_time:7.1f} us  {e.name[:110]}", flush=True)
+
+
 def routed_calls(T, H, E, k, calls, device, gen):
     """--calls independent (hidden, top_k_index, top_k_weights) triples."""
     out = []
@@ -121,12 +158,13 @@ def timed(run_all, calls, reps, device, graphable=True):
 
 
 @torch.no_grad()
-def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate, rows):
+def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate, rows, no_pdl_rows=False,
+                profile_kernels=False):
     H, I, E, k = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
     experts = build_bf16_experts(H, I, E, k, device)
     stacks = {fmt: quantize_experts(experts, *fmt) for fmt in formats}
-    variants = [(fmt, {}) for fmt in formats]
+    variants = [(fmt, {}, None) for fmt in formats]  # (format, LoRA kwargs, MOEQUANT_DECODE_PDL)
     if lora_rank:  # the first format again with LoRA on both projections (PEFT layout: A [E, r, in], B [E, out, r])
         lora = dict(gate_up_lora_A=torch.randn(E, lora_rank, H, device=device, dtype=torch.bfloat16) * H**-0.5,
                     gate_up_lora_B=torch.randn(E, 2 * I, lora_rank, device=device, dtype=torch.bfloat16) * 0.01,
@@ -134,7 +172,9 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
                     down_lora_A=torch.randn(E, lora_rank, I, device=device, dtype=torch.bfloat16) * I**-0.5,
                     down_lora_B=torch.randn(E, H, lora_rank, device=device, dtype=torch.bfloat16) * 0.01,
                     down_lora_scaling=2.0)
-        variants.append((formats[0], lora))
+        variants.append((formats[0], lora, None))
+    if no_pdl_rows:
+        variants += [(fmt, kw, "0") for fmt, kw, _ in list(variants) if fmt == formats[0]]
     bf16_expert_bytes = 3 * H * I * 2
     for T in tokens:
         inputs = routed_calls(T, H, E, k, calls, device, gen)
@@ -154,22 +194,29 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
             bf16 = timed(bf16_all, calls, reps, device, graphable=False)
         bf16_captured = "graph_ms" in bf16
         bf16_ms = bf16.get("graph_ms", bf16["eager_ms"])
-        for fmt, lora_kw in variants:
+        for fmt, lora_kw, pdl in variants:
             positional, format_kw, stack_bytes = stacks[fmt]
             format_kw = dict(format_kw, **lora_kw)
-            label = format_name(*fmt) + (f"+lora{lora_rank}" if lora_kw else "")
+            label = format_name(*fmt) + (f"+lora{lora_rank}" if lora_kw else "") + ("-nopdl" if pdl == "0" else "")
 
             def mq_all():
                 for x, idx, w in inputs:
                     ops.experts_forward(x, idx, w, *positional, blocksize=64, **format_kw)
 
-            mq_err = host_sync_error(mq_all) if device.type == "cuda" else None
-            mq = timed(mq_all, calls, reps, device, graphable=mq_err is None)
-            if device.type == "cuda" and mq_err is None:  # one call per graph: includes the graph launch
-                x0, idx0, w0 = inputs[0]
-                one = capture(lambda: ops.experts_forward(x0, idx0, w0, *positional, blocksize=64, **format_kw))
-                mq["graph1_ms"] = median_ms(one.replay, reps, device)
-                del one
+            x0, idx0, w0 = inputs[0]
+
+            def mq_one():
+                ops.experts_forward(x0, idx0, w0, *positional, blocksize=64, **format_kw)
+
+            with env_var("MOEQUANT_DECODE_PDL", pdl):  # read at each call, so also by the captured launches
+                mq_err = host_sync_error(mq_all) if device.type == "cuda" else None
+                mq = timed(mq_all, calls, reps, device, graphable=mq_err is None)
+                if device.type == "cuda" and mq_err is None:  # one call per graph: includes the graph launch
+                    one = capture(mq_one)
+                    mq["graph1_ms"] = median_ms(one.replay, reps, device)
+                    del one
+                if profile_kernels and device.type == "cuda" and fmt == formats[0]:
+                    print_kernels(f"{name} T={T} {label}", mq_one)
             mq_ms = mq.get("graph_ms", mq["eager_ms"])
             read_bytes = mean_distinct * stack_bytes / E
             gbps = read_bytes / (mq_ms * 1e-3) / 1e9
@@ -186,7 +233,7 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
                 ratio_vs_bf16=mq_ms / bf16_ms,
             )
             rows.append(row)
-            print(f"{name:14s} T={T:<2d} {row['format']:7s} {'graph' if row['moequant_captured'] else 'EAGER'} "
+            print(f"{name:14s} T={T:<2d} {row['format']:13s} {'graph' if row['moequant_captured'] else 'EAGER'} "
                   f"{row['moequant_us']:7.1f} us (1-call graph {row['moequant_graph_1call_us'] or float('nan'):6.1f}, "
                   f"eager {row['moequant_eager_us']:6.1f}) {gbps:7.0f} GB/s = "
                   f"{row['pct_of_copy'] or float('nan'):5.1f}% of copy | bf16 "
@@ -208,6 +255,10 @@ def main():
     ap.add_argument("--lora-rank", type=int, default=16,
                     help="also time the first format with LoRA of this rank on both projections (0: no)")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-pdl-rows", action="store_true",
+                    help="also time the first format (and its LoRA row) with MOEQUANT_DECODE_PDL=0")
+    ap.add_argument("--profile-kernels", action="store_true",
+                    help="print the CUDA kernels of one call of the first format (and its LoRA row) per shape and T")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: eager smoke run, no graphs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -235,7 +286,8 @@ def main():
                 timing=f"CUDA events, 3 warm-ups, median of {args.reps} replays of a graph of {args.calls} calls",
                 rows=rows)
     for name in shapes:
-        bench_shape(name, tokens, formats, args.lora_rank, args.calls, args.reps, device, copy_rate, rows)
+        bench_shape(name, tokens, formats, args.lora_rank, args.calls, args.reps, device, copy_rate, rows,
+                    no_pdl_rows=args.no_pdl_rows, profile_kernels=args.profile_kernels)
         gc.collect()  # the shape's weights and graphs
         if device.type == "cuda":
             torch.cuda.empty_cache()
