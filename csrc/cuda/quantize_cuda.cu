@@ -174,8 +174,8 @@ struct ChunkAbsmax<T> {
 };
 
 // BATCH chunks per lane are held in registers at a time. With BATCH == CHUNKS the block is read
-// once and the next block's chunks are loaded before this one is encoded (two blocks in flight
-// per lane); larger blocks (2048, 4096) take two passes, the second reading the block again
+// once (and, for small chunk sets, the next block's chunks are loaded before this one is encoded:
+// two blocks in flight per lane); larger blocks (2048, 4096) take two passes, the second reading the block again
 // (mostly from L1/L2), instead of holding up to 128 values per thread.
 template <typename T, int LANES, int CHUNKS, int BATCH, QuantType kType>
 __global__ void __launch_bounds__(kQuantizeThreads)
@@ -185,6 +185,9 @@ quantize_4bit_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed,
   constexpr int kGroupsPerWarp = 32 / LANES;
   constexpr int64_t kBlock = int64_t{LANES} * CHUNKS * 8;
   constexpr bool kOnePass = BATCH == CHUNKS;
+  // The next block is loaded while this one is encoded where that costs at most 8 registers (16-bit
+  // types, up to 2 chunks per lane); larger chunk sets would cut occupancy more than it gains.
+  constexpr bool kPrefetch = kOnePass && sizeof(Chunk8<T>) * CHUNKS <= 32;
 
   __shared__ uint2 bin_table[kBinTableRows << kBinPitchShift >> 3];
   for (int i = threadIdx.x; i < kBinTableRows * kLaneTableCopies; i += blockDim.x) {
@@ -204,7 +207,7 @@ quantize_4bit_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed,
   auto block_weight = [&](int64_t b) { return weight + min(b, num_blocks - 1) * kBlock + lane * 8; };
 
   Chunk8<T> x[BATCH];
-  if constexpr (kOnePass) {
+  if constexpr (kPrefetch) {
 #pragma unroll
     for (int c = 0; c < BATCH; ++c) x[c] = load_chunk(block_weight(warp * kGroupsPerWarp + group) + c * (LANES * 8));
   }
@@ -217,13 +220,18 @@ quantize_4bit_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed,
 
     ChunkAbsmax<T> reduce;
     Chunk8<T> cur[BATCH];
-    if constexpr (kOnePass) {
+    if constexpr (kPrefetch) {
 #pragma unroll
       for (int c = 0; c < BATCH; ++c) {
         reduce.add(x[c]);
         cur[c] = x[c];
         x[c] = load_chunk(block_weight(b + stride) + c * (LANES * 8));  // the next block, in flight
       }
+    } else if constexpr (kOnePass) {
+#pragma unroll
+      for (int c = 0; c < BATCH; ++c) cur[c] = load_chunk(w + c * (LANES * 8));
+#pragma unroll
+      for (int c = 0; c < BATCH; ++c) reduce.add(cur[c]);
     } else {
 #pragma unroll 1  // keeps one batch of loads live at a time
       for (int c0 = 0; c0 < CHUNKS; c0 += BATCH) {
