@@ -96,8 +96,9 @@ __device__ __forceinline__ GroupValues load_group(const float* __restrict__ absm
 
 // A warp per group of 256 blocks (grid-stride), the next group's values loaded while this one is
 // coded. The code table lives in shared memory: lanes read it at data-dependent indices, and
-// through L1 each such read cost a wavefront per distinct 128-byte line (about 32 per warp; H200,
-// qwen3 gate_up statistics: ~25 us of lookups alone); in shared memory it is one wavefront per
+// through L1 each such read cost a wavefront per distinct 128-byte line (about 32 per warp: by
+// that count ~25 us for qwen3 gate_up's 6.3M statistics on an H200, an estimate, where double
+// quant measured 46 us over plain quantize); in shared memory it is one wavefront per
 // bank conflict (3 to 4 for random indices). One or two CTAs per SM, so the 64 KB fill is paid a
 // few hundred times, overlapped with the first group's loads.
 template <typename Index>
