@@ -3,16 +3,17 @@
 // 4-bit (NF4, FP4): LANES threads share one block of LANES * CHUNKS * 8 elements: each lane loads
 // its 8-element chunks (16-byte loads for 16-bit types), the group reduces absmax with warp
 // shuffles, then each lane encodes its chunks and stores 4 packed bytes per chunk. Chunk c of
-// lane l starts at element (c * LANES + l) * 8, so loads and stores are coalesced; the next
-// block's chunks are loaded before this one is encoded. Encoding uses the exact bin tables of
-// nf4_encode_lut.h (the format's table is a kernel parameter) and falls back to the compare
-// encoder of quant_format.h for blocks whose absmax is NaN/Inf. The encode is issue-bound, so it
-// is counted in instructions: per element one conversion, the scale multiply, the bin fma, one
-// IMAD for the table offset, the table load, a compare, a predicated add (NF4) or shift (FP4) and
-// a funnel shift into the packed word; 16-bit absmax takes one packed max per two elements.
-// H200 (benchmarks/bench_nf4.py, NF4, blocksize 64): 4 lanes x 2 chunks per block reached 75-88%
-// of a same-run copy with the earlier ~14-instruction encode (FP4 ~19: 60-66%); 8 x 1 (512 bytes
-// per warp step) 60-67%, 2 x 4 64-74%, 1 x 8 44-48%.
+// lane l starts at element (c * LANES + l) * 8, so loads and stores are coalesced; for 16-bit
+// types and blocks up to 512 the next block's chunks are loaded before this one is encoded.
+// Encoding uses the exact bin tables of nf4_encode_lut.h (the format's table is a kernel
+// parameter) and falls back to the compare encoder of quant_format.h for blocks whose absmax is
+// NaN/Inf. The encode is issue-bound, so it is counted in instructions: per element one
+// conversion, the scale multiply, the bin fma, one IMAD for the table offset, the table load, a
+// compare, a predicated add (NF4) or shift (FP4) and a funnel shift into the packed word (SASS,
+// sm_90a: 8.5 per element for both formats, was ~11 for NF4 and ~19 for FP4); 16-bit absmax takes
+// one packed max per two elements. H200 (benchmarks/bench_nf4.py, NF4, blocksize 64, the earlier
+// encode): 4 lanes x 2 chunks per block reached 75-88% of a same-run copy (FP4 60-66%); 8 x 1
+// (512 bytes per warp step) 60-67%, 2 x 4 64-74%, 1 x 8 44-48%.
 //
 // int8 row-wise: a warp per output row (half a warp for rows up to 1024); the row's chunks stay in
 // registers between the absmax reduction and the encode when they fit (rows up to 2048 elements),
@@ -103,9 +104,13 @@ __device__ __forceinline__ uint32_t encode_finite(float x, const char* table, ui
   const uint2 e = *reinterpret_cast<const uint2*>(table + ((__float_as_uint(f) << kBinPitchShift) | copy_offset));
   uint32_t code = e.y;
   if constexpr (kType == QuantType::kFP4) {
-    asm("{ .reg .pred p; setp.gt.f32 p, %1, %2; @p shr.b32 %0, %0, 4; }" : "+r"(code) : "f"(x), "f"(__uint_as_float(e.x)));
+    asm("{ .reg .pred p; setp.gt.f32 p, %1, %2; @p shr.b32 %0, %0, 4; }"
+        : "+r"(code)
+        : "f"(x), "f"(__uint_as_float(e.x)));
   } else {
-    asm("{ .reg .pred p; setp.gt.f32 p, %1, %2; @p add.u32 %0, %0, 1; }" : "+r"(code) : "f"(x), "f"(__uint_as_float(e.x)));
+    asm("{ .reg .pred p; setp.gt.f32 p, %1, %2; @p add.u32 %0, %0, 1; }"
+        : "+r"(code)
+        : "f"(x), "f"(__uint_as_float(e.x)));
   }
   return code;
 }
@@ -174,9 +179,9 @@ struct ChunkAbsmax<T> {
 };
 
 // BATCH chunks per lane are held in registers at a time. With BATCH == CHUNKS the block is read
-// once (and, for small chunk sets, the next block's chunks are loaded before this one is encoded:
-// two blocks in flight per lane); larger blocks (2048, 4096) take two passes, the second reading the block again
-// (mostly from L1/L2), instead of holding up to 128 values per thread.
+// once (and, for small chunk sets, the next block's chunks are loaded before this one is
+// encoded: two blocks in flight per lane); larger blocks (2048, 4096) take two passes, the second
+// reading the block again (mostly from L1/L2), instead of holding up to 128 values per thread.
 template <typename T, int LANES, int CHUNKS, int BATCH, QuantType kType>
 __global__ void __launch_bounds__(kQuantizeThreads)
 quantize_4bit_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed, float* __restrict__ absmax,
@@ -268,7 +273,8 @@ quantize_4bit_kernel(const T* __restrict__ weight, uint8_t* __restrict__ packed,
 template <typename T, int LANES, int CHUNKS, int BATCH = CHUNKS>
 static void launch_quantize_4bit(const T* w, uint8_t* p, float* a, int64_t num_blocks, QuantType type) {
   constexpr int kBlocksPerCta = kQuantizeThreads / LANES;
-  const BinTableParam bins = type == QuantType::kFP4 ? bin_table_param(kFP4CodeBinTable) : bin_table_param(kNF4BinTable);
+  const BinTableParam bins =
+      type == QuantType::kFP4 ? bin_table_param(kFP4CodeBinTable) : bin_table_param(kNF4BinTable);
   auto go = [&](auto kernel) {
     const int64_t grid =
         persistent_grid(kernel, kQuantizeThreads, (num_blocks + kBlocksPerCta - 1) / kBlocksPerCta);
@@ -325,7 +331,8 @@ __device__ __forceinline__ uint2 encode_int8_chunk_finite(const Chunk8<T>& c, fl
   uint32_t word[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const uint32_t lo = __byte_perm(t[4 * h], t[4 * h + 1], 0x0040), hi = __byte_perm(t[4 * h + 2], t[4 * h + 3], 0x0040);
+    const uint32_t lo = __byte_perm(t[4 * h], t[4 * h + 1], 0x0040);  // codes 4h, 4h + 1 in bytes 0, 1
+    const uint32_t hi = __byte_perm(t[4 * h + 2], t[4 * h + 3], 0x0040);
     word[h] = __byte_perm(lo, hi, 0x5410);
   }
   return make_uint2(word[0], word[1]);
