@@ -1,7 +1,9 @@
 """The no-grad decode path of experts_forward (the fused GEMV, T*k <= 64) makes no device->host copy
-and no host sync, in every format and with LoRA: it captures in a CUDA graph, replays bitwise like
-eager, runs under torch.compile(mode="reduce-overhead"), and still fails loudly on a negative
-expert id (a device-side assert, checked in a subprocess because it ends the CUDA context)."""
+and no host sync, in every format and with LoRA: it captures in a CUDA graph (with and without
+programmatic dependent launches), replays bitwise like eager, runs under
+torch.compile(mode="reduce-overhead"), matches the routed path (LoRA kernels included, on shapes
+with tails in every loop), and still fails loudly on a negative expert id (a device-side assert,
+checked in a subprocess because it ends the CUDA context)."""
 
 import os
 import subprocess
