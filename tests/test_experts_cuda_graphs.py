@@ -220,8 +220,8 @@ def assert_decode_matches_routed(call, inputs, no_lora_call, tol, monkeypatch):
 
 
 # Shapes where every loop of the decode LoRA has a tail: H = 4160 is 3 GEMV splits of the gate_up
-# input (44 + 44 + 42 units) and 5 chunks of the A product (4 x 1024 + 64), I = 2112 is 2 splits of
-# the down input and 3 chunks; rank 40 is more than one rank element per lane in the epilogue, rank
+# input (64 + 64 + 2 units) and 5 chunks of the A product (4 x 1024 + 64), I = 2112 is 2 splits of
+# the down input (64 + 2) and 3 chunks; rank 40 is more than one rank element per lane in the epilogue, rank
 # 8 fewer than the lanes; slot 1 of token 0 is a sentinel.
 @pytest.mark.parametrize("rank", [8, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])

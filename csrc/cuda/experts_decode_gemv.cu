@@ -101,16 +101,20 @@ bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& 
 }
 
 // How the input dimension K is split: `splits` ranges of `units` 16-byte units each (the last
-// may be shorter).
+// may be shorter). A warp step covers 32 units of a row, so whole multiples of 32 per split keep
+// every lane loading (deepseek_v3's gate_up input, 224 units: 64+64+64+32 instead of 4 x 56, whose
+// second steps left a quarter of the lanes idle); never more than kSplitUnits per split.
 struct GemvSplit {
   int64_t splits, units;
 };
 
 GemvSplit gemv_split(int64_t K) {
   const int64_t units_per_row = K / 32;
-  const int64_t splits = std::max<int64_t>(1, (units_per_row + kSplitUnits - 1) / kSplitUnits);
-  return {splits, (units_per_row + splits - 1) / splits};
+  const int64_t even = std::max<int64_t>(1, (units_per_row + kSplitUnits - 1) / kSplitUnits);
+  const int64_t units = std::max<int64_t>(32, ((units_per_row + even - 1) / even + 31) / 32 * 32);  // <= kSplitUnits
+  return {std::max<int64_t>(1, (units_per_row + units - 1) / units), units};
 }
+static_assert(kSplitUnits % 32 == 0, "gemv_split rounds split sizes up to whole warp steps");
 
 // Input vector element c of the pair: either the token's hidden state, or act(h + bias).
 template <typename in_t, bool kActInput, GatedActivation kAct>
