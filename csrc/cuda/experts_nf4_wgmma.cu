@@ -265,7 +265,9 @@ struct WgmmaKnTileShape {
   static constexpr int kCopiesPerThread = (kInChunks + kThreads - 1) / kThreads;
   static constexpr int kRingBytes = kStages * kStageBytes + kDecodedBuffers * kDecodedBytes;
   static constexpr int kSmemBytes = kRingBytes + 1024;  // + aligning to 1024 B
-  static constexpr int kOutPitch = BN * 2 + 16;         // epilogue tile, as WgmmaTileShape
+  // Epilogue: the tile as fp32 [kRows][BN], rows padded by 16 bytes (a warp's stores of four rows
+  // land in distinct banks).
+  static constexpr int kOutPitch = BN * 4 + 16;
   static_assert(kTileK * kGroups * 2 == kThreads, "each thread decodes one 32-feature chunk per k-tile");
   static_assert(kRows * kOutPitch <= kRingBytes, "the epilogue tile fits in the ring");
 };
@@ -394,11 +396,13 @@ nf4_gemm_kn_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
   // row 8 (i / 4) + 2 q + i % 2 (as in the [N, K] kernel).
   const int q = lane % 4;
   const int feature = group * 64 + tid / 32 % 4 * 16 + lane / 4;
+  // The tile goes through shared memory as fp32 and is rounded on the way out: converting the
+  // accumulator registers themselves makes ptxas serialize every wgmma of the kernel (C7514).
   __syncthreads();  // every warpgroup is done with the ring and the decoded buffers
 #pragma unroll
   for (int i = 0; i < S::kAcc; ++i) {
     const int r = 8 * (i / 4) + 2 * q + i % 2, f = feature + 8 * (i % 4 / 2);
-    *reinterpret_cast<T*>(staging + r * S::kOutPitch + f * 2) = from_float<T>(acc[i]);
+    *reinterpret_cast<float*>(staging + r * S::kOutPitch + f * 4) = acc[i];
   }
   __syncthreads();
   constexpr int kOutChunks = S::kRows * S::BN / 8;
@@ -407,8 +411,10 @@ nf4_gemm_kn_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
     const int c = tid + i * S::kThreads, r = c / 16, ch = c % 16;
     const int64_t col = n0 + ch * 8;
     if (c < kOutChunks && r < rows && col < N) {
+      const float4 lo = *reinterpret_cast<const float4*>(staging + r * S::kOutPitch + ch * 32);
+      const float4 hi = *reinterpret_cast<const float4*>(staging + r * S::kOutPitch + ch * 32 + 16);
       *reinterpret_cast<uint4*>(out + (int64_t{tile.row_begin} + r) * N + col) =
-          *reinterpret_cast<const uint4*>(staging + r * S::kOutPitch + ch * 16);
+          make_uint4(pack2<T>(lo.x, lo.y), pack2<T>(lo.z, lo.w), pack2<T>(hi.x, hi.y), pack2<T>(hi.z, hi.w));
     }
   }
 #else
