@@ -10,7 +10,7 @@
 // lanes with different units hit different banks. Sums run in a fixed order: results are
 // reproducible. With LoRA, one small kernel per projection computes u = A[e] in[p] for every pair
 // (lora_a_kernel; for down, act(h + b_gu) is recomputed from the gate_up splits while staging),
-// and the GEMV adds scaling * B[e][row] . u to split 0 of each row in its epilogue: two kernels
+// and the GEMV adds scaling * B[e][row] . u to split 0 of its rows after its loop: two kernels
 // for both projections instead of a chain of small ATen ops. On sm_90+ every kernel after the
 // first is a programmatic dependent launch: it starts while its predecessor drains, reads what
 // does not depend on it (the expert ids, its weights' first step, the decode table), and only then
@@ -277,7 +277,7 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
   const uint32_t copy_offset = lane_table_copy_offset();
   const UnitCodes<kInt8>* weights = reinterpret_cast<const UnitCodes<kInt8>*>(packed);
   const int64_t row_tiles = (N + kRowsPerCta - 1) / kRowsPerCta;
-  const bool add_lora = lora.B != nullptr && s == 0;  // the LoRA term joins split 0 of each row
+  const bool add_lora = lora.B != nullptr && s == 0;  // the LoRA term joins split 0 of each row (after the loop)
 
   // A warp's work is a sequence of steps (row tile, u0): lane l takes unit u0 + l of its
   // kRowsPerWarp rows. The next step's loads are issued before this step's decode, so that every
@@ -379,20 +379,31 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
     }
     if (next.tile != st.tile) {  // the tile's last step: reduce its rows
       const int64_t row0 = st.tile * kRowsPerCta + warp * kRowsPerWarp;
-      float lora_terms[kRowsPerWarp];
-      if (add_lora) lora_row_terms(lora, e, p, N, row0, lane, lora_terms);
 #pragma unroll
       for (int rr = 0; rr < kRowsPerWarp; ++rr) {
         float v = acc[rr];
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         if constexpr (kInt8) v *= kInt8InvScale;  // (q * row absmax) / 127, the 1/127 applied once
-        if (add_lora) v += lora_terms[rr];
         if (lane == 0 && row0 + rr < N) out[(s * P + p) * N + row0 + rr] = v;
         acc[rr] = 0.0f;
       }
     }
     st = next;
+  }
+  // The LoRA term of split 0, added by the thread that stored each row: a pass of its own after
+  // the loop, so that its registers are not live while loads are in flight (the same value as
+  // adding it before the store).
+  if (add_lora) {
+    for (int64_t tile = blockIdx.x; tile < row_tiles; tile += gridDim.x) {
+      const int64_t row0 = tile * kRowsPerCta + warp * kRowsPerWarp;
+      float terms[kRowsPerWarp];
+      lora_row_terms(lora, e, p, N, row0, lane, terms);
+#pragma unroll
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+        if (lane == 0 && row0 + rr < N) out[(s * P + p) * N + row0 + rr] += terms[rr];
+      }
+    }
   }
 }
 
