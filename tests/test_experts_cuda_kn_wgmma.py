@@ -1,6 +1,7 @@
 """The fused 4-bit GEMM's [K, N] products on Hopper wgmma (MOEQUANT_KN_WGMMA=1, opt-in): the input
 gradient of the standard layout and the forward of the transposed one. The switch is read once per
-process, so test_kn_wgmma_in_subprocess runs this file again with it set; there the checks below
+process, so test_kn_wgmma_in_subprocess runs this file again with it set (and once more with
+MOEQUANT_WGMMA_FP32_EPILOGUE=1, the [N, K] kernel's opt-in epilogue); there the checks below
 compare output and every gradient with the dequantized reference for each format, with and
 without LoRA, plain / transposed / interleaved layouts, and expert row counts of 0, 1, not a
 multiple of the row tile, and more than one tile."""
@@ -123,10 +124,13 @@ if IN_SUBPROCESS:
 
 else:
 
-    def test_kn_wgmma_in_subprocess():
-        """Runs this file's checks in a fresh process with MOEQUANT_KN_WGMMA=1 and requires every
-        one of them to pass (none skipped)."""
-        env = dict(os.environ, **{SWITCH: "1"})
+    # fp32_epilogue: MOEQUANT_WGMMA_FP32_EPILOGUE, the [N, K] kernel's unserialized epilogue (the
+    # forward of the standard layout, the input gradient of the transposed one), also opt-in.
+    @pytest.mark.parametrize("fp32_epilogue", ["0", "1"])
+    def test_kn_wgmma_in_subprocess(fp32_epilogue):
+        """Runs this file's checks in a fresh process with MOEQUANT_KN_WGMMA=1 (the switches are
+        read once per process) and requires every one of them to pass (none skipped)."""
+        env = dict(os.environ, **{SWITCH: "1", "MOEQUANT_WGMMA_FP32_EPILOGUE": fp32_epilogue})
         tests_dir = os.path.dirname(os.path.abspath(__file__))
         r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
                             "-rs"], cwd=os.path.dirname(tests_dir), env=env, capture_output=True, text=True)

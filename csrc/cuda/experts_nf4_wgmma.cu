@@ -39,6 +39,10 @@ namespace {
 
 constexpr int kTileK = kNF4GemmTileK;
 
+// Row pitch of the fp32 epilogue tile (store_tile_fp32): 16 bytes of padding, so that a warp's
+// stores of four rows land in distinct banks.
+constexpr int kFp32OutPitch(int bn) { return bn * 4 + 16; }
+
 template <int kRows_>
 struct WgmmaTileShape {
   static constexpr int kRows = kRows_;             // routing-order rows per CTA: the wgmma N
@@ -55,6 +59,9 @@ struct WgmmaTileShape {
   // Epilogue: the tile goes through shared memory as [kRows][BN] (rows padded by 16 bytes so that
   // a warp's 2-byte stores of four rows land in four bank groups), then out in 16-byte stores.
   static constexpr int kOutPitch = BN * 2 + 16;
+  // With the fp32 epilogue the tile needs 16 bytes a row more than the ring holds.
+  static constexpr int kSmemBytesFp32 =
+      (kStages * kStageBytes > kRows * kFp32OutPitch(BN) ? kStages * kStageBytes : kRows * kFp32OutPitch(BN)) + 1024;
   static_assert(kRows * 16 % kThreads == 0, "every thread copies the same number of chunks");
   static_assert(kRows * kOutPitch <= kStages * kStageBytes, "the epilogue tile fits in the ring");
 };
@@ -68,7 +75,49 @@ __device__ __forceinline__ uint4 load_packed16(const uint8_t* p) {
   return v;
 }
 
-template <typename T, class S, bool kDoubleQuant>
+// MOEQUANT_WGMMA_FP32_EPILOGUE=1 (read once per process): the [N, K] kernel's output tile leaves
+// through store_tile_fp32, as the [K, N] kernel's always does.
+bool nf4_wgmma_fp32_epilogue() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOEQUANT_WGMMA_FP32_EPILOGUE");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
+// Stores a CTA's output tile [kRows routing-order rows][BN features] from the wgmma accumulators
+// (thread (g, q) of warp w: accumulator i is feature row `feature` (+ 8 for i % 4 >= 2), routing
+// row 8 (i / 4) + 2 q + i % 2) through `staging` in shared memory as fp32, rounding on the way
+// out in 16-byte stores. Converting the accumulator registers themselves makes ptxas serialize
+// every wgmma of the kernel (C7514: "non wgmma instructions reading accumulator registers").
+// The caller has retired every wgmma and synchronized the CTA before `staging` is reused.
+template <typename T, int kRows, int BN, int kThreads, int kAcc>
+__device__ __forceinline__ void store_tile_fp32(const float (&acc)[kAcc], uint8_t* staging, int feature, int q,
+                                                T* out, int64_t row_begin, int rows, int64_t n0, int64_t N) {
+  constexpr int kPitch = kFp32OutPitch(BN);
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) {
+    const int r = 8 * (i / 4) + 2 * q + i % 2, f = feature + 8 * (i % 4 / 2);
+    *reinterpret_cast<float*>(staging + r * kPitch + f * 4) = acc[i];
+  }
+  __syncthreads();
+  constexpr int kOutChunks = kRows * BN / 8;
+#pragma unroll
+  for (int i = 0; i < (kOutChunks + kThreads - 1) / kThreads; ++i) {
+    const int c = threadIdx.x + i * kThreads, r = c / (BN / 8), ch = c % (BN / 8);
+    const int64_t col = n0 + ch * 8;
+    if (c < kOutChunks && r < rows && col < N) {
+      const float4 lo = *reinterpret_cast<const float4*>(staging + r * kPitch + ch * 32);
+      const float4 hi = *reinterpret_cast<const float4*>(staging + r * kPitch + ch * 32 + 16);
+      *reinterpret_cast<uint4*>(out + (row_begin + r) * N + col) =
+          make_uint4(pack2<T>(lo.x, lo.y), pack2<T>(lo.z, lo.w), pack2<T>(hi.x, hi.y), pack2<T>(hi.z, hi.w));
+    }
+  }
+}
+
+// kFp32Epilogue: the output tile leaves through store_tile_fp32 (no wgmma serialization;
+// MOEQUANT_WGMMA_FP32_EPILOGUE=1, opt-in until measured), else rounded in registers.
+template <typename T, class S, bool kDoubleQuant, bool kFp32Epilogue>
 __global__ void __launch_bounds__(S::kThreads, 2)
 nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
                          const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N,
@@ -195,6 +244,10 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
   // Accumulator i of thread (g, q): feature row g (+ 8 for i % 4 >= 2), routing row
   // 8 (i / 4) + 2 q + i % 2.
   __syncthreads();  // every warpgroup is done with the ring
+  if constexpr (kFp32Epilogue) {
+    store_tile_fp32<T, S::kRows, S::BN, S::kThreads>(acc, staging, feature, q, out, tile.row_begin, rows, n0, N);
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < S::kAcc; ++i) {
     const int r = 8 * (i / 4) + 2 * q + i % 2, f = feature + 8 * (i % 4 / 2);
@@ -222,15 +275,21 @@ void launch_height(const at::Tensor& in, at::Tensor& out, const uint8_t* packed,
   const int64_t n_tiles = (N + S::BN - 1) / S::BN;
   const int64_t ctas = num_tiles * n_tiles;
   TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused 4-bit GEMM grid too large (", num_str(ctas), " CTAs)");
-  auto go = [&](auto kernel) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes));
-    kernel<<<static_cast<unsigned>(ctas), S::kThreads, S::kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
+  auto go = [&](auto kernel, int smem) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<static_cast<unsigned>(ctas), S::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
         reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()), packed, args,
         tiles, N, K, static_cast<int>(n_tiles), log2_blocksize);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (args.scales.double_quant()) go(nf4_gemm_nk_wgmma_kernel<T, S, true>);
-  else go(nf4_gemm_nk_wgmma_kernel<T, S, false>);
+  const bool dq = args.scales.double_quant();
+  if (nf4_wgmma_fp32_epilogue()) {
+    if (dq) go(nf4_gemm_nk_wgmma_kernel<T, S, true, true>, S::kSmemBytesFp32);
+    else go(nf4_gemm_nk_wgmma_kernel<T, S, false, true>, S::kSmemBytesFp32);
+  } else {
+    if (dq) go(nf4_gemm_nk_wgmma_kernel<T, S, true, false>, S::kSmemBytes);
+    else go(nf4_gemm_nk_wgmma_kernel<T, S, false, false>, S::kSmemBytes);
+  }
 }
 
 
@@ -265,9 +324,7 @@ struct WgmmaKnTileShape {
   static constexpr int kCopiesPerThread = (kInChunks + kThreads - 1) / kThreads;
   static constexpr int kRingBytes = kStages * kStageBytes + kDecodedBuffers * kDecodedBytes;
   static constexpr int kSmemBytes = kRingBytes + 1024;  // + aligning to 1024 B
-  // Epilogue: the tile as fp32 [kRows][BN], rows padded by 16 bytes (a warp's stores of four rows
-  // land in distinct banks).
-  static constexpr int kOutPitch = BN * 4 + 16;
+  static constexpr int kOutPitch = kFp32OutPitch(BN);  // epilogue: store_tile_fp32
   static_assert(kTileK * kGroups * 2 == kThreads, "each thread decodes one 32-feature chunk per k-tile");
   static_assert(kRows * kOutPitch <= kRingBytes, "the epilogue tile fits in the ring");
 };
@@ -396,27 +453,8 @@ nf4_gemm_kn_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
   // row 8 (i / 4) + 2 q + i % 2 (as in the [N, K] kernel).
   const int q = lane % 4;
   const int feature = group * 64 + tid / 32 % 4 * 16 + lane / 4;
-  // The tile goes through shared memory as fp32 and is rounded on the way out: converting the
-  // accumulator registers themselves makes ptxas serialize every wgmma of the kernel (C7514).
   __syncthreads();  // every warpgroup is done with the ring and the decoded buffers
-#pragma unroll
-  for (int i = 0; i < S::kAcc; ++i) {
-    const int r = 8 * (i / 4) + 2 * q + i % 2, f = feature + 8 * (i % 4 / 2);
-    *reinterpret_cast<float*>(staging + r * S::kOutPitch + f * 4) = acc[i];
-  }
-  __syncthreads();
-  constexpr int kOutChunks = S::kRows * S::BN / 8;
-#pragma unroll
-  for (int i = 0; i < (kOutChunks + S::kThreads - 1) / S::kThreads; ++i) {
-    const int c = tid + i * S::kThreads, r = c / 16, ch = c % 16;
-    const int64_t col = n0 + ch * 8;
-    if (c < kOutChunks && r < rows && col < N) {
-      const float4 lo = *reinterpret_cast<const float4*>(staging + r * S::kOutPitch + ch * 32);
-      const float4 hi = *reinterpret_cast<const float4*>(staging + r * S::kOutPitch + ch * 32 + 16);
-      *reinterpret_cast<uint4*>(out + (int64_t{tile.row_begin} + r) * N + col) =
-          make_uint4(pack2<T>(lo.x, lo.y), pack2<T>(lo.z, lo.w), pack2<T>(hi.x, hi.y), pack2<T>(hi.z, hi.w));
-    }
-  }
+  store_tile_fp32<T, S::kRows, S::BN, S::kThreads>(acc, staging, feature, q, out, tile.row_begin, rows, n0, N);
 #else
   __trap();  // launched only where nf4_wgmma_kn_enabled(): an sm_90a build on an sm_90 device
 #endif
