@@ -135,7 +135,7 @@ def test_compile_reduce_overhead_matches_eager(lora):
 
 
 # LoRA in the decode path (u = A[e] x per pair in one kernel, scaling * B[e] u added in the GEMV's
-# epilogue) against the routed path on the same stacks (MOEQUANT_DECODE_MAX_PAIRS=0).
+# LoRA pass) against the routed path on the same stacks (MOEQUANT_DECODE_MAX_PAIRS=0).
 @pytest.mark.parametrize("which", ["both", "gate_up", "down"])
 @pytest.mark.parametrize("activation,interleaved,bias", [("silu", False, False), ("gelu", False, True),
                                                           ("gelu_tanh", False, False), ("swiglu_oai", True, True)])
@@ -221,7 +221,7 @@ def assert_decode_matches_routed(call, inputs, no_lora_call, tol, monkeypatch):
 
 # Shapes where every loop of the decode LoRA has a tail: H = 4160 is 3 GEMV splits of the gate_up
 # input (64 + 64 + 2 units) and 5 chunks of the A product (4 x 1024 + 64), I = 2112 is 2 splits of
-# the down input (64 + 2) and 3 chunks; rank 40 is more than one rank element per lane in the epilogue, rank
+# the down input (64 + 2) and 3 chunks; rank 40 is more than one rank element per lane in the LoRA pass, rank
 # 8 fewer than the lanes; slot 1 of token 0 is a sentinel.
 @pytest.mark.parametrize("rank", [8, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])

@@ -165,7 +165,7 @@ __device__ __forceinline__ float gemv_input(const GemvInput<in_t, kActInput, kAc
   }
 }
 
-// One projection's LoRA as the GEMV's epilogue sees it: u = A[e] in[p] as partial sums over
+// One projection's LoRA as the GEMV's LoRA pass sees it: u = A[e] in[p] as partial sums over
 // input chunks [P, rank, parts] (lora_a_kernel), B [E, N, rank] in the input dtype. `B` null: none.
 template <typename in_t>
 struct GemvLora {
@@ -177,8 +177,8 @@ struct GemvLora {
 };
 
 // u[p, q] = A[e][q, :] . in[p] for chunk blockIdx.x of the input dimension and pair blockIdx.y;
-// the GEMV epilogue sums the chunks in order and rounds u to the input dtype, as the routed path's
-// product in the factors' dtype does. The input elements are rounded to the dtype too (for down,
+// the GEMV's LoRA pass sums the chunks in order and rounds u to the input dtype, as the routed
+// path's product in the factors' dtype does. The input elements are rounded to the dtype too (for down,
 // act(h) in the dtype, as the routed path feeds its LoRA). A warp per rank row, lanes over the
 // chunk, a fixed reduction order: reproducible.
 template <typename in_t, bool kActInput, GatedActivation kAct>
@@ -413,7 +413,8 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
 template <typename out_t, typename weight_t>
 __global__ void __launch_bounds__(kGemvThreads)
 decode_combine_kernel(const float* __restrict__ y, int64_t y_splits, const int64_t* __restrict__ pair_expert,
-                      const weight_t* __restrict__ pair_weights, const float* __restrict__ bias, out_t* __restrict__ out,
+                      const weight_t* __restrict__ pair_weights, const float* __restrict__ bias,
+                      out_t* __restrict__ out,
                       int64_t T, int64_t E, int64_t top_k, int64_t H) {
   wait_for_previous_kernel();
   const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
@@ -480,7 +481,7 @@ static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at:
 }
 
 // u partial sums of one projection's LoRA for every pair (lora_a_kernel) into `u_parts`, and the
-// epilogue's view of them; an empty GemvLora when the projection has none. `in` is the GEMV's own
+// LoRA pass's view of them; an empty GemvLora when the projection has none. `in` is the GEMV's own
 // input spec.
 template <typename in_t, bool kActInput, GatedActivation kAct>
 static GemvLora<in_t> launch_lora_a(const DecodeLora& lora, int64_t num_pairs, const at::Tensor& pair_expert,
@@ -498,7 +499,8 @@ static GemvLora<in_t> launch_lora_a(const DecodeLora& lora, int64_t num_pairs, c
           static_cast<float>(lora.scaling)};
 }
 
-at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& top_k_index,
+                               const at::Tensor& top_k_weights,
                                const PackedStack& gate_up, const PackedStack& down, const ActivationSpec& act,
                                const at::Tensor& gate_up_bias, const at::Tensor& down_bias,
                                const DecodeLora& gate_up_lora, const DecodeLora& down_lora) {
@@ -511,7 +513,7 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
   // gemv_kernel; buffers come from the caching allocator): the call can be captured in a CUDA graph.
   const auto f32 = hidden.options().dtype(at::kFloat);
   const int64_t gu_splits = gemv_split(H).splits, d_splits = gemv_split(I).splits;
-  // Split partial sums (a LoRA term joins split 0 of its rows in the GEMV's epilogue).
+  // Split partial sums (a LoRA term joins split 0 of its rows in the GEMV's LoRA pass).
   at::Tensor h = at::empty({gu_splits, P, 2 * I}, f32);
   at::Tensor y = at::empty({d_splits, P, H}, f32);
   at::Tensor out = at::empty({T, H}, hidden.options());
@@ -536,7 +538,8 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
       launch_for_format(down, P, pair_expert, k, in2, lora2, y.mutable_data_ptr<float>(), stream, pdl);
     });
     using out_t = T_;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pair_weights.scalar_type(), "moequant_decode_combine", [&] {
+    const auto weights_type = pair_weights.scalar_type();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights_type, "moequant_decode_combine", [&] {
       using W_ = typename native<scalar_t>::type;
       const unsigned combine_ctas = static_cast<unsigned>((T * H + kGemvThreads - 1) / kGemvThreads);
       launch_kernel(decode_combine_kernel<out_t, W_>, dim3(combine_ctas), kGemvThreads, 0, stream, pdl,

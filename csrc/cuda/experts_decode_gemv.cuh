@@ -2,7 +2,7 @@
 // about one row, so a GEMM wastes its tiles; instead each pair runs a fused GEMV that reads the
 // quantized weights directly (4-bit: a quarter of bf16's bytes; int8: half), with no routing sort
 // and no scratch. A LoRA term costs one more small kernel per projection (u = A[e] x for every
-// pair); the GEMV adds scaling * B[e] u to its rows in the epilogue.
+// pair); the GEMV adds scaling * B[e] u to its rows in a pass after its loop.
 #pragma once
 
 #include <ATen/ATen.h>
