@@ -5,7 +5,8 @@
 // enough CTAs in flight when one expert's rows are few (mixtral's down projection: 4096 rows of
 // 14336) and bounds the staged input vector to a few KB, so that occupancy does not depend on K.
 // A warp owns kRowsPerWarp output rows of its split; each lane decodes units of 32 weights (16
-// bytes of 4-bit codes, or 32 bytes of int8 codes: the only step that differs by format) of those rows, all loads of a step in flight before the first decode, and multiplies with the
+// bytes of 4-bit codes, or 32 bytes of int8 codes: the only step that differs by format) of
+// those rows, all loads of a step in flight before the first decode, and multiplies with the
 // input vector staged in shared memory, padded by 4 floats every 32 so that the 16-byte reads of
 // lanes with different units hit different banks. Sums run in a fixed order: results are
 // reproducible. With LoRA, one small kernel per projection computes u = A[e] in[p] for every pair
