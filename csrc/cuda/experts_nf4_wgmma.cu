@@ -1,6 +1,7 @@
 // Fused NF4 grouped GEMM, stored [N, K] orientation (the forward of the standard layout, the input
 // gradient of the transposed one), on Hopper: per row tile of one expert, out^T = S_e · in^T with
-// S_e decoded on the fly.
+// S_e decoded on the fly. The stored [K, N] orientation (nf4_gemm_kn_wgmma_kernel, opt-in with
+// MOEQUANT_KN_WGMMA=1) is further down: there the decoded weights are wgmma's shared-memory operand.
 //
 // The mma.sync kernel (experts_nf4_gemm.cu) multiplies the rows of `in` (A, from shared memory)
 // by decoded weights (B, registers); each warp re-reads the whole row tile from shared memory for
