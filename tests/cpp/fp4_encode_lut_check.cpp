@@ -30,8 +30,8 @@ int main() {
         if (static_cast<int>(to_bits(f) & 63u) != bin || (to_bits(f) >> 6) != (to_bits(kFP4BinMagic) >> 6) ) ++badfma;
       }
     }
+    std::fesetround(FE_TONEAREST);  // per thread: the pool's threads run the NF4 loop below
   }
-  std::fesetround(FE_TONEAREST);
 #pragma omp parallel for reduction(+ : badnf4) schedule(static, 1 << 20)
   for (long long k = 0; k <= (long long)top; ++k)
     for (uint32_t sign : {0u, 0x80000000u}) {
