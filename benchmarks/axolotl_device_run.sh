@@ -59,9 +59,14 @@ LABEL=bf16_axolotl run train "$CONFIG" "$W" bf16_axolotl "${COMMON[@]}" "${BF16[
 # Where a load's time goes (cProfile; these loads are slower by the profiler's overhead).
 if [ -n "${PROFILE_LOADS:-}" ]; then
   export BENCH_AXOLOTL_PROFILE=1
-  LABEL=profile_bf16 run train "$CONFIG" "$W" profile_bf16 "${COMMON[@]}" "${BF16[@]}" max_steps=1
-  LABEL=profile_first run train "$CONFIG" "$W" profile_first "${COMMON[@]}" max_steps=1 "moequant_cache_dir=\"$W/cache-profile\""
-  LABEL=profile_cached run train "$CONFIG" "$W" profile_cached "${COMMON[@]}" max_steps=1 "moequant_cache_dir=\"$W/cache\""
+  # PROFILE_LOADS: which loads ("bf16 first cached", or "1" for all three)
+  [ "$PROFILE_LOADS" = 1 ] && PROFILE_LOADS="bf16 first cached"
+  case " $PROFILE_LOADS " in *" bf16 "*)
+    LABEL=profile_bf16 run train "$CONFIG" "$W" profile_bf16 "${COMMON[@]}" "${BF16[@]}" max_steps=1;; esac
+  case " $PROFILE_LOADS " in *" first "*)
+    LABEL=profile_first run train "$CONFIG" "$W" profile_first "${COMMON[@]}" max_steps=1 "moequant_cache_dir=\"$W/cache-profile\"";; esac
+  case " $PROFILE_LOADS " in *" cached "*)
+    LABEL=profile_cached run train "$CONFIG" "$W" profile_cached "${COMMON[@]}" max_steps=1 "moequant_cache_dir=\"$W/cache\"";; esac
   unset BENCH_AXOLOTL_PROFILE
 fi
 python3 - "$W" "$OUT" <<'PY'
