@@ -183,14 +183,8 @@ def quantize_experts(experts, quant_type, double_quant, blocksize=64):
     return positional, kwargs, stack_bytes
 
 
-def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=False, formats=(("nf4", False),)):
-    H, I, E, k = SHAPES[name]
-    gen = torch.Generator(device=device).manual_seed(0)
-    hopper = torch.cuda.get_device_capability(device) == (9, 0)
-    experts = build_bf16_experts(H, I, E, k, device)
-    layer_mb = (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 2 / 1e6
-    stacks = {fmt: quantize_experts(experts, *fmt) for fmt in formats}
-    primary = formats[0]
+def lora_kwargs(H, I, E, device):
+    """The op's LoRA keyword arguments, r=RANK on both projections, factors requiring grad, B non-zero."""
     lora = {
         "gate_up_lora_A": torch.randn(E, RANK, H, device=device, dtype=torch.bfloat16) * H ** -0.5,
         "gate_up_lora_B": torch.randn(E, 2 * I, RANK, device=device, dtype=torch.bfloat16) * 0.01,
@@ -199,9 +193,21 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=
         "down_lora_B": torch.randn(E, H, RANK, device=device, dtype=torch.bfloat16) * 0.01,
         "down_lora_scaling": LORA_ALPHA / RANK,
     }
-    for key, v in lora.items():
+    for v in lora.values():
         if torch.is_tensor(v):
             v.requires_grad_(True)
+    return lora
+
+
+def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=False, formats=(("nf4", False),)):
+    H, I, E, k = SHAPES[name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    hopper = torch.cuda.get_device_capability(device) == (9, 0)
+    experts = build_bf16_experts(H, I, E, k, device)
+    layer_mb = (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 2 / 1e6
+    stacks = {fmt: quantize_experts(experts, *fmt) for fmt in formats}
+    primary = formats[0]
+    lora = lora_kwargs(H, I, E, device)
     peft_model = None
     for T in tokens:
         idx, w = routing(T, E, k, device, gen)

@@ -26,11 +26,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_experts import (  # noqa: E402
-    LORA_ALPHA,
-    RANK,
     SHAPES,
     build_bf16_experts,
     format_name,
+    lora_kwargs,
     parse_format,
     quantize_experts,
     routing,
@@ -43,21 +42,6 @@ from moequant import ops  # noqa: E402
 def quartiles(values):
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return q[0], statistics.median(values), q[2]
-
-
-def lora_factors(H, I, E, device):
-    lora = {
-        "gate_up_lora_A": torch.randn(E, RANK, H, device=device, dtype=torch.bfloat16) * H ** -0.5,
-        "gate_up_lora_B": torch.randn(E, 2 * I, RANK, device=device, dtype=torch.bfloat16) * 0.01,
-        "gate_up_lora_scaling": LORA_ALPHA / RANK,
-        "down_lora_A": torch.randn(E, RANK, I, device=device, dtype=torch.bfloat16) * I ** -0.5,
-        "down_lora_B": torch.randn(E, H, RANK, device=device, dtype=torch.bfloat16) * 0.01,
-        "down_lora_scaling": LORA_ALPHA / RANK,
-    }
-    for v in lora.values():
-        if torch.is_tensor(v):
-            v.requires_grad_(True)
-    return lora
 
 
 def cell_fn(mode, stack, x, idx, w, grad, lora):
@@ -89,7 +73,7 @@ def build_stacks(name, formats, device):
 def bench_cell(name, T, modes, stacks, rounds, reps, device, rows):
     H, I, E, k = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(T)
-    lora = lora_factors(H, I, E, device) if "lora_fwd_bwd" in modes else None
+    lora = lora_kwargs(H, I, E, device) if "lora_fwd_bwd" in modes else None
     idx, w = routing(T, E, k, device, gen)
     x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_(True)
     grad = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
