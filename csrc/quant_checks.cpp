@@ -177,6 +177,14 @@ void check_compress_statistics_args(const at::Tensor& absmax) {
               absmax.scalar_type(), " ", dims_str(absmax.sym_sizes()));
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_compressed_statistics(const at::Tensor& absmax) {
+  std::vector<c10::SymInt> scale_sizes(absmax.sym_sizes().begin(), absmax.sym_sizes().end());
+  scale_sizes.back() = (scale_sizes.back() + (kDoubleQuantGroup - 1)) / kDoubleQuantGroup;
+  const c10::SymIntArrayRef leading = absmax.sym_sizes().slice(0, absmax.dim() - 1);
+  return {at::empty_symint(absmax.sym_sizes(), absmax.options().dtype(at::kByte)),
+          at::empty_symint(scale_sizes, absmax.options()), at::empty_symint(leading, absmax.options())};
+}
+
 std::vector<c10::SymInt> dequant_output_sizes(const StackShape& shape, std::optional<int64_t> expert) {
   std::vector<c10::SymInt> sizes = shape.weight_sizes();
   if (expert.has_value()) sizes.erase(sizes.begin());

@@ -63,6 +63,11 @@ StackShape check_dequant_args(const at::Tensor& packed, const at::Tensor& absmax
 // Checks the fp32 absmax [..., blocks] handed to compress_statistics.
 void check_compress_statistics_args(const at::Tensor& absmax);
 
+// compress_statistics' outputs for absmax [..., blocks], uninitialized, on absmax's device: codes
+// uint8 [..., blocks], group scales fp32 [..., ceil(blocks / 256)], offsets fp32 [...]. Symbolic
+// sizes, so the Meta kernel allocates them the same way.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_compressed_statistics(const at::Tensor& absmax);
+
 // Output sizes of dequant_expert.
 std::vector<c10::SymInt> dequant_output_sizes(const StackShape& shape, std::optional<int64_t> expert);
 

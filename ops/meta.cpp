@@ -16,11 +16,7 @@ static std::tuple<at::Tensor, at::Tensor> quantize_nf4_meta(const at::Tensor& we
 
 static std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_statistics_meta(const at::Tensor& absmax) {
   check_compress_statistics_args(absmax);
-  std::vector<c10::SymInt> scale_sizes(absmax.sym_sizes().begin(), absmax.sym_sizes().end());
-  scale_sizes.back() = (scale_sizes.back() + (kDoubleQuantGroup - 1)) / kDoubleQuantGroup;
-  const c10::SymIntArrayRef leading = absmax.sym_sizes().slice(0, absmax.dim() - 1);
-  return {at::empty_symint(absmax.sym_sizes(), absmax.options().dtype(at::kByte)),
-          at::empty_symint(scale_sizes, absmax.options()), at::empty_symint(leading, absmax.options())};
+  return empty_compressed_statistics(absmax);
 }
 
 static at::Tensor dequant_expert_meta(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,

@@ -169,11 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_statistics_cuda(const at
   const int64_t blocks = a.size(-1);
   const int64_t groups = (blocks + kDoubleQuantGroup - 1) / kDoubleQuantGroup;
   const int64_t matrices = blocks == 0 ? a.numel() : a.numel() / blocks;
-  std::vector<int64_t> scale_sizes = a.sizes().vec();
-  scale_sizes.back() = groups;
-  at::Tensor codes = at::empty_like(a, a.options().dtype(at::kByte));
-  at::Tensor scale = at::empty(scale_sizes, a.options());
-  at::Tensor offset = at::empty(a.sizes().slice(0, a.dim() - 1), a.options());
+  auto [codes, scale, offset] = empty_compressed_statistics(a);
   if (matrices == 0) return {codes, scale, offset};
   // The offset: torch's fp32 mean of each matrix's row.
   at::Tensor offset_rows = offset.view({matrices});
