@@ -44,7 +44,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_experts import SHAPES as REFERENCE_SHAPES  # noqa: E402
-from bench_experts import build_bf16_experts, format_name, parse_format, quantize_experts, time_ms  # noqa: E402
+from bench_experts import (  # noqa: E402
+    build_bf16_experts,
+    first_host_sync,
+    format_name,
+    parse_format,
+    quantize_experts,
+    time_ms,
+)
 
 from moequant import ops  # noqa: E402
 
@@ -72,20 +79,6 @@ def copy_gbps(device, reps):
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), reps, device)
     return 2 * n / (ms * 1e-3) / 1e9
-
-
-def host_sync_error(fn):
-    """None if fn() makes no host synchronization, else the first line of the error it raised."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-        return None
-    except RuntimeError as err:
-        return str(err).strip().splitlines()[0]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
 
 
 def capture(fn):
@@ -185,7 +178,7 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
             for x, idx, w in inputs:
                 experts(x, idx, w)
 
-        bf16_err = host_sync_error(bf16_all) if device.type == "cuda" else None
+        bf16_err = first_host_sync(bf16_all) if device.type == "cuda" else None
         try:
             bf16 = timed(bf16_all, calls, reps, device, graphable=bf16_err is None)
         except RuntimeError as err:  # capture refused: time it eagerly
@@ -209,7 +202,7 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
                 ops.experts_forward(x0, idx0, w0, *positional, blocksize=64, **format_kw)
 
             with env_var("MOEQUANT_DECODE_PDL", pdl):  # read at each call, so also by the captured launches
-                mq_err = host_sync_error(mq_all) if device.type == "cuda" else None
+                mq_err = first_host_sync(mq_all) if device.type == "cuda" else None
                 mq = timed(mq_all, calls, reps, device, graphable=mq_err is None)
                 if device.type == "cuda" and mq_err is None:  # one call per graph: includes the graph launch
                     one = capture(mq_one)

@@ -28,6 +28,7 @@ import platform
 import re
 import statistics
 import sys
+import traceback
 
 import torch
 
@@ -59,6 +60,22 @@ def time_ms(fn, reps, warmup=3):
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def first_host_sync(fn):
+    """None if fn() makes no host synchronization, else the error and where it was raised."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return None
+    except RuntimeError as err:
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if "site-packages/torch/" not in f.filename]
+        where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else "?"
+        return f"{str(err).strip().splitlines()[0]} at {where}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
 
 
 def transient_mb(fn):

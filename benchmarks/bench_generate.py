@@ -50,6 +50,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from bench_experts import first_host_sync  # noqa: E402
 
 # Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B), layers cut by --layers.
 QWEN3_30B_A3B = dict(
@@ -129,22 +131,6 @@ def next_tokens(model, ids, cache, positions):
     return out.logits[:, -1, :].argmax(-1, keepdim=True)
 
 
-def first_sync(fn):
-    """None if fn() makes no host synchronization, else the error and where it was raised."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-        return None
-    except RuntimeError as err:
-        frames = [f for f in traceback.extract_tb(err.__traceback__) if "site-packages/torch/" not in f.filename]
-        where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else "?"
-        return f"{str(err).strip().splitlines()[0]} at {where}"
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def run_loop(model, prompt, args, device, use_graph):
     """Prefill + --new-tokens greedy steps with a static cache; returns the row's measurements."""
@@ -171,7 +157,7 @@ def run_loop(model, prompt, args, device, use_graph):
     if use_graph:
         prefill()
         decode_step()  # first call: lazy cache allocation, kernel/handle set-up
-        row["host_sync"] = first_sync(decode_step)
+        row["host_sync"] = first_host_sync(decode_step)
         if row["host_sync"] is not None:
             row["error"] = "the decode step synchronizes with the host: cannot be captured"
             return row
