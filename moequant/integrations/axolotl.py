@@ -236,9 +236,7 @@ class MoequantPlugin(BasePlugin):
         super().__init__()
         self._open = contextlib.ExitStack()  # what a load has patched; closed at its end or on failure
         self._cache: Optional[ExpertsCache] = None
-        self._cache_hit = False
         self._prefetch: Optional[EntryPrefetch] = None
-        self._cache_prefetched = False
 
     def get_input_args(self) -> str:
         return "moequant.integrations.axolotl.MoequantArgs"
@@ -283,17 +281,15 @@ class MoequantPlugin(BasePlugin):
         # The loader installs moequant's PEFT injection (patch_peft); it is taken off again at the end.
         self._open.callback(remove_injection)
         blocksize = int(cfg.get("moequant_blocksize") or 64)
-        self._cache, self._cache_hit = None, False
+        self._cache, prefetched = None, None
         if cfg.get("moequant_cache_dir"):
             self._cache = ExpertsCache(*_cache_args(cfg))
             prefetched = self._prefetch.take(self._cache.key) if self._prefetch is not None else None
             self._prefetch = None
-            self._cache_prefetched = prefetched is not None
             if prefetched is not None:
                 self._cache = prefetched
             else:
                 self._cache.lookup()
-            self._cache_hit = self._cache.hit
         self._open.enter_context(
             quantize_experts_on_load(blocksize=blocksize, fuse=str(cfg.get("moequant_fuse") or "quantized"),
                                      quant_type=quant_type, double_quant=double_quant)
@@ -303,7 +299,7 @@ class MoequantPlugin(BasePlugin):
         LOG.info("moequant: quantize_moe_experts handled by moequant (%s experts%s, blocksize %d, fused LoRA op)%s",
                  quant_type, " with double-quantized statistics" if double_quant else "", blocksize,
                  f"; experts cache hit: {self._cache.directory}"
-                 + (" (read ahead of the load)" if self._cache_prefetched else "") if self._cache_hit else "")
+                 + (" (read ahead of the load)" if prefetched is not None else "") if self._cache_hit else "")
 
     def post_model_build(self, cfg, model) -> None:
         if not cfg.get("moequant_quantize_experts"):
@@ -355,6 +351,10 @@ class MoequantPlugin(BasePlugin):
         """A load that failed before its end writes no cache entry."""
         if self._cache is not None:
             self._cache.cancel_write()
+
+    @property
+    def _cache_hit(self) -> bool:
+        return self._cache is not None and self._cache.hit
 
     def _close(self) -> None:
         self._open.close()
