@@ -1,6 +1,6 @@
 """Where the time of one experts call goes: a torch.profiler kernel table (CUDA).
 
-    python benchmarks/profile_experts.py --shape mixtral_8x7b --tokens 4096 [--backward] [--lora]
+    python benchmarks/profile_experts.py --shape mixtral_8x7b --tokens 4096 [--backward] [--lora] [--format int8]
 
 Prints the CUDA kernels of a few calls of ``experts_forward`` (and its backward with --backward),
 sorted by total device time, beside the bf16 ``grouped_mm`` layer on the same inputs.
@@ -13,9 +13,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_experts import LORA_ALPHA, RANK, SHAPES, build_bf16_experts, routing
+from bench_experts import SHAPES, build_bf16_experts, lora_kwargs, parse_format, quantize_experts, routing
 
-import moequant
 from moequant import ops
 
 
@@ -27,6 +26,7 @@ def main() -> None:
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--rows", type=int, default=14, help="kernel rows to print")
+    ap.add_argument("--format", default="nf4", help="stack format: nf4, nf4_dq, fp4, fp4_dq or int8")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_experts.py needs a CUDA device")
@@ -34,18 +34,8 @@ def main() -> None:
     H, I, E, k = SHAPES[args.shape]
     gen = torch.Generator(device=dev).manual_seed(0)
     experts = build_bf16_experts(H, I, E, k, dev)
-    gate_up = moequant.quantize_nf4(experts.gate_up_proj.detach(), 64)
-    down = moequant.quantize_nf4(experts.down_proj.detach(), 64)
-    lora = {}
-    if args.lora:
-        lora = dict(
-            gate_up_lora_A=torch.randn(E, RANK, H, device=dev, dtype=torch.bfloat16, requires_grad=True),
-            gate_up_lora_B=torch.zeros(E, 2 * I, RANK, device=dev, dtype=torch.bfloat16, requires_grad=True),
-            gate_up_lora_scaling=LORA_ALPHA / RANK,
-            down_lora_A=torch.randn(E, RANK, I, device=dev, dtype=torch.bfloat16, requires_grad=True),
-            down_lora_B=torch.zeros(E, H, RANK, device=dev, dtype=torch.bfloat16, requires_grad=True),
-            down_lora_scaling=LORA_ALPHA / RANK,
-        )
+    positional, format_kw, _ = quantize_experts(experts, *parse_format(args.format))
+    kw = dict(format_kw, **(lora_kwargs(H, I, E, dev) if args.lora else {}))
     idx, w = routing(args.tokens, E, k, dev, gen)
     x = torch.randn(args.tokens, H, device=dev, dtype=torch.bfloat16, generator=gen)
     x.requires_grad_(args.backward)
@@ -56,8 +46,7 @@ def main() -> None:
             out.backward(torch.ones_like(out))
 
     impls = {
-        "moequant": lambda: ops.experts_forward(x, idx, w, gate_up.packed, gate_up.absmax, down.packed, down.absmax,
-                                                **lora),
+        f"moequant[{args.format}]": lambda: ops.experts_forward(x, idx, w, *positional, **kw),
         "bf16_grouped_mm": lambda: experts(x, idx, w),
     }
     for name, fn in impls.items():

@@ -423,6 +423,18 @@ def test_compress_statistics_matches_cpu(bs, shape, record_property):
                           ops.dequant_expert(p.cpu(), c_g.cpu(), bs, dt, None, "nf4", s_g.cpu(), offset_g.cpu()))
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (2, 4, 0), (0, 5), (0,)])
+def test_compress_statistics_empty_shapes_match_cpu(shape):
+    """Stacks with no blocks per matrix (or no matrices): the same shapes as on CPU, and each
+    matrix's offset is the CPU's NaN (the mean of an empty row), never uninitialized memory."""
+    absmax = torch.rand(shape)
+    (c_g, s_g, o_g), (c_c, s_c, o_c) = compress_both(absmax)
+    for g, c in ((c_g, c_c), (s_g, s_c), (o_g, o_c)):
+        assert g.shape == c.shape and g.dtype == c.dtype
+    assert torch.equal(o_g.cpu().isnan(), o_c.isnan())
+    assert o_c.numel() == 0 or bool(o_c.isnan().all()) == (shape[-1] == 0)
+
+
 def test_compress_statistics_exact_when_offsets_agree():
     """Absmax rows whose fp32 mean is exact in any order (small integers times a power of two,
     1024 per row: the sum is exact and dividing by 1024 or multiplying by 1/1024, as torch's CUDA

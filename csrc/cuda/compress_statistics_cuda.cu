@@ -168,13 +168,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_statistics_cuda(const at
   const at::Tensor a = absmax.contiguous();
   const int64_t blocks = a.size(-1);
   const int64_t groups = (blocks + kDoubleQuantGroup - 1) / kDoubleQuantGroup;
-  const int64_t matrices = blocks == 0 ? a.numel() : a.numel() / blocks;
   auto [codes, scale, offset] = empty_compressed_statistics(a);
+  const int64_t matrices = offset.numel();  // the leading dims (a.numel() / blocks fails for 0 blocks)
   if (matrices == 0) return {codes, scale, offset};
-  // The offset: torch's fp32 mean of each matrix's row.
+  // The offset: torch's fp32 mean of each matrix's row (NaN for a row of no blocks, as on CPU).
   at::Tensor offset_rows = offset.view({matrices});
   at::mean_out(offset_rows, a.view({matrices, blocks}), {1});
   const int64_t num_groups = matrices * groups;
+  if (num_groups == 0) return {codes, scale, offset};
   const auto* code_of_grid = reinterpret_cast<const uint4*>(code_of_grid_table(absmax.device()));
   auto* launch = num_groups <= int64_t{UINT32_MAX} ? launch_compress_statistics<uint32_t>
                                                    : launch_compress_statistics<uint64_t>;
