@@ -1,13 +1,15 @@
-// Fused 4-bit grouped GEMM (rung (b)): out[rows of e] = in[rows of e] @ M_e with M_e the stored
-// matrix S_e of the packed stack ([N, K], M_e = S_e^T) or S_e itself ([K, N]), decoded on the fly.
-// One set of kernels for every 4-bit format: the codebook (NF4, FP4) is a kernel parameter, and
-// double-quantized block scales are decoded where a block's scale is used (a template flag).
+// Fused grouped GEMM (rung (b)): out[rows of e] = in[rows of e] @ M_e with M_e the stored matrix
+// S_e of the packed stack ([N, K], M_e = S_e^T) or S_e itself ([K, N]), decoded on the fly. One
+// set of kernels for every format: the codebook (NF4, FP4) is a kernel parameter, double-quantized
+// block scales are decoded where a block's scale is used (a template flag), and int8 row-wise
+// stacks are a decode variant (template flag kInt8: how a thread loads and decodes its code bytes;
+// one byte a weight, one scale per stored row, no codebook table).
 //
 // A CTA owns BM routing-order rows of one expert times BN output columns and walks the input
 // dimension in k-tiles of 64: the rows of `in` stream through a cp.async ring in shared memory,
 // the weights are decoded with a conflict-free byte -> two-value table (quant_decode.cuh) into
 // the compute dtype, exactly as dequant_expert rounds them, and multiplied on the tensor cores
-// (mma.sync m16n8k16, fp32 accumulation). Weights are read once, as 4-bit; nothing dequantized
+// (mma.sync m16n8k16, fp32 accumulation). Weights are read once, as stored; nothing dequantized
 // reaches global memory. Each output element is owned by one thread and summed in a fixed order:
 // results are deterministic. Two kernels, one per stored orientation (see each); on Hopper the
 // [N, K] products run on wgmma instead (experts_nf4_wgmma.cu), with the same row-tile plan, and
@@ -132,13 +134,19 @@ __device__ __forceinline__ void load_a_fragments(uint32_t (&a)[S::MI][4], uint32
 // 32-byte k-tile segment (one 8-byte load, the quad's 32 bytes one sector), and permutes the input
 // rows the same way as they land in shared memory (4-byte cp.async): pair p of a row goes to
 // chunk p % 8, slot p / 8. Sums over k do not care about the order.
-template <typename T, class S, bool kDoubleQuant>
+//
+// int8 stacks (kInt8) keep those slots, hence the same permutation of the input rows: a lane's 8
+// slots of a k-tile are elements [16 q, 16 q + 16) of its row's 64-byte k-tile segment, i.e. 16
+// code bytes (one 16-byte load). Step ks reads word ks of them: bytes 0, 1 are the pair of slot q
+// (input pair 8 q + 2 ks), bytes 2, 3 that of slot q + 4 (8 q + 2 ks + 1). The row's scale is the
+// same for every k: loaded once, before the K loop.
+template <typename T, class S, bool kDoubleQuant, bool kInt8>
 __global__ void __launch_bounds__(S::kThreads)
 nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
                    const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N, int64_t K,
                    int n_tiles, int log2_blocksize) {
   extern __shared__ __align__(16) uint8_t a_stages[];  // kStages x [BM][kTileK], swizzled and permuted
-  __shared__ DecodeTables<kDoubleQuant> tables;
+  __shared__ DecodeTables<kDoubleQuant, kInt8> tables;
   tables.fill(args.codebook);
   const float2* const pair_table = tables.pair;
   const CtaTile<T, S> ct(in, tiles, n_tiles, N, K);
@@ -169,26 +177,36 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
     }
   };
   // This lane's packed bytes and absmax of one k-tile, for each of its NI n8 blocks: 16 codes
-  // from element row_elem[j] + k0 of the stack (-1: a column past N, never stored).
+  // from element row_elem[j] + k0 of the stack (-1: a column past N, never stored). int8: 16
+  // code bytes, and the row's scale in row_scale[j] for the whole K loop (0 past N).
   int64_t row_elem[S::NI];
+  float row_scale[S::NI];
 #pragma unroll
   for (int j = 0; j < S::NI; ++j) {
     const int64_t n = ct.n0 + wn0 + 8 * j + lane / 4;
     row_elem[j] = n < N ? ct.w0 + n * K + 16 * (lane % 4) : -1;
+    row_scale[j] = 0.0f;
+    if constexpr (kInt8) {
+      if (n < N) row_scale[j] = scales.load(n).value;
+    }
   }
   struct Codes {
-    uint2 bytes[S::NI];
-    LoadedScale scale[S::NI];
+    std::conditional_t<kInt8, uint4, uint2> bytes[S::NI];
+    LoadedScale scale[S::NI];  // 4-bit: the block scale
   };
   auto load_b = [&](Codes& c, int64_t k0) {
 #pragma unroll
     for (int j = 0; j < S::NI; ++j) {
-      c.bytes[j] = make_uint2(0, 0);
+      c.bytes[j] = {};
       c.scale[j] = LoadedScale{0.0f, 0u};
       if (row_elem[j] >= 0) {
         const int64_t elem = row_elem[j] + k0;
-        c.bytes[j] = load_packed8(packed + elem / 2);
-        c.scale[j] = scales.load((elem - ct.w0) >> log2_blocksize);
+        if constexpr (kInt8) {
+          c.bytes[j] = load_packed16(packed + elem);
+        } else {
+          c.bytes[j] = load_packed8(packed + elem / 2);
+          c.scale[j] = scales.load((elem - ct.w0) >> log2_blocksize);
+        }
       }
     }
   };
@@ -198,16 +216,26 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
     const uint32_t a_base = smem_addr(a_stages + slot * S::kSmemA);
     float amax[S::NI];
 #pragma unroll
-    for (int j = 0; j < S::NI; ++j) amax[j] = scales.resolve(c.scale[j]);
+    for (int j = 0; j < S::NI; ++j) amax[j] = kInt8 ? row_scale[j] : scales.resolve(c.scale[j]);
 #pragma unroll
     for (int ks = 0; ks < kTileK / 16; ++ks) {
       uint32_t a[S::MI][4];
       load_a_fragments<T, S>(a, a_base, ks, ct);
 #pragma unroll
       for (int j = 0; j < S::NI; ++j) {
-        const uint32_t word = ks < 2 ? c.bytes[j].x : c.bytes[j].y;
-        const uint32_t b0 = decode_byte<T>(pair_table, word, (2 * ks) % 4, lane_offset, amax[j]);
-        const uint32_t b1 = decode_byte<T>(pair_table, word, (2 * ks + 1) % 4, lane_offset, amax[j]);
+        uint32_t b0, b1;
+        if constexpr (kInt8) {
+          const uint32_t word = int8_bias(ks == 0 ? c.bytes[j].x
+                                          : ks == 1 ? c.bytes[j].y
+                                          : ks == 2 ? c.bytes[j].z
+                                                    : c.bytes[j].w);
+          b0 = decode_int8_row_pair<T>(word, 0, amax[j]);  // slot q: input pair 8 q + 2 ks
+          b1 = decode_int8_row_pair<T>(word, 1, amax[j]);  // slot q + 4: 8 q + 2 ks + 1
+        } else {
+          const uint32_t word = ks < 2 ? c.bytes[j].x : c.bytes[j].y;
+          b0 = decode_byte<T>(pair_table, word, (2 * ks) % 4, lane_offset, amax[j]);
+          b1 = decode_byte<T>(pair_table, word, (2 * ks + 1) % 4, lane_offset, amax[j]);
+        }
 #pragma unroll
         for (int mi = 0; mi < S::MI; ++mi) mma_16816<T>(acc[mi][j], a[mi], b0, b1);
       }
@@ -249,9 +277,11 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
 // code), then one decoded k-tile. With double quant Tile128Kn's three stages take 3 KB more (117
 // KB with the static tables): one CTA per SM instead of two for [K, N] products of more than 64
 // rows per expert (not measured; the benchmarked cells use 16-64-row tiles or scratch there).
-template <class S, bool kDoubleQuant>
+// int8: a 16-byte chunk holds 16 codes (twice the chunks) and its scale is its k row's.
+template <class S, bool kDoubleQuant, bool kInt8>
 struct KnSmem {
-  static constexpr int kParts = S::BN / kChunkWeights;           // packed chunks per k row
+  static constexpr int kChunkCodes = kInt8 ? kInt8ChunkWeights : kChunkWeights;  // codes per chunk
+  static constexpr int kParts = S::BN / kChunkCodes;             // packed chunks per k row
   static constexpr int kChunks = kTileK * kParts;                // packed chunks per k-tile
   static constexpr int kScaleBytes = kDoubleQuant ? 8 : 4;       // per chunk
   static constexpr int kStageBytes = S::kSmemA + kChunks * (16 + kScaleBytes);
@@ -261,21 +291,23 @@ struct KnSmem {
 // Stored S_e = [K, N] (weight rows are input features; the backward of the standard layout). A
 // lane's mma fragment pairs two k of one column, which sit in two different packed rows here, so
 // the packed k-tile goes through shared memory: cp.async'd (with its absmax) by the lanes that
-// decode it, decoded into a swizzled [kTileK][BN] tile, read back with ldmatrix.trans.
-template <typename T, class S, bool kDoubleQuant>
+// decode it, decoded into a swizzled [kTileK][BN] tile, read back with ldmatrix.trans. int8
+// (kInt8): a chunk is 16 codes of one k row, whose scale is the stored row's (k's) absmax; it
+// decodes to two 16-byte chunks of the decoded tile instead of four.
+template <typename T, class S, bool kDoubleQuant, bool kInt8>
 __global__ void __launch_bounds__(S::kThreads)
 nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
                    const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N, int64_t K,
                    int n_tiles, int log2_blocksize) {
-  using L = KnSmem<S, kDoubleQuant>;
-  constexpr int kParts = L::kParts, kChunks = L::kChunks, kStageBytes = L::kStageBytes;
+  using L = KnSmem<S, kDoubleQuant, kInt8>;
+  constexpr int kParts = L::kParts, kChunks = L::kChunks, kStageBytes = L::kStageBytes, kCodes = L::kChunkCodes;
   constexpr int kChunksPerThread = kChunks / S::kThreads;
   constexpr int kRowChunks = S::BN / 8;                         // 16-byte chunks per decoded row
   static_assert(kChunks % S::kThreads == 0, "every thread decodes the same number of chunks");
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* const stages = smem;                                 // kStages x kStageBytes
   uint8_t* const decoded = smem + S::kStages * kStageBytes;     // [kTileK][BN], swizzled
-  __shared__ DecodeTables<kDoubleQuant> tables;
+  __shared__ DecodeTables<kDoubleQuant, kInt8> tables;
   tables.fill(args.codebook);
   const float2* const pair_table = tables.pair;
   const CtaTile<T, S> ct(in, tiles, n_tiles, N, K);
@@ -283,10 +315,10 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   const int lane = ct.lane, wn0 = ct.wn0;
   const uint32_t lane_offset = lane_table_copy_offset();
 
-  // Chunk i of this thread: k row c / kParts, 32 columns from (c % kParts) * 32.
-  auto chunk_valid = [&](int c) { return ct.n0 + (c % kParts) * kChunkWeights < N; };
+  // Chunk i of this thread: k row c / kParts, kCodes columns from (c % kParts) * kCodes.
+  auto chunk_valid = [&](int c) { return ct.n0 + (c % kParts) * kCodes < N; };
   // Element of the matrix where chunk c of the k-tile at k0 starts.
-  auto chunk_elem = [&](int c, int64_t k0) { return (k0 + c / kParts) * N + ct.n0 + (c % kParts) * kChunkWeights; };
+  auto chunk_elem = [&](int c, int64_t k0) { return (k0 + c / kParts) * N + ct.n0 + (c % kParts) * kCodes; };
   auto load_stage = [&](int slot, int64_t k0) {
     uint8_t* const base = stages + slot * kStageBytes;
     const uint32_t a_dst = smem_addr(base);
@@ -302,8 +334,8 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
       const int c = threadIdx.x + i * S::kThreads;
       if (!chunk_valid(c)) continue;
       const int64_t elem = chunk_elem(c, k0);
-      cp_async16(smem_addr(base + S::kSmemA + c * 16), packed + (ct.w0 + elem) / 2, true);
-      const int64_t block = elem >> log2_blocksize;
+      cp_async16(smem_addr(base + S::kSmemA + c * 16), packed + code_bytes<kInt8>(ct.w0 + elem), true);
+      const int64_t block = kInt8 ? k0 + c / kParts : elem >> log2_blocksize;  // int8: the stored row
       const uint32_t scale_dst = smem_addr(base + S::kSmemA + kChunks * 16 + c * L::kScaleBytes);
       if constexpr (kDoubleQuant) {
         cp_async4(scale_dst, scales.scale + block / kDoubleQuantGroup, true);
@@ -329,13 +361,23 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
         scale = scales.resolve(LoadedScale{scale, (word >> (8 * (code & 3))) & 0xFFu});
       }
       const uint32_t words[4] = {codes.x, codes.y, codes.z, codes.w};
+      if constexpr (kInt8) {  // output chunk q: columns 8 q + [0, 8), words 2 q and 2 q + 1
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        uint32_t v[4];
+        for (int q = 0; q < 2; ++q) {
+          const uint32_t lo = int8_bias(words[2 * q]), hi = int8_bias(words[2 * q + 1]);
+          *reinterpret_cast<uint4*>(decoded + swizzle(c / kParts, (c % kParts) * 2 + q, kRowChunks)) =
+              make_uint4(decode_int8_row_pair<T>(lo, 0, scale), decode_int8_row_pair<T>(lo, 1, scale),
+                         decode_int8_row_pair<T>(hi, 0, scale), decode_int8_row_pair<T>(hi, 1, scale));
+        }
+      } else {
 #pragma unroll
-        for (int b = 0; b < 4; ++b) v[b] = decode_byte<T>(pair_table, words[q], b, lane_offset, scale);
-        *reinterpret_cast<uint4*>(decoded + swizzle(c / kParts, (c % kParts) * 4 + q, kRowChunks)) =
-            make_uint4(v[0], v[1], v[2], v[3]);
+        for (int q = 0; q < 4; ++q) {
+          uint32_t v[4];
+#pragma unroll
+          for (int b = 0; b < 4; ++b) v[b] = decode_byte<T>(pair_table, words[q], b, lane_offset, scale);
+          *reinterpret_cast<uint4*>(decoded + swizzle(c / kParts, (c % kParts) * 4 + q, kRowChunks)) =
+              make_uint4(v[0], v[1], v[2], v[3]);
+        }
       }
     }
   };
@@ -437,7 +479,7 @@ template <typename T>
 using GemmKernel = void (*)(const T*, T*, const uint8_t*, const Quant4Args, const RowTile*, int64_t, int64_t, int,
                             int);
 
-template <typename T, class S, bool kNK, bool kDoubleQuant>
+template <typename T, class S, bool kNK, bool kDoubleQuant, bool kInt8>
 void launch(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
             const RowTile* tiles, int64_t num_tiles, int64_t N, int64_t K, int log2_blocksize) {
   const int64_t n_tiles = (N + S::BN - 1) / S::BN;
@@ -447,11 +489,11 @@ void launch(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const 
   int smem = 0;
   GemmKernel<T> kernel = nullptr;
   if constexpr (kNK) {
-    kernel = nf4_gemm_nk_kernel<T, S, kDoubleQuant>;
+    kernel = nf4_gemm_nk_kernel<T, S, kDoubleQuant, kInt8>;
     smem = S::kStages * S::kSmemA;
   } else {
-    kernel = nf4_gemm_kn_kernel<T, S, kDoubleQuant>;
-    smem = KnSmem<S, kDoubleQuant>::kBytes;
+    kernel = nf4_gemm_kn_kernel<T, S, kDoubleQuant, kInt8>;
+    smem = KnSmem<S, kDoubleQuant, kInt8>::kBytes;
   }
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   kernel<<<static_cast<unsigned>(ctas), S::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
@@ -460,8 +502,10 @@ void launch(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// One launch per tile height in use, tallest first; they write disjoint rows of `out`.
-template <typename T, bool kDoubleQuant>
+// One launch per tile height in use, tallest first; they write disjoint rows of `out`. int8
+// stacks: the [N, K] products on wgmma where the 4-bit ones are, the [K, N] products always on
+// mma.sync (the opt-in wgmma [K, N] kernel decodes 4-bit chunks only).
+template <typename T, bool kDoubleQuant, bool kInt8>
 void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, const TilePlan& plan, int64_t N,
                  int64_t K, bool transpose_stored) {
   const int64_t num_tiles = static_cast<int64_t>(plan.tiles.size());
@@ -469,12 +513,13 @@ void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, co
   std::memcpy(pinned.mutable_data_ptr<int32_t>(), plan.tiles.data(), num_tiles * sizeof(RowTile));
   const at::Tensor tiles_dev = pinned.to(in.device(), /*non_blocking=*/true);
   const RowTile* tiles = reinterpret_cast<const RowTile*>(tiles_dev.const_data_ptr<int32_t>());
-  const int log2_blocksize = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
+  // int8 ignores the blocksize (one scale per stored row).
+  const int log2_blocksize = kInt8 ? 0 : __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
   const QuantStackView view = w.view();
-  const Quant4Args args{view.scales, view.codebook};
+  const Quant4Args args{view.scales, view.codebook, view.type};
   const uint8_t* packed = static_cast<const uint8_t*>(view.data);
   const bool wgmma_nk = transpose_stored && nf4_wgmma_nk_enabled();
-  const bool wgmma_kn = !transpose_stored && nf4_wgmma_kn_enabled();
+  const bool wgmma_kn = !kInt8 && !transpose_stored && nf4_wgmma_kn_enabled();
   for (int h = kNumTileHeights - 1; h >= 0; --h) {
     const int64_t first = plan.begin[h], count = plan.begin[h + 1] - first;
     if (count == 0) continue;
@@ -488,11 +533,11 @@ void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, co
     }
     auto go = [&](auto nk_shape, auto kn_shape) {
       if (transpose_stored) {
-        launch<T, decltype(nk_shape), true, kDoubleQuant>(in, out, packed, args, tiles + first, count, N, K,
-                                                          log2_blocksize);
+        launch<T, decltype(nk_shape), true, kDoubleQuant, kInt8>(in, out, packed, args, tiles + first, count, N,
+                                                                 K, log2_blocksize);
       } else {
-        launch<T, decltype(kn_shape), false, kDoubleQuant>(in, out, packed, args, tiles + first, count, N, K,
-                                                           log2_blocksize);
+        launch<T, decltype(kn_shape), false, kDoubleQuant, kInt8>(in, out, packed, args, tiles + first, count, N,
+                                                                  K, log2_blocksize);
       }
     };
     switch (kTileHeights[h]) {
@@ -509,6 +554,16 @@ int fused_gemm_mode() {
   const char* v = std::getenv("MOEQUANT_EXPERTS_FUSED_GEMM");
   if (v == nullptr || *v == '\0') return -1;
   return std::strcmp(v, "0") == 0 ? 0 : 1;
+}
+
+// MOEQUANT_INT8_FUSED_GEMM="0" keeps int8 stacks on the scratch rung (for comparison in
+// benchmarks); read once per process. Default: int8 takes the fused kernels as 4-bit does.
+bool int8_fused_gemm_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOEQUANT_INT8_FUSED_GEMM");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
 }
 
 // Up to this many rows per active expert (mean) the fused kernel beats dequant scratch + cuBLAS.
@@ -529,7 +584,7 @@ bool nf4_grouped_gemm_applies(const at::Tensor& in, const PackedStack& w, bool t
                               const ExpertsRouting& r) {
   const int mode = fused_gemm_mode();
   if (mode == 0 || r.num_rows == 0) return false;
-  if (!is_4bit(w.type)) return false;  // int8 stacks: the scratch rung
+  if (w.type == QuantType::kInt8 && !int8_fused_gemm_enabled()) return false;
   if (in.scalar_type() != at::kBFloat16 && in.scalar_type() != at::kHalf) return false;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;  // mma.sync bf16, cp.async
   const int64_t K = transpose_stored ? w.cols : w.rows, N = transpose_stored ? w.rows : w.cols;
@@ -544,16 +599,18 @@ bool nf4_grouped_gemm_applies(const at::Tensor& in, const PackedStack& w, bool t
 void nf4_grouped_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
                       const ExpertsRouting& r) {
   const int64_t K = transpose_stored ? w.cols : w.rows, N = transpose_stored ? w.rows : w.cols;
-  TORCH_CHECK(is_4bit(w.type) && K % kTileK == 0 && N % kChunkWeights == 0,
-              "moequant: fused 4-bit GEMM needs a 4-bit stack, K % 64 == 0 and N % 32 == 0");
+  TORCH_CHECK(K % kTileK == 0 && N % kChunkWeights == 0, "moequant: fused GEMM needs K % 64 == 0 and N % 32 == 0, got K ",
+              num_str(K), ", N ", num_str(N));
+  TORCH_CHECK(!(w.type == QuantType::kInt8 && w.double_quant()), "moequant: int8 stacks have no double quant");
   const at::Tensor x = contiguous_aligned16(in);
   const int64_t active = std::max<int64_t>(1, static_cast<int64_t>(r.active_experts.size()));
   const int64_t mean_rows = (r.num_rows + active - 1) / active;
   const TilePlan plan = plan_tiles(r, mean_rows);
   auto go = [&](auto type_tag) {
     using T = decltype(type_tag);
-    if (w.double_quant()) launch_plan<T, true>(x, out, w, plan, N, K, transpose_stored);
-    else launch_plan<T, false>(x, out, w, plan, N, K, transpose_stored);
+    if (w.type == QuantType::kInt8) launch_plan<T, false, true>(x, out, w, plan, N, K, transpose_stored);
+    else if (w.double_quant()) launch_plan<T, true, false>(x, out, w, plan, N, K, transpose_stored);
+    else launch_plan<T, false, false>(x, out, w, plan, N, K, transpose_stored);
   };
   AT_DISPATCH_SWITCH(in.scalar_type(), "moequant_nf4_grouped_gemm",
                      AT_DISPATCH_CASE(at::kBFloat16, [&] { go(__nv_bfloat16{}); })

@@ -1,8 +1,10 @@
-// Pieces shared by the fused 4-bit grouped GEMM kernels (experts_nf4_gemm.cu, mma.sync on sm80+;
+// Pieces shared by the fused grouped GEMM kernels (experts_nf4_gemm.cu, mma.sync on sm80+;
 // experts_nf4_wgmma.cu, wgmma on sm90a): the CTA row-tile record, the shared-memory swizzle,
 // cp.async copies, the decode of one packed byte into two weights and the kernels' format
 // arguments. The kernels decode any 4-bit codebook (NF4, FP4: a kernel parameter) and plain or
-// double-quantized block scales (a template flag; the scales of a block are decoded where used).
+// double-quantized block scales (a template flag; the scales of a block are decoded where used),
+// and int8 row-wise stacks (a template flag selecting how a thread's code bytes are loaded and
+// decoded: one byte a weight, one scale per stored row; main loops, tiles and epilogues shared).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -16,6 +18,14 @@ namespace moequant {
 
 constexpr int kNF4GemmTileK = 64;   // input-dimension elements per k-tile
 constexpr int kChunkWeights = 32;   // NF4 codes per 16-byte packed chunk
+constexpr int kInt8ChunkWeights = 16;  // int8 codes per 16-byte chunk
+
+// Bytes of codes before element `elem` of a stack: half a byte a weight for 4-bit formats, one for
+// int8. 64-bit: stacks exceed 2^31 elements.
+template <bool kInt8>
+__device__ __forceinline__ int64_t code_bytes(int64_t elem) {
+  return kInt8 ? elem : elem / 2;
+}
 
 // Rows [row_begin, min(row_begin + height, row_end)) of `expert`, in routing order.
 struct alignas(16) RowTile {
@@ -50,21 +60,35 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+// 16 packed bytes, read once (no L1 allocation).
+__device__ __forceinline__ uint4 load_packed16(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
 // What a fused GEMM kernel decodes weights with: the format's codebook and the stack's block
-// scales (BlockScales; map unset, the kernel points it at its shared copy).
+// scales (BlockScales; map unset, the kernel points it at its shared copy). For int8 stacks the
+// codebook is unused and the scales are the row absmax (one "block" per stored row); `type`
+// tells the launchers which decode variant to instantiate.
 struct Quant4Args {
   BlockScales scales;
   Codebook16 codebook;
+  QuantType type = QuantType::kNF4;
 };
 
 // Shared-memory tables of a fused kernel: the byte-pair table of the codebook and, with double
-// quant, the dynamic map. Filled by all threads; the caller synchronizes before use.
-template <bool kDoubleQuant>
+// quant, the dynamic map. Filled by all threads; the caller synchronizes before use. int8 stacks
+// need neither (the 32 KB pair table is left out).
+template <bool kDoubleQuant, bool kInt8 = false>
 struct DecodeTables {
-  float2 pair[kPairTableEntries];
+  static_assert(!(kDoubleQuant && kInt8), "int8 stacks have no double-quantized statistics");
+  float2 pair[kInt8 ? 1 : kPairTableEntries];
   float map[kDoubleQuant ? 256 : 1];
   __device__ __forceinline__ void fill(const Codebook16& codebook) {
-    fill_pair_table(pair, codebook);
+    if constexpr (!kInt8) fill_pair_table(pair, codebook);
     if constexpr (kDoubleQuant) fill_dynamic_map(map);
   }
 };

@@ -1,7 +1,8 @@
-// Fused NF4 grouped GEMM, stored [N, K] orientation (the forward of the standard layout, the input
-// gradient of the transposed one), on Hopper: per row tile of one expert, out^T = S_e · in^T with
-// S_e decoded on the fly. The stored [K, N] orientation (nf4_gemm_kn_wgmma_kernel, opt-in with
-// MOEQUANT_KN_WGMMA=1) is further down: there the decoded weights are wgmma's shared-memory operand.
+// Fused grouped GEMM (4-bit formats and int8), stored [N, K] orientation (the forward of the
+// standard layout, the input gradient of the transposed one), on Hopper: per row tile of one
+// expert, out^T = S_e · in^T with S_e decoded on the fly. The stored [K, N] orientation
+// (nf4_gemm_kn_wgmma_kernel, opt-in with MOEQUANT_KN_WGMMA=1, 4-bit formats only) is further down:
+// there the decoded weights are wgmma's shared-memory operand.
 //
 // The mma.sync kernel (experts_nf4_gemm.cu) multiplies the rows of `in` (A, from shared memory)
 // by decoded weights (B, registers); each warp re-reads the whole row tile from shared memory for
@@ -23,6 +24,13 @@
 // row. The rows of `in` get the same permutation as they land in shared memory (8-byte cp.async):
 // physical 4-element chunk c of a k-tile goes to 16-byte unit c % 8, half c / 8, of its row. Sums
 // over k do not care about the order.
+//
+// int8 stacks (kInt8) keep those slots, hence the same permutation of `in`: the thread's 16
+// weights of a k-tile are the 32 code bytes [32 P, 32 P + 32) of its feature row (two 16-byte
+// loads), of which it takes the byte pairs of parity b. Step s reads 16-byte half s / 2; its words
+// 2 (s % 2) and 2 (s % 2) + 1 hold elements 32 P + 8 s + [0, 4) and + [4, 8), and bytes 2 b, 2 b + 1
+// of each are the pair of slot h = 0 (pair q) and h = 1 (pair q + 4). One scale per feature row,
+// loaded once for the whole K loop.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -67,15 +75,6 @@ struct WgmmaTileShape {
   static_assert(kRows * kOutPitch <= kStages * kStageBytes, "the epilogue tile fits in the ring");
 };
 
-// 16 packed bytes, read once (no L1 allocation).
-__device__ __forceinline__ uint4 load_packed16(const uint8_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 // MOEQUANT_WGMMA_FP32_EPILOGUE=1 (read once per process): the [N, K] kernel's output tile leaves
 // through store_tile_fp32, as the [K, N] kernel's always does.
 bool nf4_wgmma_fp32_epilogue() {
@@ -118,14 +117,15 @@ __device__ __forceinline__ void store_tile_fp32(const float (&acc)[kAcc], uint8_
 
 // kFp32Epilogue: the output tile leaves through store_tile_fp32 (no wgmma serialization;
 // MOEQUANT_WGMMA_FP32_EPILOGUE=1, opt-in until measured), else rounded in registers.
-template <typename T, class S, bool kDoubleQuant, bool kFp32Epilogue>
+// kInt8: an int8 row-wise stack (see the header comment for its slots), else 4-bit codes.
+template <typename T, class S, bool kDoubleQuant, bool kFp32Epilogue, bool kInt8>
 __global__ void __launch_bounds__(S::kThreads, 2)
 nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
                          const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N,
                          int64_t K, int n_tiles, int log2_blocksize) {
 #if MOEQUANT_WGMMA_COMPILED
   extern __shared__ uint8_t smem_raw[];  // the ring, once aligned; then the epilogue tile
-  __shared__ DecodeTables<kDoubleQuant> tables;
+  __shared__ DecodeTables<kDoubleQuant, kInt8> tables;
   tables.fill(args.codebook);
   const float2* const pair_table = tables.pair;
   const uint32_t raw = smem_addr(smem_raw);
@@ -164,37 +164,68 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
     const int64_t n = n0 + feature + 8 * h;
     row_elem[h] = n < N ? n * K + 32 * (q / 2) : -1;  // within the expert's matrix
   }
-  const uint8_t* const expert_packed = packed + int64_t{tile.expert} * N * K / 2;
+  const uint8_t* const expert_packed = packed + code_bytes<kInt8>(int64_t{tile.expert} * N * K);
+  // Per feature row: 4-bit, the 16 packed bytes of the 32-element range and its block scale;
+  // int8, the 32 code bytes of the range (the row's scale is the same for every k: row_scale).
   struct Codes {
-    uint4 bytes[2];
+    uint4 bytes[2][kInt8 ? 2 : 1];
     LoadedScale scale[2];
   };
   // A thread's 16 weights of a row lie in one 32-element range, hence in one NF4 block (B >= 32).
   auto load_codes = [&](Codes& c, int64_t k0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      c.bytes[h] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int i = 0; i < (kInt8 ? 2 : 1); ++i) c.bytes[h][i] = make_uint4(0, 0, 0, 0);
       c.scale[h] = LoadedScale{0.0f, 0u};
       if (row_elem[h] >= 0) {
         const int64_t elem = row_elem[h] + k0;
-        c.bytes[h] = load_packed16(expert_packed + elem / 2);
-        c.scale[h] = scales.load(elem >> log2_blocksize);
+        if constexpr (kInt8) {
+          c.bytes[h][0] = load_packed16(expert_packed + elem);
+          c.bytes[h][1] = load_packed16(expert_packed + elem + 16);
+        } else {
+          c.bytes[h][0] = load_packed16(expert_packed + elem / 2);
+          c.scale[h] = scales.load(elem >> log2_blocksize);
+        }
       }
     }
   };
-  // A fragments of step s: byte i = 2 s + h of the thread's 8 (parity q % 2 of its 16) per row.
-  const uint32_t parity_select = q % 2 ? 0x7531u : 0x6420u;
-  auto decode_step = [&](uint32_t (&a)[4], const Codes& c, const float (&amax)[2], int s) {
-    uint32_t word[2];
+  // int8: the scale of each feature row, for the whole K loop (0 past N: those rows decode as 0).
+  float row_scale[2] = {0.0f, 0.0f};
+  if constexpr (kInt8) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      word[h] = s < 2 ? __byte_perm(c.bytes[h].x, c.bytes[h].y, parity_select)
-                      : __byte_perm(c.bytes[h].z, c.bytes[h].w, parity_select);
+      if (row_elem[h] >= 0) row_scale[h] = scales.load(n0 + feature + 8 * h).value;
     }
-    a[0] = decode_byte<T>(pair_table, word[0], (2 * s) % 4, lane_offset, amax[0]);      // feature g, pair q
-    a[1] = decode_byte<T>(pair_table, word[1], (2 * s) % 4, lane_offset, amax[1]);      // feature g + 8
-    a[2] = decode_byte<T>(pair_table, word[0], (2 * s + 1) % 4, lane_offset, amax[0]);  // pair q + 4
-    a[3] = decode_byte<T>(pair_table, word[1], (2 * s + 1) % 4, lane_offset, amax[1]);
+  }
+  // A fragments of step s. 4-bit: byte i = 2 s + h of the thread's 8 (parity q % 2 of its 16) per
+  // row. int8: words 2 (s % 2) and 2 (s % 2) + 1 of 16-byte half s / 2 hold elements 8 s + [0, 4)
+  // and 8 s + [4, 8) of the range; their code pairs of parity q % 2 are slots h = 0 and h = 1.
+  const uint32_t parity_select = q % 2 ? 0x7531u : 0x6420u;
+  const uint32_t pair_select = q % 2 ? 0x7632u : 0x5410u;
+  auto decode_step = [&](uint32_t (&a)[4], const Codes& c, const float (&amax)[2], int s) {
+    uint32_t word[2];
+    if constexpr (kInt8) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint4& v = c.bytes[h][s / 2];
+        word[h] = int8_bias(s % 2 ? __byte_perm(v.z, v.w, pair_select) : __byte_perm(v.x, v.y, pair_select));
+      }
+      a[0] = decode_int8_row_pair<T>(word[0], 0, amax[0]);  // feature g, pair q
+      a[1] = decode_int8_row_pair<T>(word[1], 0, amax[1]);  // feature g + 8
+      a[2] = decode_int8_row_pair<T>(word[0], 1, amax[0]);  // pair q + 4
+      a[3] = decode_int8_row_pair<T>(word[1], 1, amax[1]);
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        word[h] = s < 2 ? __byte_perm(c.bytes[h][0].x, c.bytes[h][0].y, parity_select)
+                        : __byte_perm(c.bytes[h][0].z, c.bytes[h][0].w, parity_select);
+      }
+      a[0] = decode_byte<T>(pair_table, word[0], (2 * s) % 4, lane_offset, amax[0]);      // feature g, pair q
+      a[1] = decode_byte<T>(pair_table, word[1], (2 * s) % 4, lane_offset, amax[1]);      // feature g + 8
+      a[2] = decode_byte<T>(pair_table, word[0], (2 * s + 1) % 4, lane_offset, amax[0]);  // pair q + 4
+      a[3] = decode_byte<T>(pair_table, word[1], (2 * s + 1) % 4, lane_offset, amax[1]);
+    }
   };
 
   float acc[S::kAcc];
@@ -224,7 +255,8 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
         if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
         cp_async_commit();
         const uint64_t desc = wgmma_desc_k_major_sw128(ring + static_cast<uint32_t>(t % S::kStages) * S::kStageBytes);
-        const float amax[2] = {scales.resolve(codes[u].scale[0]), scales.resolve(codes[u].scale[1])};
+        const float amax[2] = {kInt8 ? row_scale[0] : scales.resolve(codes[u].scale[0]),
+                               kInt8 ? row_scale[1] : scales.resolve(codes[u].scale[1])};
 #pragma unroll
         for (int s = 0; s < kTileK / 16; ++s) {
           if (s > 0) wgmma_wait<1>();  // step s - 2, the last reader of a[s % 2], retired
@@ -247,21 +279,21 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
   __syncthreads();  // every warpgroup is done with the ring
   if constexpr (kFp32Epilogue) {
     store_tile_fp32<T, S::kRows, S::BN, S::kThreads>(acc, staging, feature, q, out, tile.row_begin, rows, n0, N);
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int i = 0; i < S::kAcc; ++i) {
-    const int r = 8 * (i / 4) + 2 * q + i % 2, f = feature + 8 * (i % 4 / 2);
-    *reinterpret_cast<T*>(staging + r * S::kOutPitch + f * 2) = from_float<T>(acc[i]);
-  }
-  __syncthreads();
+    for (int i = 0; i < S::kAcc; ++i) {
+      const int r = 8 * (i / 4) + 2 * q + i % 2, f = feature + 8 * (i % 4 / 2);
+      *reinterpret_cast<T*>(staging + r * S::kOutPitch + f * 2) = from_float<T>(acc[i]);
+    }
+    __syncthreads();
 #pragma unroll
-  for (int i = 0; i < S::kCopiesPerThread; ++i) {
-    const int c = tid + i * S::kThreads, r = c / 16, ch = c % 16;
-    const int64_t col = n0 + ch * 8;
-    if (r < rows && col < N) {
-      *reinterpret_cast<uint4*>(out + (int64_t{tile.row_begin} + r) * N + col) =
-          *reinterpret_cast<const uint4*>(staging + r * S::kOutPitch + ch * 16);
+    for (int i = 0; i < S::kCopiesPerThread; ++i) {
+      const int c = tid + i * S::kThreads, r = c / 16, ch = c % 16;
+      const int64_t col = n0 + ch * 8;
+      if (r < rows && col < N) {
+        *reinterpret_cast<uint4*>(out + (int64_t{tile.row_begin} + r) * N + col) =
+            *reinterpret_cast<const uint4*>(staging + r * S::kOutPitch + ch * 16);
+      }
     }
   }
 #else
@@ -284,12 +316,15 @@ void launch_height(const at::Tensor& in, at::Tensor& out, const uint8_t* packed,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const bool dq = args.scales.double_quant();
-  if (nf4_wgmma_fp32_epilogue()) {
-    if (dq) go(nf4_gemm_nk_wgmma_kernel<T, S, true, true>, S::kSmemBytesFp32);
-    else go(nf4_gemm_nk_wgmma_kernel<T, S, false, true>, S::kSmemBytesFp32);
+  if (args.type == QuantType::kInt8) {
+    if (nf4_wgmma_fp32_epilogue()) go(nf4_gemm_nk_wgmma_kernel<T, S, false, true, true>, S::kSmemBytesFp32);
+    else go(nf4_gemm_nk_wgmma_kernel<T, S, false, false, true>, S::kSmemBytes);
+  } else if (nf4_wgmma_fp32_epilogue()) {
+    if (dq) go(nf4_gemm_nk_wgmma_kernel<T, S, true, true, false>, S::kSmemBytesFp32);
+    else go(nf4_gemm_nk_wgmma_kernel<T, S, false, true, false>, S::kSmemBytesFp32);
   } else {
-    if (dq) go(nf4_gemm_nk_wgmma_kernel<T, S, true, false>, S::kSmemBytes);
-    else go(nf4_gemm_nk_wgmma_kernel<T, S, false, false>, S::kSmemBytes);
+    if (dq) go(nf4_gemm_nk_wgmma_kernel<T, S, true, false, false>, S::kSmemBytes);
+    else go(nf4_gemm_nk_wgmma_kernel<T, S, false, false, false>, S::kSmemBytes);
   }
 }
 
@@ -504,8 +539,8 @@ template <typename T>
 void launch_nf4_wgmma_nk(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
                          const RowTile* tiles, int64_t num_tiles, int height, int64_t N, int64_t K,
                          int log2_blocksize) {
-  TORCH_CHECK(K % kTileK == 0 && N % 8 == 0 && log2_blocksize >= 5,
-              "moequant: the wgmma 4-bit GEMM needs K % 64 == 0, N % 8 == 0 and blocksize >= 32");
+  TORCH_CHECK(K % kTileK == 0 && N % 8 == 0 && (args.type == QuantType::kInt8 || log2_blocksize >= 5),
+              "moequant: the wgmma fused GEMM needs K % 64 == 0, N % 8 == 0 and (4-bit) blocksize >= 32");
   switch (height) {
     case 16: return launch_height<T, 16>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
     case 32: return launch_height<T, 32>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
@@ -524,8 +559,8 @@ template <typename T>
 void launch_nf4_wgmma_kn(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
                          const RowTile* tiles, int64_t num_tiles, int height, int64_t N, int64_t K,
                          int log2_blocksize) {
-  TORCH_CHECK(K % kTileK == 0 && N % kChunkWeights == 0 && log2_blocksize >= 5,
-              "moequant: the wgmma 4-bit [K, N] GEMM needs K % 64 == 0, N % 32 == 0 and blocksize >= 32");
+  TORCH_CHECK(K % kTileK == 0 && N % kChunkWeights == 0 && log2_blocksize >= 5 && is_4bit(args.type),
+              "moequant: the wgmma 4-bit [K, N] GEMM needs a 4-bit stack, K % 64 == 0, N % 32 == 0 and blocksize >= 32");
   switch (height) {
     case 16: return launch_kn_height<T, 16>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
     case 32: return launch_kn_height<T, 32>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);

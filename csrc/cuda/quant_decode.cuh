@@ -230,6 +230,27 @@ __device__ __forceinline__ uint32_t decode_int8_pair(uint32_t word, int i, float
   return pack2<T>(a, b);
 }
 
+// ---- int8 codes in the fused GEMM kernels (register fragments) ----------------------------
+// Four int8 codes of a word as handed to int8_code_value: each byte XOR 0x80 (q + 128, unsigned).
+__device__ __forceinline__ uint32_t int8_bias(uint32_t word) { return word ^ 0x80808080u; }
+
+// Code i (0..3, a compile-time constant after unrolling) of a biased word as an exact fp32 value:
+// the byte laid into the low mantissa bits of 2^23, minus 2^23 + 128. A byte permute and an add
+// on the fp32 pipe instead of an int -> float conversion (a quarter-rate unit); the value is the
+// same, every int8 being exact in fp32.
+__device__ __forceinline__ float int8_code_value(uint32_t biased, int i) {
+  return __fsub_rn(__uint_as_float(__byte_perm(biased, 0x4B00u, 0x5440u + i)), 8388736.0f);
+}
+
+// Codes 2 i and 2 i + 1 of a biased word, decoded with their row's scale exactly as int8_decode
+// (quant_format.h) rounds them, packed with code 2 i in the low half (the lower k of an mma pair).
+template <typename T>
+__device__ __forceinline__ uint32_t decode_int8_row_pair(uint32_t biased, int i, float row_absmax) {
+  const float a = __fmul_rn(__fmul_rn(int8_code_value(biased, 2 * i), row_absmax), kInt8InvScale);
+  const float b = __fmul_rn(__fmul_rn(int8_code_value(biased, 2 * i + 1), row_absmax), kInt8InvScale);
+  return pack2<T>(a, b);
+}
+
 // One warp's tile of an int8 dequant over a slice of one matrix: chunk g holds slice elements
 // [g * kElems, (g + 1) * kElems) (the slice starts on a row, so element e of the slice is in
 // row e / cols of it); `row_absmax` points at the slice's first row. When cols is a multiple of
