@@ -3,6 +3,8 @@ plain-PyTorch reference (fp32 arithmetic on upcast inputs) and its autograd grad
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -454,6 +456,9 @@ def test_bad_inputs_raise():
 # ---- every format: FP4, int8, double-quantized statistics ------------------------------------
 
 FORMATS = {"nf4_dq": ("nf4", True), "fp4": ("fp4", False), "fp4_dq": ("fp4", True), "int8": ("int8", False)}
+# MOEQUANT_INT8_FUSED_GEMM="0" keeps int8 stacks on the scratch rung; the kernels read it once per
+# process, so it is set for a whole run (test_int8_fused_gemm_switch_off runs one).
+INT8_FUSED = os.environ.get("MOEQUANT_INT8_FUSED_GEMM") != "0"
 RUNGS = {"auto": {}, "scratch": {"MOEQUANT_EXPERTS_FUSED_GEMM": "0", "MOEQUANT_DECODE_MAX_PAIRS": "0"},
          "fused": {"MOEQUANT_EXPERTS_FUSED_GEMM": "1", "MOEQUANT_DECODE_MAX_PAIRS": "0"},
          "fused_mma": {"MOEQUANT_EXPERTS_FUSED_GEMM": "1", "MOEQUANT_DECODE_MAX_PAIRS": "0",
@@ -540,8 +545,8 @@ def check_format_case(fc, dtype):
 
 # Each format through each rung (auto dispatch, scratch forced, fused forced with wgmma on Hopper,
 # fused on mma.sync), plain / transposed / interleaved layouts, with and without LoRA. H=192, I=64:
-# every product qualifies for the fused kernel (int8 stacks go to the scratch rung whatever the
-# switch says).
+# every product qualifies for the fused kernel, int8 stacks included (unless
+# MOEQUANT_INT8_FUSED_GEMM=0 keeps them on the scratch rung).
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("rung", list(RUNGS))
 @pytest.mark.parametrize("layout", ["plain", "transposed", "interleaved"])
@@ -558,7 +563,10 @@ def test_formats(fmt, rung, layout, lora, env):
     names = cuda_kernel_names(lambda: check_format_case(fc, torch.bfloat16))
     if names is not None and rung in ("fused", "fused_mma"):
         fused = any("nf4_gemm_" in n for n in names)
-        assert fused == (fmt != "int8"), sorted(names)  # int8: routed to the scratch rung explicitly
+        if fmt == "int8" and not INT8_FUSED:  # every product dequantizes to scratch instead
+            assert not fused and any("dequant_int8" in n for n in names), sorted(names)
+        else:
+            assert fused and not any("dequant_" in n for n in names), sorted(names)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -641,6 +649,93 @@ def test_int8_row_sliced_scratch(transposed, env):
     case = cuda_case(T=30, H=256, I=36, E=4, k=2, dtype=torch.bfloat16, transposed=transposed, lora=(True, True),
                      rank=8, bias=True, requires_grad=False, blocksize=32)
     check_format_case(FormatCase(case, "int8", False), torch.bfloat16)
+
+
+# int8 stacks through the fused kernels (not the scratch rung): output and every gradient against
+# the dense reference. H=576, I=192 (E=6, top-2): every product qualifies, the [N, K] products walk
+# 9 or 3 k-tiles and the [K, N] ones 6 or 9; 576 and 192 output features end in part-filled
+# 128-feature tiles. Rows per expert: 1 (T=1), about 13, 33 and 100 (uniform T=40, 100, 300) and,
+# skewed at T=300, two experts of 300 rows (two full 128-row tiles and a 44-row remainder) beside
+# experts of a few rows or none: every row-tile height, full and part-filled.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("layout", ["plain", "transposed"])
+@pytest.mark.parametrize("lora", [False, True], ids=["no_lora", "lora"])
+@pytest.mark.parametrize("T,routing", [(1, "uniform"), (40, "uniform"), (100, "uniform"), (300, "uniform"),
+                                       (300, "skewed")])
+def test_int8_fused_gemm(dtype, layout, lora, T, routing, env):
+    env("MOEQUANT_DECODE_MAX_PAIRS", "0")
+    env("MOEQUANT_EXPERTS_FUSED_GEMM", "1")
+    case = cuda_case(T=T, H=576, I=192, E=6, k=2, dtype=dtype, transposed=layout == "transposed", bias=True,
+                     lora=(lora, lora), rank=8, routing=routing, sentinels=T == 40, requires_grad=False)
+    fc = FormatCase(case, "int8", False)
+    names = cuda_kernel_names(lambda: check_format_case(fc, dtype))
+    if names is not None and INT8_FUSED:
+        assert not any("dequant_" in n for n in names), sorted(names)
+        # [K, N] products (standard layout: the input gradients) on mma.sync; [N, K] on wgmma on Hopper
+        assert any("nf4_gemm_kn_kernel" in n for n in names), sorted(names)
+        nk = "nf4_gemm_nk_wgmma_kernel" if HOPPER else "nf4_gemm_nk_kernel"
+        assert any(nk in n for n in names), sorted(names)
+    first = ops._experts_forward_train(*fc.args(), **fc.kwargs)
+    again = ops._experts_forward_train(*fc.args(), **fc.kwargs)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])  # deterministic
+
+
+def unit_rows(T, H, dtype):
+    """Token t = the unit vector e_j, j = 37 t mod H (distinct for t < H when gcd(37, H) = 1)."""
+    cols = (37 * torch.arange(T)) % H
+    x = torch.zeros(T, H, dtype=dtype)
+    x[torch.arange(T), cols] = 1.0
+    return x.cuda(), cols.cuda()
+
+
+# int8 decoded by the fused kernels bit for bit as dequant_expert decodes it: with unit-vector tokens
+# each row of the gate_up product is one decoded weight vector summed with exact zeros (1 * w is
+# exact, and w is already in the compute dtype), so any slip in a fragment slot, the input-row
+# permutation, a row scale or the decode's rounding shows as a mismatch. Plain layout: a column of
+# the stored [2I, H] matrix (the [N, K] kernel); transposed: a row of the stored [H, 2I] matrix (the
+# [K, N] kernel). H=576: 9 k-tiles; 2I=320 features: the last 128-feature tile is part-filled. The
+# scratch rung (dequantize + cuBLAS) must pass it too.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("layout", ["plain", "transposed"])
+@pytest.mark.parametrize("rung", ["scratch", "fused"] + (["fused_mma"] if HOPPER else []))
+@pytest.mark.parametrize("T", [5, 60, 300])
+def test_int8_fused_gemm_decodes_exactly(dtype, layout, rung, T, env):
+    for k, v in RUNGS[rung].items():
+        env(k, v)
+    H, I, E, k = 576, 160, 4, 2
+    case = cuda_case(T=T, H=H, I=I, E=E, k=k, dtype=dtype, transposed=layout == "transposed", requires_grad=False)
+    case.hidden, cols = unit_rows(T, H, dtype)
+    fc = FormatCase(case, "int8", False)
+    names = cuda_kernel_names(lambda: ops._experts_forward_train(*fc.args(), **fc.kwargs))
+    _, h = ops._experts_forward_train(*fc.args(), **fc.kwargs)
+    idx = case.index.long().flatten()
+    order = torch.sort(idx, stable=True).indices  # routing order: by expert, then token slot
+    experts, tokens = idx[order], order // k
+    w = ops.dequant_expert(fc.stacks[0], fc.stacks[1], case.kwargs["blocksize"], dtype, None, "int8")
+    want = w[experts, :, cols[tokens]] if layout == "plain" else w[experts, cols[tokens], :]
+    assert h.shape == want.shape and h.dtype == dtype
+    assert torch.equal(h, want), (h != want).nonzero()[:8].tolist()
+    if names is not None and rung != "scratch" and INT8_FUSED:
+        kernel = {("plain", True): "nf4_gemm_nk_wgmma_kernel", ("plain", False): "nf4_gemm_nk_kernel",
+                  ("transposed", True): "nf4_gemm_kn_kernel", ("transposed", False): "nf4_gemm_kn_kernel"}
+        assert any(kernel[layout, HOPPER and rung == "fused"] in n for n in names), sorted(names)
+
+
+def test_int8_fused_gemm_switch_off():
+    """MOEQUANT_INT8_FUSED_GEMM=0 keeps int8 stacks on the scratch rung. The kernels read it once per
+    process, so test_formats' int8 cases on the forced-fused rungs run again in a fresh process with
+    it set: there they must match the reference with every product dequantized to scratch and no
+    fused kernel launched (test_formats checks the kernel names)."""
+    env = dict(os.environ, MOEQUANT_INT8_FUSED_GEMM="0")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
+                        "-rs", "-k", "test_formats and int8 and fused"], cwd=os.path.dirname(tests_dir), env=env,
+                       capture_output=True, text=True)
+    tail = r.stdout[-6000:] + r.stderr[-2000:]
+    assert r.returncode == 0, tail
+    summary = re.search(r"(\d+) passed", r.stdout)
+    # 3 layouts x 2 LoRA settings on "fused", and on Hopper "fused_mma" too (skipped elsewhere)
+    assert summary and int(summary.group(1)) == (12 if HOPPER else 6), tail
 
 
 def test_format_mismatch_errors():

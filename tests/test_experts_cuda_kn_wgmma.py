@@ -31,8 +31,8 @@ def ran_kn_wgmma(names, quantized_4bit=True):
         return True
     kn_wgmma = any("nf4_gemm_kn_wgmma" in n for n in names)
     kn_mma = any("nf4_gemm_kn_kernel" in n for n in names)
-    if not quantized_4bit:  # int8 stacks take the scratch rung whatever the switch says
-        return not kn_wgmma and not kn_mma
+    if not quantized_4bit:  # int8 stacks: [K, N] products on the mma.sync kernel whatever the switch says
+        return not kn_wgmma and kn_mma
     return kn_wgmma and not kn_mma if HOPPER else not kn_wgmma
 
 
