@@ -599,8 +599,8 @@ bool nf4_grouped_gemm_applies(const at::Tensor& in, const PackedStack& w, bool t
 void nf4_grouped_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
                       const ExpertsRouting& r) {
   const int64_t K = transpose_stored ? w.cols : w.rows, N = transpose_stored ? w.rows : w.cols;
-  TORCH_CHECK(K % kTileK == 0 && N % kChunkWeights == 0, "moequant: fused GEMM needs K % 64 == 0 and N % 32 == 0, got K ",
-              num_str(K), ", N ", num_str(N));
+  TORCH_CHECK(K % kTileK == 0 && N % kChunkWeights == 0,
+              "moequant: fused GEMM needs K % 64 == 0 and N % 32 == 0, got K ", num_str(K), ", N ", num_str(N));
   TORCH_CHECK(!(w.type == QuantType::kInt8 && w.double_quant()), "moequant: int8 stacks have no double quant");
   const at::Tensor x = contiguous_aligned16(in);
   const int64_t active = std::max<int64_t>(1, static_cast<int64_t>(r.active_experts.size()));
