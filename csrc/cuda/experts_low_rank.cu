@@ -2,6 +2,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "experts_common.cuh"
@@ -116,6 +118,127 @@ add_low_rank_mma_kernel(T* __restrict__ rows_out, int64_t row_stride, const T* _
   }
 }
 
+// The streaming kernel: the same products, with each warp's tile (32 rows x 64 columns, two mma
+// row blocks) moved through registers as 16-byte vectors, all of a tile's row loads issued before
+// anything waits on them: 4 KB in flight per warp instead of 1 KB (64 KB an SM at 16 warps, about
+// 120 registers without spills), so the kernel runs at DRAM bandwidth rather than at DRAM latency. The 16-byte vectors fit the accumulator layout because
+// an mma's output columns are whichever columns of the factor its B fragment is given: position
+// nb * 8 + 2q + j (nb < 8) of the product holds tile column (nb / 4) * 32 + q * 8 + (nb % 4) * 2 + j,
+// so lane (g, q) accumulates exactly the 8 + 8 columns of its two vectors of rows g and g + 8.
+// Every element sees the same mma sequence as in add_low_rank_mma_kernel (the same 16-row
+// blocks, experts and k steps), so the results are bitwise the same.
+constexpr int kStreamThreads = 128;
+constexpr int kStreamBlocks = 2;  // mma row blocks per warp tile
+constexpr int kStreamTileRows = kStreamBlocks * kTileRows;
+constexpr int kStreamTileCols = 64;
+constexpr int kStreamVectorCols = 8;  // columns of one 16-byte vector
+
+// Tile column held at mma column `n` of column block nb (the mapping above).
+__device__ __forceinline__ int stream_tile_col(int nb, int n) {
+  return nb / 4 * 32 + n / 2 * kStreamVectorCols + nb % 4 * 2 + n % 2;
+}
+
+template <typename T, bool kPairs>
+__global__ void __launch_bounds__(kStreamThreads, 4)
+add_low_rank_stream_kernel(T* __restrict__ rows_out, int64_t row_stride, const T* __restrict__ u,
+                           int64_t u_stride, const T* __restrict__ mats, const int32_t* __restrict__ row_expert,
+                           int64_t rows, int64_t out_dim, int rank, float scale) {
+  static_assert(sizeof(T) == 2, "16-bit rows: 8 columns a vector");
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int64_t col_tiles = (out_dim + kStreamTileCols - 1) / kStreamTileCols;
+  const int64_t tiles = (rows + kStreamTileRows - 1) / kStreamTileRows * col_tiles;
+  const int64_t warps = int64_t{gridDim.x} * (kStreamThreads / 32);
+  for (int64_t t = int64_t{blockIdx.x} * (kStreamThreads / 32) + threadIdx.x / 32; t < tiles; t += warps) {
+    const int64_t row0 = t / col_tiles * kStreamTileRows, col0 = t % col_tiles * kStreamTileCols;
+    const int n_rows = static_cast<int>(min(int64_t{kStreamTileRows}, rows - row0));
+    // This lane's vector in row 16b + g + 8h, column half c (columns c * 32 + q * 8 + [0, 8)); out_dim
+    // is a multiple of 8, so a vector is wholly inside or wholly outside.
+    T* const lane_base = rows_out + (row0 + g) * row_stride + col0 + q * kStreamVectorCols;
+    const auto vector_at = [&](int b, int h, int c, bool& valid) {
+      const int r = kTileRows * b + g + 8 * h;
+      valid = r < n_rows && col0 + c * 32 + q * kStreamVectorCols < out_dim;
+      return reinterpret_cast<uint4*>(lane_base + (kTileRows * b + 8 * h) * row_stride + c * 32);
+    };
+    uint32_t data[kStreamBlocks][2][2][4];  // [row block b][row g + 8h][column half c][column pair]
+#pragma unroll
+    for (int b = 0; b < kStreamBlocks; ++b) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          bool valid;
+          const uint4* p = vector_at(b, h, c, valid);
+          const uint4 v = valid ? __ldcg(p) : make_uint4(0, 0, 0, 0);
+          data[b][h][c][0] = v.x, data[b][h][c][1] = v.y, data[b][h][c][2] = v.z, data[b][h][c][3] = v.w;
+        }
+      }
+    }
+    // Lane l holds the expert of tile row l, read by the others through shuffles.
+    const int32_t my_expert = lane < n_rows ? row_expert[row0 + lane] : -1;
+#pragma unroll
+    for (int b = 0; b < kStreamBlocks; ++b) {
+      const int block_rows = min(kTileRows, n_rows - kTileRows * b);
+      if (block_rows <= 0) break;
+      const T* u_lo = u + (row0 + kTileRows * b + g) * u_stride;
+      const T* u_hi = u_lo + 8 * u_stride;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float acc[4][4] = {};
+        for (int first = 0; first < block_rows;) {  // one expert's rows [first, last) of the block at a time
+          const int32_t e = __shfl_sync(0xffffffffu, my_expert, kTileRows * b + first);
+          const unsigned rows_of_e =
+              __ballot_sync(0xffffffffu, my_expert == e) >> (kTileRows * b) & 0xffffu;
+          const int last = 32 - __clz(rows_of_e);  // rows are sorted: [first, last) is all of e
+          const bool lo_in = g >= first && g < last, hi_in = g + 8 >= first && g + 8 < last;
+          const T* m = mats + int64_t{e} * out_dim * rank;
+          for (int k0 = 0; k0 < rank; k0 += 16) {
+            const uint32_t a[4] = {load_pair<T, kPairs>(u_lo, k0 + 2 * q, rank, lo_in),
+                                   load_pair<T, kPairs>(u_hi, k0 + 2 * q, rank, hi_in),
+                                   load_pair<T, kPairs>(u_lo, k0 + 2 * q + 8, rank, lo_in),
+                                   load_pair<T, kPairs>(u_hi, k0 + 2 * q + 8, rank, hi_in)};
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+              const int64_t col = col0 + stream_tile_col(4 * c + w, g);
+              const T* mc = m + col * rank;
+              mma_16816<T>(acc[w], a, load_pair<T, kPairs>(mc, k0 + 2 * q, rank, col < out_dim),
+                           load_pair<T, kPairs>(mc, k0 + 2 * q + 8, rank, col < out_dim));
+            }
+          }
+          first = last;
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            const T* old = reinterpret_cast<const T*>(&data[b][h][c][w]);
+            data[b][h][c][w] = pack2<T>(fmaf(scale, acc[w][2 * h], to_float(old[0])),
+                                        fmaf(scale, acc[w][2 * h + 1], to_float(old[1])));
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          bool valid;
+          uint4* p = vector_at(b, h, c, valid);
+          if (valid) *p = make_uint4(data[b][h][c][0], data[b][h][c][1], data[b][h][c][2], data[b][h][c][3]);
+        }
+      }
+    }
+  }
+}
+
+// MOEQUANT_LOW_RANK_KERNEL="0" keeps bf16/fp16 on add_low_rank_mma_kernel (for comparison in
+// benchmarks); read once per process.
+static bool stream_kernel_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOEQUANT_LOW_RANK_KERNEL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
 // The fp32 version: one thread per element, the rank summed in order.
 __global__ void __launch_bounds__(kLowRankThreads)
 add_low_rank_fp32_kernel(float* __restrict__ rows_out, int64_t row_stride, const float* __restrict__ u,
@@ -153,13 +276,35 @@ void add_low_rank_rows(at::Tensor& rows, const LowRankTerm& term, const ExpertsR
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const int64_t warp_tiles = (n + kTileRows - 1) / kTileRows * ((out_dim + kTileCols - 1) / kTileCols);
-  const auto grid = static_cast<unsigned>(grid_for(warp_tiles * 32, kLowRankThreads));
+  // Factor elements in 4-byte pairs, and rows in whole 16-byte vectors (the streaming kernel).
+  const bool factor_pairs = rank % 2 == 0 && term.u.stride(0) % 2 == 0 && is_aligned(term.u.const_data_ptr(), 4) &&
+                            is_aligned(term.mats.const_data_ptr(), 4);
+  const bool row_vectors = rows.stride(0) % 8 == 0 && out_dim % 8 == 0 && is_aligned(rows.const_data_ptr(), 16);
   const auto launch = [&](auto tag) {
     using T = decltype(tag);
-    const bool pairs = rank % 2 == 0 && rows.stride(0) % 2 == 0 && term.u.stride(0) % 2 == 0 && out_dim % 2 == 0 &&
-                       is_aligned(rows.const_data_ptr(), 4) && is_aligned(term.u.const_data_ptr(), 4) &&
-                       is_aligned(term.mats.const_data_ptr(), 4);
+    if (row_vectors && stream_kernel_enabled()) {
+      const int64_t warp_tiles =
+          (n + kStreamTileRows - 1) / kStreamTileRows * ((out_dim + kStreamTileCols - 1) / kStreamTileCols);
+      const int64_t ctas = (warp_tiles + kStreamThreads / 32 - 1) / (kStreamThreads / 32);
+      const auto args = [&](auto kernel) {
+        kernel<<<static_cast<unsigned>(persistent_grid(kernel, kStreamThreads, ctas)), kStreamThreads, 0, stream>>>(
+            reinterpret_cast<T*>(rows.mutable_data_ptr()), rows.stride(0),
+            reinterpret_cast<const T*>(term.u.const_data_ptr()), term.u.stride(0),
+            reinterpret_cast<const T*>(term.mats.const_data_ptr()), row_expert, n, out_dim, static_cast<int>(rank),
+            term.scale);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (factor_pairs) {
+        args(add_low_rank_stream_kernel<T, true>);
+      } else {
+        args(add_low_rank_stream_kernel<T, false>);
+      }
+      return;
+    }
+    const int64_t warp_tiles = (n + kTileRows - 1) / kTileRows * ((out_dim + kTileCols - 1) / kTileCols);
+    const auto grid = static_cast<unsigned>(grid_for(warp_tiles * 32, kLowRankThreads));
+    const bool pairs = factor_pairs && rows.stride(0) % 2 == 0 && out_dim % 2 == 0 &&
+                       is_aligned(rows.const_data_ptr(), 4);
     const auto args = [&](auto kernel) {
       kernel<<<grid, kLowRankThreads, 0, stream>>>(
           reinterpret_cast<T*>(rows.mutable_data_ptr()), rows.stride(0),
