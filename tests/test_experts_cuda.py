@@ -748,3 +748,66 @@ def test_format_mismatch_errors():
     del kw["down_absmax_scale"]
     with pytest.raises(RuntimeError, match="absmax"):
         ops.experts_forward(*fq.args(), **kw)
+
+
+
+# add_low_rank_rows' bf16/fp16 kernels: the streaming kernel (32 x 64 warp tiles of 16-byte
+# vectors, the default) must give bitwise what add_low_rank_mma_kernel gives
+# (MOEQUANT_LOW_RANK_KERNEL=0, read once per process): each runs the same saved cases in a fresh
+# process, training forward + backward, and lists the add_low_rank kernels it launched.
+LOW_RANK_CHILD = r"""
+import sys, torch
+from torch.profiler import ProfilerActivity, profile
+import moequant
+from moequant import ops
+results, names = [], set()
+for case in torch.load(sys.argv[1]):
+    args, kw = case["args"], case["kwargs"]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out, gate_up_out = ops._experts_forward_train(*args, **kw)
+        grads = ops.experts_backward(case["grad_out"], *args[:3], gate_up_out, *args[3:], **kw)
+        torch.cuda.synchronize()
+    results.append([out, gate_up_out, *grads])
+    names |= {e.key for e in prof.key_averages() if "add_low_rank" in e.key}
+torch.save({"results": results, "names": sorted(names)}, sys.argv[2])
+"""
+
+
+def low_rank_results(path_in, path_out, kernel):
+    env = {k: v for k, v in os.environ.items() if k != "MOEQUANT_LOW_RANK_KERNEL"}
+    if kernel is not None:
+        env["MOEQUANT_LOW_RANK_KERNEL"] = kernel
+    r = subprocess.run([sys.executable, "-c", LOW_RANK_CHILD, path_in, path_out], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return torch.load(path_out)
+
+
+# Tiles of several experts (E=16, k=2: a few rows each), rows (T * k) not a multiple of 32, widths
+# not a multiple of 64 (H=200, 2I=80, I=40), ranks 16/17 and 7/8 (gate_up/down: the odd one loads
+# factors element-wise), bf16 and fp16; and widths not a multiple of 8 (H=100, I=24: the old
+# kernel in both processes).
+def test_low_rank_stream_kernel_bitwise(tmp_path):
+    shapes = [(50, 200, 40, 16), (301, 200, 40, 4), (40, 100, 24, 16)]
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for rank in (16, 7):
+            for T, H, I, E in shapes:
+                case = cuda_case(T=T, H=H, I=I, E=E, k=2, dtype=dtype, lora=(True, True), rank=rank,
+                                 sentinels=T == 301, blocksize=32 if H == 100 else 64, requires_grad=False)
+                cases.append({"args": list(case.args()), "kwargs": case.kwargs,
+                              "grad_out": torch.randn_like(case.hidden)})
+    torch.save(cases, tmp_path / "cases.pt")
+    new = low_rank_results(str(tmp_path / "cases.pt"), str(tmp_path / "new.pt"), None)
+    old = low_rank_results(str(tmp_path / "cases.pt"), str(tmp_path / "old.pt"), "0")
+    assert any("add_low_rank_stream_kernel" in n for n in new["names"]), new["names"]
+    assert not any("add_low_rank_stream_kernel" in n for n in old["names"]), old["names"]
+    assert any("add_low_rank_mma_kernel" in n for n in old["names"]), old["names"]
+    assert len(new["results"]) == len(old["results"]) == len(cases)
+    for c, (got, want) in enumerate(zip(new["results"], old["results"])):
+        assert len(got) == len(want) == 8
+        assert got[0].float().norm() > 0, c
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.dtype == b.dtype and a.shape == b.shape, (c, i)
+            bits = (lambda t: t.view(torch.int16)) if a.element_size() == 2 else (lambda t: t)
+            assert torch.equal(bits(a), bits(b)), (c, i, (a.float() - b.float()).abs().max().item())
