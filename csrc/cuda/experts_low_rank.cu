@@ -120,13 +120,14 @@ add_low_rank_mma_kernel(T* __restrict__ rows_out, int64_t row_stride, const T* _
 
 // The streaming kernel: the same products, with each warp's tile (32 rows x 64 columns, two mma
 // row blocks) moved through registers as 16-byte vectors, all of a tile's row loads issued before
-// anything waits on them: 4 KB in flight per warp instead of 1 KB (64 KB an SM at 16 warps, about
-// 120 registers without spills), so the kernel runs at DRAM bandwidth rather than at DRAM latency. The 16-byte vectors fit the accumulator layout because
-// an mma's output columns are whichever columns of the factor its B fragment is given: position
-// nb * 8 + 2q + j (nb < 8) of the product holds tile column (nb / 4) * 32 + q * 8 + (nb % 4) * 2 + j,
-// so lane (g, q) accumulates exactly the 8 + 8 columns of its two vectors of rows g and g + 8.
-// Every element sees the same mma sequence as in add_low_rank_mma_kernel (the same 16-row
-// blocks, experts and k steps), so the results are bitwise the same.
+// anything waits on them: 4 KB in flight per warp instead of 1 KB (64 KB an SM at 16 warps of about
+// 120 registers, no spills), so the kernel runs at DRAM bandwidth rather than at DRAM latency.
+// The vectors fit the accumulator layout because an mma's output columns are whichever columns
+// of the factor its B fragment is given: position nb * 8 + 2q + j (nb < 8) of the product holds
+// tile column (nb / 4) * 32 + q * 8 + (nb % 4) * 2 + j, so lane (g, q) accumulates exactly the
+// 8 + 8 columns of its two vectors of rows g and g + 8. Every element sees the same mma sequence
+// as in add_low_rank_mma_kernel (the same 16-row blocks, experts and k steps), so the results
+// are bitwise the same.
 constexpr int kStreamThreads = 128;
 constexpr int kStreamBlocks = 2;  // mma row blocks per warp tile
 constexpr int kStreamTileRows = kStreamBlocks * kTileRows;
