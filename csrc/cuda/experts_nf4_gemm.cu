@@ -272,18 +272,35 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   store_tile<T, S>(acc, ct, out, N);
 }
 
+// How the [K, N] kernel gets double-quantized block scales: by default through registers
+// (nf4_gemm_kn_dq_regs_kernel); MOEQUANT_KN_DQ_SCALES=0 keeps them in the shared-memory stages
+// (the group scale and the 4-byte word holding the 8-bit code: two more 4-byte cp.async a chunk),
+// for same-run comparisons. Read once per process.
+bool kn_dq_scales_in_registers() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOEQUANT_KN_DQ_SCALES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
 // Dynamic shared memory of the [K, N] kernel: a ring of stages (rows of `in`, packed codes,
-// their absmax, or with double quant their group scale and the 4-byte word holding their 8-bit
-// code), then one decoded k-tile. With double quant Tile128Kn's three stages take 3 KB more (117
-// KB with the static tables): one CTA per SM instead of two for [K, N] products of more than 64
-// rows per expert (not measured; the benchmarked cells use 16-64-row tiles or scratch there).
+// their absmax, or with double quant through shared memory their group scale and the 4-byte word
+// holding their 8-bit code), then one decoded k-tile. Per CTA, with the static tables (32 KiB pair
+// table, 1 KiB map with double quant), against 228 KiB per SM and 1 KiB reserved per CTA (two
+// CTAs: at most 113 KiB each, three: 75 KiB): Tile16/32/64 take 76 / 84 / 100 KiB plain and
+// 81 / 89 / 105 KiB with double quant through shared memory (two CTAs per SM), 73 / 81 / 97 KiB
+// with double quant through registers (kDqRegs: the stages hold no scales; Tile16 three CTAs).
+// Tile128Kn: 111 KiB plain, 115 KiB with double quant through shared memory (one CTA per SM),
+// 109 KiB through registers (two).
 // int8: a 16-byte chunk holds 16 codes (twice the chunks) and its scale is its k row's.
-template <class S, bool kDoubleQuant, bool kInt8>
+template <class S, bool kDoubleQuant, bool kInt8, bool kDqRegs = false>
 struct KnSmem {
+  static_assert(!kDqRegs || kDoubleQuant, "only double-quantized scales travel through registers");
   static constexpr int kChunkCodes = kInt8 ? kInt8ChunkWeights : kChunkWeights;  // codes per chunk
   static constexpr int kParts = S::BN / kChunkCodes;             // packed chunks per k row
   static constexpr int kChunks = kTileK * kParts;                // packed chunks per k-tile
-  static constexpr int kScaleBytes = kDoubleQuant ? 8 : 4;       // per chunk
+  static constexpr int kScaleBytes = kDqRegs ? 0 : kDoubleQuant ? 8 : 4;  // per chunk
   static constexpr int kStageBytes = S::kSmemA + kChunks * (16 + kScaleBytes);
   static constexpr int kBytes = S::kStages * kStageBytes + kTileK * S::BN * 2;
 };
@@ -294,12 +311,18 @@ struct KnSmem {
 // decode it, decoded into a swizzled [kTileK][BN] tile, read back with ldmatrix.trans. int8
 // (kInt8): a chunk is 16 codes of one k row, whose scale is the stored row's (k's) absmax; it
 // decodes to two 16-byte chunks of the decoded tile instead of four.
-template <typename T, class S, bool kDoubleQuant, bool kInt8>
-__global__ void __launch_bounds__(S::kThreads)
-nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
-                   const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N, int64_t K,
-                   int n_tiles, int log2_blocksize) {
-  using L = KnSmem<S, kDoubleQuant, kInt8>;
+//
+// Double quant with kDqRegs: the thread that decodes chunk c is the one that copies it, so the
+// chunk's 8-bit code and group scale skip shared memory: loaded into registers (ld.global.nc)
+// one k-tile ahead and resolved in decode with the same dynamic_map_decode ops as through shared
+// memory (bit-identical results). Two register sets reloaded two k-tiles ahead (the loop unrolled
+// by two) spilled 68 bytes in Tile128Kn under its 128-register bound.
+template <typename T, class S, bool kDoubleQuant, bool kInt8, bool kDqRegs>
+__device__ __forceinline__ void nf4_gemm_kn(const T* __restrict__ in, T* __restrict__ out,
+                                            const uint8_t* __restrict__ packed, const Quant4Args& args,
+                                            const RowTile* __restrict__ tiles, int64_t N, int64_t K, int n_tiles,
+                                            int log2_blocksize) {
+  using L = KnSmem<S, kDoubleQuant, kInt8, kDqRegs>;
   constexpr int kParts = L::kParts, kChunks = L::kChunks, kStageBytes = L::kStageBytes, kCodes = L::kChunkCodes;
   constexpr int kChunksPerThread = kChunks / S::kThreads;
   constexpr int kRowChunks = S::BN / 8;                         // 16-byte chunks per decoded row
@@ -335,18 +358,31 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
       if (!chunk_valid(c)) continue;
       const int64_t elem = chunk_elem(c, k0);
       cp_async16(smem_addr(base + S::kSmemA + c * 16), packed + code_bytes<kInt8>(ct.w0 + elem), true);
-      const int64_t block = kInt8 ? k0 + c / kParts : elem >> log2_blocksize;  // int8: the stored row
-      const uint32_t scale_dst = smem_addr(base + S::kSmemA + kChunks * 16 + c * L::kScaleBytes);
-      if constexpr (kDoubleQuant) {
-        cp_async4(scale_dst, scales.scale + block / kDoubleQuantGroup, true);
-        const uintptr_t code = reinterpret_cast<uintptr_t>(scales.code + block);
-        cp_async4(scale_dst + 4, reinterpret_cast<const void*>(code & ~uintptr_t{3}), true);
-      } else {
-        cp_async4(scale_dst, scales.absmax + block, true);
+      if constexpr (!kDqRegs) {  // kDqRegs: the scales go through registers (load_scales)
+        const int64_t block = kInt8 ? k0 + c / kParts : elem >> log2_blocksize;  // int8: the stored row
+        const uint32_t scale_dst = smem_addr(base + S::kSmemA + kChunks * 16 + c * L::kScaleBytes);
+        if constexpr (kDoubleQuant) {
+          cp_async4(scale_dst, scales.scale + block / kDoubleQuantGroup, true);
+          const uintptr_t code = reinterpret_cast<uintptr_t>(scales.code + block);
+          cp_async4(scale_dst + 4, reinterpret_cast<const void*>(code & ~uintptr_t{3}), true);
+        } else {
+          cp_async4(scale_dst, scales.absmax + block, true);
+        }
       }
     }
   };
-  auto decode = [&](int slot, int64_t k0) {
+  // kDqRegs: the code and group scale of each of this thread's chunks of the k-tile at k0.
+  struct ChunkScales {
+    LoadedScale s[kChunksPerThread];
+  };
+  auto load_scales = [&](ChunkScales& cs, int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < kChunksPerThread; ++i) {
+      const int c = threadIdx.x + i * S::kThreads;
+      cs.s[i] = chunk_valid(c) ? scales.load(chunk_elem(c, k0) >> log2_blocksize) : LoadedScale{0.0f, 0u};
+    }
+  };
+  auto decode = [&](int slot, int64_t k0, const ChunkScales* cs) {
     const uint8_t* const base = stages + slot * kStageBytes;
 #pragma unroll
     for (int i = 0; i < kChunksPerThread; ++i) {
@@ -354,8 +390,8 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
       if (!chunk_valid(c)) continue;  // columns past N: whatever is there only reaches masked outputs
       const uint4 codes = *reinterpret_cast<const uint4*>(base + S::kSmemA + c * 16);
       const uint8_t* const scale_src = base + S::kSmemA + kChunks * 16 + c * L::kScaleBytes;
-      float scale = *reinterpret_cast<const float*>(scale_src);
-      if constexpr (kDoubleQuant) {
+      float scale = kDqRegs ? scales.resolve(cs->s[i]) : *reinterpret_cast<const float*>(scale_src);
+      if constexpr (kDoubleQuant && !kDqRegs) {
         const uintptr_t code = reinterpret_cast<uintptr_t>(scales.code + (chunk_elem(c, k0) >> log2_blocksize));
         const uint32_t word = *reinterpret_cast<const uint32_t*>(scale_src + 4);
         scale = scales.resolve(LoadedScale{scale, (word >> (8 * (code & 3))) & 0xFFu});
@@ -410,17 +446,56 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
     if (s < k_tiles) load_stage(s, s * kTileK);
     cp_async_commit();
   }
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<S::kStages - 2>();
-    __syncthreads();  // k-tile kt landed; everyone is done with `decoded` and slot kt - 1
-    const int64_t next = kt + S::kStages - 1;
-    if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
-    cp_async_commit();
-    decode(static_cast<int>(kt % S::kStages), kt * kTileK);
-    __syncthreads();
-    compute(static_cast<int>(kt % S::kStages));
+  if constexpr (kDqRegs) {
+    // The scales of k-tile kt + 1 are loaded before k-tile kt is decoded: a k-tile's decode and
+    // mma hide their latency.
+    ChunkScales current;
+    load_scales(current, 0);
+    for (int64_t kt = 0; kt < k_tiles; ++kt) {
+      cp_async_wait<S::kStages - 2>();
+      __syncthreads();  // k-tile kt landed; everyone is done with `decoded` and slot kt - 1
+      const int64_t next = kt + S::kStages - 1;
+      if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
+      cp_async_commit();
+      ChunkScales following = current;
+      if (kt + 1 < k_tiles) load_scales(following, (kt + 1) * kTileK);
+      decode(static_cast<int>(kt % S::kStages), kt * kTileK, &current);
+      __syncthreads();
+      compute(static_cast<int>(kt % S::kStages));
+      current = following;
+    }
+  } else {
+    for (int64_t kt = 0; kt < k_tiles; ++kt) {
+      cp_async_wait<S::kStages - 2>();
+      __syncthreads();  // k-tile kt landed; everyone is done with `decoded` and slot kt - 1
+      const int64_t next = kt + S::kStages - 1;
+      if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
+      cp_async_commit();
+      decode(static_cast<int>(kt % S::kStages), kt * kTileK, nullptr);
+      __syncthreads();
+      compute(static_cast<int>(kt % S::kStages));
+    }
   }
   store_tile<T, S>(acc, ct, out, N);
+}
+
+template <typename T, class S, bool kDoubleQuant, bool kInt8>
+__global__ void __launch_bounds__(S::kThreads)
+nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
+                   const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N, int64_t K,
+                   int n_tiles, int log2_blocksize) {
+  nf4_gemm_kn<T, S, kDoubleQuant, kInt8, false>(in, out, packed, args, tiles, N, K, n_tiles, log2_blocksize);
+}
+
+// Double quant, scales through registers: at least two CTAs per SM, as the shared memory allows
+// for every tile height. The bound only binds Tile128Kn (256 threads: at most 128 registers;
+// uncapped it takes 129-164 depending on the loop, and one CTA per SM).
+template <typename T, class S>
+__global__ void __launch_bounds__(S::kThreads, 2)
+nf4_gemm_kn_dq_regs_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
+                           const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N,
+                           int64_t K, int n_tiles, int log2_blocksize) {
+  nf4_gemm_kn<T, S, true, false, true>(in, out, packed, args, tiles, N, K, n_tiles, log2_blocksize);
 }
 
 // Row-tile heights. Short tiles keep CTAs from multiplying padding when experts get a handful of
@@ -491,6 +566,14 @@ void launch(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const 
   if constexpr (kNK) {
     kernel = nf4_gemm_nk_kernel<T, S, kDoubleQuant, kInt8>;
     smem = S::kStages * S::kSmemA;
+  } else if constexpr (kDoubleQuant) {
+    if (kn_dq_scales_in_registers()) {
+      kernel = nf4_gemm_kn_dq_regs_kernel<T, S>;
+      smem = KnSmem<S, true, false, true>::kBytes;
+    } else {
+      kernel = nf4_gemm_kn_kernel<T, S, true, false>;
+      smem = KnSmem<S, true, false, false>::kBytes;
+    }
   } else {
     kernel = nf4_gemm_kn_kernel<T, S, kDoubleQuant, kInt8>;
     smem = KnSmem<S, kDoubleQuant, kInt8>::kBytes;
