@@ -811,3 +811,79 @@ def test_low_rank_stream_kernel_bitwise(tmp_path):
             assert a.dtype == b.dtype and a.shape == b.shape, (c, i)
             bits = (lambda t: t.view(torch.int16)) if a.element_size() == 2 else (lambda t: t)
             assert torch.equal(bits(a), bits(b)), (c, i, (a.float() - b.float()).abs().max().item())
+
+
+# The [K, N] mma.sync kernel reads double-quantized block scales through registers by default and
+# through its shared-memory stages with MOEQUANT_KN_DQ_SCALES=0 (read once per process): both must
+# give the same bits. Each runs the same saved double-quant cases in a fresh process with the fused
+# kernels forced (MOEQUANT_KN_WGMMA unset: the [K, N] products on mma.sync), training forward +
+# backward, and lists the [K, N] kernels it launched. H=320, I=192: 5 / 6 / 3 k-tiles, the
+# 320- and 192-column products end in part-filled 128-column tiles; blocksizes 32 / 64 / 256;
+# 1 to 100 rows per expert (T=3 over 8 experts; skewed routing puts about 100 on two experts).
+KN_DQ_CHILD = r"""
+import sys, torch
+from torch.profiler import ProfilerActivity, profile
+import moequant
+from moequant import ops
+results, names, saw_kernels = [], set(), False
+for case in torch.load(sys.argv[1]):
+    args, kw = case["args"], case["kwargs"]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out, gate_up_out = ops._experts_forward_train(*args, **kw)
+        grads = ops.experts_backward(case["grad_out"], *args[:3], gate_up_out, *args[3:], **kw)
+        torch.cuda.synchronize()
+    results.append([out, gate_up_out, *grads])
+    keys = {e.key for e in prof.key_averages()}
+    saw_kernels |= bool(keys)
+    names |= {k for k in keys if "nf4_gemm_kn" in k}
+torch.save({"results": results, "names": sorted(names), "saw_kernels": saw_kernels}, sys.argv[2])
+"""
+
+
+def kn_dq_results(path_in, path_out, scales):
+    env = {k: v for k, v in os.environ.items() if k not in ("MOEQUANT_KN_DQ_SCALES", "MOEQUANT_KN_WGMMA")}
+    env.update(MOEQUANT_EXPERTS_FUSED_GEMM="1", MOEQUANT_DECODE_MAX_PAIRS="0")
+    if scales is not None:
+        env["MOEQUANT_KN_DQ_SCALES"] = scales
+    r = subprocess.run([sys.executable, "-c", KN_DQ_CHILD, path_in, path_out], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return torch.load(path_out)
+
+
+def test_kn_double_quant_scales_bitwise(tmp_path):
+    # (T, routing, blocksize, dtype, layout, quant_type, lora)
+    specs = [(3, "uniform", 64, torch.bfloat16, "plain", "nf4", False),
+             (60, "uniform", 32, torch.float16, "transposed", "nf4", False),
+             (100, "skewed", 256, torch.bfloat16, "plain", "fp4", True),
+             (200, "uniform", 64, torch.bfloat16, "transposed", "nf4", False),
+             (100, "skewed", 64, torch.float16, "transposed", "fp4", False),
+             (40, "uniform", 256, torch.bfloat16, "transposed", "nf4", True)]
+    cases = []
+    for T, routing, blocksize, dtype, layout, quant_type, lora in specs:
+        case = cuda_case(T=T, H=320, I=192, E=8, k=2, dtype=dtype, transposed=layout == "transposed",
+                         routing=routing, sentinels=T == 200, blocksize=blocksize, bias=True, lora=(lora, lora),
+                         rank=8, requires_grad=False)
+        fc = FormatCase(case, quant_type, True)
+        assert fc.stacks[1].dtype == torch.uint8 and fc.stacks[3].dtype == torch.uint8  # double-quantized
+        cases.append({"args": list(fc.args()), "kwargs": fc.kwargs, "grad_out": torch.randn_like(case.hidden)})
+    torch.save(cases, tmp_path / "cases.pt")
+    new = kn_dq_results(str(tmp_path / "cases.pt"), str(tmp_path / "new.pt"), None)
+    old = kn_dq_results(str(tmp_path / "cases.pt"), str(tmp_path / "old.pt"), "0")
+    if new["saw_kernels"]:  # the profiler sees kernels (not under compute-sanitizer)
+        assert any("nf4_gemm_kn_dq_regs_kernel" in n for n in new["names"]), new["names"]
+        assert not any("nf4_gemm_kn_kernel" in n for n in new["names"]), new["names"]
+    if old["saw_kernels"]:
+        assert any("nf4_gemm_kn_kernel" in n for n in old["names"]), old["names"]
+        assert not any("nf4_gemm_kn_dq_regs_kernel" in n for n in old["names"]), old["names"]
+    assert len(new["results"]) == len(old["results"]) == len(cases)
+    for c, (got, want) in enumerate(zip(new["results"], old["results"])):
+        assert len(got) == len(want) == 8
+        assert got[0].float().norm() > 0 and got[2].float().norm() > 0, c  # output, grad of hidden
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert (a is None) == (b is None), (c, i)
+            if a is None:
+                continue
+            assert a.dtype == b.dtype and a.shape == b.shape, (c, i)
+            bits = (lambda t: t.view(torch.int16)) if a.element_size() == 2 else (lambda t: t)
+            assert torch.equal(bits(a), bits(b)), (c, i, (a.float() - b.float()).abs().max().item())
