@@ -245,11 +245,11 @@ struct UnitCodes {
 
 // kInt8: the decode step reads one byte per weight (one scale per row, applied once per unit);
 // otherwise a 4-bit codebook through the pair table, with plain or double-quantized block scales.
+// The kernels' body; gemv_kernel and gemv_dq_kernel (below) differ in their launch bounds only.
 template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8>
-__global__ void __launch_bounds__(kGemvThreads)
-gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
-                int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
-                int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, float* __restrict__ out) {
+__device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Quant4Args& args, int64_t N, int64_t K,
+    int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E, int64_t top_k,
+    GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, float* __restrict__ out) {
   extern __shared__ float4 staged[];  // split_units * kPaddedUnitFloats floats
   // Static, so that the pair table's address folds into the LDS instructions' immediate.
   __shared__ DecodeTables<kDoubleQuant> tables;
@@ -408,6 +408,38 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
   }
 }
 
+template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8>
+__global__ void __launch_bounds__(kGemvThreads)
+gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
+                int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
+                int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, float* __restrict__ out) {
+  gemv<in_t, kActInput, kAct, kDoubleQuant, kInt8>(packed, args, N, K, split_units, log2_units_per_block, pair_expert,
+                                                   E, top_k, in, lora, out);
+}
+
+// Double-quantized 4-bit stacks on sm_90+: three CTAs per SM, as plain stacks get (78 registers).
+// Unbounded, the GEMV of the hidden states (gate_up) takes 99 registers with double quant: two
+// CTAs of 256 threads per SM, a third fewer loads in flight in a latency-bound kernel. (sm_80: the
+// bound spills 12-16 bytes in the down GEMV, so there the unbounded kernel runs.)
+template <typename in_t, bool kActInput, GatedActivation kAct>
+__global__ void __launch_bounds__(kGemvThreads, 3)
+gemv_dq_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
+               int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
+               int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, float* __restrict__ out) {
+  gemv<in_t, kActInput, kAct, true, false>(packed, args, N, K, split_units, log2_units_per_block, pair_expert, E,
+                                           top_k, in, lora, out);
+}
+
+// Whether the double-quant GEMV runs gemv_dq_kernel: sm_90+, and MOEQUANT_DECODE_DQ_BOUNDS is not
+// "0" (gemv_kernel without the occupancy bound, for comparisons; the switch is read once per process).
+static bool decode_dq_bounded() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOEQUANT_DECODE_DQ_BOUNDS");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on && at::cuda::getCurrentDeviceProperties()->major >= 9;
+}
+
 // out[t, c] = sum_j w[t, j] * (sum_s y[s, p, c] + b_d[e, c]) over valid slots, in slot order. The
 // routing weights are read in their own dtype (w rounded to float32 as weights.to(float) does), so
 // that no cast kernel precedes the call.
@@ -472,6 +504,9 @@ static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at:
   if (!is_4bit(w.type)) {
     launch_gemv(gemv_kernel<in_t, kActInput, kAct, false, true>, w, num_pairs, pair_expert, top_k, input, lora, out,
                 stream, dependent);
+  } else if (w.double_quant() && decode_dq_bounded()) {
+    launch_gemv(gemv_dq_kernel<in_t, kActInput, kAct>, w, num_pairs, pair_expert, top_k, input, lora, out, stream,
+                dependent);
   } else if (w.double_quant()) {
     launch_gemv(gemv_kernel<in_t, kActInput, kAct, true, false>, w, num_pairs, pair_expert, top_k, input, lora, out,
                 stream, dependent);
