@@ -887,3 +887,56 @@ def test_kn_double_quant_scales_bitwise(tmp_path):
             assert a.dtype == b.dtype and a.shape == b.shape, (c, i)
             bits = (lambda t: t.view(torch.int16)) if a.element_size() == 2 else (lambda t: t)
             assert torch.equal(bits(a), bits(b)), (c, i, (a.float() - b.float()).abs().max().item())
+
+
+# The decode GEMV of double-quantized stacks runs gemv_dq_kernel on sm_90+ (bounded to three CTAs
+# per SM) and gemv_kernel with MOEQUANT_DECODE_DQ_BOUNDS=0 (read once per process): the same body,
+# so the same bits. Each runs the same saved no-grad decode cases (T=1, 2; gate_up input split in
+# two ranges, H = 32 * 130; LoRA) in a fresh process and lists the GEMV kernels it launched.
+DECODE_DQ_CHILD = r"""
+import sys, torch
+from torch.profiler import ProfilerActivity, profile
+import moequant
+from moequant import ops
+results, names, saw_kernels = [], set(), False
+for case in torch.load(sys.argv[1]):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        results.append(ops.experts_forward(*case["args"], **case["kwargs"]))
+        torch.cuda.synchronize()
+    keys = {e.key for e in prof.key_averages()}
+    saw_kernels |= bool(keys)
+    names |= {k for k in keys if "gemv" in k}
+torch.save({"results": results, "names": sorted(names), "saw_kernels": saw_kernels}, sys.argv[2])
+"""
+
+
+def test_decode_double_quant_bounds_bitwise(tmp_path):
+    cases = []
+    for T, H, I, quant_type, lora in [(1, 128, 64, "nf4", False), (2, 32 * 130, 32 * 67, "fp4", False),
+                                      (1, 256, 128, "nf4", True)]:
+        case = cuda_case(T=T, k=4 if T < 2 else 2, E=8 if H < 1000 else 4, H=H, I=I, dtype=torch.bfloat16, bias=True,
+                         lora=(lora, lora), rank=8, requires_grad=False)
+        fc = FormatCase(case, quant_type, True)
+        cases.append({"args": list(fc.args()), "kwargs": fc.kwargs})
+    torch.save(cases, tmp_path / "cases.pt")
+
+    def run(bounds, out):
+        env = {k: v for k, v in os.environ.items() if k != "MOEQUANT_DECODE_DQ_BOUNDS"}
+        env["MOEQUANT_DECODE_MAX_PAIRS"] = "64"
+        if bounds is not None:
+            env["MOEQUANT_DECODE_DQ_BOUNDS"] = bounds
+        r = subprocess.run([sys.executable, "-c", DECODE_DQ_CHILD, str(tmp_path / "cases.pt"), str(tmp_path / out)],
+                           env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return torch.load(tmp_path / out)
+
+    new, old = run(None, "new.pt"), run("0", "old.pt")
+    if new["saw_kernels"]:
+        assert any(("gemv_dq_kernel" if HOPPER else "gemv_kernel") in n for n in new["names"]), new["names"]
+    if old["saw_kernels"]:
+        assert any("gemv_kernel" in n for n in old["names"]), old["names"]
+        assert not any("gemv_dq_kernel" in n for n in old["names"]), old["names"]
+    assert len(new["results"]) == len(old["results"]) == len(cases)
+    for c, (a, b) in enumerate(zip(new["results"], old["results"])):
+        assert a.float().norm() > 0, c
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (c, (a.float() - b.float()).abs().max().item())
