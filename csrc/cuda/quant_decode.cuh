@@ -29,14 +29,17 @@ inline Codebook16 codebook16(QuantType type) {
 }
 
 // bitsandbytes' signed dynamic map (double-quantized statistics), copied by each kernel that
-// needs it into shared memory: codes index it at random.
+// needs it into shared memory: codes index it at random. The table lives in global memory, not
+// __constant__: the copy reads a different element in every lane, which the constant cache
+// serializes (32 replays per warp, cold at each kernel start), where a global read is one
+// coalesced 128-byte request per warp.
 struct DynamicMapTable {
   float v[256];
 };
-__device__ __constant__ static const DynamicMapTable kDynamicMapDevice = {MOEQUANT_DYNAMIC_MAP_VALUES};
+__device__ static const DynamicMapTable kDynamicMapDevice = {MOEQUANT_DYNAMIC_MAP_VALUES};
 
 __device__ __forceinline__ void fill_dynamic_map(float* map) {
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = kDynamicMapDevice.v[i];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = __ldg(kDynamicMapDevice.v + i);
 }
 
 // The scales of one matrix's blocks (plain or double-quantized), with the dynamic map in shared
