@@ -446,35 +446,24 @@ __device__ __forceinline__ void nf4_gemm_kn(const T* __restrict__ in, T* __restr
     if (s < k_tiles) load_stage(s, s * kTileK);
     cp_async_commit();
   }
-  if constexpr (kDqRegs) {
-    // The scales of k-tile kt + 1 are loaded before k-tile kt is decoded: a k-tile's decode and
-    // mma hide their latency.
-    ChunkScales current;
-    load_scales(current, 0);
-    for (int64_t kt = 0; kt < k_tiles; ++kt) {
-      cp_async_wait<S::kStages - 2>();
-      __syncthreads();  // k-tile kt landed; everyone is done with `decoded` and slot kt - 1
-      const int64_t next = kt + S::kStages - 1;
-      if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
-      cp_async_commit();
-      ChunkScales following = current;
+  // kDqRegs: the scales of k-tile kt + 1 are loaded before k-tile kt is decoded, so that a
+  // k-tile's decode and mma hide their latency.
+  [[maybe_unused]] ChunkScales current, following;
+  if constexpr (kDqRegs) load_scales(current, 0);
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<S::kStages - 2>();
+    __syncthreads();  // k-tile kt landed; everyone is done with `decoded` and slot kt - 1
+    const int64_t next = kt + S::kStages - 1;
+    if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
+    cp_async_commit();
+    if constexpr (kDqRegs) {
+      following = current;
       if (kt + 1 < k_tiles) load_scales(following, (kt + 1) * kTileK);
-      decode(static_cast<int>(kt % S::kStages), kt * kTileK, &current);
-      __syncthreads();
-      compute(static_cast<int>(kt % S::kStages));
-      current = following;
     }
-  } else {
-    for (int64_t kt = 0; kt < k_tiles; ++kt) {
-      cp_async_wait<S::kStages - 2>();
-      __syncthreads();  // k-tile kt landed; everyone is done with `decoded` and slot kt - 1
-      const int64_t next = kt + S::kStages - 1;
-      if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
-      cp_async_commit();
-      decode(static_cast<int>(kt % S::kStages), kt * kTileK, nullptr);
-      __syncthreads();
-      compute(static_cast<int>(kt % S::kStages));
-    }
+    decode(static_cast<int>(kt % S::kStages), kt * kTileK, kDqRegs ? &current : nullptr);
+    __syncthreads();
+    compute(static_cast<int>(kt % S::kStages));
+    if constexpr (kDqRegs) current = following;
   }
   store_tile<T, S>(acc, ct, out, N);
 }
