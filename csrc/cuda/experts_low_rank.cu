@@ -283,42 +283,28 @@ void add_low_rank_rows(at::Tensor& rows, const LowRankTerm& term, const ExpertsR
   const bool row_vectors = rows.stride(0) % 8 == 0 && out_dim % 8 == 0 && is_aligned(rows.const_data_ptr(), 16);
   const auto launch = [&](auto tag) {
     using T = decltype(tag);
-    if (row_vectors && stream_kernel_enabled()) {
-      const int64_t warp_tiles =
-          (n + kStreamTileRows - 1) / kStreamTileRows * ((out_dim + kStreamTileCols - 1) / kStreamTileCols);
-      const int64_t ctas = (warp_tiles + kStreamThreads / 32 - 1) / (kStreamThreads / 32);
-      const auto args = [&](auto kernel) {
-        kernel<<<static_cast<unsigned>(persistent_grid(kernel, kStreamThreads, ctas)), kStreamThreads, 0, stream>>>(
-            reinterpret_cast<T*>(rows.mutable_data_ptr()), rows.stride(0),
-            reinterpret_cast<const T*>(term.u.const_data_ptr()), term.u.stride(0),
-            reinterpret_cast<const T*>(term.mats.const_data_ptr()), row_expert, n, out_dim, static_cast<int>(rank),
-            term.scale);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (factor_pairs) {
-        args(add_low_rank_stream_kernel<T, true>);
-      } else {
-        args(add_low_rank_stream_kernel<T, false>);
-      }
-      return;
-    }
-    const int64_t warp_tiles = (n + kTileRows - 1) / kTileRows * ((out_dim + kTileCols - 1) / kTileCols);
-    const auto grid = static_cast<unsigned>(grid_for(warp_tiles * 32, kLowRankThreads));
-    const bool pairs = factor_pairs && rows.stride(0) % 2 == 0 && out_dim % 2 == 0 &&
-                       is_aligned(rows.const_data_ptr(), 4);
-    const auto args = [&](auto kernel) {
-      kernel<<<grid, kLowRankThreads, 0, stream>>>(
+    const auto run = [&](auto kernel, unsigned grid, int threads) {
+      kernel<<<grid, threads, 0, stream>>>(
           reinterpret_cast<T*>(rows.mutable_data_ptr()), rows.stride(0),
           reinterpret_cast<const T*>(term.u.const_data_ptr()), term.u.stride(0),
           reinterpret_cast<const T*>(term.mats.const_data_ptr()), row_expert, n, out_dim, static_cast<int>(rank),
           term.scale);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (pairs) {
-      args(add_low_rank_mma_kernel<T, true>);
-    } else {
-      args(add_low_rank_mma_kernel<T, false>);
+    if (row_vectors && stream_kernel_enabled()) {
+      const int64_t warp_tiles =
+          (n + kStreamTileRows - 1) / kStreamTileRows * ((out_dim + kStreamTileCols - 1) / kStreamTileCols);
+      const int64_t ctas = (warp_tiles + kStreamThreads / 32 - 1) / (kStreamThreads / 32);
+      const auto stream_kernel =
+          factor_pairs ? add_low_rank_stream_kernel<T, true> : add_low_rank_stream_kernel<T, false>;
+      run(stream_kernel, static_cast<unsigned>(persistent_grid(stream_kernel, kStreamThreads, ctas)), kStreamThreads);
+      return;
     }
+    const int64_t warp_tiles = (n + kTileRows - 1) / kTileRows * ((out_dim + kTileCols - 1) / kTileCols);
+    const bool pairs = factor_pairs && rows.stride(0) % 2 == 0 && out_dim % 2 == 0 &&
+                       is_aligned(rows.const_data_ptr(), 4);
+    run(pairs ? add_low_rank_mma_kernel<T, true> : add_low_rank_mma_kernel<T, false>,
+        static_cast<unsigned>(grid_for(warp_tiles * 32, kLowRankThreads)), kLowRankThreads);
   };
   if (rows.scalar_type() == at::kBFloat16) {
     launch(__nv_bfloat16{});
