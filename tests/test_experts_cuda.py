@@ -750,43 +750,81 @@ def test_format_mismatch_errors():
         ops.experts_forward(*fq.args(), **kw)
 
 
-
-# add_low_rank_rows' bf16/fp16 kernels: the streaming kernel (32 x 64 warp tiles of 16-byte
-# vectors, the default) must give bitwise what add_low_rank_mma_kernel gives
-# (MOEQUANT_LOW_RANK_KERNEL=0, read once per process): each runs the same saved cases in a fresh
-# process, training forward + backward, and lists the add_low_rank kernels it launched.
-LOW_RANK_CHILD = r"""
+# ---- read-once switches, compared bit for bit -------------------------------------------------
+# A switch read once per process (MOEQUANT_LOW_RANK_KERNEL, MOEQUANT_KN_DQ_SCALES,
+# MOEQUANT_DECODE_DQ_BOUNDS) is compared by running the same saved cases in two fresh processes,
+# the default and the switch set to "0": each saves its results and the kernels it launched whose
+# names contain a filter (none are seen under compute-sanitizer, where the profiler sees nothing).
+SWITCH_CHILD = r"""
 import sys, torch
 from torch.profiler import ProfilerActivity, profile
-import moequant
 from moequant import ops
-results, names = [], set()
-for case in torch.load(sys.argv[1]):
+cases_path, out_path, mode, name_filter = sys.argv[1:5]
+results, names, saw_kernels = [], set(), False
+for case in torch.load(cases_path):
     args, kw = case["args"], case["kwargs"]
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out, gate_up_out = ops._experts_forward_train(*args, **kw)
-        grads = ops.experts_backward(case["grad_out"], *args[:3], gate_up_out, *args[3:], **kw)
+        if mode == "train":  # training forward + backward: output, gate_up_out and every gradient
+            out, gate_up_out = ops._experts_forward_train(*args, **kw)
+            results.append([out, gate_up_out, *ops.experts_backward(case["grad_out"], *args[:3], gate_up_out,
+                                                                    *args[3:], **kw)])
+        else:  # no-grad forward
+            results.append([ops.experts_forward(*args, **kw)])
         torch.cuda.synchronize()
-    results.append([out, gate_up_out, *grads])
-    names |= {e.key for e in prof.key_averages() if "add_low_rank" in e.key}
-torch.save({"results": results, "names": sorted(names)}, sys.argv[2])
+    keys = {e.key for e in prof.key_averages()}
+    saw_kernels |= bool(keys)
+    names |= {k for k in keys if name_filter in k}
+torch.save({"results": results, "names": sorted(names), "saw_kernels": saw_kernels}, out_path)
 """
 
 
-def low_rank_results(path_in, path_out, kernel):
-    env = {k: v for k, v in os.environ.items() if k != "MOEQUANT_LOW_RANK_KERNEL"}
-    if kernel is not None:
-        env["MOEQUANT_LOW_RANK_KERNEL"] = kernel
-    r = subprocess.run([sys.executable, "-c", LOW_RANK_CHILD, path_in, path_out], env=env, capture_output=True,
-                       text=True)
+def run_switch_cases(tmp_path, cases, mode, name_filter, switch, value, **env_set):
+    """SWITCH_CHILD on `cases` in a fresh process with `switch` unset (value None) or set, plus env_set."""
+    cases_file = tmp_path / "cases.pt"
+    if not cases_file.exists():
+        torch.save(cases, cases_file)
+    out_file = tmp_path / f"{switch}-{value}.pt"
+    env = {k: v for k, v in os.environ.items() if k != switch}
+    env.update(env_set)
+    if value is not None:
+        env[switch] = value
+    r = subprocess.run([sys.executable, "-c", SWITCH_CHILD, str(cases_file), str(out_file), mode, name_filter],
+                       env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return torch.load(path_out)
+    return torch.load(out_file)
 
 
-# Tiles of several experts (E=16, k=2: a few rows each), rows (T * k) not a multiple of 32, widths
-# not a multiple of 64 (H=200, 2I=80, I=40), ranks 16/17 and 7/8 (gate_up/down: the odd one loads
-# factors element-wise), bf16 and fp16; and widths not a multiple of 8 (H=100, I=24: the old
-# kernel in both processes).
+def assert_results_bitwise(new, old, num_cases, outputs):
+    """Both processes' results equal bit for bit (16-bit tensors as int16), each case's first
+    result (the output) non-zero."""
+    assert len(new["results"]) == len(old["results"]) == num_cases
+    for c, (got, want) in enumerate(zip(new["results"], old["results"])):
+        assert len(got) == len(want) == outputs, c
+        assert got[0].float().norm() > 0, c
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert (a is None) == (b is None), (c, i)
+            if a is None:
+                continue
+            assert a.dtype == b.dtype and a.shape == b.shape, (c, i)
+            bits = (lambda t: t.view(torch.int16)) if a.element_size() == 2 else (lambda t: t)
+            assert torch.equal(bits(a), bits(b)), (c, i, (a.float() - b.float()).abs().max().item())
+
+
+def ran(result, name):
+    """Whether a kernel whose name contains `name` ran (True where the profiler saw no kernels)."""
+    return not result["saw_kernels"] or any(name in n for n in result["names"])
+
+
+def ran_not(result, name):
+    return not result["saw_kernels"] or not any(name in n for n in result["names"])
+
+
+# add_low_rank_rows' bf16/fp16 kernels: the streaming kernel (32 x 64 warp tiles of 16-byte
+# vectors, the default) must give bitwise what add_low_rank_mma_kernel gives
+# (MOEQUANT_LOW_RANK_KERNEL=0). Tiles of several experts (E=16, k=2: a few rows each), rows (T * k)
+# not a multiple of 32, widths not a multiple of 64 (H=200, 2I=80, I=40), ranks 16/17 and 7/8
+# (gate_up/down: the odd one loads factors element-wise), bf16 and fp16; and widths not a multiple
+# of 8 (H=100, I=24: the old kernel in both processes).
 def test_low_rank_stream_kernel_bitwise(tmp_path):
     shapes = [(50, 200, 40, 16), (301, 200, 40, 4), (40, 100, 24, 16)]
     cases = []
@@ -797,60 +835,20 @@ def test_low_rank_stream_kernel_bitwise(tmp_path):
                                  sentinels=T == 301, blocksize=32 if H == 100 else 64, requires_grad=False)
                 cases.append({"args": list(case.args()), "kwargs": case.kwargs,
                               "grad_out": torch.randn_like(case.hidden)})
-    torch.save(cases, tmp_path / "cases.pt")
-    new = low_rank_results(str(tmp_path / "cases.pt"), str(tmp_path / "new.pt"), None)
-    old = low_rank_results(str(tmp_path / "cases.pt"), str(tmp_path / "old.pt"), "0")
-    assert any("add_low_rank_stream_kernel" in n for n in new["names"]), new["names"]
-    assert not any("add_low_rank_stream_kernel" in n for n in old["names"]), old["names"]
-    assert any("add_low_rank_mma_kernel" in n for n in old["names"]), old["names"]
-    assert len(new["results"]) == len(old["results"]) == len(cases)
-    for c, (got, want) in enumerate(zip(new["results"], old["results"])):
-        assert len(got) == len(want) == 8
-        assert got[0].float().norm() > 0, c
-        for i, (a, b) in enumerate(zip(got, want)):
-            assert a.dtype == b.dtype and a.shape == b.shape, (c, i)
-            bits = (lambda t: t.view(torch.int16)) if a.element_size() == 2 else (lambda t: t)
-            assert torch.equal(bits(a), bits(b)), (c, i, (a.float() - b.float()).abs().max().item())
+    run = lambda value: run_switch_cases(tmp_path, cases, "train", "add_low_rank",  # noqa: E731
+                                         "MOEQUANT_LOW_RANK_KERNEL", value)
+    new, old = run(None), run("0")
+    assert ran(new, "add_low_rank_stream_kernel"), new["names"]
+    assert ran_not(old, "add_low_rank_stream_kernel") and ran(old, "add_low_rank_mma_kernel"), old["names"]
+    assert_results_bitwise(new, old, len(cases), outputs=8)
 
 
 # The [K, N] mma.sync kernel reads double-quantized block scales through registers by default and
-# through its shared-memory stages with MOEQUANT_KN_DQ_SCALES=0 (read once per process): both must
-# give the same bits. Each runs the same saved double-quant cases in a fresh process with the fused
-# kernels forced (MOEQUANT_KN_WGMMA unset: the [K, N] products on mma.sync), training forward +
-# backward, and lists the [K, N] kernels it launched. H=320, I=192: 5 / 6 / 3 k-tiles, the
-# 320- and 192-column products end in part-filled 128-column tiles; blocksizes 32 / 64 / 256;
-# 1 to 100 rows per expert (T=3 over 8 experts; skewed routing puts about 100 on two experts).
-KN_DQ_CHILD = r"""
-import sys, torch
-from torch.profiler import ProfilerActivity, profile
-import moequant
-from moequant import ops
-results, names, saw_kernels = [], set(), False
-for case in torch.load(sys.argv[1]):
-    args, kw = case["args"], case["kwargs"]
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out, gate_up_out = ops._experts_forward_train(*args, **kw)
-        grads = ops.experts_backward(case["grad_out"], *args[:3], gate_up_out, *args[3:], **kw)
-        torch.cuda.synchronize()
-    results.append([out, gate_up_out, *grads])
-    keys = {e.key for e in prof.key_averages()}
-    saw_kernels |= bool(keys)
-    names |= {k for k in keys if "nf4_gemm_kn" in k}
-torch.save({"results": results, "names": sorted(names), "saw_kernels": saw_kernels}, sys.argv[2])
-"""
-
-
-def kn_dq_results(path_in, path_out, scales):
-    env = {k: v for k, v in os.environ.items() if k not in ("MOEQUANT_KN_DQ_SCALES", "MOEQUANT_KN_WGMMA")}
-    env.update(MOEQUANT_EXPERTS_FUSED_GEMM="1", MOEQUANT_DECODE_MAX_PAIRS="0")
-    if scales is not None:
-        env["MOEQUANT_KN_DQ_SCALES"] = scales
-    r = subprocess.run([sys.executable, "-c", KN_DQ_CHILD, path_in, path_out], env=env, capture_output=True,
-                       text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return torch.load(path_out)
-
-
+# through its shared-memory stages with MOEQUANT_KN_DQ_SCALES=0: both must give the same bits, with
+# the fused kernels forced (MOEQUANT_KN_WGMMA unset: the [K, N] products on mma.sync), training
+# forward + backward. H=320, I=192: 5 / 6 / 3 k-tiles, the 320- and 192-column products end in
+# part-filled 128-column tiles; blocksizes 32 / 64 / 256; 1 to 100 rows per expert (T=3 over 8
+# experts; skewed routing puts about 100 on two experts).
 def test_kn_double_quant_scales_bitwise(tmp_path):
     # (T, routing, blocksize, dtype, layout, quant_type, lora)
     specs = [(3, "uniform", 64, torch.bfloat16, "plain", "nf4", False),
@@ -867,49 +865,20 @@ def test_kn_double_quant_scales_bitwise(tmp_path):
         fc = FormatCase(case, quant_type, True)
         assert fc.stacks[1].dtype == torch.uint8 and fc.stacks[3].dtype == torch.uint8  # double-quantized
         cases.append({"args": list(fc.args()), "kwargs": fc.kwargs, "grad_out": torch.randn_like(case.hidden)})
-    torch.save(cases, tmp_path / "cases.pt")
-    new = kn_dq_results(str(tmp_path / "cases.pt"), str(tmp_path / "new.pt"), None)
-    old = kn_dq_results(str(tmp_path / "cases.pt"), str(tmp_path / "old.pt"), "0")
-    if new["saw_kernels"]:  # the profiler sees kernels (not under compute-sanitizer)
-        assert any("nf4_gemm_kn_dq_regs_kernel" in n for n in new["names"]), new["names"]
-        assert not any("nf4_gemm_kn_kernel" in n for n in new["names"]), new["names"]
-    if old["saw_kernels"]:
-        assert any("nf4_gemm_kn_kernel" in n for n in old["names"]), old["names"]
-        assert not any("nf4_gemm_kn_dq_regs_kernel" in n for n in old["names"]), old["names"]
-    assert len(new["results"]) == len(old["results"]) == len(cases)
-    for c, (got, want) in enumerate(zip(new["results"], old["results"])):
-        assert len(got) == len(want) == 8
-        assert got[0].float().norm() > 0 and got[2].float().norm() > 0, c  # output, grad of hidden
-        for i, (a, b) in enumerate(zip(got, want)):
-            assert (a is None) == (b is None), (c, i)
-            if a is None:
-                continue
-            assert a.dtype == b.dtype and a.shape == b.shape, (c, i)
-            bits = (lambda t: t.view(torch.int16)) if a.element_size() == 2 else (lambda t: t)
-            assert torch.equal(bits(a), bits(b)), (c, i, (a.float() - b.float()).abs().max().item())
+    run = lambda value: run_switch_cases(tmp_path, cases, "train", "nf4_gemm_kn", "MOEQUANT_KN_DQ_SCALES",  # noqa: E731
+                                         value, MOEQUANT_EXPERTS_FUSED_GEMM="1", MOEQUANT_DECODE_MAX_PAIRS="0",
+                                         MOEQUANT_KN_WGMMA="0")
+    new, old = run(None), run("0")
+    assert ran(new, "nf4_gemm_kn_dq_regs_kernel") and ran_not(new, "nf4_gemm_kn_kernel"), new["names"]
+    assert ran(old, "nf4_gemm_kn_kernel") and ran_not(old, "nf4_gemm_kn_dq_regs_kernel"), old["names"]
+    assert_results_bitwise(new, old, len(cases), outputs=8)
+    for got in new["results"]:
+        assert got[2].float().norm() > 0  # the gradient of hidden
 
 
 # The decode GEMV of double-quantized stacks runs gemv_dq_kernel on sm_90+ (bounded to three CTAs
-# per SM) and gemv_kernel with MOEQUANT_DECODE_DQ_BOUNDS=0 (read once per process): the same body,
-# so the same bits. Each runs the same saved no-grad decode cases (T=1, 2; gate_up input split in
-# two ranges, H = 32 * 130; LoRA) in a fresh process and lists the GEMV kernels it launched.
-DECODE_DQ_CHILD = r"""
-import sys, torch
-from torch.profiler import ProfilerActivity, profile
-import moequant
-from moequant import ops
-results, names, saw_kernels = [], set(), False
-for case in torch.load(sys.argv[1]):
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        results.append(ops.experts_forward(*case["args"], **case["kwargs"]))
-        torch.cuda.synchronize()
-    keys = {e.key for e in prof.key_averages()}
-    saw_kernels |= bool(keys)
-    names |= {k for k in keys if "gemv" in k}
-torch.save({"results": results, "names": sorted(names), "saw_kernels": saw_kernels}, sys.argv[2])
-"""
-
-
+# per SM) and gemv_kernel with MOEQUANT_DECODE_DQ_BOUNDS=0: the same body, so the same bits.
+# No-grad decode cases: T=1, 2; the gate_up input split in two ranges (H = 32 * 130); LoRA.
 def test_decode_double_quant_bounds_bitwise(tmp_path):
     cases = []
     for T, H, I, quant_type, lora in [(1, 128, 64, "nf4", False), (2, 32 * 130, 32 * 67, "fp4", False),
@@ -918,25 +887,9 @@ def test_decode_double_quant_bounds_bitwise(tmp_path):
                          lora=(lora, lora), rank=8, requires_grad=False)
         fc = FormatCase(case, quant_type, True)
         cases.append({"args": list(fc.args()), "kwargs": fc.kwargs})
-    torch.save(cases, tmp_path / "cases.pt")
-
-    def run(bounds, out):
-        env = {k: v for k, v in os.environ.items() if k != "MOEQUANT_DECODE_DQ_BOUNDS"}
-        env["MOEQUANT_DECODE_MAX_PAIRS"] = "64"
-        if bounds is not None:
-            env["MOEQUANT_DECODE_DQ_BOUNDS"] = bounds
-        r = subprocess.run([sys.executable, "-c", DECODE_DQ_CHILD, str(tmp_path / "cases.pt"), str(tmp_path / out)],
-                           env=env, capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return torch.load(tmp_path / out)
-
-    new, old = run(None, "new.pt"), run("0", "old.pt")
-    if new["saw_kernels"]:
-        assert any(("gemv_dq_kernel" if HOPPER else "gemv_kernel") in n for n in new["names"]), new["names"]
-    if old["saw_kernels"]:
-        assert any("gemv_kernel" in n for n in old["names"]), old["names"]
-        assert not any("gemv_dq_kernel" in n for n in old["names"]), old["names"]
-    assert len(new["results"]) == len(old["results"]) == len(cases)
-    for c, (a, b) in enumerate(zip(new["results"], old["results"])):
-        assert a.float().norm() > 0, c
-        assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (c, (a.float() - b.float()).abs().max().item())
+    run = lambda value: run_switch_cases(tmp_path, cases, "decode", "gemv", "MOEQUANT_DECODE_DQ_BOUNDS",  # noqa: E731
+                                         value, MOEQUANT_DECODE_MAX_PAIRS="64")
+    new, old = run(None), run("0")
+    assert ran(new, "gemv_dq_kernel" if HOPPER else "gemv_kernel"), new["names"]
+    assert ran(old, "gemv_kernel") and ran_not(old, "gemv_dq_kernel"), old["names"]
+    assert_results_bitwise(new, old, len(cases), outputs=1)
