@@ -29,6 +29,17 @@ __device__ __forceinline__ uint32_t load_pair(const T* p, int k, int rank, bool 
   }
 }
 
+// The mma A fragment of u for the k16 step holding element k (= k0 + 2 q): rows g (u_lo) and
+// g + 8 (u_hi) of a 16-row block, zero for rows outside the current expert's.
+template <typename T, bool kPairs>
+__device__ __forceinline__ void load_u_fragment(uint32_t (&a)[4], const T* u_lo, const T* u_hi, int k, int rank,
+                                                bool lo_in, bool hi_in) {
+  a[0] = load_pair<T, kPairs>(u_lo, k, rank, lo_in);
+  a[1] = load_pair<T, kPairs>(u_hi, k, rank, hi_in);
+  a[2] = load_pair<T, kPairs>(u_lo, k + 8, rank, lo_in);
+  a[3] = load_pair<T, kPairs>(u_hi, k + 8, rank, hi_in);
+}
+
 // rows[i] += scale * u[i] @ mats[e(i)]^T on the tensor cores (bf16/fp16). A warp owns a tile of
 // 16 rows x 32 columns: per k16 step of the rank, one A fragment of u and four B fragments of the
 // expert's factor make four m16n8k16 products. Rows are sorted by expert, so a tile almost always
@@ -84,10 +95,8 @@ add_low_rank_mma_kernel(T* __restrict__ rows_out, int64_t row_stride, const T* _
       const bool lo_in = g >= first && g < last, hi_in = g + 8 >= first && g + 8 < last;
       const T* m = mats + int64_t{e} * out_dim * rank;
       for (int k0 = 0; k0 < rank; k0 += 16) {
-        const uint32_t a[4] = {load_pair<T, kPairs>(u_lo, k0 + 2 * q, rank, lo_in),
-                               load_pair<T, kPairs>(u_hi, k0 + 2 * q, rank, hi_in),
-                               load_pair<T, kPairs>(u_lo, k0 + 2 * q + 8, rank, lo_in),
-                               load_pair<T, kPairs>(u_hi, k0 + 2 * q + 8, rank, hi_in)};
+        uint32_t a[4];
+        load_u_fragment<T, kPairs>(a, u_lo, u_hi, k0 + 2 * q, rank, lo_in, hi_in);
 #pragma unroll
         for (int nb = 0; nb < kColBlocks; ++nb) {
           const int64_t col = col0 + nb * 8 + g;
@@ -193,10 +202,8 @@ add_low_rank_stream_kernel(T* __restrict__ rows_out, int64_t row_stride, const T
           const bool lo_in = g >= first && g < last, hi_in = g + 8 >= first && g + 8 < last;
           const T* m = mats + int64_t{e} * out_dim * rank;
           for (int k0 = 0; k0 < rank; k0 += 16) {
-            const uint32_t a[4] = {load_pair<T, kPairs>(u_lo, k0 + 2 * q, rank, lo_in),
-                                   load_pair<T, kPairs>(u_hi, k0 + 2 * q, rank, hi_in),
-                                   load_pair<T, kPairs>(u_lo, k0 + 2 * q + 8, rank, lo_in),
-                                   load_pair<T, kPairs>(u_hi, k0 + 2 * q + 8, rank, hi_in)};
+            uint32_t a[4];
+        load_u_fragment<T, kPairs>(a, u_lo, u_hi, k0 + 2 * q, rank, lo_in, hi_in);
 #pragma unroll
             for (int w = 0; w < 4; ++w) {
               const int64_t col = col0 + stream_tile_col(4 * c + w, g);
