@@ -30,7 +30,8 @@ def ran_kn_wgmma(names, quantized_4bit=True):
     if names is None:  # no profiler (e.g. under compute-sanitizer): the numeric checks still ran
         return True
     kn_wgmma = any("nf4_gemm_kn_wgmma" in n for n in names)
-    kn_mma = any("nf4_gemm_kn_kernel" in n for n in names)
+    # the mma.sync [K, N] kernel under either name (double quant: nf4_gemm_kn_dq_regs_kernel)
+    kn_mma = any("nf4_gemm_kn_kernel" in n or "nf4_gemm_kn_dq_regs_kernel" in n for n in names)
     if not quantized_4bit:  # int8 stacks: [K, N] products on the mma.sync kernel whatever the switch says
         return not kn_wgmma and kn_mma
     return kn_wgmma and not kn_mma if HOPPER else not kn_wgmma
