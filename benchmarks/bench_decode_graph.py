@@ -34,7 +34,6 @@ import gc
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_experts import SHAPES as REFERENCE_SHAPES  # noqa: E402
 from bench_experts import (  # noqa: E402
     build_bf16_experts,
+    default_results_path,
     first_host_sync,
     format_name,
     parse_format,
@@ -267,9 +267,7 @@ def main():
 
     device = torch.device(args.device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", dev_name).strip("_")
-    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                        f"bench_decode_graph-{slug}.json")
+    out_path = args.out or default_results_path("bench_decode_graph", dev_name)
     copy_rate = copy_gbps(device, args.reps) if device.type == "cuda" else None
     if copy_rate:
         print(f"device copy: {copy_rate:.0f} GB/s (read + write)", flush=True)

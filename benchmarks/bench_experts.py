@@ -62,6 +62,12 @@ def time_ms(fn, reps, warmup=3):
     return statistics.median(times)
 
 
+def default_results_path(stem, device_name):
+    """benchmarks/results/<stem>-<device name as an identifier>.json, where runs record their JSON."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{stem}-{slug}.json")
+
+
 def first_host_sync(fn):
     """None if fn() makes no host synchronization, else the error and where it was raised."""
     torch.cuda.synchronize()
@@ -357,9 +363,7 @@ def main():
 
     device = torch.device("cuda")
     dev_name = torch.cuda.get_device_name(device)
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", dev_name).strip("_")
-    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                        f"bench_experts-{slug}.json")
+    out_path = args.out or default_results_path("bench_experts", dev_name)
     rows = []
     meta = dict(device=dev_name, torch=torch.__version__, transformers=transformers.__version__,
                 peft=peft.__version__, python=platform.python_version(), command=" ".join(sys.argv),

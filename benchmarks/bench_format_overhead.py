@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_experts import (  # noqa: E402
     SHAPES,
     build_bf16_experts,
+    default_results_path,
     format_name,
     lora_kwargs,
     parse_format,
@@ -120,9 +120,7 @@ def main() -> None:
         ap.error(f"unknown --modes {sorted(bad)}: expected nograd, fwd_bwd, lora_fwd_bwd")
     device = torch.device("cuda")
     dev_name = torch.cuda.get_device_name(device)
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", dev_name).strip("_")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"bench_format_overhead-{slug}.json")
+    out = args.out or default_results_path("bench_format_overhead", dev_name)
     rows = []
     meta = dict(device=dev_name, torch=torch.__version__, python=platform.python_version(), command=" ".join(sys.argv),
                 method="round-robin; per round, each format's median of --reps over the NF4 turn just before it; "

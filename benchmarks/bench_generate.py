@@ -39,7 +39,6 @@ import gc
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from bench_experts import first_host_sync  # noqa: E402
+from bench_experts import default_results_path, first_host_sync  # noqa: E402
 
 # Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B), layers cut by --layers.
 QWEN3_30B_A3B = dict(
@@ -324,8 +323,7 @@ def main():
 
     device = torch.device(args.device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", dev_name).strip("_")
-    out_path = args.out or os.path.join(ROOT, "benchmarks", "results", f"bench_generate-{slug}.json")
+    out_path = args.out or default_results_path("bench_generate", dev_name)
     rows, failures = [], []
     meta = dict(device=dev_name, torch=torch.__version__, transformers=transformers.__version__,
                 peft=peft.__version__, python=platform.python_version(), command=" ".join(sys.argv),

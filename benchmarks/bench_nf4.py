@@ -22,13 +22,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_experts import default_results_path  # noqa: E402
 from moequant import ops  # noqa: E402
 
 try:
@@ -203,10 +204,8 @@ def main():
         "summary": {"quantize": summary("quantize"), "dequant": summary("dequant")},
         "rows": rows,
     }
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results",
-        "bench_nf4-" + ("" if qt == "nf4" and not dq else f"{qt}{'_dq' if dq else ''}-")
-        + re.sub(r"[^A-Za-z0-9]+", "_", props.name).strip("_") + ".json")
+    out = args.out or default_results_path(
+        "bench_nf4" + ("" if qt == "nf4" and not dq else f"-{qt}{'_dq' if dq else ''}"), props.name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
