@@ -37,6 +37,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../error_text.h"
 #include "cuda_utils.cuh"
@@ -535,19 +536,28 @@ bool nf4_wgmma_kn_enabled() {
   return requested && nf4_wgmma_nk_enabled();
 }
 
+// Calls launch(std::integral_constant<int, h>) for the row-tile height h the kernels are built for
+// (nf4_wgmma_height_supported); `what` names the product in the error for any other height.
+template <class Launch>
+void with_tile_height(int height, const char* what, Launch&& launch) {
+  switch (height) {
+    case 16: return launch(std::integral_constant<int, 16>{});
+    case 32: return launch(std::integral_constant<int, 32>{});
+    case 64: return launch(std::integral_constant<int, 64>{});
+    case 128: return launch(std::integral_constant<int, 128>{});
+    default: TORCH_CHECK(false, "moequant: no wgmma ", what, " for row tiles of ", num_str(height));
+  }
+}
+
 template <typename T>
 void launch_nf4_wgmma_nk(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
                          const RowTile* tiles, int64_t num_tiles, int height, int64_t N, int64_t K,
                          int log2_blocksize) {
   TORCH_CHECK(K % kTileK == 0 && N % 8 == 0 && (args.type == QuantType::kInt8 || log2_blocksize >= 5),
               "moequant: the wgmma fused GEMM needs K % 64 == 0, N % 8 == 0 and (4-bit) blocksize >= 32");
-  switch (height) {
-    case 16: return launch_height<T, 16>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
-    case 32: return launch_height<T, 32>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
-    case 64: return launch_height<T, 64>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
-    case 128: return launch_height<T, 128>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
-    default: TORCH_CHECK(false, "moequant: no wgmma 4-bit GEMM for row tiles of ", num_str(height));
-  }
+  with_tile_height(height, "4-bit GEMM", [&](auto rows) {
+    launch_height<T, decltype(rows)::value>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
+  });
 }
 
 template void launch_nf4_wgmma_nk<__nv_bfloat16>(const at::Tensor&, at::Tensor&, const uint8_t*, const Quant4Args&,
@@ -561,13 +571,9 @@ void launch_nf4_wgmma_kn(const at::Tensor& in, at::Tensor& out, const uint8_t* p
                          int log2_blocksize) {
   TORCH_CHECK(K % kTileK == 0 && N % kChunkWeights == 0 && log2_blocksize >= 5 && is_4bit(args.type),
               "moequant: the wgmma 4-bit [K, N] GEMM needs a 4-bit stack, K % 64 == 0, N % 32 == 0 and blocksize >= 32");
-  switch (height) {
-    case 16: return launch_kn_height<T, 16>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
-    case 32: return launch_kn_height<T, 32>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
-    case 64: return launch_kn_height<T, 64>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
-    case 128: return launch_kn_height<T, 128>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
-    default: TORCH_CHECK(false, "moequant: no wgmma 4-bit [K, N] GEMM for row tiles of ", num_str(height));
-  }
+  with_tile_height(height, "4-bit [K, N] GEMM", [&](auto rows) {
+    launch_kn_height<T, decltype(rows)::value>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
+  });
 }
 
 template void launch_nf4_wgmma_kn<__nv_bfloat16>(const at::Tensor&, at::Tensor&, const uint8_t*, const Quant4Args&,
