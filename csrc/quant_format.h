@@ -79,13 +79,18 @@ MOEQUANT_HD int8_t int8_encode(float w, float multiplier) {
   return static_cast<int8_t>(static_cast<uint8_t>(static_cast<int32_t>(r) & 0xFF));
 }
 
-// Dequantized int8 value in fp32: (q * row_absmax) * (1/127), two roundings, in that order.
-MOEQUANT_HD float int8_decode(int8_t q, float row_absmax) {
+// Dequantized int8 value in fp32 from the code as an (exact) fp32 value: (q * row_absmax) *
+// (1/127), two roundings, in that order.
+MOEQUANT_HD float int8_decode_value(float q, float row_absmax) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(__fmul_rn(static_cast<float>(q), row_absmax), kInt8InvScale);
+  return __fmul_rn(__fmul_rn(q, row_absmax), kInt8InvScale);
 #else
-  return (static_cast<float>(q) * row_absmax) * kInt8InvScale;
+  return (q * row_absmax) * kInt8InvScale;
 #endif
+}
+
+MOEQUANT_HD float int8_decode(int8_t q, float row_absmax) {
+  return int8_decode_value(static_cast<float>(q), row_absmax);
 }
 
 // ---- double-quantized statistics (bitsandbytes compress_statistics=True) ----------------

@@ -245,13 +245,12 @@ __device__ __forceinline__ float int8_code_value(uint32_t biased, int i) {
   return __fsub_rn(__uint_as_float(__byte_perm(biased, 0x4B00u, 0x5440u + i)), 8388736.0f);
 }
 
-// Codes 2 i and 2 i + 1 of a biased word, decoded with their row's scale exactly as int8_decode
+// Codes 2 i and 2 i + 1 of a biased word, decoded with their row's scale as int8_decode
 // (quant_format.h) rounds them, packed with code 2 i in the low half (the lower k of an mma pair).
 template <typename T>
 __device__ __forceinline__ uint32_t decode_int8_row_pair(uint32_t biased, int i, float row_absmax) {
-  const float a = __fmul_rn(__fmul_rn(int8_code_value(biased, 2 * i), row_absmax), kInt8InvScale);
-  const float b = __fmul_rn(__fmul_rn(int8_code_value(biased, 2 * i + 1), row_absmax), kInt8InvScale);
-  return pack2<T>(a, b);
+  return pack2<T>(int8_decode_value(int8_code_value(biased, 2 * i), row_absmax),
+                  int8_decode_value(int8_code_value(biased, 2 * i + 1), row_absmax));
 }
 
 // One warp's tile of an int8 dequant over a slice of one matrix: chunk g holds slice elements
