@@ -480,7 +480,7 @@ static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs,
                         int64_t top_k, const auto& input, const GemvLora<in_t>& lora, float* out, cudaStream_t stream,
                         bool dependent) {
   const QuantStackView view = w.view();
-  const Quant4Args args{view.scales, view.codebook};
+  const Quant4Args args{view.scales, view.codebook, view.type};
   const GemvSplit split = gemv_split(w.cols);
   const int smem = static_cast<int>(split.units * kPaddedUnitFloats * sizeof(float));  // + 32 KB static table
   // One wave: as many CTAs as fit at once, each looping over row tiles of its (split, pair), so
@@ -501,19 +501,11 @@ template <typename in_t, bool kActInput, GatedActivation kAct>
 static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert, int64_t top_k,
                               const GemvInput<in_t, kActInput, kAct>& input, const GemvLora<in_t>& lora, float* out,
                               cudaStream_t stream, bool dependent) {
-  if (!is_4bit(w.type)) {
-    launch_gemv(gemv_kernel<in_t, kActInput, kAct, false, true>, w, num_pairs, pair_expert, top_k, input, lora, out,
-                stream, dependent);
-  } else if (w.double_quant() && decode_dq_bounded()) {
-    launch_gemv(gemv_dq_kernel<in_t, kActInput, kAct>, w, num_pairs, pair_expert, top_k, input, lora, out, stream,
-                dependent);
-  } else if (w.double_quant()) {
-    launch_gemv(gemv_kernel<in_t, kActInput, kAct, true, false>, w, num_pairs, pair_expert, top_k, input, lora, out,
-                stream, dependent);
-  } else {
-    launch_gemv(gemv_kernel<in_t, kActInput, kAct, false, false>, w, num_pairs, pair_expert, top_k, input, lora, out,
-                stream, dependent);
-  }
+  const auto kernel = !is_4bit(w.type)     ? gemv_kernel<in_t, kActInput, kAct, false, true>   // int8
+                      : !w.double_quant()   ? gemv_kernel<in_t, kActInput, kAct, false, false>  // plain scales
+                      : decode_dq_bounded() ? gemv_dq_kernel<in_t, kActInput, kAct>
+                                            : gemv_kernel<in_t, kActInput, kAct, true, false>;
+  launch_gemv(kernel, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent);
 }
 
 // u partial sums of one projection's LoRA for every pair (lora_a_kernel) into `u_parts`, and the
