@@ -62,6 +62,22 @@ def time_ms(fn, reps, warmup=3):
     return statistics.median(times)
 
 
+def profiled_kernels(step, reps, warmups=2):
+    """The CUDA kernels of `reps` calls of step() under torch.profiler, after `warmups` calls:
+    (profiler events with device time, ms of kernels per call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmups):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    return events, sum(e.self_device_time_total for e in events) / 1e3 / reps
+
+
 def default_results_path(stem, device_name):
     """benchmarks/results/<stem>-<device name as an identifier>.json, where runs record their JSON."""
     slug = re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")

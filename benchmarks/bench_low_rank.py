@@ -25,9 +25,7 @@ VARIANTS = {"old (add_low_rank_mma_kernel)": "0", "new (default)": None}
 
 
 def measure(args) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    from bench_experts import SHAPES, build_bf16_experts, lora_kwargs, quantize_experts, routing
+    from bench_experts import SHAPES, build_bf16_experts, lora_kwargs, profiled_kernels, quantize_experts, routing
 
     from moequant import ops
 
@@ -43,14 +41,7 @@ def measure(args) -> dict:
         out = ops.experts_forward(x, idx, w, *positional, **kw)
         out.backward(torch.ones_like(out))
 
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.reps):
-            step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events, fwd_bwd_ms = profiled_kernels(step, args.reps)
     low_rank = [e for e in events if "add_low_rank" in e.key]
     low_rank_ms = sum(e.self_device_time_total for e in low_rank) / 1e3 / args.reps
     rows = args.tokens * k
@@ -60,7 +51,7 @@ def measure(args) -> dict:
         "calls_per_step": sum(e.count for e in low_rank) // args.reps,
         "low_rank_ms": low_rank_ms,
         "low_rank_gb_s": gbytes / (low_rank_ms / 1e3) if low_rank_ms else None,
-        "fwd_bwd_kernels_ms": sum(e.self_device_time_total for e in events) / 1e3 / args.reps,
+        "fwd_bwd_kernels_ms": fwd_bwd_ms,
     }
 
 
@@ -96,7 +87,8 @@ def main() -> None:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "shape": args.shape, "tokens": args.tokens,
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "command": " ".join(sys.argv), "shape": args.shape, "tokens": args.tokens,
                        "reps": args.reps, "results": results}, f, indent=1)
 
 

@@ -11,9 +11,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from bench_experts import SHAPES, build_bf16_experts, lora_kwargs, parse_format, quantize_experts, routing
+from bench_experts import (
+    SHAPES,
+    build_bf16_experts,
+    lora_kwargs,
+    parse_format,
+    profiled_kernels,
+    quantize_experts,
+    routing,
+)
 
 from moequant import ops
 
@@ -51,15 +58,7 @@ def main() -> None:
     }
     for name, fn in impls.items():
         with torch.no_grad() if not args.backward else torch.enable_grad():
-            for _ in range(2):
-                run(fn)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.reps):
-                    run(fn)
-                torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_time_total > 0]
-        total = sum(e.self_device_time_total for e in events) / 1e3 / args.reps
+            events, total = profiled_kernels(lambda: run(fn), args.reps)
         print(f"\n{args.shape} T={args.tokens} {name}{' fwd+bwd' if args.backward else ' fwd'}: "
               f"{total:.3f} ms of kernels per call")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.rows]:
