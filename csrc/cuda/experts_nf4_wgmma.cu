@@ -302,19 +302,27 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
 #endif
 }
 
+// Launches a wgmma GEMM kernel on its grid: one CTA per (row tile, `bn` output features).
+template <typename T, class Kernel>
+void launch_tiles(Kernel kernel, int bn, int threads, int smem, const at::Tensor& in, at::Tensor& out,
+                  const uint8_t* packed, const Quant4Args& args, const RowTile* tiles, int64_t num_tiles, int64_t N,
+                  int64_t K, int log2_blocksize) {
+  const int64_t n_tiles = (N + bn - 1) / bn;
+  const int64_t ctas = num_tiles * n_tiles;
+  TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused 4-bit GEMM grid too large (", num_str(ctas), " CTAs)");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  kernel<<<static_cast<unsigned>(ctas), threads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()), packed, args,
+      tiles, N, K, static_cast<int>(n_tiles), log2_blocksize);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int kRows>
 void launch_height(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
                    const RowTile* tiles, int64_t num_tiles, int64_t N, int64_t K, int log2_blocksize) {
   using S = WgmmaTileShape<kRows>;
-  const int64_t n_tiles = (N + S::BN - 1) / S::BN;
-  const int64_t ctas = num_tiles * n_tiles;
-  TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused 4-bit GEMM grid too large (", num_str(ctas), " CTAs)");
   auto go = [&](auto kernel, int smem) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<static_cast<unsigned>(ctas), S::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()), packed, args,
-        tiles, N, K, static_cast<int>(n_tiles), log2_blocksize);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_tiles<T>(kernel, S::BN, S::kThreads, smem, in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
   };
   const bool dq = args.scales.double_quant();
   if (args.type == QuantType::kInt8) {
@@ -501,15 +509,9 @@ template <typename T, int kRows>
 void launch_kn_height(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
                       const RowTile* tiles, int64_t num_tiles, int64_t N, int64_t K, int log2_blocksize) {
   using S = WgmmaKnTileShape<kRows>;
-  const int64_t n_tiles = (N + S::BN - 1) / S::BN;
-  const int64_t ctas = num_tiles * n_tiles;
-  TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused 4-bit GEMM grid too large (", num_str(ctas), " CTAs)");
   auto go = [&](auto kernel) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes));
-    kernel<<<static_cast<unsigned>(ctas), S::kThreads, S::kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()), packed, args,
-        tiles, N, K, static_cast<int>(n_tiles), log2_blocksize);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_tiles<T>(kernel, S::BN, S::kThreads, S::kSmemBytes, in, out, packed, args, tiles, num_tiles, N, K,
+                    log2_blocksize);
   };
   if (args.scales.double_quant()) go(nf4_gemm_kn_wgmma_kernel<T, S, true>);
   else go(nf4_gemm_kn_wgmma_kernel<T, S, false>);
