@@ -146,6 +146,35 @@ def test_decode_gemv_matches_grouped_path(dtype, activation, env):
     assert rel_err(gemv, ref) < TOL[dtype] and rel_err(grouped, ref) < TOL[dtype]
 
 
+# The decode GEMV reads LoRA factors as given when they are float32 (PEFT's default adapter dtype)
+# or in the compute dtype, B with any strides (PEFT's expert-minor view), rounding float32 elements
+# to the compute dtype as it reads them: bitwise what the same factors converted to contiguous
+# tensors of the compute dtype give. Rank 8 and 17 (a rank row wider than a warp's lanes); H split
+# in two input ranges (H = 32 * 130).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("rank", [8, 17])
+@pytest.mark.parametrize("H", [128, 32 * 130])
+def test_decode_gemv_reads_float32_strided_lora(dtype, rank, H, env):
+    env("MOEQUANT_DECODE_MAX_PAIRS", "64")
+    case = cuda_case(T=2, k=4, E=8, H=H, I=96, dtype=dtype, lora=(True, True), rank=rank, requires_grad=False)
+    given = dict(case.kwargs)
+    for name in LORA_NAMES:
+        f = case.kwargs[name].detach().float()
+        f = f + 1e-3 * torch.randn_like(f)  # values between those of the compute dtype: rounding matters
+        if name.endswith("_B"):  # stored [out, r, E] (PEFT's expert-minor [out, r*E]), viewed [E, out, r]
+            f = f.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+            assert not f.is_contiguous()
+        given[name] = f
+    converted = {n: (v.to(dtype).contiguous() if n in LORA_NAMES else v) for n, v in given.items()}
+    names = cuda_kernel_names(lambda: ops.experts_forward(*case.args(), **given))
+    out = ops.experts_forward(*case.args(), **given)
+    want = ops.experts_forward(*case.args(), **converted)
+    assert torch.equal(out, want), (out - want).abs().max()
+    assert rel_err(out, experts_forward_reference(*case.args(), **converted)) < TOL[dtype]
+    if names is not None:  # the decode kernels ran, and no conversion copy of the factors
+        assert any("gemv" in n for n in names) and not any("copy" in n.lower() for n in names), sorted(names)
+
+
 @pytest.mark.parametrize("blocksize", [32, 256])
 def test_decode_gemv_split_inputs(blocksize, env):
     # H = 130 and I = 67 16-byte units per row: the GEMV splits each input dimension into

@@ -170,6 +170,33 @@ def test_lora_factors_match_peft_dense_delta(checkpoints):
         assert checked == 4 * model.base_model.model.config.num_hidden_layers
 
 
+def test_inference_hands_peft_factors_over_uncopied(checkpoints):
+    """Without autograd the experts' LoRA factors reach the op as PEFT stores them: float32 views of
+    its weights (no per-step copy of every expert's factors), which the op rounds to the compute dtype
+    itself. The logits equal, bit for bit, those of a forward with autograd on, where the factors are
+    converted to bf16 before the op."""
+    from moequant.integrations import lora_factors
+
+    model = get_peft_model(quantized(checkpoints["qwen3_moe"]), lora_config(init_lora_weights=False)).eval()
+    wrappers = [m for m in model.modules() if hasattr(m, "parameter_name") and hasattr(m, "lora_A")]
+    assert len(wrappers) == 2 * model.base_model.model.config.num_hidden_layers
+    for wrapper in wrappers:
+        weight_a, weight_b = wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight
+        assert weight_a.dtype == torch.float32  # PEFT's default adapter dtype beside a bf16 model
+        with torch.no_grad():
+            a, b, _ = lora_factors(wrapper, ["default"], torch.bfloat16)
+        assert a.dtype == b.dtype == torch.float32
+        assert a.data_ptr() == weight_a.data_ptr() and b.data_ptr() == weight_b.data_ptr()  # views, no copy
+        a, b, _ = lora_factors(wrapper, ["default"], torch.bfloat16)  # autograd on: converted in the graph
+        assert a.dtype == b.dtype == torch.bfloat16 and a.requires_grad
+    ids = batch()
+    with torch.no_grad():
+        inference = model(input_ids=ids).logits
+    with_autograd = model(input_ids=ids).logits
+    assert with_autograd.requires_grad
+    assert torch.equal(inference, with_autograd.detach())
+
+
 def test_multiple_adapters_and_disable(checkpoints):
     path = checkpoints["qwen3_moe"]
     model = get_peft_model(quantized(path, torch.float32), lora_config(init_lora_weights=False), adapter_name="first")

@@ -44,6 +44,8 @@ struct ExpertsCall {
   ActivationSpec act;
   at::Tensor gate_up_bias, down_bias;  // float32 [E, 2I] / [E, H], or undefined
   LoraFactors gate_up_lora, down_lora;
+  bool decode = false;  // the decode GEMV serves the call (its LoRA factors are decode_*_lora)
+  DecodeLora decode_gate_up_lora, decode_down_lora;
   int64_t scratch_bytes = 0;
 };
 
@@ -57,6 +59,23 @@ LoraFactors lora_factors(const std::optional<at::Tensor>& A, const std::optional
   f.B = B->to(dtype).contiguous();
   f.scaling = scaling;
   return f;
+}
+
+// The decode path's view of a projection's LoRA factors: as given when they are in the compute
+// dtype or float32 (the kernels round float32 elements as they read them), A made contiguous, B
+// with its own strides. Converting them up front would copy every expert's factors on every call
+// (PEFT's float32 adapters: tens of MB per layer and decode step) for the few experts it reads.
+DecodeLora decode_lora(const std::optional<at::Tensor>& A, const std::optional<at::Tensor>& B, double scaling,
+                       at::ScalarType dtype) {
+  DecodeLora l;
+  if (!A.has_value()) return l;
+  auto readable = [&](const at::Tensor& t) {
+    return t.scalar_type() == dtype || t.scalar_type() == at::kFloat ? t : t.to(dtype);
+  };
+  l.A = readable(*A).contiguous();
+  l.B = readable(*B);
+  l.scaling = scaling;
+  return l;
 }
 
 // One checked stack, its tensors made contiguous (codes 16-byte aligned) once for every kernel.
@@ -78,8 +97,9 @@ PackedStack packed_stack(QuantType type, const at::Tensor& packed, const at::Ten
   return s;
 }
 
-ExpertsCall prepare_call(const char* op, const at::Tensor& hidden, const at::Tensor& index, const at::Tensor& weights,
-                         MOEQUANT_EXPERTS_PARAMS) {
+// `train`: the call keeps what backward needs (never the decode GEMV).
+ExpertsCall prepare_call(const char* op, bool train, const at::Tensor& hidden, const at::Tensor& index,
+                         const at::Tensor& weights, MOEQUANT_EXPERTS_PARAMS) {
   const ExpertsProblem p = check_experts_args(op, hidden, index, weights, MOEQUANT_EXPERTS_ARG_NAMES);
   TORCH_CHECK(hidden.is_cuda(), op, " (CUDA kernel): hidden_states must be a CUDA tensor");
   TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kHalf ||
@@ -102,8 +122,14 @@ ExpertsCall prepare_call(const char* op, const at::Tensor& hidden, const at::Ten
   c.act.limit = static_cast<float>(act_limit);
   if (gate_up_bias.has_value()) c.gate_up_bias = gate_up_bias->to(at::kFloat).contiguous();
   if (down_bias.has_value()) c.down_bias = down_bias->to(at::kFloat).contiguous();
-  c.gate_up_lora = lora_factors(gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling, c.dtype);
-  c.down_lora = lora_factors(down_lora_A, down_lora_B, down_lora_scaling, c.dtype);
+  c.decode = !train && decode_gemv_applies(c.T * c.k, c.transposed, c.gate_up, c.down);
+  if (c.decode) {
+    c.decode_gate_up_lora = decode_lora(gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling, c.dtype);
+    c.decode_down_lora = decode_lora(down_lora_A, down_lora_B, down_lora_scaling, c.dtype);
+  } else {
+    c.gate_up_lora = lora_factors(gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling, c.dtype);
+    c.down_lora = lora_factors(down_lora_A, down_lora_B, down_lora_scaling, c.dtype);
+  }
   c.scratch_bytes = experts_scratch_bytes(c.gate_up, c.down);
   return c;
 }
@@ -127,13 +153,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, bool train, cons
                                                 const at::Tensor& index, const at::Tensor& weights,
                                                 MOEQUANT_EXPERTS_PARAMS) {
   const c10::cuda::CUDAGuard guard(hidden.device());
-  const ExpertsCall c =
-      prepare_call(op, hidden, index, weights, MOEQUANT_EXPERTS_ARG_NAMES);
-  if (!train && decode_gemv_applies(c.T * c.k, c.transposed, c.gate_up, c.down)) {
-    const DecodeLora gate_up_lora{c.gate_up_lora.A, c.gate_up_lora.B, c.gate_up_lora.scaling};
-    const DecodeLora down_lora{c.down_lora.A, c.down_lora.B, c.down_lora.scaling};
+  const ExpertsCall c = prepare_call(op, train, hidden, index, weights, MOEQUANT_EXPERTS_ARG_NAMES);
+  if (c.decode) {
     return {decode_gemv_forward(hidden, index, weights, c.gate_up, c.down, c.act,  // weights: no cast kernel
-                                c.gate_up_bias, c.down_bias, gate_up_lora, down_lora),
+                                c.gate_up_bias, c.down_bias, c.decode_gate_up_lora, c.decode_down_lora),
             at::Tensor()};
   }
   const at::Tensor pair_weights = weights.to(at::kFloat).contiguous().view({-1});
@@ -189,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "moequant.experts_backward";
   const c10::cuda::CUDAGuard guard(hidden_states.device());
   const ExpertsCall c =
-      prepare_call(op, hidden_states, top_k_index, top_k_weights, MOEQUANT_EXPERTS_ARG_NAMES);
+      prepare_call(op, /*train=*/true, hidden_states, top_k_index, top_k_weights, MOEQUANT_EXPERTS_ARG_NAMES);
   TORCH_CHECK(grad_out.sizes() == hidden_states.sizes(), op, ": grad_out must have shape ",
               dims_str(hidden_states.sizes()), " like hidden_states, got ", dims_str(grad_out.sizes()));
   TORCH_CHECK(grad_out.device() == hidden_states.device(), op, ": grad_out must be on hidden_states' device");

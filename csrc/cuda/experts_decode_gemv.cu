@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "experts_common.cuh"
@@ -167,15 +168,30 @@ __device__ __forceinline__ float gemv_input(const GemvInput<in_t, kActInput, kAc
 }
 
 // One projection's LoRA as the GEMV's LoRA pass sees it: u = A[e] in[p] as partial sums over
-// input chunks [P, rank, parts] (lora_a_kernel), B [E, N, rank] in the input dtype. `B` null: none.
+// input chunks [P, rank, parts] (lora_a_kernel), B [E, N, rank] with any strides, in the input
+// dtype or float32 (b_float). `B` null: none.
 template <typename in_t>
 struct GemvLora {
   const float* u_parts = nullptr;
   int64_t parts = 0;
-  const in_t* B = nullptr;
+  const void* B = nullptr;
+  int64_t b_stride[3] = {0, 0, 0};  // elements, for (expert, row, rank)
+  bool b_float = false;
   int64_t rank = 0;
   float scaling = 1.0f;
 };
+
+// A LoRA factor element as the routed path uses it: in the input dtype. Float32 factors (PEFT
+// keeps adapters in float32 by default) are rounded here as they are read, which gives the values
+// a conversion copy would, without converting every expert's factors for the few a call reads.
+template <typename in_t, typename factor_t>
+__device__ __forceinline__ float factor_value(factor_t v) {
+  if constexpr (std::is_same_v<factor_t, in_t>) {
+    return to_float(v);
+  } else {
+    return to_float(from_float<in_t>(to_float(v)));
+  }
+}
 
 // u[p, q] = A[e][q, :] . in[p] for chunk blockIdx.x of the input dimension and pair blockIdx.y;
 // the GEMV's LoRA pass sums the chunks in order and rounds u to the input dtype, as the routed
@@ -184,8 +200,8 @@ struct GemvLora {
 // chunk, a fixed reduction order: reproducible.
 template <typename in_t, bool kActInput, GatedActivation kAct>
 __global__ void __launch_bounds__(kGemvThreads)
-lora_a_kernel(const in_t* __restrict__ A, int64_t rank, int64_t K, const int64_t* __restrict__ pair_expert, int64_t E,
-              int64_t top_k, GemvInput<in_t, kActInput, kAct> in, float* __restrict__ u_parts) {
+lora_a_kernel(const void* __restrict__ A, bool a_float, int64_t rank, int64_t K, const int64_t* __restrict__ pair_expert,
+              int64_t E, int64_t top_k, GemvInput<in_t, kActInput, kAct> in, float* __restrict__ u_parts) {
   __shared__ float xs[kLoraChunk];
   allow_next_kernel_launch();
   wait_for_previous_kernel();  // the down projection's input is the previous kernel's output
@@ -199,11 +215,15 @@ lora_a_kernel(const in_t* __restrict__ A, int64_t rank, int64_t K, const int64_t
   }
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t q = warp; q < rank; q += kGemvWarps) {
-    const in_t* a = A + (e * rank + q) * K + c0;
+  auto dot = [&](const auto* a) {  // one rank row of A [E, rank, K] (contiguous) over the chunk
     float acc = 0.0f;
 #pragma unroll 8
-    for (int i = lane; i < n; i += 32) acc = fmaf(to_float(a[i]), xs[i], acc);
+    for (int i = lane; i < n; i += 32) acc = fmaf(factor_value<in_t>(a[i]), xs[i], acc);
+    return acc;
+  };
+  for (int64_t q = warp; q < rank; q += kGemvWarps) {
+    const int64_t row = (e * rank + q) * K + c0;
+    float acc = a_float ? dot(static_cast<const float*>(A) + row) : dot(static_cast<const in_t*>(A) + row);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (lane == 0) u_parts[(p * rank + q) * parts + chunk] = acc;
@@ -223,10 +243,14 @@ __device__ __forceinline__ void lora_row_terms(const GemvLora<in_t>& lora, int64
     float u = 0.0f;
     for (int64_t c = 0; c < lora.parts; ++c) u += __ldg(parts + c);  // fixed order
     u = to_float(from_float<in_t>(u));
+    const int64_t b0 = e * lora.b_stride[0] + q * lora.b_stride[2];
 #pragma unroll
     for (int rr = 0; rr < kRows; ++rr) {
-      const int64_t row = row0 + rr;
-      if (row < N) terms[rr] = fmaf(to_float(lora.B[(e * N + row) * lora.rank + q]), u, terms[rr]);
+      const int64_t row = row0 + rr, b = b0 + row * lora.b_stride[1];
+      if (row >= N) continue;
+      const float v = lora.b_float ? factor_value<in_t>(static_cast<const float*>(lora.B)[b])
+                                   : factor_value<in_t>(static_cast<const in_t*>(lora.B)[b]);
+      terms[rr] = fmaf(v, u, terms[rr]);
     }
   }
 #pragma unroll
@@ -258,6 +282,11 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   allow_next_kernel_launch();
   // Before the wait, only what no kernel of this call writes: expert ids, weights, the table.
   const int64_t e = pair_expert[p];
+  // Double quant: the dynamic map's loads go out with the expert id's, and the map is stored
+  // after the input vector's loads are issued (copied before them, the CTA waited for two load
+  // latencies in a row).
+  [[maybe_unused]] DynamicMapEntries<kGemvThreads> map_entries;
+  if constexpr (kDoubleQuant) map_entries.load();
   // A negative id is an error, checked on the device so that the path never waits for the host
   // (CUDA-graph capturable): like torch's own index checks, a device-side assert that fails the
   // next synchronizing call. One thread per pair reports it.
@@ -315,7 +344,7 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   // The first step's weights only depend on the expert: their loads are in flight while the
   // table is filled and the input vector staged (one memory latency per CTA instead of two).
   load_step(st);
-  if constexpr (!kInt8) tables.fill(args.codebook);  // one LDS.64 decodes two weights, conflict-free
+  if constexpr (!kInt8) fill_pair_table(tables.pair, args.codebook);  // one LDS.64 decodes two weights, conflict-free
   wait_for_previous_kernel();  // h (down's input) and the LoRA u sums come from earlier kernels
   float* xs = reinterpret_cast<float*>(staged);
 #pragma unroll
@@ -323,6 +352,7 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
     const int i = k * kGemvThreads + threadIdx.x;
     if (i < units * 32) xs[i + (i / 32) * (kPaddedUnitFloats - 32)] = gemv_input(in, unit0 * 32 + i, K, p, P, e, top_k);
   }
+  if constexpr (kDoubleQuant) map_entries.store(tables.map);
   __syncthreads();
   while (st.tile < row_tiles) {
     UnitCodes<kInt8> cur[kRowsPerWarp];
@@ -442,27 +472,52 @@ static bool decode_dq_bounded() {
 
 // out[t, c] = sum_j w[t, j] * (sum_s y[s, p, c] + b_d[e, c]) over valid slots, in slot order. The
 // routing weights are read in their own dtype (w rounded to float32 as weights.to(float) does), so
-// that no cast kernel precedes the call.
+// that no cast kernel precedes the call. The token's expert ids and weights come from outside the
+// call: a chunk of kCombineSlots of them is read before waiting for the down GEMV, and each split's
+// y loads of the chunk are issued together, so that the wait is followed by one round trip per split
+// instead of a chain of dependent loads per slot (the combine runs after everything else).
+constexpr int kCombineSlots = 8;
+
 template <typename out_t, typename weight_t>
 __global__ void __launch_bounds__(kGemvThreads)
 decode_combine_kernel(const float* __restrict__ y, int64_t y_splits, const int64_t* __restrict__ pair_expert,
                       const weight_t* __restrict__ pair_weights, const float* __restrict__ bias,
                       out_t* __restrict__ out,
                       int64_t T, int64_t E, int64_t top_k, int64_t H) {
-  wait_for_previous_kernel();
   const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (i >= T * H) return;
-  const int64_t t = i / H, c = i % H, P = T * top_k;
+  const bool in_range = i < T * H;
+  const int64_t t = in_range ? i / H : 0, c = i % H, P = T * top_k;
   float acc = 0.0f;
-  for (int64_t j = 0; j < top_k; ++j) {
-    const int64_t p = t * top_k + j, e = pair_expert[p];
-    if (e < 0 || e >= E) continue;
-    float v = 0.0f;
-    for (int64_t s = 0; s < y_splits; ++s) v += y[(s * P + p) * H + c];
-    if (bias != nullptr) v += bias[e * H + c];
-    acc += to_float(pair_weights[p]) * v;
+  bool waited = false;
+  for (int64_t j0 = 0; j0 < top_k; j0 += kCombineSlots) {
+    int64_t e[kCombineSlots];
+    float w[kCombineSlots], v[kCombineSlots];
+#pragma unroll
+    for (int s = 0; s < kCombineSlots; ++s) {
+      const int64_t j = j0 + s;
+      e[s] = in_range && j < top_k ? pair_expert[t * top_k + j] : E;  // E: skipped, as a sentinel is
+      w[s] = in_range && j < top_k ? to_float(pair_weights[t * top_k + j]) : 0.0f;
+      v[s] = 0.0f;
+    }
+    if (!waited) {
+      wait_for_previous_kernel();  // y is the down GEMV's output
+      waited = true;
+    }
+    for (int64_t sp = 0; sp < y_splits; ++sp) {  // fixed order: reproducible
+#pragma unroll
+      for (int s = 0; s < kCombineSlots; ++s) {
+        if (e[s] >= 0 && e[s] < E) v[s] += y[(sp * P + t * top_k + j0 + s) * H + c];
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kCombineSlots; ++s) {
+      if (e[s] < 0 || e[s] >= E) continue;
+      if (bias != nullptr) v[s] += bias[e[s] * H + c];
+      acc += w[s] * v[s];
+    }
   }
-  out[i] = from_float<out_t>(acc);
+  if (!waited) wait_for_previous_kernel();  // every kernel of the chain waits (see above)
+  if (in_range) out[i] = from_float<out_t>(acc);
 }
 
 template <typename F>
@@ -520,11 +575,18 @@ static GemvLora<in_t> launch_lora_a(const DecodeLora& lora, int64_t num_pairs, c
   const int64_t parts = (K + kLoraChunk - 1) / kLoraChunk;
   u_parts = at::empty({num_pairs, rank, parts}, lora.A.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(parts), static_cast<unsigned>(num_pairs));
-  launch_kernel(lora_a_kernel<in_t, kActInput, kAct>, grid, kGemvThreads, 0, stream, dependent,
-                reinterpret_cast<const in_t*>(lora.A.const_data_ptr()), rank, K, pair_expert.const_data_ptr<int64_t>(),
-                E, top_k, in, u_parts.mutable_data_ptr<float>());
-  return {u_parts.const_data_ptr<float>(), parts, reinterpret_cast<const in_t*>(lora.B.const_data_ptr()), rank,
-          static_cast<float>(lora.scaling)};
+  launch_kernel(lora_a_kernel<in_t, kActInput, kAct>, grid, kGemvThreads, 0, stream, dependent, lora.A.const_data_ptr(),
+                lora.A.scalar_type() == at::kFloat, rank, K, pair_expert.const_data_ptr<int64_t>(), E, top_k, in,
+                u_parts.mutable_data_ptr<float>());
+  GemvLora<in_t> view;
+  view.u_parts = u_parts.const_data_ptr<float>();
+  view.parts = parts;
+  view.B = lora.B.const_data_ptr();
+  for (int d = 0; d < 3; ++d) view.b_stride[d] = lora.B.stride(d);
+  view.b_float = lora.B.scalar_type() == at::kFloat;
+  view.rank = rank;
+  view.scaling = static_cast<float>(lora.scaling);
+  return view;
 }
 
 at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& top_k_index,

@@ -17,8 +17,9 @@ namespace moequant {
 // MOEQUANT_DECODE_MAX_PAIRS overrides the pair threshold (0 disables the path; tests use it).
 bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& gate_up, const PackedStack& down);
 
-// One projection's LoRA factors for the decode path: A [E, r, in], B [E, out, r] in hidden's
-// dtype, contiguous; undefined when the projection has none.
+// One projection's LoRA factors for the decode path: A [E, r, in] contiguous, B [E, out, r] with
+// any strides (PEFT's B is an expert-minor view), each in hidden's dtype or float32 (read as given
+// and rounded to hidden's dtype in the kernels); undefined when the projection has none.
 struct DecodeLora {
   at::Tensor A, B;
   double scaling = 1.0;

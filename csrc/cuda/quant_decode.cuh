@@ -42,6 +42,29 @@ __device__ __forceinline__ void fill_dynamic_map(float* map) {
   for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = __ldg(kDynamicMapDevice.v + i);
 }
 
+// The same copy in two phases, for a kernel of kThreads threads whose prologue has other loads to
+// wait for: each thread loads its entries into registers first (load) and stores them after issuing
+// the others (store), so that the map's load latency overlaps theirs instead of preceding them.
+template <int kThreads>
+struct DynamicMapEntries {
+  static constexpr int kPerThread = (256 + kThreads - 1) / kThreads;
+  float v[kPerThread];
+  __device__ __forceinline__ void load() {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const int i = k * kThreads + static_cast<int>(threadIdx.x);
+      if (i < 256) v[k] = __ldg(kDynamicMapDevice.v + i);
+    }
+  }
+  __device__ __forceinline__ void store(float* map) const {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const int i = k * kThreads + static_cast<int>(threadIdx.x);
+      if (i < 256) map[i] = v[k];
+    }
+  }
+};
+
 // The scales of one matrix's blocks (plain or double-quantized), with the dynamic map in shared
 // memory. A block's scale is loaded early (load: the absmax, or the group scale and the 8-bit
 // code) and resolved where it is used (resolve), so that kernels keep their loads in flight.

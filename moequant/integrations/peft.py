@@ -52,8 +52,22 @@ def lora_factors(wrapper, adapters: list[str], dtype: torch.dtype) -> tuple[torc
     ``in_features``/``out_features`` are the projection's real input/output sizes whether or not the
     parameter is stored transposed, which is also the op's convention. Several active adapters are
     concatenated along the rank with their scalings folded into ``B``.
+
+    Without autograd (inference) one adapter's factors go to the op as PEFT stores them, views in
+    their own dtype (float32 by default): the op reads the few experts a decode step routes to and
+    rounds to ``dtype`` as it computes, instead of every step copying every expert's factors (tens of
+    MB per layer). With autograd they are converted here, as part of the graph.
     """
     num_experts = wrapper.num_experts
+    if len(adapters) == 1 and not (
+        torch.is_grad_enabled()
+        and (wrapper.lora_A[adapters[0]].weight.requires_grad or wrapper.lora_B[adapters[0]].weight.requires_grad)
+    ):
+        weight_a = wrapper.lora_A[adapters[0]].weight
+        weight_b = wrapper.lora_B[adapters[0]].weight
+        return (weight_a.reshape(num_experts, -1, weight_a.shape[-1]),
+                weight_b.reshape(weight_b.shape[0], -1, num_experts).permute(2, 0, 1),
+                float(wrapper.scaling[adapters[0]]))
     a_list, b_list, scalings = [], [], []
     for name in adapters:
         weight_a = wrapper.lora_A[name].weight
