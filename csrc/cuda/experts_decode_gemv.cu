@@ -12,7 +12,8 @@
 // reproducible. With LoRA, one small kernel per projection computes u = A[e] in[p] for every pair
 // (lora_a_kernel; for down, act(h + b_gu) is recomputed from the gate_up splits while staging),
 // and the GEMV adds scaling * B[e][row] . u to split 0 of its rows after its loop: two kernels
-// for both projections instead of a chain of small ATen ops. On sm_90+ every kernel after the
+// for both projections instead of a chain of small ATen ops. The factors are read as given
+// (float32 or the input dtype, B with any strides) and rounded to the input dtype as they are read. On sm_90+ every kernel after the
 // first is a programmatic dependent launch: it starts while its predecessor drains, reads what
 // does not depend on it (the expert ids, its weights' first step, the decode table), and only then
 // waits for the predecessor's results (griddepcontrol.wait), so the per-kernel fixed costs
