@@ -59,22 +59,18 @@ def lora_factors(wrapper, adapters: list[str], dtype: torch.dtype) -> tuple[torc
     MB per layer). With autograd they are converted here, as part of the graph.
     """
     num_experts = wrapper.num_experts
-    if len(adapters) == 1 and not (
-        torch.is_grad_enabled()
-        and (wrapper.lora_A[adapters[0]].weight.requires_grad or wrapper.lora_B[adapters[0]].weight.requires_grad)
-    ):
-        weight_a = wrapper.lora_A[adapters[0]].weight
-        weight_b = wrapper.lora_B[adapters[0]].weight
-        return (weight_a.reshape(num_experts, -1, weight_a.shape[-1]),
-                weight_b.reshape(weight_b.shape[0], -1, num_experts).permute(2, 0, 1),
-                float(wrapper.scaling[adapters[0]]))
     a_list, b_list, scalings = [], [], []
-    for name in adapters:
+    for name in adapters:  # views in PEFT's storage, [E, r, in] and [E, out, r]
         weight_a = wrapper.lora_A[name].weight
         weight_b = wrapper.lora_B[name].weight
-        a_list.append(weight_a.reshape(num_experts, -1, weight_a.shape[-1]).to(dtype))
-        b_list.append(weight_b.reshape(weight_b.shape[0], -1, num_experts).permute(2, 0, 1).to(dtype))
+        a_list.append(weight_a.reshape(num_experts, -1, weight_a.shape[-1]))
+        b_list.append(weight_b.reshape(weight_b.shape[0], -1, num_experts).permute(2, 0, 1))
         scalings.append(float(wrapper.scaling[name]))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in a_list + b_list)
+    if len(adapters) == 1 and not needs_grad:
+        return a_list[0], b_list[0], scalings[0]
+    a_list = [a.to(dtype) for a in a_list]
+    b_list = [b.to(dtype) for b in b_list]
     if len(adapters) == 1:
         return a_list[0].contiguous(), b_list[0].contiguous(), scalings[0]
     lora_a = torch.cat(a_list, dim=1).contiguous()
