@@ -17,6 +17,19 @@ constexpr int kTileRows = 16;               // one mma row block
 constexpr int kTileCols = 32;               // four mma column blocks per warp
 constexpr int kColBlocks = kTileCols / 8;
 
+// Runs f(row0, col0, n_rows) for every kRows x kCols tile of a rows x out_dim matrix that this warp
+// owns: tiles are numbered row-major and dealt to the grid's warps in turn (grid-stride).
+template <int kThreads, int kRows, int kCols, typename F>
+__device__ __forceinline__ void for_each_warp_tile(int64_t rows, int64_t out_dim, F&& f) {
+  const int64_t col_tiles = (out_dim + kCols - 1) / kCols;
+  const int64_t tiles = (rows + kRows - 1) / kRows * col_tiles;
+  const int64_t warps = int64_t{gridDim.x} * (kThreads / 32);
+  for (int64_t t = int64_t{blockIdx.x} * (kThreads / 32) + threadIdx.x / 32; t < tiles; t += warps) {
+    const int64_t row0 = t / col_tiles * kRows;
+    f(row0, t % col_tiles * kCols, static_cast<int>(min(int64_t{kRows}, rows - row0)));
+  }
+}
+
 // Elements k and k + 1 of p as one mma operand register (zero past `rank` or when !valid).
 // kPairs: p and k are 4-byte aligned and rank is even, so the pair is one load.
 template <typename T, bool kPairs>
@@ -51,12 +64,7 @@ add_low_rank_mma_kernel(T* __restrict__ rows_out, int64_t row_stride, const T* _
                         const T* __restrict__ mats, const int32_t* __restrict__ row_expert, int64_t rows,
                         int64_t out_dim, int rank, float scale) {
   const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-  const int64_t col_tiles = (out_dim + kTileCols - 1) / kTileCols;
-  const int64_t tiles = (rows + kTileRows - 1) / kTileRows * col_tiles;
-  const int64_t warps = int64_t{gridDim.x} * (kLowRankThreads / 32);
-  for (int64_t t = int64_t{blockIdx.x} * (kLowRankThreads / 32) + threadIdx.x / 32; t < tiles; t += warps) {
-    const int64_t row0 = t / col_tiles * kTileRows, col0 = t % col_tiles * kTileCols;
-    const int n_rows = static_cast<int>(min(int64_t{kTileRows}, rows - row0));
+  for_each_warp_tile<kLowRankThreads, kTileRows, kTileCols>(rows, out_dim, [&](int64_t row0, int64_t col0, int n_rows) {
     const T* u_lo = u + (row0 + g) * u_stride;
     const T* u_hi = u + (row0 + g + 8) * u_stride;
     // This lane's output pair (col, col + 1) in row g + 8h of column block nb, and which of the
@@ -124,7 +132,7 @@ add_low_rank_mma_kernel(T* __restrict__ rows_out, int64_t row_stride, const T* _
         }
       }
     }
-  }
+  });
 }
 
 // The streaming kernel: the same products, with each warp's tile (32 rows x 64 columns, two mma
@@ -155,12 +163,8 @@ add_low_rank_stream_kernel(T* __restrict__ rows_out, int64_t row_stride, const T
                            int64_t rows, int64_t out_dim, int rank, float scale) {
   static_assert(sizeof(T) == 2, "16-bit rows: 8 columns a vector");
   const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-  const int64_t col_tiles = (out_dim + kStreamTileCols - 1) / kStreamTileCols;
-  const int64_t tiles = (rows + kStreamTileRows - 1) / kStreamTileRows * col_tiles;
-  const int64_t warps = int64_t{gridDim.x} * (kStreamThreads / 32);
-  for (int64_t t = int64_t{blockIdx.x} * (kStreamThreads / 32) + threadIdx.x / 32; t < tiles; t += warps) {
-    const int64_t row0 = t / col_tiles * kStreamTileRows, col0 = t % col_tiles * kStreamTileCols;
-    const int n_rows = static_cast<int>(min(int64_t{kStreamTileRows}, rows - row0));
+  for_each_warp_tile<kStreamThreads, kStreamTileRows, kStreamTileCols>(rows, out_dim, [&](int64_t row0, int64_t col0,
+                                                                                          int n_rows) {
     // This lane's vector in row 16b + g + 8h, column half c (columns c * 32 + q * 8 + [0, 8)); out_dim
     // is a multiple of 8, so a vector is wholly inside or wholly outside.
     T* const lane_base = rows_out + (row0 + g) * row_stride + col0 + q * kStreamVectorCols;
@@ -203,7 +207,7 @@ add_low_rank_stream_kernel(T* __restrict__ rows_out, int64_t row_stride, const T
           const T* m = mats + int64_t{e} * out_dim * rank;
           for (int k0 = 0; k0 < rank; k0 += 16) {
             uint32_t a[4];
-        load_u_fragment<T, kPairs>(a, u_lo, u_hi, k0 + 2 * q, rank, lo_in, hi_in);
+            load_u_fragment<T, kPairs>(a, u_lo, u_hi, k0 + 2 * q, rank, lo_in, hi_in);
 #pragma unroll
             for (int w = 0; w < 4; ++w) {
               const int64_t col = col0 + stream_tile_col(4 * c + w, g);
@@ -234,7 +238,7 @@ add_low_rank_stream_kernel(T* __restrict__ rows_out, int64_t row_stride, const T
         }
       }
     }
-  }
+  });
 }
 
 // MOEQUANT_LOW_RANK_KERNEL="0" keeps bf16/fp16 on add_low_rank_mma_kernel (for comparison in
