@@ -489,8 +489,7 @@ decode_combine_kernel(const float* __restrict__ y, int64_t y_splits, const int64
   const bool in_range = i < T * H;
   const int64_t t = in_range ? i / H : 0, c = i % H, P = T * top_k;
   float acc = 0.0f;
-  bool waited = false;
-  for (int64_t j0 = 0; j0 < top_k; j0 += kCombineSlots) {
+  for (int64_t j0 = 0; j0 < top_k; j0 += kCombineSlots) {  // top_k >= 1 here (decode_gemv_applies)
     int64_t e[kCombineSlots];
     float w[kCombineSlots], v[kCombineSlots];
 #pragma unroll
@@ -500,10 +499,7 @@ decode_combine_kernel(const float* __restrict__ y, int64_t y_splits, const int64
       w[s] = in_range && j < top_k ? to_float(pair_weights[t * top_k + j]) : 0.0f;
       v[s] = 0.0f;
     }
-    if (!waited) {
-      wait_for_previous_kernel();  // y is the down GEMV's output
-      waited = true;
-    }
+    if (j0 == 0) wait_for_previous_kernel();  // y is the down GEMV's output; every thread waits once
     for (int64_t sp = 0; sp < y_splits; ++sp) {  // fixed order: reproducible
 #pragma unroll
       for (int s = 0; s < kCombineSlots; ++s) {
@@ -517,7 +513,6 @@ decode_combine_kernel(const float* __restrict__ y, int64_t y_splits, const int64
       acc += w[s] * v[s];
     }
   }
-  if (!waited) wait_for_previous_kernel();  // every kernel of the chain waits (see above)
   if (in_range) out[i] = from_float<out_t>(acc);
 }
 
