@@ -5,11 +5,11 @@
 # dependencies; only transformers and what it needs go into the venv, with torch held at the
 # installed version so pip can never replace it.
 #
-# The newest release is tried first, with what it needs pinned; transformers 5.25.0 requires
-# kernels>=0.19.1,<0.20, which this machine's package index does not carry (its newest is 0.17.2),
-# so here the run falls back to 5.24.0, the newest release that installs. MOEQUANT_NEWEST_TRANSFORMERS
-# overrides the list (one requirement set per line). 5.25 turns hub kernels on in from_pretrained
-# by default, so where it installs the tests run with hub kernels on.
+# The newest release is tried first, with what it needs pinned (transformers 5.25.0 requires
+# kernels>=0.19.1,<0.20); where that does not install, the run falls back to 5.24.0.
+# MOEQUANT_NEWEST_TRANSFORMERS overrides the list (one requirement set per line). 5.25 turns hub
+# kernels on in from_pretrained by default, so where it installs the tests run with hub kernels on
+# (offline: test_hub_kernels_compose_or_are_refused maps a local RMSNorm kernel build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

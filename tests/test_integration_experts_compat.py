@@ -301,15 +301,47 @@ def test_hub_kernel_replacing_the_experts_forward_is_refused():
         assert torch.isfinite(rebound(torch.randn(10, 64), index, weights)).all()
 
 
+# A local `kernels` build of an RMSNorm layer for the CPU, pure PyTorch with Qwen3MoeRMSNorm's own
+# arithmetic, so that kernelize has a layer to bind with the hub offline (tests never download) and
+# the logits stay bit-identical. The layout is what `kernels` resolves for a local repository:
+# build/<variant>/metadata.json beside the Python package.
+LOCAL_RMSNORM_KERNEL = {
+    "metadata.json": '{"id": "_moequant_test_rmsnorm", "name": "moequant-test-rmsnorm", "version": 1, '
+                     '"python-depends": [], "license": "Apache-2.0", "backend": {"type": "cpu"}}',
+    "moequant_test_rmsnorm/__init__.py": "from . import layers  # noqa: F401\n",
+    "moequant_test_rmsnorm/layers.py": (
+        "import torch\n\n\n"
+        "class RMSNorm(torch.nn.Module):\n"
+        "    def forward(self, hidden_states):\n"
+        "        dtype = hidden_states.dtype\n"
+        "        h = hidden_states.to(torch.float32)\n"
+        "        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)\n"
+        "        return self.weight * h.to(dtype)\n"
+    ),
+}
+
+
+def local_kernel_mapping(root: pathlib.Path):
+    """`kernels.use_kernel_mapping` of transformers' "RMSNorm" layer to LOCAL_RMSNORM_KERNEL on the CPU."""
+    from kernels import LocalLayerRepository, use_kernel_mapping
+
+    for name, text in LOCAL_RMSNORM_KERNEL.items():
+        target = root / "build" / "torch-cpu" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return use_kernel_mapping({"RMSNorm": {"cpu": LocalLayerRepository(repo_path=root, layer_name="RMSNorm")}})
+
+
 def test_hub_kernels_compose_or_are_refused(tmp_path, monkeypatch):
     """from_pretrained(use_kernels=True) under quantize_experts_on_load: with a compatible `kernels`
-    installed, kernelize leaves the experts forward alone and the logits equal a load without hub
-    kernels; without one, transformers refuses the load (nothing is replaced silently)."""
+    installed, kernelize binds a kernel to the layers it maps (here a local RMSNorm build), leaves
+    the experts forward alone, and the logits equal a load without hub kernels; without one,
+    transformers refuses the load (nothing is replaced silently)."""
     from transformers.utils.import_utils import is_kernels_available
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
-    path = save_tiny_checkpoint("qwen3_moe", str(tmp_path))
+    path = save_tiny_checkpoint("qwen3_moe", str(tmp_path / "model"))
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))
     with quantize_experts_on_load():
         plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_kernels=False)
@@ -318,7 +350,7 @@ def test_hub_kernels_compose_or_are_refused(tmp_path, monkeypatch):
             with quantize_experts_on_load():
                 AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_kernels=True)
         return
-    with quantize_experts_on_load():
+    with local_kernel_mapping(tmp_path / "rmsnorm_kernel"), quantize_experts_on_load():
         kernelized = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_kernels=True)
     assert kernelized.use_kernels
     assert any("forward" in m.__dict__ for m in kernelized.modules()), "kernelize bound no layer forward"
