@@ -277,3 +277,46 @@ def test_negative_expert_id_asserts_on_device():
     assert "NO ERROR" not in output
     assert "device-side assert" in output, output[-3000:]
     assert "negative expert id" in output, output[-3000:]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["no_lora", "lora"])
+@pytest.mark.parametrize("pdl", ["1", "chain"])
+@torch.no_grad()
+def test_first_kernel_reads_routing_written_just_before(pdl, lora, monkeypatch):
+    """On sm_90+ the call's first kernel is a programmatic dependent launch of the stream's previous
+    kernel: it must read the routing that kernel writes, however late. Here the expert ids are the
+    last elements of a 512 MB elementwise result (written about last, into the block the previous
+    iteration's ids occupied), and each call must equal a call with plain launches."""
+    gate_up, down = make_stacks("nf4")
+    call = decode_call(gate_up, down, **(lora_factors() if lora else {}))
+    T = 8
+    hidden, _, weights = routed_inputs(T, seed=0)
+    positions = torch.arange(1 << 26, device="cuda")
+    for shift in range(6):
+        monkeypatch.setenv("MOEQUANT_DECODE_PDL", pdl)
+        index = torch.remainder(positions + 5 * shift, E)[-T * K:].view(T, K)
+        out = call(hidden, index, weights)
+        monkeypatch.setenv("MOEQUANT_DECODE_PDL", "0")
+        torch.cuda.synchronize()
+        expected = call(hidden, index.clone(), weights)
+        assert torch.equal(out, expected), (pdl, lora, shift)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("fmt", ["nf4", "fp4_dq"])
+@torch.no_grad()
+def test_half_pair_table_within_fp16_rounding_of_codes(fmt, dtype, monkeypatch):
+    """On 16-bit inputs the 4-bit GEMV decodes through half2 table entries (codes rounded to fp16):
+    within that rounding of the float2 table's result, far below the input dtype's own."""
+    call = decode_call(*make_stacks(fmt))
+    for T in (1, 8):
+        hidden, index, weights = routed_inputs(T, seed=20 + T)
+        hidden = hidden.to(dtype)
+        half = call(hidden, index, weights)
+        monkeypatch.setenv("MOEQUANT_DECODE_HALF_TABLE", "0")
+        wide = call(hidden, index, weights)
+        monkeypatch.delenv("MOEQUANT_DECODE_HALF_TABLE")
+        err = ((half.double() - wide.double()).norm() / wide.double().norm()).item()
+        assert wide.abs().sum() > 0
+        assert err < 2e-3, (fmt, T, err)

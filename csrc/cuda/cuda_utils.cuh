@@ -8,6 +8,10 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
 #include <type_traits>
 
 namespace moequant {
@@ -56,11 +60,34 @@ inline int64_t grid_for(int64_t work_items, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>(needed, int64_t{sms} * 16));
 }
 
+// Occupancy per (kernel, device, threads, dynamic smem), kept for the process: the decode path
+// sizes its grids on every token, where a driver query per launch shows in the host time.
+struct OccupancyCache {
+  std::mutex mutex;
+  std::map<std::tuple<const void*, int, int, int>, int> occupancy;  // (kernel, device, threads, smem)
+  static OccupancyCache& get() {
+    static OccupancyCache cache;
+    return cache;
+  }
+};
+
 // Enough CTAs to fill every SM once at the kernel's occupancy (the loop strides over the rest).
 template <typename Kernel>
 inline int64_t persistent_grid(Kernel kernel, int threads, int64_t ctas_needed, int dynamic_smem = 0) {
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), static_cast<int>(c10::cuda::current_device()),
+                                   threads, dynamic_smem);
+  OccupancyCache& cache = OccupancyCache::get();
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, dynamic_smem));
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    const auto it = cache.occupancy.find(key);
+    if (it != cache.occupancy.end()) {
+      per_sm = it->second;
+    } else {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, dynamic_smem));
+      cache.occupancy.emplace(key, per_sm);
+    }
+  }
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return std::max<int64_t>(1, std::min<int64_t>(ctas_needed, int64_t{sms} * std::max(per_sm, 1)));
 }

@@ -8,16 +8,22 @@
 // bytes of 4-bit codes, or 32 bytes of int8 codes: the only step that differs by format) of
 // those rows, all loads of a step in flight before the first decode, and multiplies with the
 // input vector staged in shared memory, padded by 4 floats every 32 so that the 16-byte reads of
-// lanes with different units hit different banks. Sums run in a fixed order: results are
-// reproducible. With LoRA, one small kernel per projection computes u = A[e] in[p] for every pair
-// (lora_a_kernel; for down, act(h + b_gu) is recomputed from the gate_up splits while staging),
-// and the GEMV adds scaling * B[e][row] . u to split 0 of its rows after its loop: two kernels
-// for both projections instead of a chain of small ATen ops. The factors are read as given
-// (float32 or the input dtype, B with any strides) and rounded to the input dtype as they are read. On sm_90+ every kernel after the
-// first is a programmatic dependent launch: it starts while its predecessor drains, reads what
-// does not depend on it (the expert ids, its weights' first step, the decode table), and only then
-// waits for the predecessor's results (griddepcontrol.wait), so the per-kernel fixed costs
-// overlap. No host synchronization anywhere: the path can be captured in a CUDA graph.
+// lanes with different units hit different banks. 4-bit codes decode two at a time through a
+// byte-pair table in shared memory, whose lookups bound the kernel (shared-memory wavefronts,
+// not instruction issue): on 16-bit inputs its entries are half2 (one wavefront per warp lookup
+// instead of two for float2; the codes rounded to fp16, 11 significant bits, finer than the
+// input's own rounding). Sums run in a fixed order: results are reproducible. With LoRA, one small
+// kernel per projection computes u = A[e] in[p] for every pair (lora_a_kernel; for down,
+// act(h + b_gu) is recomputed from the gate_up splits while staging), and the GEMV adds
+// scaling * B[e][row] . u to split 0 of its rows after its loop: two kernels for both projections
+// instead of a chain of small ATen ops. The factors are read as given (float32 or the input dtype,
+// B with any strides) and rounded to the input dtype as they are read. On sm_90+ every kernel is a
+// programmatic dependent launch: it starts while its predecessor drains, does what does not depend
+// on it (the decode table; after the first kernel, also the expert ids and its weights' first
+// step), and only then waits for the predecessor's results (griddepcontrol.wait), so the
+// per-kernel fixed costs overlap; the first kernel's predecessor is the stream's previous kernel
+// (the router's, or the previous layer's combine). No host synchronization anywhere: the path can
+// be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -86,13 +92,20 @@ static void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, int threads,
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
-// Whether the chain's kernels after the first are programmatic dependent launches: sm_90+, and
-// MOEQUANT_DECODE_PDL is not "0" (an off switch for comparisons).
-static bool decode_dependent_launches() {
-  if (const char* v = std::getenv("MOEQUANT_DECODE_PDL")) {
-    if (std::string(v) == "0") return false;
-  }
-  return at::cuda::getCurrentDeviceProperties()->major >= 9;
+// Which of the call's kernels are programmatic dependent launches (sm_90+). `chain`: every kernel
+// after the first, on its predecessor in the call. `first`: the first kernel too, on the stream's
+// previous kernel (the router's, or the previous layer's combine, which lets it launch early): it
+// fills its table while that kernel drains and reads the routing only after waiting for it.
+// MOEQUANT_DECODE_PDL switches for comparisons and tests: "0" none, "chain" the chain only.
+struct DecodeLaunches {
+  bool chain = false, first = false;
+};
+
+static DecodeLaunches decode_launches() {
+  const char* v = std::getenv("MOEQUANT_DECODE_PDL");
+  const std::string mode = v == nullptr ? "" : v;
+  if (mode == "0" || at::cuda::getCurrentDeviceProperties()->major < 9) return {};
+  return {true, mode != "chain"};
 }
 
 bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& gate_up, const PackedStack& down) {
@@ -202,10 +215,13 @@ __device__ __forceinline__ float factor_value(factor_t v) {
 template <typename in_t, bool kActInput, GatedActivation kAct>
 __global__ void __launch_bounds__(kGemvThreads)
 lora_a_kernel(const void* __restrict__ A, bool a_float, int64_t rank, int64_t K, const int64_t* __restrict__ pair_expert,
-              int64_t E, int64_t top_k, GemvInput<in_t, kActInput, kAct> in, float* __restrict__ u_parts) {
+              int64_t E, int64_t top_k, GemvInput<in_t, kActInput, kAct> in, bool first, float* __restrict__ u_parts) {
   __shared__ float xs[kLoraChunk];
-  allow_next_kernel_launch();
-  wait_for_previous_kernel();  // the down projection's input is the previous kernel's output
+  // The call's first kernel lets the next one launch only once the routing is written: the next
+  // reads the expert ids before its own wait.
+  if (!first) allow_next_kernel_launch();
+  wait_for_previous_kernel();  // the routing, or the down projection's input (the previous kernel's output)
+  if (first) allow_next_kernel_launch();
   const int64_t chunk = blockIdx.x, parts = gridDim.x, p = blockIdx.y, P = gridDim.y;
   const int64_t e = pair_expert[p];
   if (e < 0 || e >= E) return;  // sentinel slot (a negative id asserts in gemv_kernel)
@@ -274,12 +290,27 @@ struct UnitCodes {
 template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8>
 __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Quant4Args& args, int64_t N, int64_t K,
     int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E, int64_t top_k,
-    GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, float* __restrict__ out) {
+    GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first, bool half_table, float* __restrict__ out) {
   extern __shared__ float4 staged[];  // split_units * kPaddedUnitFloats floats
   // Static, so that the pair table's address folds into the LDS instructions' immediate.
   __shared__ DecodeTables<kDoubleQuant> tables;
   float2* const pair_table = tables.pair;
+  // 16-bit inputs: the table with 16-bit entries (half the shared-memory wavefronts per lookup).
+  auto fill_table = [&] {
+    if (half_table) {
+      fill_half_pair_table(pair_table, args.codebook);
+    } else {
+      fill_pair_table(pair_table, args.codebook);  // one LDS.64 decodes two weights, conflict-free
+    }
+  };
   const int64_t s = blockIdx.y, p = blockIdx.z, P = gridDim.z;
+  if (first) {
+    // The call's first kernel, launched as a dependent of the stream's previous kernel (which may
+    // have written the routing and the hidden states): only the table before the wait, and the
+    // next kernel, which reads the expert ids before its own wait, launches after it.
+    if constexpr (!kInt8) fill_table();
+    wait_for_previous_kernel();
+  }
   allow_next_kernel_launch();
   // Before the wait, only what no kernel of this call writes: expert ids, weights, the table.
   const int64_t e = pair_expert[p];
@@ -305,7 +336,7 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   const MatrixScales<kDoubleQuant> scales(args.scales, e, tables.map);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint32_t copy_offset = lane_table_copy_offset();
+  const uint32_t copy_offset = half_table ? half_pair_lane_offset() : lane_table_copy_offset();
   const UnitCodes<kInt8>* weights = reinterpret_cast<const UnitCodes<kInt8>*>(packed);
   const int64_t row_tiles = (N + kRowsPerCta - 1) / kRowsPerCta;
   const bool add_lora = lora.B != nullptr && s == 0;  // the LoRA term joins split 0 of each row (after the loop)
@@ -345,7 +376,9 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   // The first step's weights only depend on the expert: their loads are in flight while the
   // table is filled and the input vector staged (one memory latency per CTA instead of two).
   load_step(st);
-  if constexpr (!kInt8) fill_pair_table(tables.pair, args.codebook);  // one LDS.64 decodes two weights, conflict-free
+  if constexpr (!kInt8) {
+    if (!first) fill_table();
+  }
   wait_for_previous_kernel();  // h (down's input) and the LoRA u sums come from earlier kernels
   float* xs = reinterpret_cast<float*>(staged);
 #pragma unroll
@@ -387,21 +420,28 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
           }
         }
       } else {
+        auto decode_unit = [&](auto lookup) {
 #pragma unroll
-        for (int w = 0; w < 4; ++w) {  // 8 weights per 32-bit word, shared by the rows
-          const float4 xa = xu[2 * w], xb = xu[2 * w + 1];
-          const float x[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+          for (int w = 0; w < 4; ++w) {  // 8 weights per 32-bit word, shared by the rows
+            const float4 xa = xu[2 * w], xb = xu[2 * w + 1];
+            const float x[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
 #pragma unroll
-          for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-            const uint4& c = cur[rr].v[0];
-            const uint32_t word = w == 0 ? c.x : w == 1 ? c.y : w == 2 ? c.z : c.w;
+            for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+              const uint4& c = cur[rr].v[0];
+              const uint32_t word = w == 0 ? c.x : w == 1 ? c.y : w == 2 ? c.z : c.w;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const float2 v = pair_lookup(pair_table, word, i, copy_offset);
-              sum[rr] = fmaf(v.x, x[2 * i], sum[rr]);
-              sum[rr] = fmaf(v.y, x[2 * i + 1], sum[rr]);
+              for (int i = 0; i < 4; ++i) {
+                const float2 v = lookup(word, i);
+                sum[rr] = fmaf(v.x, x[2 * i], sum[rr]);
+                sum[rr] = fmaf(v.y, x[2 * i + 1], sum[rr]);
+              }
             }
           }
+        };
+        if (half_table) {
+          decode_unit([&](uint32_t word, int i) { return half_pair_lookup(pair_table, word, i, copy_offset); });
+        } else {
+          decode_unit([&](uint32_t word, int i) { return pair_lookup(pair_table, word, i, copy_offset); });
         }
       }
 #pragma unroll
@@ -443,9 +483,10 @@ template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
                 int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
-                int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, float* __restrict__ out) {
+                int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first,
+                bool half_table, float* __restrict__ out) {
   gemv<in_t, kActInput, kAct, kDoubleQuant, kInt8>(packed, args, N, K, split_units, log2_units_per_block, pair_expert,
-                                                   E, top_k, in, lora, out);
+                                                   E, top_k, in, lora, first, half_table, out);
 }
 
 // Double-quantized 4-bit stacks on sm_90+: three CTAs per SM, as plain stacks get (78 registers).
@@ -456,9 +497,17 @@ template <typename in_t, bool kActInput, GatedActivation kAct>
 __global__ void __launch_bounds__(kGemvThreads, 3)
 gemv_dq_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
                int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
-               int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, float* __restrict__ out) {
+               int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first,
+               bool half_table, float* __restrict__ out) {
   gemv<in_t, kActInput, kAct, true, false>(packed, args, N, K, split_units, log2_units_per_block, pair_expert, E,
-                                           top_k, in, lora, out);
+                                           top_k, in, lora, first, half_table, out);
+}
+
+// Whether 4-bit GEMVs on 16-bit inputs decode through the table of 16-bit entries: MOEQUANT_DECODE_HALF_TABLE
+// is not "0" (the float2 table instead, for comparisons; read per call).
+static bool decode_half_table() {
+  const char* v = std::getenv("MOEQUANT_DECODE_HALF_TABLE");
+  return v == nullptr || std::string(v) != "0";
 }
 
 // Whether the double-quant GEMV runs gemv_dq_kernel: sm_90+, and MOEQUANT_DECODE_DQ_BOUNDS is not
@@ -485,6 +534,7 @@ decode_combine_kernel(const float* __restrict__ y, int64_t y_splits, const int64
                       const weight_t* __restrict__ pair_weights, const float* __restrict__ bias,
                       out_t* __restrict__ out,
                       int64_t T, int64_t E, int64_t top_k, int64_t H) {
+  allow_next_kernel_launch();  // a next call's first kernel may fill its table meanwhile
   const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   const bool in_range = i < T * H;
   const int64_t t = in_range ? i / H : 0, c = i % H, P = T * top_k;
@@ -529,7 +579,7 @@ static void dispatch_gemv_activation(GatedActivation kind, F&& f) {
 template <typename KernelT, typename in_t>
 static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert,
                         int64_t top_k, const auto& input, const GemvLora<in_t>& lora, float* out, cudaStream_t stream,
-                        bool dependent) {
+                        bool dependent, bool first) {
   const QuantStackView view = w.view();
   const Quant4Args args{view.scales, view.codebook, view.type};
   const GemvSplit split = gemv_split(w.cols);
@@ -544,19 +594,19 @@ static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs,
       is_4bit(w.type) ? __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32)) : 0;  // int8: unused
   launch_kernel(kernel, grid, kGemvThreads, smem, stream, dependent, static_cast<const uint8_t*>(view.data), args,
                 w.rows, w.cols, split.units, log2_units_per_block, pair_expert.const_data_ptr<int64_t>(), w.experts,
-                top_k, input, lora, out);
+                top_k, input, lora, first, is_4bit(w.type) && sizeof(in_t) == 2 && decode_half_table(), out);
 }
 
 // The GEMV of one stack, instantiated for its format.
 template <typename in_t, bool kActInput, GatedActivation kAct>
 static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert, int64_t top_k,
                               const GemvInput<in_t, kActInput, kAct>& input, const GemvLora<in_t>& lora, float* out,
-                              cudaStream_t stream, bool dependent) {
+                              cudaStream_t stream, bool dependent, bool first) {
   const auto kernel = !is_4bit(w.type)     ? gemv_kernel<in_t, kActInput, kAct, false, true>   // int8
                       : !w.double_quant()   ? gemv_kernel<in_t, kActInput, kAct, false, false>  // plain scales
                       : decode_dq_bounded() ? gemv_dq_kernel<in_t, kActInput, kAct>
                                             : gemv_kernel<in_t, kActInput, kAct, true, false>;
-  launch_gemv(kernel, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent);
+  launch_gemv(kernel, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent, first);
 }
 
 // u partial sums of one projection's LoRA for every pair (lora_a_kernel) into `u_parts`, and the
@@ -565,14 +615,14 @@ static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at:
 template <typename in_t, bool kActInput, GatedActivation kAct>
 static GemvLora<in_t> launch_lora_a(const DecodeLora& lora, int64_t num_pairs, const at::Tensor& pair_expert,
                                     int64_t E, int64_t top_k, const GemvInput<in_t, kActInput, kAct>& in,
-                                    at::Tensor& u_parts, cudaStream_t stream, bool dependent) {
+                                    at::Tensor& u_parts, cudaStream_t stream, bool dependent, bool first) {
   if (!lora.present()) return {};
   const int64_t rank = lora.A.size(1), K = lora.A.size(2);
   const int64_t parts = (K + kLoraChunk - 1) / kLoraChunk;
   u_parts = at::empty({num_pairs, rank, parts}, lora.A.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(parts), static_cast<unsigned>(num_pairs));
   launch_kernel(lora_a_kernel<in_t, kActInput, kAct>, grid, kGemvThreads, 0, stream, dependent, lora.A.const_data_ptr(),
-                lora.A.scalar_type() == at::kFloat, rank, K, pair_expert.const_data_ptr<int64_t>(), E, top_k, in,
+                lora.A.scalar_type() == at::kFloat, rank, K, pair_expert.const_data_ptr<int64_t>(), E, top_k, in, first,
                 u_parts.mutable_data_ptr<float>());
   GemvLora<in_t> view;
   view.u_parts = u_parts.const_data_ptr<float>();
@@ -605,23 +655,27 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
   at::Tensor out = at::empty({T, H}, hidden.options());
   at::Tensor gate_up_u, down_u;  // LoRA u partial sums, alive until the GEMVs that read them have run
   auto stream = at::cuda::getCurrentCUDAStream();
-  // The first kernel launches normally (its inputs come from outside the call); the rest depend
-  // programmatically on their predecessor when `pdl`.
-  const bool pdl = decode_dependent_launches();
+  // The first kernel reads its inputs (routing, hidden states) after waiting for the stream's
+  // previous kernel when launched as its dependent (launches.first); the rest depend on their
+  // predecessor in the call (launches.chain).
+  const DecodeLaunches launches = decode_launches();
+  const bool pdl = launches.chain;
   MOEQUANT_DISPATCH_EXPERTS_TYPES(hidden.scalar_type(), "moequant_decode_gemv", [&] {
     using T_ = typename native<scalar_t>::type;
     dispatch_gemv_activation(act.kind, [&](auto kind) {
       constexpr GatedActivation kAct = decltype(kind)::value;
       const GemvInput<T_, false, kAct> in1{reinterpret_cast<const T_*>(hidden.const_data_ptr()), nullptr, 0, nullptr,
                                            act.interleaved, act.alpha, act.limit};
-      const GemvLora<T_> lora1 = launch_lora_a(gate_up_lora, P, pair_expert, E, k, in1, gate_up_u, stream, false);
+      const GemvLora<T_> lora1 =
+          launch_lora_a(gate_up_lora, P, pair_expert, E, k, in1, gate_up_u, stream, launches.first, launches.first);
+      const bool gemv_first = !gate_up_lora.present();
       launch_for_format(gate_up, P, pair_expert, k, in1, lora1, h.mutable_data_ptr<float>(), stream,
-                        pdl && gate_up_lora.present());
+                        gemv_first ? launches.first : pdl, gemv_first && launches.first);
       const GemvInput<T_, true, kAct> in2{nullptr, h.const_data_ptr<float>(), gu_splits,
                                           gate_up_bias.defined() ? gate_up_bias.const_data_ptr<float>() : nullptr,
                                           act.interleaved, act.alpha, act.limit};
-      const GemvLora<T_> lora2 = launch_lora_a(down_lora, P, pair_expert, E, k, in2, down_u, stream, pdl);
-      launch_for_format(down, P, pair_expert, k, in2, lora2, y.mutable_data_ptr<float>(), stream, pdl);
+      const GemvLora<T_> lora2 = launch_lora_a(down_lora, P, pair_expert, E, k, in2, down_u, stream, pdl, false);
+      launch_for_format(down, P, pair_expert, k, in2, lora2, y.mutable_data_ptr<float>(), stream, pdl, false);
     });
     using out_t = T_;
     const auto weights_type = pair_weights.scalar_type();

@@ -166,6 +166,31 @@ __device__ __forceinline__ float2 pair_lookup(const float2* table, uint32_t word
   return *reinterpret_cast<const float2*>(reinterpret_cast<const char*>(table) + offset);
 }
 
+// The pair table with 16-bit entries, in the float2 table's 32 KB: (byte b, copy c) at byte
+// b * 128 + c * 4 holds b's two codes as a half2 (high nibble in the low half), 32 copies. A warp's
+// 4-byte lookups are one shared-memory wavefront where the float2 table's 8-byte ones are two: for
+// kernels bound by shared-memory bandwidth (the decode GEMV on 16-bit inputs). The codes are
+// rounded to fp16 (11 significant bits).
+constexpr int kHalfPairCopies = 32;
+static_assert(kHalfPairCopies * 4 == kLaneTableCopies * kLaneTableEntryBytes, "both tables have 128-byte rows");
+
+__device__ __forceinline__ void fill_half_pair_table(float2* table, const Codebook16& codebook) {
+  uint32_t* entries = reinterpret_cast<uint32_t*>(table);
+  for (int j = threadIdx.x; j < 256 * kHalfPairCopies; j += blockDim.x) {
+    const int b = j / kHalfPairCopies;
+    const __half2 v = __floats2half2_rn(codebook.v[b >> 4], codebook.v[b & 0xF]);
+    entries[j] = *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+__device__ __forceinline__ uint32_t half_pair_lane_offset() { return threadIdx.x % kHalfPairCopies * 4u; }
+
+// The two codes of byte i (0..3) of `word` from the 16-bit table, as floats.
+__device__ __forceinline__ float2 half_pair_lookup(const float2* table, uint32_t word, int i, uint32_t lane_offset) {
+  const uint32_t offset = lane_table_offset<0x7F80>(i == 0 ? word << 7 : word >> (8 * i - 7), lane_offset);
+  return __half22float2(*reinterpret_cast<const __half2*>(reinterpret_cast<const char*>(table) + offset));
+}
+
 // Packed bytes of one 16-byte output chunk: 4 for 16-bit outputs (8 values), 2 for fp32 (4 values).
 template <typename T>
 using PackedChunk = std::conditional_t<sizeof(T) == 4, uint16_t, uint32_t>;
