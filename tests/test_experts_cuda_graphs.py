@@ -307,15 +307,16 @@ def test_first_kernel_reads_routing_written_just_before(pdl, lora, monkeypatch):
 @pytest.mark.parametrize("fmt", ["nf4", "fp4_dq"])
 @torch.no_grad()
 def test_half_pair_table_within_fp16_rounding_of_codes(fmt, dtype, monkeypatch):
-    """On 16-bit inputs the 4-bit GEMV decodes through half2 table entries (codes rounded to fp16):
-    within that rounding of the float2 table's result, far below the input dtype's own."""
+    """MOEQUANT_DECODE_HALF_TABLE=1: on 16-bit inputs the 4-bit GEMV decodes through half2 table
+    entries (codes rounded to fp16): within that rounding of the float2 table's result, far below
+    the input dtype's own."""
     call = decode_call(*make_stacks(fmt))
     for T in (1, 8):
         hidden, index, weights = routed_inputs(T, seed=20 + T)
         hidden = hidden.to(dtype)
-        half = call(hidden, index, weights)
-        monkeypatch.setenv("MOEQUANT_DECODE_HALF_TABLE", "0")
         wide = call(hidden, index, weights)
+        monkeypatch.setenv("MOEQUANT_DECODE_HALF_TABLE", "1")
+        half = call(hidden, index, weights)
         monkeypatch.delenv("MOEQUANT_DECODE_HALF_TABLE")
         err = ((half.double() - wide.double()).norm() / wide.double().norm()).item()
         assert wide.abs().sum() > 0

@@ -9,10 +9,10 @@
 // those rows, all loads of a step in flight before the first decode, and multiplies with the
 // input vector staged in shared memory, padded by 4 floats every 32 so that the 16-byte reads of
 // lanes with different units hit different banks. 4-bit codes decode two at a time through a
-// byte-pair table in shared memory, whose lookups bound the kernel (shared-memory wavefronts,
-// not instruction issue): on 16-bit inputs its entries are half2 (one wavefront per warp lookup
-// instead of two for float2; the codes rounded to fp16, 11 significant bits, finer than the
-// input's own rounding). Sums run in a fixed order: results are reproducible. With LoRA, one small
+// byte-pair table in shared memory, whose lookups bound the kernel when it is fully occupied
+// (shared-memory wavefronts, not instruction issue); decode_half_table() opts in to half2 entries
+// on 16-bit inputs (one wavefront per warp lookup instead of two; the codes rounded to fp16).
+// Sums run in a fixed order: results are reproducible. With LoRA, one small
 // kernel per projection computes u = A[e] in[p] for every pair (lora_a_kernel; for down,
 // act(h + b_gu) is recomputed from the gate_up splits while staging), and the GEMV adds
 // scaling * B[e][row] . u to split 0 of its rows after its loop: two kernels for both projections
@@ -503,11 +503,14 @@ gemv_dq_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant
                                            top_k, in, lora, first, half_table, out);
 }
 
-// Whether 4-bit GEMVs on 16-bit inputs decode through the table of 16-bit entries: MOEQUANT_DECODE_HALF_TABLE
-// is not "0" (the float2 table instead, for comparisons; read per call).
+// Whether 4-bit GEMVs on 16-bit inputs decode through the table of 16-bit entries: opt-in,
+// MOEQUANT_DECODE_HALF_TABLE=1 (read per call). It halves the lookups' shared-memory wavefronts
+// but adds two conversions per byte: 1-2.5% faster where the GEMV is bound by shared memory
+// (mixtral/deepseek T=1, three CTAs per SM), about a third slower where its CTAs are few and
+// latency-bound (deepseek T=8: one CTA per (split, pair), 256 CTAs on 132 SMs).
 static bool decode_half_table() {
   const char* v = std::getenv("MOEQUANT_DECODE_HALF_TABLE");
-  return v == nullptr || std::string(v) != "0";
+  return v != nullptr && std::string(v) == "1";
 }
 
 // Whether the double-quant GEMV runs gemv_dq_kernel: sm_90+, and MOEQUANT_DECODE_DQ_BOUNDS is not
