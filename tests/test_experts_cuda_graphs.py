@@ -302,7 +302,6 @@ def test_first_kernel_reads_routing_written_just_before(pdl, lora, monkeypatch):
         assert torch.equal(out, expected), (pdl, lora, shift)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("fmt", ["nf4", "fp4_dq"])
 @torch.no_grad()

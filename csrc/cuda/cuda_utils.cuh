@@ -11,7 +11,6 @@
 #include <map>
 #include <mutex>
 #include <tuple>
-#include <utility>
 #include <type_traits>
 
 namespace moequant {
