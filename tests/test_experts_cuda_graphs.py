@@ -206,6 +206,27 @@ def test_dependent_launches_match_plain_launches(fmt, lora, monkeypatch):
             assert torch.equal(out, plain), (fmt, T)
 
 
+# Calls far past the default threshold (T=64 with it raised: 512 pairs on 16 experts, each expert
+# read by about 32 of them: a grid 512 pairs deep) and a sentinel slot: the GEMV is repeatable
+# bitwise and matches the routed path, in every format, with and without LoRA.
+@pytest.mark.parametrize("lora", [False, True], ids=["no_lora", "lora"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@torch.no_grad()
+def test_many_pairs_match_routed_path(fmt, lora, monkeypatch):
+    call = decode_call(*make_stacks(fmt), **(lora_factors() if lora else {}))
+    for T in (2, 64):
+        hidden, index, weights = routed_inputs(T, seed=20 + T)
+        index[0, 1] = E + 1  # a sentinel slot
+        monkeypatch.setenv("MOEQUANT_DECODE_MAX_PAIRS", "1024")
+        decode = [call(hidden, index, weights) for _ in range(2)]
+        monkeypatch.setenv("MOEQUANT_DECODE_MAX_PAIRS", "0")  # the routed path
+        routed = call(hidden, index, weights)
+        assert torch.equal(decode[0], decode[1])
+        err = ((decode[0].double() - routed.double()).norm() / routed.double().norm()).item()
+        assert routed.abs().sum() > 0
+        assert err < 2e-2, (fmt, T, err)
+
+
 def assert_decode_matches_routed(call, inputs, no_lora_call, tol, monkeypatch):
     """decode == routed within `tol` (relative Frobenius), and the LoRA term is visible in the output."""
     decode = call(*inputs)

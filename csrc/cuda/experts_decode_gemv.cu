@@ -112,8 +112,10 @@ bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& 
   int64_t max_pairs = kDefaultDecodeMaxPairs;
   if (const char* v = std::getenv("MOEQUANT_DECODE_MAX_PAIRS")) max_pairs = std::atoll(v);
   if (num_pairs == 0 || num_pairs > max_pairs || transposed) return false;
-  // Rows must be whole 16-byte units (32 weights).
-  return gate_up.cols % 32 == 0 && down.cols % 32 == 0;
+  // Rows must be whole 16-byte units (32 weights), and the GEMV indexes the units of one expert's
+  // matrix in 32 bits.
+  auto fits = [](const PackedStack& w) { return w.cols % 32 == 0 && w.rows * (w.cols / 32) < (int64_t{1} << 31); };
+  return fits(gate_up) && fits(down);
 }
 
 // How the input dimension K is split: `splits` ranges of `units` 16-byte units each (the last
@@ -337,7 +339,11 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t copy_offset = half_table ? half_pair_lane_offset() : lane_table_copy_offset();
-  const UnitCodes<kInt8>* weights = reinterpret_cast<const UnitCodes<kInt8>*>(packed);
+  // The expert's matrix, found once with 64-bit math; offsets within it are 32-bit (its units and
+  // blocks fit: decode_gemv_applies), about a third less address arithmetic per step.
+  const UnitCodes<kInt8>* const expert_units =
+      reinterpret_cast<const UnitCodes<kInt8>*>(packed) + e * N * units_per_row;
+  const uint32_t row_units = static_cast<uint32_t>(units_per_row), last_row = static_cast<uint32_t>(N - 1);
   const int64_t row_tiles = (N + kRowsPerCta - 1) / kRowsPerCta;
   const bool add_lora = lora.B != nullptr && s == 0;  // the LoRA term joins split 0 of each row (after the loop)
 
@@ -355,18 +361,17 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   };
   UnitCodes<kInt8> bytes[kRowsPerWarp];
   LoadedScale amax[kRowsPerWarp];
-  const int64_t expert_unit0 = e * N * units_per_row;
   auto load_step = [&](Step st) {
     if (st.tile >= row_tiles) return;
-    const int u = st.u0 + lane < units ? st.u0 + lane : 0;
+    const uint32_t u = static_cast<uint32_t>(unit0) + static_cast<uint32_t>(st.u0 + lane < units ? st.u0 + lane : 0);
+    const uint32_t row0 = static_cast<uint32_t>(st.tile * kRowsPerCta + warp * kRowsPerWarp);
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-      const int64_t row = st.tile * kRowsPerCta + warp * kRowsPerWarp + rr;
-      const int64_t r = row < N ? row : N - 1;
-      const int64_t unit = (e * N + r) * units_per_row + unit0 + u;
-      bytes[rr] = weights[unit];
+      const uint32_t r = min(row0 + rr, last_row);
+      const uint32_t unit = r * row_units + u;  // from the start of the expert's matrix
+      bytes[rr] = expert_units[unit];
       // int8: one scale per row (its "block"); 4-bit: one per block of units.
-      amax[rr] = scales.load(kInt8 ? r : (unit - expert_unit0) >> log2_units_per_block);
+      amax[rr] = scales.load(kInt8 ? r : unit >> log2_units_per_block);
     }
   };
   float acc[kRowsPerWarp];

@@ -92,10 +92,14 @@ struct MatrixScales {
     }
   }
 
-  // `block` counts blocks from the start of the matrix.
-  __device__ __forceinline__ LoadedScale load(int64_t block) const {
+  // `block` counts blocks from the start of the matrix: uint32_t where the caller knows that the
+  // matrix's blocks fit (32-bit index math in hot loops), any other integer as int64_t.
+  template <typename Index>
+  __device__ __forceinline__ LoadedScale load(Index index) const {
+    using B = std::conditional_t<std::is_same_v<Index, uint32_t>, uint32_t, int64_t>;
+    const B block = static_cast<B>(index);
     if constexpr (kDoubleQuant) {
-      return {__ldg(scale + block / kDoubleQuantGroup), static_cast<uint32_t>(__ldg(code + block))};
+      return {__ldg(scale + block / static_cast<B>(kDoubleQuantGroup)), static_cast<uint32_t>(__ldg(code + block))};
     } else {
       return {__ldg(absmax + block), 0u};
     }
