@@ -227,6 +227,57 @@ def test_many_pairs_match_routed_path(fmt, lora, monkeypatch):
         assert err < 2e-2, (fmt, T, err)
 
 
+def capture_call(call, static):
+    """A CUDA graph of call(*static) after two warm-up calls on a side stream, and its output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(*static)
+    return graph, out
+
+
+# Past the threshold (T=16: 128 pairs), an eager call takes the routed path, which synchronizes;
+# while a graph is being captured the GEMV takes the call instead, so batch decoding captures too,
+# and its replays equal the GEMV's eager result bitwise.
+@pytest.mark.parametrize("fmt", ["nf4_dq", "int8"])
+@torch.no_grad()
+def test_capture_past_the_threshold_takes_the_gemv(fmt, monkeypatch):
+    call = decode_call(*make_stacks(fmt), **lora_factors())
+    static = [t.clone() for t in routed_inputs(16, seed=0)]
+    graph, static_out = capture_call(call, static)
+    for seed in (1, 2):
+        for dst, src in zip(static, routed_inputs(16, seed)):
+            dst.copy_(src)
+        graph.replay()
+        monkeypatch.setenv("MOEQUANT_DECODE_MAX_PAIRS", "1024")  # the GEMV, eagerly
+        gemv = call(*static)
+        monkeypatch.delenv("MOEQUANT_DECODE_MAX_PAIRS")
+        routed = call(*static)
+        assert static_out.abs().sum() > 0
+        assert torch.equal(static_out, gemv), (fmt, seed)
+        assert ((gemv.double() - routed.double()).norm() / routed.double().norm()).item() < 2e-2
+
+
+# A call that must take the routed path (here: with gradients) fails with a clear error inside a
+# capture, raised before it launches anything the capture cannot hold.
+def test_routed_path_refuses_capture_clearly():
+    gate_up, down = make_stacks("nf4")
+    hidden, index, weights = routed_inputs(2, seed=0)
+    hidden.requires_grad_(True)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph: it takes the routed path"):
+        with torch.cuda.graph(graph):
+            moequant.experts_forward(hidden, index, weights, gate_up, down)
+    out = moequant.experts_forward(hidden, index, weights, gate_up, down)  # the stream still works
+    out.sum().backward()
+    assert hidden.grad.abs().sum() > 0
+
+
 def assert_decode_matches_routed(call, inputs, no_lora_call, tol, monkeypatch):
     """decode == routed within `tol` (relative Frobenius), and the LoRA term is visible in the output."""
     decode = call(*inputs)

@@ -27,6 +27,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -45,6 +46,7 @@ constexpr int kGemvThreads = 256;
 constexpr int kGemvWarps = kGemvThreads / 32;
 constexpr int kRowsPerWarp = 4;
 constexpr int64_t kDefaultDecodeMaxPairs = 64;
+constexpr int64_t kMaxGridZ = 65535;  // the GEMV grid's z dimension, one index per pair
 // Input-dimension split: about 64 units (2048 weights) per row and split, two steps per row tile.
 constexpr int64_t kSplitUnits = 64;
 constexpr int kPaddedUnitFloats = 36;  // 32 inputs + 4 floats of padding per unit in shared memory
@@ -111,6 +113,12 @@ static DecodeLaunches decode_launches() {
 bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& gate_up, const PackedStack& down) {
   int64_t max_pairs = kDefaultDecodeMaxPairs;
   if (const char* v = std::getenv("MOEQUANT_DECODE_MAX_PAIRS")) max_pairs = std::atoll(v);
+  // Inside a CUDA graph capture the GEMV is the only path that can run (the routed path reads its
+  // row counts on the host): it takes every call its grid can hold (one z index per pair).
+  if (num_pairs > max_pairs && max_pairs > 0 &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    max_pairs = kMaxGridZ;
+  }
   if (num_pairs == 0 || num_pairs > max_pairs || transposed) return false;
   // Rows must be whole 16-byte units (32 weights), and the GEMV indexes the units of one expert's
   // matrix in 32 bits.

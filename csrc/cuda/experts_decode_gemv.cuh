@@ -13,7 +13,8 @@
 namespace moequant {
 
 // Whether the GEMV path serves `num_pairs` = T*k pairs (inference, any format, with or without
-// LoRA, stored [out, in] layout with rows of whole 32-weight units).
+// LoRA, stored [out, in] layout with rows of whole 32-weight units): up to 64 pairs, or up to
+// 65535 while the current stream is capturing a CUDA graph (the routed path cannot be captured).
 // MOEQUANT_DECODE_MAX_PAIRS overrides the pair threshold (0 disables the path; tests use it).
 bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& gate_up, const PackedStack& down);
 

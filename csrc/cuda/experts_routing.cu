@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <cub/cub.cuh>
 
 #include <string>
@@ -51,6 +52,12 @@ ExpertsRouting route_pairs(const char* op, const at::Tensor& top_k_index, int64_
   r.top_k = index.size(1);
   r.num_experts = num_experts;
   TORCH_CHECK(r.num_pairs < (int64_t{1} << 31), op, ": T*k must be below 2^31, got ", std::to_string(r.num_pairs));
+  // Checked before the routing launches anything (the capture stays valid for the caller to end).
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None, op,
+              ": this call cannot be captured in a CUDA graph: it takes the routed path, which reads the rows per "
+              "expert on the host (", std::to_string(r.num_pairs), " (token, slot) pairs). Captured calls must be "
+              "without gradients, in the stored [out, in] layout (transposed=False), with rows of whole 32-weight "
+              "units and at most 65535 pairs: those run the decode GEMV, which never synchronizes");
   const auto int_opts = index.options().dtype(at::kInt);
   const int64_t P = r.num_pairs;
   auto stream = at::cuda::getCurrentCUDAStream();
