@@ -66,6 +66,20 @@ def default_decode_threshold(monkeypatch):
     monkeypatch.delenv("MOEQUANT_DECODE_PDL", raising=False)  # programmatic dependent launches on sm_90+
 
 
+def capture_call(call, static):
+    """A CUDA graph of call(*static) after two warm-up calls on a side stream, and its output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs advises
+        for _ in range(2):
+            call(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(*static)
+    return graph, out
+
+
 @pytest.mark.parametrize("pdl", ["1", "0"], ids=["pdl", "no_pdl"])
 @pytest.mark.parametrize("lora", [False, True], ids=["no_lora", "lora"])
 @pytest.mark.parametrize("T", [1, 8])
@@ -75,15 +89,7 @@ def test_capture_and_replay_bitwise(fmt, T, lora, pdl, monkeypatch):
     monkeypatch.setenv("MOEQUANT_DECODE_PDL", pdl)  # read at each call: the captured launches use it
     call = decode_call(*make_stacks(fmt), **(lora_factors() if lora else {}))
     static = [t.clone() for t in routed_inputs(T, seed=0)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs advises
-        for _ in range(2):
-            call(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = call(*static)
+    graph, static_out = capture_call(call, static)
     for seed in (1, 2, 3):
         new_inputs = routed_inputs(T, seed)
         for dst, src in zip(static, new_inputs):
@@ -225,20 +231,6 @@ def test_many_pairs_match_routed_path(fmt, lora, monkeypatch):
         err = ((decode[0].double() - routed.double()).norm() / routed.double().norm()).item()
         assert routed.abs().sum() > 0
         assert err < 2e-2, (fmt, T, err)
-
-
-def capture_call(call, static):
-    """A CUDA graph of call(*static) after two warm-up calls on a side stream, and its output."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            call(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call(*static)
-    return graph, out
 
 
 # Past the threshold (T=16: 128 pairs), an eager call takes the routed path, which synchronizes;
