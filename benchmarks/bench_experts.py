@@ -14,7 +14,7 @@ again is a control of the run's noise), each recorded as impl "moequant[<format>
 ratios.
 
     python benchmarks/bench_experts.py [--shapes qwen3_30b_a3b,...] [--tokens 1,8,256,4096,16384]
-        [--reps 10] [--no-lora] [--compare-rungs] [--quant-type nf4] [--double-quant]
+        [--reps 10] [--no-lora] [--compare-rungs] [--compare-tile-plans] [--quant-type nf4] [--double-quant]
         [--also-formats nf4_dq,fp4,int8] [--out benchmarks/results/bench_experts-<device>.json]
 """
 
@@ -238,7 +238,8 @@ def lora_kwargs(H, I, E, device):
     return lora
 
 
-def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=False, formats=(("nf4", False),)):
+def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=False, formats=(("nf4", False),),
+                compare_tile_plans=False):
     H, I, E, k = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
     hopper = torch.cuda.get_device_capability(device) == (9, 0)
@@ -271,8 +272,13 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=
                 if hopper:  # rung (b) with its [N, K] products on mma.sync instead of wgmma
                     results["moequant_rung_b_mma"] = measure(
                         with_env(mq({}), MOEQUANT_EXPERTS_FUSED_GEMM="1", MOEQUANT_EXPERTS_WGMMA="0"), x, grad, reps)
+            if compare_tile_plans:  # the fused GEMM's previous row-tile rule, same stacks and inputs
+                results["moequant_plan_mean"] = measure(with_env(mq({}), MOEQUANT_TILE_PLAN="mean"), x, grad, reps)
             if with_lora:
                 results["moequant_lora"] = measure(mq(lora), x, grad, reps)
+                if compare_tile_plans:
+                    results["moequant_lora_plan_mean"] = measure(
+                        with_env(mq(lora), MOEQUANT_TILE_PLAN="mean"), x, grad, reps)
                 if peft_model is None:
                     peft_model = peft_wrap(experts)
                 results["peft_lora_bf16"] = measure(lambda xx: peft_model(xx, idx, w), x, grad, reps)
@@ -329,6 +335,16 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=
             for phase, label in (("fwd_nograd", "nograd"), ("fwd", "fwd"), ("fwd_bwd", "f+b")):
                 line += f" | rung {names} {label} " + "/".join(
                     f"{ratio[f'rung_{rung}_{phase}_vs_bf16']:.2f}" for rung, _ in rungs) + "x"
+        if compare_tile_plans:
+            pm = results["moequant_plan_mean"]
+            for phase in ("fwd", "fwd_nograd", "fwd_bwd"):
+                ratio[f"plan_mean_{phase}_vs_bf16"] = pm[f"{phase}_ms"] / base[f"{phase}_ms"]
+            line += (f" | mean-height plan fwd {ratio['plan_mean_fwd_vs_bf16']:.2f}x"
+                     f" f+b {ratio['plan_mean_fwd_bwd_vs_bf16']:.2f}x")
+            if with_lora:
+                ratio["lora_plan_mean_fwd_bwd_vs_bf16"] = (results["moequant_lora_plan_mean"]["fwd_bwd_ms"]
+                                                           / base["fwd_bwd_ms"])
+                line += f" LoRA f+b {ratio['lora_plan_mean_fwd_bwd_vs_bf16']:.2f}x"
         if with_lora:
             ml, peft = results["moequant_lora"], results["peft_lora_bf16"]
             ratio.update(lora_fwd_bwd_vs_bf16=ml["fwd_bwd_ms"] / base["fwd_bwd_ms"],
@@ -361,6 +377,8 @@ def main():
     ap.add_argument("--compare-rungs", action="store_true",
                     help="also time rung (a) (dequant scratch + grouped_mm) and rung (b) (fused NF4 GEMM) forced, and on "
                          "Hopper rung (b) with mma.sync in place of wgmma")
+    ap.add_argument("--compare-tile-plans", action="store_true",
+                    help="also time the fused GEMM with its previous row-tile rule (MOEQUANT_TILE_PLAN=mean)")
     ap.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int8"], help="moequant's stack format")
     ap.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=False,
                     help="4-bit: double-quantized statistics (default: plain fp32 absmax)")
@@ -388,7 +406,7 @@ def main():
                 formats=[format_name(*f) for f in formats], rows=rows)
     for name in args.shapes.split(","):
         bench_shape(name, [int(t) for t in args.tokens.split(",")], args.reps, rows, device, not args.no_lora,
-                    args.compare_rungs, tuple(formats))
+                    args.compare_rungs, tuple(formats), args.compare_tile_plans)
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
         with open(out_path, "w") as f:
             json.dump(meta, f, indent=1)

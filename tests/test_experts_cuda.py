@@ -287,23 +287,36 @@ def ran_fused_gemm(names):
     return names is None or any("nf4_gemm_" in n for n in names)
 
 
+def tile_heights(names):
+    """Row-tile heights of the fused GEMM kernels among the kernel names."""
+    return {int(m) for n in names for m in re.findall(r"nf4_gemm_\w+<[^,]+, [\w:()\s]*TileShape<(\d+)", n)}
+
+
 # E=4, k=2 with H=192, I=64: every product of forward and backward qualifies for the fused kernel
 # (input dims 64/128/192, output dims 64/128/192, so column tiles of 128 end part-filled), and the
-# mean rows per expert T/2 pick each row-tile height: 16, 32, 64, 128. At T=300 every expert gets
-# more than 128 rows (about 150): one full 128-row tile each, and the remainder in shorter tiles.
+# rows per expert (about T/2) pick each row-tile height: 16, 32, 64, 128, under both row-tile rules
+# (experts_tile_plan.h). At T=128 the mean is exactly 64 rows: the decode-once rule gives each
+# expert one tile of 64 or 128 rows (two lists of a few CTAs: side by side on two streams), the
+# mean-height rule 64-row tiles and 16-row remainders. At T=300 every expert gets more than 128
+# rows (about 150): one full 128-row tile each, and the remainder in shorter tiles.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
-@pytest.mark.parametrize("T", [3, 40, 100, 300])
-def test_fused_nf4_gemm(dtype, transposed, T, env):
+@pytest.mark.parametrize("T", [3, 40, 100, 128, 300])
+@pytest.mark.parametrize("plan", ["decode_once", "mean"])
+def test_fused_nf4_gemm(dtype, transposed, T, plan, env):
     env("MOEQUANT_DECODE_MAX_PAIRS", "0")
     env("MOEQUANT_EXPERTS_FUSED_GEMM", "1")
+    env("MOEQUANT_TILE_PLAN", plan)
     case = cuda_case(T=T, H=192, I=64, E=4, k=2, dtype=dtype, transposed=transposed, bias=True,
                      lora=(True, True), rank=8, routing="skewed" if T == 100 else "uniform", sentinels=T == 40)
     names = cuda_kernel_names(lambda: check_case(case, dtype))
     assert ran_fused_gemm(names), sorted(names)
     if T == 300 and names is not None:
-        heights = {int(m) for n in names for m in re.findall(r"nf4_gemm_\w+<[^,]+, [\w:()\s]*TileShape<(\d+)", n)}
+        heights = tile_heights(names)
         assert 128 in heights and heights & {16, 32, 64}, sorted(names)
+    if T == 128 and names is not None:
+        heights = tile_heights(names)
+        assert heights and heights <= ({64, 128} if plan == "decode_once" else {16, 64}), sorted(names)
 
     def forward():
         return ops.experts_forward(*[a.detach() for a in case.args()], **case.kwargs)
@@ -316,6 +329,34 @@ def test_fused_nf4_gemm(dtype, transposed, T, env):
     out_a = forward()
     # Same decoded weights, fp32 accumulation in another order: agreement far inside the tolerance.
     assert rel_err(out_b, out_a) < TOL[dtype] / 4, rel_err(out_b, out_a)
+
+
+# The decode-once plan launches its lists of less than a wave on pool streams forked from the
+# current stream and joined back: on a caller's own stream, what follows the op on that stream
+# sees every list's rows (bitwise the default stream's result, forward and backward).
+def test_fused_gemm_lists_join_the_current_stream(env):
+    env("MOEQUANT_DECODE_MAX_PAIRS", "0")
+    env("MOEQUANT_EXPERTS_FUSED_GEMM", "1")
+    case = cuda_case(T=1000, H=192, I=64, E=16, k=2, dtype=torch.bfloat16, routing="uniform")
+    det = [a.detach() for a in case.args()]
+    kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in case.kwargs.items()}
+
+    def forward_backward():
+        out, gate_up_out = ops._experts_forward_train(*det, **kw)
+        grads = ops.experts_backward(torch.ones_like(out), *det[:3], gate_up_out, *det[3:], **kw)
+        return out * 2, grads[0] * 2  # consumers on the same stream
+
+    names = cuda_kernel_names(forward_backward)
+    if names is not None:  # about 125 rows per expert: 128-row tiles and shorter remainders
+        heights = tile_heights(names)
+        assert 128 in heights and len(heights) >= 2, sorted(names)
+    expected = forward_backward()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(1_000_000)  # the caller's stream is busy when the op forks from it
+        got = forward_backward()
+    stream.synchronize()
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 @pytest.mark.parametrize("blocksize", [32, 256])
@@ -332,15 +373,17 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 
 # The Hopper (wgmma) form of the fused kernel's [N, K] products: the forward of the plain layout,
 # the input gradient of the transposed one. H=576: the gate_up product walks 9 k-tiles (the 4-stage
-# ring wraps twice) and the down product's last 128-feature tile is half full; mean rows per
-# expert T/2 pick row tiles of 16, 32, 64 and 128 (+ remainders).
+# ring wraps twice) and the down product's last 128-feature tile is half full; the rows per expert
+# (about T/2) pick row tiles of 16, 32, 64 and 128 (+ remainders), under both row-tile rules.
 @pytest.mark.skipif(not HOPPER, reason="wgmma needs an sm_90 device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
 @pytest.mark.parametrize("T", [5, 60, 110, 400])
-def test_wgmma_nk_gemm(dtype, transposed, T, env):
+@pytest.mark.parametrize("plan", ["decode_once", "mean"])
+def test_wgmma_nk_gemm(dtype, transposed, T, plan, env):
     env("MOEQUANT_DECODE_MAX_PAIRS", "0")
     env("MOEQUANT_EXPERTS_FUSED_GEMM", "1")
+    env("MOEQUANT_TILE_PLAN", plan)
     case = cuda_case(T=T, H=576, I=192, E=4, k=2, dtype=dtype, transposed=transposed, bias=True,
                      lora=(True, True), rank=8, routing="skewed" if T == 110 else "uniform", sentinels=T == 60)
     names = cuda_kernel_names(lambda: check_case(case, dtype))

@@ -16,14 +16,19 @@
 // so do the [K, N] products where MOEQUANT_KN_WGMMA=1 (opt-in until measured on device).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
+#include "../experts_tile_plan.h"
 #include "experts_common.cuh"
 #include "experts_nf4_gemm.cuh"
 #include "experts_nf4_tiles.cuh"
@@ -501,43 +506,12 @@ using Tile64 = TileShape<64, 1, 4, 32>;
 // [K, N] 15.6 ms side by side, 14.1 ms in 2 x 4 with 4 stages, 11.4 ms with 3.
 using Tile128Nk = TileShape<128, 1, 8, 16>;
 using Tile128Kn = TileShape<128, 2, 4, 32, 3>;
-constexpr int kTileHeights[] = {16, 32, 64, 128};
-constexpr int kNumTileHeights = 4;
+static_assert(Tile16::BN == 128 && Tile32::BN == 128 && Tile64::BN == 128 && Tile128Nk::BN == 128 &&
+                  Tile128Kn::BN == 128,
+              "launch_plan sizes a list's grid with 128 output columns a CTA");
 static_assert(nf4_wgmma_height_supported(16) && nf4_wgmma_height_supported(32) && nf4_wgmma_height_supported(64) &&
-              nf4_wgmma_height_supported(128), "the wgmma kernel takes every height of the plan");
-
-// The CTA tiles of one product, one list per height. Each expert's rows are cut into full tiles of
-// the height that fits the mean rows per active expert, and its remainder goes to the shortest
-// height that holds it: an expert's rows rarely fill whole tiles, and a remainder of a few rows
-// in a tall tile would pay for all of the tile's mma on padding.
-struct TilePlan {
-  std::vector<RowTile> tiles;                // all lists, one after the other
-  int64_t begin[kNumTileHeights + 1] = {};   // list h is tiles[begin[h], begin[h + 1])
-};
-
-TilePlan plan_tiles(const ExpertsRouting& r, int64_t mean_rows) {
-  int full = 0;
-  while (full + 1 < kNumTileHeights && mean_rows > kTileHeights[full]) ++full;
-  std::vector<RowTile> lists[kNumTileHeights];
-  const int32_t bm = kTileHeights[full];
-  for (const int32_t e : r.active_experts) {
-    int32_t row = static_cast<int32_t>(r.row_offsets[e]);
-    const int32_t end = static_cast<int32_t>(r.row_offsets[e + 1]);
-    for (; end - row >= bm; row += bm) lists[full].push_back({e, row, row + bm, 0});
-    if (row < end) {
-      int h = 0;
-      while (kTileHeights[h] < end - row) ++h;
-      lists[h].push_back({e, row, end, 0});
-    }
-  }
-  TilePlan plan;
-  for (int h = 0; h < kNumTileHeights; ++h) {
-    plan.begin[h] = static_cast<int64_t>(plan.tiles.size());
-    plan.tiles.insert(plan.tiles.end(), lists[h].begin(), lists[h].end());
-  }
-  plan.begin[kNumTileHeights] = static_cast<int64_t>(plan.tiles.size());
-  return plan;
-}
+              nf4_wgmma_height_supported(128) && kNumTileHeights == 4,
+              "the wgmma kernel takes every height of the plan (experts_tile_plan.h)");
 
 template <typename T>
 using GemmKernel = void (*)(const T*, T*, const uint8_t*, const Quant4Args, const RowTile*, int64_t, int64_t, int,
@@ -574,12 +548,18 @@ void launch(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// One launch per tile height in use, tallest first; they write disjoint rows of `out`. int8
-// stacks: the [N, K] products on wgmma where the 4-bit ones are, the [K, N] products always on
-// mma.sync (the opt-in wgmma [K, N] kernel decodes 4-bit chunks only).
+// One launch per tile height in use, tallest first; they write disjoint rows of `out`. With
+// `concurrent`, a list after the first whose grid is less than a wave (two CTAs per SM) runs on a
+// pool stream forked from the current one and joined back before returning: the lists of a
+// decode-once plan follow each expert's own rows, and a few short lists one after the other would
+// each leave most SMs idle (mixtral-8x7b T=256: 96- and 160-CTA lists for the 4096-wide
+// products). Lists of a wave or more stay in order on the current stream, as before (deepseek-v3
+// T=4096 ran 3% slower with its large remainder lists side by side). int8 stacks: the [N, K]
+// products on wgmma where the 4-bit ones are, the [K, N] products always on mma.sync (the opt-in
+// wgmma [K, N] kernel decodes 4-bit chunks only).
 template <typename T, bool kDoubleQuant, bool kInt8>
 void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, const TilePlan& plan, int64_t N,
-                 int64_t K, bool transpose_stored) {
+                 int64_t K, bool transpose_stored, bool concurrent) {
   const int64_t num_tiles = static_cast<int64_t>(plan.tiles.size());
   at::Tensor pinned = at::empty({num_tiles * 4}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
   std::memcpy(pinned.mutable_data_ptr<int32_t>(), plan.tiles.data(), num_tiles * sizeof(RowTile));
@@ -592,16 +572,15 @@ void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, co
   const uint8_t* packed = static_cast<const uint8_t*>(view.data);
   const bool wgmma_nk = transpose_stored && nf4_wgmma_nk_enabled();
   const bool wgmma_kn = !kInt8 && !transpose_stored && nf4_wgmma_kn_enabled();
-  for (int h = kNumTileHeights - 1; h >= 0; --h) {
-    const int64_t first = plan.begin[h], count = plan.begin[h + 1] - first;
-    if (count == 0) continue;
+  auto launch_list = [&](int h) {
+    const int64_t first = plan.begin[h], count = plan.count(h);
     if (wgmma_nk) {  // Hopper: experts_nf4_wgmma.cu
       launch_nf4_wgmma_nk<T>(in, out, packed, args, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
-      continue;
+      return;
     }
     if (wgmma_kn) {  // Hopper, opt-in (MOEQUANT_KN_WGMMA=1): experts_nf4_wgmma.cu
       launch_nf4_wgmma_kn<T>(in, out, packed, args, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
-      continue;
+      return;
     }
     auto go = [&](auto nk_shape, auto kn_shape) {
       if (transpose_stored) {
@@ -618,6 +597,39 @@ void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, co
       case 64: go(Tile64{}, Tile64{}); break;
       default: go(Tile128Nk{}, Tile128Kn{});
     }
+  };
+  std::vector<int> lists;
+  for (int h = kNumTileHeights - 1; h >= 0; --h) {
+    if (plan.count(h) > 0) lists.push_back(h);
+  }
+  // Every fused kernel's CTA covers 128 output columns (static_asserts above and in
+  // experts_nf4_wgmma.cu).
+  const int64_t wave = 2 * int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
+  auto on_side_stream = [&](size_t i) {
+    return concurrent && i > 0 && plan.count(lists[i]) * ((N + 127) / 128) < wave;
+  };
+  const c10::cuda::CUDAStream current = at::cuda::getCurrentCUDAStream();
+  std::optional<at::cuda::CUDAEvent> forked;  // before the first launch: the side lists never wait for it
+  for (size_t i = 0; i < lists.size(); ++i) {
+    if (on_side_stream(i) && !forked.has_value()) {
+      forked.emplace();
+      forked->record(current);
+    }
+  }
+  for (size_t i = 0; i < lists.size(); ++i) {
+    if (!on_side_stream(i)) {
+      launch_list(lists[i]);
+      continue;
+    }
+    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, current.device_index());
+    forked->block(side);
+    {
+      const c10::cuda::CUDAStreamGuard on_side(side);
+      launch_list(lists[i]);
+    }
+    at::cuda::CUDAEvent done;
+    done.record(side);
+    done.block(current);
   }
 }
 
@@ -675,14 +687,14 @@ void nf4_grouped_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& 
               "moequant: fused GEMM needs K % 64 == 0 and N % 32 == 0, got K ", num_str(K), ", N ", num_str(N));
   TORCH_CHECK(!(w.type == QuantType::kInt8 && w.double_quant()), "moequant: int8 stacks have no double quant");
   const at::Tensor x = contiguous_aligned16(in);
-  const int64_t active = std::max<int64_t>(1, static_cast<int64_t>(r.active_experts.size()));
-  const int64_t mean_rows = (r.num_rows + active - 1) / active;
-  const TilePlan plan = plan_tiles(r, mean_rows);
+  const TilePlanRule rule = tile_plan_rule_from_env();
+  const TilePlan plan = plan_row_tiles(r.row_offsets, r.active_experts, rule);
+  const bool concurrent = rule == TilePlanRule::kDecodeOnce;
   auto go = [&](auto type_tag) {
     using T = decltype(type_tag);
-    if (w.type == QuantType::kInt8) launch_plan<T, false, true>(x, out, w, plan, N, K, transpose_stored);
-    else if (w.double_quant()) launch_plan<T, true, false>(x, out, w, plan, N, K, transpose_stored);
-    else launch_plan<T, false, false>(x, out, w, plan, N, K, transpose_stored);
+    if (w.type == QuantType::kInt8) launch_plan<T, false, true>(x, out, w, plan, N, K, transpose_stored, concurrent);
+    else if (w.double_quant()) launch_plan<T, true, false>(x, out, w, plan, N, K, transpose_stored, concurrent);
+    else launch_plan<T, false, false>(x, out, w, plan, N, K, transpose_stored, concurrent);
   };
   AT_DISPATCH_SWITCH(in.scalar_type(), "moequant_nf4_grouped_gemm",
                      AT_DISPATCH_CASE(at::kBFloat16, [&] { go(__nv_bfloat16{}); })

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "../experts_tile_plan.h"  // RowTile
 #include "quant_decode.cuh"
 
 namespace moequant {
@@ -26,11 +27,6 @@ template <bool kInt8>
 __device__ __forceinline__ int64_t code_bytes(int64_t elem) {
   return kInt8 ? elem : elem / 2;
 }
-
-// Rows [row_begin, min(row_begin + height, row_end)) of `expert`, in routing order.
-struct alignas(16) RowTile {
-  int32_t expert, row_begin, row_end, unused;
-};
 
 // Byte offset of 16-byte chunk `c` of row `r` in a tile of `chunks_per_row` chunks (a multiple of
 // 8): the chunk's low 3 bits are XOR-ed with the row's, so the same chunk of 8 consecutive rows

@@ -73,6 +73,7 @@ struct WgmmaTileShape {
   static constexpr int kSmemBytesFp32 =
       (kStages * kStageBytes > kRows * kFp32OutPitch(BN) ? kStages * kStageBytes : kRows * kFp32OutPitch(BN)) + 1024;
   static_assert(kRows * 16 % kThreads == 0, "every thread copies the same number of chunks");
+  static_assert(BN == 128, "launch_plan (experts_nf4_gemm.cu) sizes a list's grid with 128 columns a CTA");
   static_assert(kRows * kOutPitch <= kStages * kStageBytes, "the epilogue tile fits in the ring");
 };
 
@@ -371,6 +372,7 @@ struct WgmmaKnTileShape {
   static constexpr int kSmemBytes = kRingBytes + 1024;  // + aligning to 1024 B
   static constexpr int kOutPitch = kFp32OutPitch(BN);  // epilogue: store_tile_fp32
   static_assert(kTileK * kGroups * 2 == kThreads, "each thread decodes one 32-feature chunk per k-tile");
+  static_assert(BN == 128, "launch_plan (experts_nf4_gemm.cu) sizes a list's grid with 128 columns a CTA");
   static_assert(kRows * kOutPitch <= kRingBytes, "the epilogue tile fits in the ring");
 };
 
