@@ -53,6 +53,16 @@ constexpr int kTileK = kNF4GemmTileK;
 // stores of four rows land in distinct banks.
 constexpr int kFp32OutPitch(int bn) { return bn * 4 + 16; }
 
+// Shared address of a kernel's dynamic shared memory, declared __align__(1024): the 128-byte
+// swizzle atoms of the ring need 1024-byte alignment. The launchers budget no slack for aligning
+// it by hand: 1 KB more per CTA moves the 128-row kernel's two CTAs from the 196 KB carveout to
+// the 228 KB one. A base the compiler did not align stops the kernel instead of corrupting it.
+__device__ __forceinline__ uint32_t aligned_ring_addr(const uint8_t* dynamic_smem) {
+  const uint32_t addr = smem_addr(dynamic_smem);
+  if (addr % 1024u != 0) __trap();
+  return addr;
+}
+
 template <int kRows_>
 struct WgmmaTileShape {
   static constexpr int kRows = kRows_;             // routing-order rows per CTA: the wgmma N
@@ -65,17 +75,23 @@ struct WgmmaTileShape {
   static constexpr int kStageBytes = kRows * kTileK * 2;  // 128 bytes a row
   static constexpr int kAcc = kRows / 2;                  // fp32 accumulators per thread
   static constexpr int kCopiesPerThread = kRows * 16 / kThreads;  // 8-byte copies of a stage
-  static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + aligning the ring to 1024 B
+  static constexpr int kSmemBytes = kStages * kStageBytes;  // the ring, 1024-byte aligned (aligned_ring_addr)
   // Epilogue: the tile goes through shared memory as [kRows][BN] (rows padded by 16 bytes so that
   // a warp's 2-byte stores of four rows land in four bank groups), then out in 16-byte stores.
   static constexpr int kOutPitch = BN * 2 + 16;
   // With the fp32 epilogue the tile needs 16 bytes a row more than the ring holds.
   static constexpr int kSmemBytesFp32 =
-      (kStages * kStageBytes > kRows * kFp32OutPitch(BN) ? kStages * kStageBytes : kRows * kFp32OutPitch(BN)) + 1024;
+      kStages * kStageBytes > kRows * kFp32OutPitch(BN) ? kStages * kStageBytes : kRows * kFp32OutPitch(BN);
   static_assert(kRows * 16 % kThreads == 0, "every thread copies the same number of chunks");
   static_assert(BN == 128, "launch_plan (experts_nf4_gemm.cu) sizes a list's grid with 128 columns a CTA");
   static_assert(kRows * kOutPitch <= kStages * kStageBytes, "the epilogue tile fits in the ring");
 };
+
+// Two 128-row CTAs, decode tables included (plain or double quant) and 1 KB each reserved by the
+// driver, fill the 196 KB shared-memory carveout; a byte more takes the 228 KB one, with less L1
+// beside it, and the kernel ran 30-40% slower there (DecodeTables).
+static_assert(2 * (WgmmaTileShape<128>::kSmemBytes + sizeof(DecodeTables<true>) + 1024) <= 196 * 1024,
+              "two 128-row CTAs fit the 196 KB carveout");
 
 // MOEQUANT_WGMMA_FP32_EPILOGUE=1 (read once per process): the [N, K] kernel's output tile leaves
 // through store_tile_fp32, as the [K, N] kernel's always does.
@@ -126,13 +142,11 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
                          const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N,
                          int64_t K, int n_tiles, int log2_blocksize) {
 #if MOEQUANT_WGMMA_COMPILED
-  extern __shared__ uint8_t smem_raw[];  // the ring, once aligned; then the epilogue tile
+  extern __shared__ __align__(1024) uint8_t staging[];  // the ring; then the epilogue tile
   __shared__ DecodeTables<kDoubleQuant, kInt8> tables;
   tables.fill(args.codebook);
   const float2* const pair_table = tables.pair;
-  const uint32_t raw = smem_addr(smem_raw);
-  const uint32_t ring = (raw + 1023u) & ~1023u;  // the swizzle atoms need 1024-byte alignment
-  uint8_t* const staging = smem_raw + (ring - raw);
+  const uint32_t ring = aligned_ring_addr(staging);
 
   const RowTile tile = tiles[blockIdx.x / n_tiles];
   const MatrixScales<kDoubleQuant> scales(args.scales, tile.expert, tables.map);
@@ -369,7 +383,7 @@ struct WgmmaKnTileShape {
   static constexpr int kInChunks = kRows * 8;  // 16-byte copies of a stage
   static constexpr int kCopiesPerThread = (kInChunks + kThreads - 1) / kThreads;
   static constexpr int kRingBytes = kStages * kStageBytes + kDecodedBuffers * kDecodedBytes;
-  static constexpr int kSmemBytes = kRingBytes + 1024;  // + aligning to 1024 B
+  static constexpr int kSmemBytes = kRingBytes;  // 1024-byte aligned (aligned_ring_addr)
   static constexpr int kOutPitch = kFp32OutPitch(BN);  // epilogue: store_tile_fp32
   static_assert(kTileK * kGroups * 2 == kThreads, "each thread decodes one 32-feature chunk per k-tile");
   static_assert(BN == 128, "launch_plan (experts_nf4_gemm.cu) sizes a list's grid with 128 columns a CTA");
@@ -382,14 +396,12 @@ nf4_gemm_kn_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
                          const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N,
                          int64_t K, int n_tiles, int log2_blocksize) {
 #if MOEQUANT_WGMMA_COMPILED
-  extern __shared__ uint8_t smem_raw[];  // ring of `in`, decoded buffers; then the epilogue tile
+  extern __shared__ __align__(1024) uint8_t staging[];  // ring of `in`, decoded buffers; then the epilogue tile
   __shared__ DecodeTables<kDoubleQuant> tables;
   tables.fill(args.codebook);
   const float2* const pair_table = tables.pair;
-  const uint32_t raw = smem_addr(smem_raw);
-  const uint32_t ring = (raw + 1023u) & ~1023u;  // the swizzle atoms need 1024-byte alignment
+  const uint32_t ring = aligned_ring_addr(staging);
   const uint32_t decoded = ring + S::kStages * S::kStageBytes;
-  uint8_t* const staging = smem_raw + (ring - raw);
   uint8_t* const decoded_ptr = staging + S::kStages * S::kStageBytes;
 
   const RowTile tile = tiles[blockIdx.x / n_tiles];
