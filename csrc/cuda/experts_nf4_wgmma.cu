@@ -363,8 +363,9 @@ void launch_height(const at::Tensor& in, at::Tensor& out, const uint8_t* packed,
 // `in` are the B operand, K-major, in the same kind of cp.async ring as the [N, K] kernel (natural
 // k order here, 16-byte copies). A CTA of two warpgroups owns 128 output features x kRows rows;
 // each warpgroup decodes the 64 features its own wgmma reads (every weight decoded once per CTA).
-// The decoded tile rotates through three buffers: k-tile t is decoded while the wgmma of t - 1
-// runs, and buffer t % 3 was last read by k-tile t - 3, retired before the previous barrier.
+// The decoded tile alternates between two buffers: each iteration first retires its wgmma up to
+// k-tile t - 2 (the last reader of buffer t % 2 and of ring slot (t + 1) % 3), then decodes k-tile t
+// while the wgmma of t - 1 runs.
 template <int kRows_>
 struct WgmmaKnTileShape {
   static constexpr int kRows = kRows_;   // routing-order rows per CTA: the wgmma N
@@ -372,13 +373,14 @@ struct WgmmaKnTileShape {
   static constexpr int BN = 64 * kGroups;
   static constexpr int kThreads = 128 * kGroups;
   // Ring of k-tiles of `in`, refilled kStages - kLookahead = 2 k-tiles after its last reader (as
-  // in WgmmaTileShape). Three stages at 64 rows keep two CTAs on an SM (~106 KB each with the
-  // decode tables); at 128 rows one fits (~130 KB).
+  // in WgmmaTileShape). Three stages and two decoded buffers keep two CTAs on an SM at 128 rows
+  // (113 KB each with the decode tables, 114 KB with double quant; with three buffers, 129 KB:
+  // one CTA) and fit two 64-row CTAs into the 196 KB carveout (89 KB each).
   static constexpr int kStages = kRows >= 64 ? 3 : 4, kLookahead = kStages - 2;
   static constexpr int kStageBytes = kRows * kTileK * 2;
   static constexpr int kGroupDecodedBytes = kTileK * 64 * 2;          // one warpgroup's [64 k][64]
   static constexpr int kDecodedBytes = kGroups * kGroupDecodedBytes;  // one buffer
-  static constexpr int kDecodedBuffers = 3;
+  static constexpr int kDecodedBuffers = 2;
   static constexpr int kAcc = kRows / 2;
   static constexpr int kInChunks = kRows * 8;  // 16-byte copies of a stage
   static constexpr int kCopiesPerThread = (kInChunks + kThreads - 1) / kThreads;
@@ -482,13 +484,13 @@ nf4_gemm_kn_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
   __syncthreads();  // the decode tables
   for (int64_t t = 0; t < k_tiles; ++t) {
     const int buffer = static_cast<int>(t % S::kDecodedBuffers);
+    wgmma_wait<1>();        // this warpgroup's wgmma up to k-tile t - 2 retired: its buffer is free
     decode(codes, buffer);  // while k-tile t - 1's wgmma runs
     codes = codes_next;
     if (t + 2 < k_tiles) load_codes(codes_next, (t + 2) * kTileK);
     cp_async_wait<S::kLookahead - 1>();
     fence_proxy_async_shared();  // this thread's decoded chunk and copies of k-tile t, to the tensor cores
-    wgmma_wait<1>();             // this thread's wgmma up to k-tile t - 2 retired
-    __syncthreads();             // k-tile t decoded and landed; slot and buffer of t - 2 free
+    __syncthreads();             // k-tile t decoded and landed; every wgmma of t - 2 retired (slot free)
     const int64_t next = t + S::kLookahead;
     if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
     cp_async_commit();
