@@ -364,8 +364,8 @@ void launch_height(const at::Tensor& in, at::Tensor& out, const uint8_t* packed,
 // k order here, 16-byte copies). A CTA of two warpgroups owns 128 output features x kRows rows;
 // each warpgroup decodes the 64 features its own wgmma reads (every weight decoded once per CTA).
 // The decoded tile alternates between two buffers: each iteration first retires its wgmma up to
-// k-tile t - 2 (the last reader of buffer t % 2 and of ring slot (t + 1) % 3), then decodes k-tile t
-// while the wgmma of t - 1 runs.
+// k-tile t - 2 (the last reader of buffer t % 2 and of the ring slot refilled in this iteration),
+// then decodes k-tile t while the wgmma of t - 1 runs.
 template <int kRows_>
 struct WgmmaKnTileShape {
   static constexpr int kRows = kRows_;   // routing-order rows per CTA: the wgmma N
