@@ -78,10 +78,8 @@ struct Quant4Args {
 // Shared-memory tables of a fused kernel: the byte-pair table of the codebook and, with double
 // quant, the dynamic map. Filled by all threads; the caller synchronizes before use. A table the
 // variant does not read takes no bytes (int8 stacks need neither, plain stacks no map): footprints
-// decide the SM's shared-memory carveout. Two 128-row CTAs of the [N, K] wgmma kernel fill the
-// 196 KB carveout exactly; an unused 4-byte map (16 bytes with padding) moved them to the 228 KB
-// one, with less L1 beside it (H200 ncu: L1 hit rate 4.4% -> 0.1%, eligible warps per scheduler
-// 0.95 -> 0.69; deepseek-v3 T=4096 forward 11.9 -> 15.3 ms).
+// decide the SM's shared-memory carveout, and 16 unused bytes cost the 128-row wgmma kernel
+// 40% (the static_asserts after WgmmaTileShape and WgmmaKnTileShape, experts_nf4_wgmma.cu).
 template <bool kPresent>
 struct PairTableStorage {
   float2 pair[kPairTableEntries];
