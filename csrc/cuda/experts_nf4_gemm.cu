@@ -570,7 +570,7 @@ void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, co
   const QuantStackView view = w.view();
   const Quant4Args args{view.scales, view.codebook, view.type};
   const uint8_t* packed = static_cast<const uint8_t*>(view.data);
-  const bool wgmma_nk = transpose_stored && nf4_wgmma_nk_enabled();
+  const bool wgmma_nk = transpose_stored && nf4_wgmma_nk_enabled() && nf4_wgmma_nk_indexes(N, K);
   const bool wgmma_kn = !kInt8 && !transpose_stored && nf4_wgmma_kn_enabled();
   auto launch_list = [&](int h) {
     const int64_t first = plan.begin[h], count = plan.count(h);

@@ -173,13 +173,17 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
   };
 
   // This thread's two feature rows (of the CTA's 128: warpgroup, warp, lane / 4; and + 8), as the
-  // stack element of k = 32 P in each (-1: a feature past N, decoded as zeros and never stored).
+  // element of k = 32 P in each within the expert's matrix: 32 bits (the launcher keeps matrices
+  // of 2^32 elements or more off this kernel), so each k-tile's code and scale offsets cost 32-bit
+  // adds and shifts. row_valid: the feature is below N (else decoded as zeros and never stored).
   const int feature = tid / 128 * 64 + tid / 32 % 4 * 16 + lane / 4;
-  int64_t row_elem[2];
+  uint32_t row_elem[2];
+  bool row_valid[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t n = n0 + feature + 8 * h;
-    row_elem[h] = n < N ? n * K + 32 * (q / 2) : -1;  // within the expert's matrix
+    row_valid[h] = n < N;
+    row_elem[h] = row_valid[h] ? static_cast<uint32_t>(n * K + 32 * (q / 2)) : 0u;
   }
   const uint8_t* const expert_packed = packed + code_bytes<kInt8>(int64_t{tile.expert} * N * K);
   // Per feature row: 4-bit, the 16 packed bytes of the 32-element range and its block scale;
@@ -189,14 +193,14 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
     LoadedScale scale[2];
   };
   // A thread's 16 weights of a row lie in one 32-element range, hence in one NF4 block (B >= 32).
-  auto load_codes = [&](Codes& c, int64_t k0) {
+  auto load_codes = [&](Codes& c, uint32_t k0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int i = 0; i < (kInt8 ? 2 : 1); ++i) c.bytes[h][i] = make_uint4(0, 0, 0, 0);
       c.scale[h] = LoadedScale{0.0f, 0u};
-      if (row_elem[h] >= 0) {
-        const int64_t elem = row_elem[h] + k0;
+      if (row_valid[h]) {
+        const uint32_t elem = row_elem[h] + k0;
         if constexpr (kInt8) {
           c.bytes[h][0] = load_packed16(expert_packed + elem);
           c.bytes[h][1] = load_packed16(expert_packed + elem + 16);
@@ -212,7 +216,7 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
   if constexpr (kInt8) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      if (row_elem[h] >= 0) row_scale[h] = scales.load(n0 + feature + 8 * h).value;
+      if (row_valid[h]) row_scale[h] = scales.load(n0 + feature + 8 * h).value;
     }
   }
   // A fragments of step s. 4-bit: byte i = 2 s + h of the thread's 8 (parity q % 2 of its 16) per
@@ -284,7 +288,7 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
           wgmma_commit();
           wgmma_fence_operands(acc);
         }
-        if (t + 2 < k_tiles) load_codes(codes[u], (t + 2) * kTileK);
+        if (t + 2 < k_tiles) load_codes(codes[u], static_cast<uint32_t>((t + 2) * kTileK));
       }
     }
   }
@@ -578,6 +582,8 @@ void launch_nf4_wgmma_nk(const at::Tensor& in, at::Tensor& out, const uint8_t* p
                          int log2_blocksize) {
   TORCH_CHECK(K % kTileK == 0 && N % 8 == 0 && (args.type == QuantType::kInt8 || log2_blocksize >= 5),
               "moequant: the wgmma fused GEMM needs K % 64 == 0, N % 8 == 0 and (4-bit) blocksize >= 32");
+  TORCH_CHECK(nf4_wgmma_nk_indexes(N, K), "moequant: the wgmma fused GEMM indexes an expert's matrix in 32 bits; got ",
+              num_str(N), " x ", num_str(K), " elements");
   with_tile_height(height, "4-bit GEMM", [&](auto rows) {
     launch_height<T, decltype(rows)::value>(in, out, packed, args, tiles, num_tiles, N, K, log2_blocksize);
   });

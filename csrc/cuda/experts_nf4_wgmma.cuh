@@ -21,6 +21,10 @@ constexpr bool nf4_wgmma_height_supported(int height) {
   return height == 16 || height == 32 || height == 64 || height == 128;
 }
 
+// Whether the [N, K] wgmma kernel can take a stored [N, K] matrix: it indexes codes and block
+// scales within one expert's matrix in 32 bits (the mma.sync kernel takes larger ones).
+constexpr bool nf4_wgmma_nk_indexes(int64_t N, int64_t K) { return N * K < (int64_t{1} << 32); }
+
 // out[rows of each tile] = in[rows] @ S_e^T for stored S_e = [N, K] (K % 64 == 0, N % 8 == 0),
 // over `num_tiles` row tiles of `height` rows (device array `tiles`), any 4-bit format (`args`).
 // T = __nv_bfloat16 or __half.
