@@ -917,7 +917,7 @@ def test_low_rank_stream_kernel_bitwise(tmp_path):
 
 # The [K, N] mma.sync kernel reads double-quantized block scales through registers by default and
 # through its shared-memory stages with MOEQUANT_KN_DQ_SCALES=0: both must give the same bits, with
-# the fused kernels forced (MOEQUANT_KN_WGMMA unset: the [K, N] products on mma.sync), training
+# the fused kernels forced (MOEQUANT_KN_WGMMA=0: the [K, N] products on mma.sync), training
 # forward + backward. H=320, I=192: 5 / 6 / 3 k-tiles, the 320- and 192-column products end in
 # part-filled 128-column tiles; blocksizes 32 / 64 / 256; 1 to 100 rows per expert (T=3 over 8
 # experts; skewed routing puts about 100 on two experts).

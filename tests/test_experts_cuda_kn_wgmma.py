@@ -1,10 +1,12 @@
-"""The fused 4-bit GEMM's [K, N] products on Hopper wgmma (MOEQUANT_KN_WGMMA=1, opt-in): the input
-gradient of the standard layout and the forward of the transposed one. The switch is read once per
-process, so test_kn_wgmma_in_subprocess runs this file again with it set (and once more with
-MOEQUANT_WGMMA_FP32_EPILOGUE=1, the [N, K] kernel's opt-in epilogue); there the checks below
-compare output and every gradient with the dequantized reference for each format, with and
-without LoRA, plain / transposed / interleaved layouts, and expert row counts of 0, 1, not a
-multiple of the row tile, and more than one tile."""
+"""The fused 4-bit GEMM's [K, N] products on Hopper wgmma: the input gradient of the standard
+layout and the forward of the transposed one. MOEQUANT_KN_WGMMA picks the row-tile heights that
+run there (unset: 128-row tiles; 1: every height; 0: none, all on the mma.sync kernel). The switch
+is read once per process, so test_kn_wgmma_in_subprocess runs this file again in a fresh process
+per setting (with 1 once more with MOEQUANT_WGMMA_FP32_EPILOGUE=1, the [N, K] kernel's opt-in
+epilogue); there the checks below compare output and every gradient with the dequantized reference
+for each format, with and without LoRA, plain / transposed / interleaved layouts, and expert row
+counts of 0, 1, not a multiple of the row tile, and more than one tile, and check from the kernel
+names which row tiles ran on which kernel."""
 
 import os
 import re
@@ -22,19 +24,39 @@ from moequant import ops
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SWITCH = "MOEQUANT_KN_WGMMA"
-IN_SUBPROCESS = os.environ.get(SWITCH) == "1"
+CHILD = "MOEQUANT_TEST_KN_WGMMA_CHILD"  # set in the subprocess that runs the checks
+IN_SUBPROCESS = os.environ.get(CHILD) == "1"
+# The shortest row tile on the wgmma kernel under this process's switch (unset: 128).
+MIN_WGMMA_HEIGHT = int(os.environ.get(SWITCH) or 128)
+TILE_HEIGHTS = (16, 32, 64, 128)
 
 
-def ran_kn_wgmma(names, quantized_4bit=True):
-    """The [K, N] products ran on the wgmma kernel (Hopper) and none on the mma.sync one."""
+def tile_heights(counts):
+    """Row-tile heights of the decode-once plan (csrc/experts_tile_plan.cpp) for these rows per
+    expert: 128-row tiles, and the rest of each expert in the shortest height that holds it."""
+    heights = set()
+    for c in counts:
+        if c >= 128:
+            heights.add(128)
+        if c % 128:
+            heights.add(next(h for h in TILE_HEIGHTS if h >= c % 128))
+    return heights
+
+
+def ran_kn_wgmma(names, counts, quantized_4bit=True):
+    """The [K, N] products ran on the wgmma kernel (Hopper) for the row tiles of at least
+    MIN_WGMMA_HEIGHT rows and on the mma.sync kernel for the others (every tile off Hopper and for
+    int8 stacks). counts: rows per expert."""
     if names is None:  # no profiler (e.g. under compute-sanitizer): the numeric checks still ran
         return True
     kn_wgmma = any("nf4_gemm_kn_wgmma" in n for n in names)
     # the mma.sync [K, N] kernel under either name (double quant: nf4_gemm_kn_dq_regs_kernel)
     kn_mma = any("nf4_gemm_kn_kernel" in n or "nf4_gemm_kn_dq_regs_kernel" in n for n in names)
-    if not quantized_4bit:  # int8 stacks: [K, N] products on the mma.sync kernel whatever the switch says
-        return not kn_wgmma and kn_mma
-    return kn_wgmma and not kn_mma if HOPPER else not kn_wgmma
+    heights = tile_heights(counts)
+    on_wgmma = HOPPER and quantized_4bit and MIN_WGMMA_HEIGHT > 0
+    want_wgmma = on_wgmma and any(h >= MIN_WGMMA_HEIGHT for h in heights)
+    want_mma = any(not on_wgmma or h < MIN_WGMMA_HEIGHT for h in heights)
+    return kn_wgmma == want_wgmma and kn_mma == want_mma
 
 
 def routed(case, T, counts):
@@ -73,7 +95,7 @@ if IN_SUBPROCESS:
                          lora=(lora, lora), rank=8)
         case = routed(case, T, ROW_COUNTS[T])
         names = cuda_kernel_names(lambda: check_case(case, dtype))
-        assert ran_kn_wgmma(names), sorted(names)
+        assert ran_kn_wgmma(names, ROW_COUNTS[T]), sorted(names)
         det = [a.detach() for a in case.args()]
         kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in case.kwargs.items()}
 
@@ -100,7 +122,7 @@ if IN_SUBPROCESS:
         case = routed(case, 300, ROW_COUNTS[300])
         fc = FormatCase(case, quant_type, double_quant)
         names = cuda_kernel_names(lambda: check_format_case(fc, torch.bfloat16))
-        assert ran_kn_wgmma(names, quantized_4bit=fmt != "int8"), sorted(names)
+        assert ran_kn_wgmma(names, ROW_COUNTS[300], quantized_4bit=fmt != "int8"), sorted(names)
 
     # Block sizes 32 (a 32-feature chunk is a whole block) and 256 (four chunks share one), at the
     # 16- and 64-row tiles; agreement with the scratch rung (dequantize + cuBLAS) on the same weights.
@@ -116,7 +138,7 @@ if IN_SUBPROCESS:
             return out, ops.experts_backward(torch.ones_like(out), *det[:3], gate_up_out, *det[3:], **kw)[0]
 
         names = cuda_kernel_names(forward_backward)
-        assert ran_kn_wgmma(names), sorted(names)
+        assert ran_kn_wgmma(names, torch.bincount(case.index.flatten().long(), minlength=3).tolist()), sorted(names)
         out_w, dx_w = forward_backward()
         env("MOEQUANT_EXPERTS_FUSED_GEMM", "0")
         out_s, dx_s = forward_backward()
@@ -125,13 +147,18 @@ if IN_SUBPROCESS:
 
 else:
 
-    # fp32_epilogue: MOEQUANT_WGMMA_FP32_EPILOGUE, the [N, K] kernel's unserialized epilogue (the
-    # forward of the standard layout, the input gradient of the transposed one), also opt-in.
-    @pytest.mark.parametrize("fp32_epilogue", ["0", "1"])
-    def test_kn_wgmma_in_subprocess(fp32_epilogue):
-        """Runs this file's checks in a fresh process with MOEQUANT_KN_WGMMA=1 (the switches are
-        read once per process) and requires every one of them to pass (none skipped)."""
-        env = dict(os.environ, **{SWITCH: "1", "MOEQUANT_WGMMA_FP32_EPILOGUE": fp32_epilogue})
+    # (switch, fp32_epilogue): the default (128-row tiles on wgmma), every height on wgmma, and
+    # every height with MOEQUANT_WGMMA_FP32_EPILOGUE=1, the [N, K] kernel's unserialized epilogue
+    # (the forward of the standard layout, the input gradient of the transposed one), opt-in.
+    @pytest.mark.parametrize("switch,fp32_epilogue", [(None, "0"), ("1", "0"), ("1", "1")],
+                             ids=["default", "all_heights", "all_heights_fp32_epilogue"])
+    def test_kn_wgmma_in_subprocess(switch, fp32_epilogue):
+        """Runs this file's checks in a fresh process with the switches set (they are read once per
+        process) and requires every one of them to pass (none skipped)."""
+        env = {k: v for k, v in os.environ.items() if k != SWITCH}
+        env.update({CHILD: "1", "MOEQUANT_WGMMA_FP32_EPILOGUE": fp32_epilogue})
+        if switch is not None:
+            env[SWITCH] = switch
         tests_dir = os.path.dirname(os.path.abspath(__file__))
         r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
                             "-rs"], cwd=os.path.dirname(tests_dir), env=env, capture_output=True, text=True)
@@ -140,3 +167,19 @@ else:
         summary = re.search(r"(\d+) passed", r.stdout)
         assert summary and int(summary.group(1)) == 16 + 40 + 4, tail
         assert "skipped" not in r.stdout.splitlines()[-1], tail
+
+    def test_kn_wgmma_bad_switch():
+        """A value that names no row-tile height raises a clear error at the first [K, N] product."""
+        code = ("import torch, sys; sys.path.insert(0, 'tests');"
+                "from test_experts_cuda import cuda_case, check_case;"
+                "case = cuda_case(T=40, H=256, I=128, E=4, k=2, dtype=torch.bfloat16);"
+                "check_case(case, torch.bfloat16)")
+        env = dict(os.environ, **{SWITCH: "48", "MOEQUANT_DECODE_MAX_PAIRS": "0",
+                                  "MOEQUANT_EXPERTS_FUSED_GEMM": "1"})
+        env.pop(CHILD, None)
+        tests_dir = os.path.dirname(os.path.abspath(__file__))
+        r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(tests_dir), env=env,
+                           capture_output=True, text=True)
+        assert r.returncode != 0
+        assert "MOEQUANT_KN_WGMMA must be 0, 1 or a row-tile height (16, 32, 64, 128); got '48'" in r.stderr, \
+            r.stderr[-3000:]

@@ -13,7 +13,7 @@
 // reaches global memory. Each output element is owned by one thread and summed in a fixed order:
 // results are deterministic. Two kernels, one per stored orientation (see each); on Hopper the
 // [N, K] products run on wgmma instead (experts_nf4_wgmma.cu), with the same row-tile plan, and
-// so do the [K, N] products where MOEQUANT_KN_WGMMA=1 (opt-in until measured on device).
+// so do the [K, N] products of 128-row tiles (MOEQUANT_KN_WGMMA chooses the heights).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
@@ -571,14 +571,15 @@ void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, co
   const Quant4Args args{view.scales, view.codebook, view.type};
   const uint8_t* packed = static_cast<const uint8_t*>(view.data);
   const bool wgmma_nk = transpose_stored && nf4_wgmma_nk_enabled() && nf4_wgmma_nk_indexes(N, K);
-  const bool wgmma_kn = !kInt8 && !transpose_stored && nf4_wgmma_kn_enabled();
+  const int wgmma_kn_min_height = kInt8 || transpose_stored ? 0 : nf4_wgmma_kn_min_height();
   auto launch_list = [&](int h) {
     const int64_t first = plan.begin[h], count = plan.count(h);
     if (wgmma_nk) {  // Hopper: experts_nf4_wgmma.cu
       launch_nf4_wgmma_nk<T>(in, out, packed, args, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
       return;
     }
-    if (wgmma_kn) {  // Hopper, opt-in (MOEQUANT_KN_WGMMA=1): experts_nf4_wgmma.cu
+    // Hopper, tall tiles (MOEQUANT_KN_WGMMA): experts_nf4_wgmma.cu
+    if (wgmma_kn_min_height > 0 && kTileHeights[h] >= wgmma_kn_min_height) {
       launch_nf4_wgmma_kn<T>(in, out, packed, args, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
       return;
     }
@@ -660,7 +661,16 @@ constexpr int64_t kFusedMaxMeanRows = 128;
 // (deepseek_v3 T=4096) 0.93x vs 1.32x, 256 (qwen3 T=4096) 0.83x vs 0.95x. Where the crossover
 // lies depends on the shape (cuBLAS gains more from large matrices): at 512 rows olmoe T=4096 is
 // 0.76x vs 0.84x but deepseek_v3 T=16384 1.18x vs 0.88x; at 1024, qwen3 0.78x vs 0.59x.
+// The [K, N] products take the same bound where their 128-row tiles run on wgmma: H200, same
+// build, qwen3 T=4096 fwd+bwd 0.79x (scratch) vs 0.745x (fused), with LoRA 1.035x vs 0.995x.
 constexpr int64_t kWgmmaMaxMeanRows = 256;
+
+// Whether this product's full (128-row) tiles run on a wgmma kernel (any [K, N] setting that
+// takes wgmma takes it for 128 rows).
+bool wgmma_takes_full_tiles(const PackedStack& w, bool transpose_stored) {
+  if (transpose_stored) return nf4_wgmma_nk_enabled();
+  return w.type != QuantType::kInt8 && nf4_wgmma_kn_min_height() > 0;
+}
 
 }  // namespace
 
@@ -676,7 +686,7 @@ bool nf4_grouped_gemm_applies(const at::Tensor& in, const PackedStack& w, bool t
   if (r.num_rows > std::numeric_limits<int32_t>::max()) return false;
   if (mode == 1) return true;
   const int64_t active = static_cast<int64_t>(r.active_experts.size());
-  const int64_t max_mean_rows = transpose_stored && nf4_wgmma_nk_enabled() ? kWgmmaMaxMeanRows : kFusedMaxMeanRows;
+  const int64_t max_mean_rows = wgmma_takes_full_tiles(w, transpose_stored) ? kWgmmaMaxMeanRows : kFusedMaxMeanRows;
   return r.num_rows <= max_mean_rows * active;
 }
 

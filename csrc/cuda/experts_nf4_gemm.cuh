@@ -17,8 +17,8 @@ namespace moequant {
 // scratch rung), bf16/fp16 on sm80+, the input dimension a multiple of 64 and the output
 // dimension a multiple of 32, and (unless MOEQUANT_EXPERTS_FUSED_GEMM=1 forces it, or =0 turns it
 // off) few enough rows per active expert that the product is bound by weight traffic, where
-// reading quantized weights once beats dequant scratch + cuBLAS (a higher bound for the [N, K]
-// products on Hopper, which run on wgmma).
+// reading quantized weights once beats dequant scratch + cuBLAS (a higher bound on Hopper for the
+// products whose 128-row tiles run on wgmma).
 bool nf4_grouped_gemm_applies(const at::Tensor& in, const PackedStack& w, bool transpose_stored,
                               const ExpertsRouting& routing);
 

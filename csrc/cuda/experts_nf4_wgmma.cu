@@ -1,8 +1,8 @@
 // Fused grouped GEMM (4-bit formats and int8), stored [N, K] orientation (the forward of the
 // standard layout, the input gradient of the transposed one), on Hopper: per row tile of one
 // expert, out^T = S_e · in^T with S_e decoded on the fly. The stored [K, N] orientation
-// (nf4_gemm_kn_wgmma_kernel, opt-in with MOEQUANT_KN_WGMMA=1, 4-bit formats only) is further down:
-// there the decoded weights are wgmma's shared-memory operand.
+// (nf4_gemm_kn_wgmma_kernel: 4-bit formats, 128-row tiles unless MOEQUANT_KN_WGMMA chooses other
+// heights) is further down: there the decoded weights are wgmma's shared-memory operand.
 //
 // The mma.sync kernel (experts_nf4_gemm.cu) multiplies the rows of `in` (A, from shared memory)
 // by decoded weights (B, registers); each warp re-reads the whole row tile from shared memory for
@@ -37,6 +37,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "../error_text.h"
@@ -526,7 +527,7 @@ nf4_gemm_kn_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
   __syncthreads();  // every warpgroup is done with the ring and the decoded buffers
   store_tile_fp32<T, S::kRows, S::BN, S::kThreads>(acc, staging, feature, q, out, tile.row_begin, rows, n0, N);
 #else
-  __trap();  // launched only where nf4_wgmma_kn_enabled(): an sm_90a build on an sm_90 device
+  __trap();  // launched only where nf4_wgmma_kn_min_height() > 0: an sm_90a build on an sm_90 device
 #endif
 }
 
@@ -555,12 +556,22 @@ bool nf4_wgmma_nk_enabled() {
 #endif
 }
 
-bool nf4_wgmma_kn_enabled() {
-  static const bool requested = [] {
+int nf4_wgmma_kn_min_height() {
+  static const int requested = [] {
     const char* v = std::getenv("MOEQUANT_KN_WGMMA");
-    return v != nullptr && std::strcmp(v, "1") == 0;
+    // Default: 128-row lists only. H200, same build, fwd+bwd kernels: mixtral-8x7b T=256 3.71 ->
+    // 3.42 ms, deepseek-v3 T=4096 27.0 -> 26.1 ms; at 16 rows wgmma lost (deepseek-v3 T=256 12.0
+    // -> 13.0 ms with every height), and 64 rows gained nothing over 128 at T=256.
+    if (v == nullptr || *v == '\0') return kTallestTile;
+    if (std::strcmp(v, "0") == 0) return 0;
+    if (std::strcmp(v, "1") == 0) return 1;
+    for (int h : kTileHeights) {
+      if (std::to_string(h) == v) return h;
+    }
+    TORCH_CHECK(false, "moequant: MOEQUANT_KN_WGMMA must be 0, 1 or a row-tile height (16, 32, 64, 128); got '",
+                v, "'");
   }();
-  return requested && nf4_wgmma_nk_enabled();
+  return requested > 0 && nf4_wgmma_nk_enabled() ? requested : 0;
 }
 
 // Calls launch(std::integral_constant<int, h>) for the row-tile height h the kernels are built for

@@ -28,10 +28,11 @@ constexpr bool nf4_wgmma_nk_indexes(int64_t N, int64_t K) { return N * K < (int6
 // out[rows of each tile] = in[rows] @ S_e^T for stored S_e = [N, K] (K % 64 == 0, N % 8 == 0),
 // over `num_tiles` row tiles of `height` rows (device array `tiles`), any 4-bit format (`args`).
 // T = __nv_bfloat16 or __half.
-// Whether the [K, N] products (stored S_e = [K, N]: the backward of the standard layout) run on
-// the wgmma kernel too: nf4_wgmma_nk_enabled() and MOEQUANT_KN_WGMMA=1 (read once per process;
-// opt-in until measured, the mma.sync kernel otherwise).
-bool nf4_wgmma_kn_enabled();
+// Which [K, N] products (stored S_e = [K, N]: the backward of the standard layout) run on the
+// wgmma kernel too, where nf4_wgmma_nk_enabled(): row-tile lists of at least the returned height
+// (0: none; shorter lists run the mma.sync kernel). MOEQUANT_KN_WGMMA (read once per process):
+// unset, 128; 0, none; 1, every height; 16, 32, 64 or 128, lists of that height and taller.
+int nf4_wgmma_kn_min_height();
 
 template <typename T>
 void launch_nf4_wgmma_nk(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const Quant4Args& args,
