@@ -559,9 +559,9 @@ bool nf4_wgmma_nk_enabled() {
 int nf4_wgmma_kn_min_height() {
   static const int requested = [] {
     const char* v = std::getenv("MOEQUANT_KN_WGMMA");
-    // Default: 128-row lists only. H200, same build, fwd+bwd kernels: mixtral-8x7b T=256 3.71 ->
-    // 3.42 ms, deepseek-v3 T=4096 27.0 -> 26.1 ms; at 16 rows wgmma lost (deepseek-v3 T=256 12.0
-    // -> 13.0 ms with every height), and 64 rows gained nothing over 128 at T=256.
+    // Default: 128-row lists only. H200, one call, fwd+bwd kernels: mixtral-8x7b T=256 3.71 ->
+    // 3.42 ms, deepseek-v3 T=4096 27.0 -> 26.1 ms; with 64-row lists too, 3.54 and 25.9 ms; at 16
+    // rows wgmma lost (deepseek-v3 T=256 12.0 -> 13.0 ms with every height).
     if (v == nullptr || *v == '\0') return kTallestTile;
     if (std::strcmp(v, "0") == 0) return 0;
     if (std::strcmp(v, "1") == 0) return 1;
