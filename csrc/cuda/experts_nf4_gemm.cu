@@ -548,15 +548,25 @@ void launch(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Whether a product's row tiles of `height` rows run on a wgmma kernel (Hopper,
+// experts_nf4_wgmma.cu) rather than mma.sync: the [N, K] products where the kernel's 32-bit
+// indexing holds the expert's matrix; the 4-bit [K, N] products of at least
+// nf4_wgmma_kn_min_height() rows (int8 ones never: that kernel decodes 4-bit chunks only). One
+// rule for the launch and for the fused kernel's row bound (nf4_grouped_gemm_applies).
+bool runs_on_wgmma(bool int8, bool transpose_stored, int64_t N, int64_t K, int height) {
+  if (transpose_stored) return nf4_wgmma_nk_enabled() && nf4_wgmma_nk_indexes(N, K);
+  const int min_height = int8 ? 0 : nf4_wgmma_kn_min_height();
+  return min_height > 0 && height >= min_height;
+}
+
 // One launch per tile height in use, tallest first; they write disjoint rows of `out`. With
 // `concurrent`, a list after the first whose grid is less than a wave (two CTAs per SM) runs on a
 // pool stream forked from the current one and joined back before returning: the lists of a
 // decode-once plan follow each expert's own rows, and a few short lists one after the other would
 // each leave most SMs idle (mixtral-8x7b T=256: 96- and 160-CTA lists for the 4096-wide
 // products). Lists of a wave or more stay in order on the current stream, as before (deepseek-v3
-// T=4096 ran 3% slower with its large remainder lists side by side). int8 stacks: the [N, K]
-// products on wgmma where the 4-bit ones are, the [K, N] products always on mma.sync (the opt-in
-// wgmma [K, N] kernel decodes 4-bit chunks only).
+// T=4096 ran 3% slower with its large remainder lists side by side). Which lists run on wgmma:
+// runs_on_wgmma.
 template <typename T, bool kDoubleQuant, bool kInt8>
 void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, const TilePlan& plan, int64_t N,
                  int64_t K, bool transpose_stored, bool concurrent) {
@@ -570,17 +580,14 @@ void launch_plan(const at::Tensor& in, at::Tensor& out, const PackedStack& w, co
   const QuantStackView view = w.view();
   const Quant4Args args{view.scales, view.codebook, view.type};
   const uint8_t* packed = static_cast<const uint8_t*>(view.data);
-  const bool wgmma_nk = transpose_stored && nf4_wgmma_nk_enabled() && nf4_wgmma_nk_indexes(N, K);
-  const int wgmma_kn_min_height = kInt8 || transpose_stored ? 0 : nf4_wgmma_kn_min_height();
   auto launch_list = [&](int h) {
     const int64_t first = plan.begin[h], count = plan.count(h);
-    if (wgmma_nk) {  // Hopper: experts_nf4_wgmma.cu
-      launch_nf4_wgmma_nk<T>(in, out, packed, args, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
-      return;
-    }
-    // Hopper, tall tiles (MOEQUANT_KN_WGMMA): experts_nf4_wgmma.cu
-    if (wgmma_kn_min_height > 0 && kTileHeights[h] >= wgmma_kn_min_height) {
-      launch_nf4_wgmma_kn<T>(in, out, packed, args, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
+    if (runs_on_wgmma(kInt8, transpose_stored, N, K, kTileHeights[h])) {  // experts_nf4_wgmma.cu
+      if (transpose_stored) {
+        launch_nf4_wgmma_nk<T>(in, out, packed, args, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
+      } else {
+        launch_nf4_wgmma_kn<T>(in, out, packed, args, tiles + first, count, kTileHeights[h], N, K, log2_blocksize);
+      }
       return;
     }
     auto go = [&](auto nk_shape, auto kn_shape) {
@@ -665,13 +672,6 @@ constexpr int64_t kFusedMaxMeanRows = 128;
 // build, qwen3 T=4096 fwd+bwd 0.79x (scratch) vs 0.745x (fused), with LoRA 1.035x vs 0.995x.
 constexpr int64_t kWgmmaMaxMeanRows = 256;
 
-// Whether this product's full (128-row) tiles run on a wgmma kernel (any [K, N] setting that
-// takes wgmma takes it for 128 rows).
-bool wgmma_takes_full_tiles(const PackedStack& w, bool transpose_stored) {
-  if (transpose_stored) return nf4_wgmma_nk_enabled();
-  return w.type != QuantType::kInt8 && nf4_wgmma_kn_min_height() > 0;
-}
-
 }  // namespace
 
 bool nf4_grouped_gemm_applies(const at::Tensor& in, const PackedStack& w, bool transpose_stored,
@@ -686,7 +686,9 @@ bool nf4_grouped_gemm_applies(const at::Tensor& in, const PackedStack& w, bool t
   if (r.num_rows > std::numeric_limits<int32_t>::max()) return false;
   if (mode == 1) return true;
   const int64_t active = static_cast<int64_t>(r.active_experts.size());
-  const int64_t max_mean_rows = wgmma_takes_full_tiles(w, transpose_stored) ? kWgmmaMaxMeanRows : kFusedMaxMeanRows;
+  const bool int8 = w.type == QuantType::kInt8;
+  const int64_t max_mean_rows =
+      runs_on_wgmma(int8, transpose_stored, N, K, kTallestTile) ? kWgmmaMaxMeanRows : kFusedMaxMeanRows;
   return r.num_rows <= max_mean_rows * active;
 }
 
