@@ -168,6 +168,32 @@ else:
         assert summary and int(summary.group(1)) == 16 + 40 + 4, tail
         assert "skipped" not in r.stdout.splitlines()[-1], tail
 
+    # Auto dispatch (MOEQUANT_EXPERTS_FUSED_GEMM unset): the [K, N] products take the fused kernel
+    # up to 256 mean rows per active expert where their 128-row tiles run on wgmma, else up to 128;
+    # above that, dequant scratch + grouped GEMM. Token t goes to experts 2t mod 4 and 2t + 1 mod
+    # 4: every expert gets exactly T / 2 = mean_rows rows.
+    @pytest.mark.parametrize("mean_rows", [200, 300])
+    def test_kn_fused_row_bound(mean_rows, monkeypatch):
+        monkeypatch.delenv("MOEQUANT_EXPERTS_FUSED_GEMM", raising=False)
+        monkeypatch.setenv("MOEQUANT_DECODE_MAX_PAIRS", "0")
+        E, k, T = 4, 2, 2 * mean_rows
+        case = cuda_case(T=T, H=256, I=128, E=E, k=k, dtype=torch.bfloat16, requires_grad=False)
+        t = torch.arange(T)
+        case.index = torch.stack([2 * t % E, (2 * t + 1) % E], dim=1).to(case.index.device)
+        det = [a.detach() for a in case.args()]
+        assert torch.bincount(case.index.flatten().cpu(), minlength=E).tolist() == [mean_rows] * E
+
+        def forward_backward():
+            out, gate_up_out = ops._experts_forward_train(*det, **case.kwargs)
+            return ops.experts_backward(torch.ones_like(out), *det[:3], gate_up_out, *det[3:], **case.kwargs)
+
+        names = cuda_kernel_names(forward_backward)
+        if names is None:
+            return  # no profiler (compute-sanitizer): nothing to tell the paths apart by
+        kn_fused = any("nf4_gemm_kn" in n for n in names)
+        bound = 256 if HOPPER and MIN_WGMMA_HEIGHT > 0 else 128
+        assert kn_fused == (mean_rows <= bound), sorted(names)
+
     def test_kn_wgmma_bad_switch():
         """A value that names no row-tile height raises a clear error at the first [K, N] product."""
         code = ("import torch, sys; sys.path.insert(0, 'tests');"
