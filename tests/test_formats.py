@@ -171,13 +171,13 @@ def test_4bit_formats_match_bnb_per_expert(quant_type, dtype, blocksize):
         assert same_bits(dq.absmax_scale[e], st2.state2.absmax)
         assert same_bits(dq.absmax_offset[e].view(1), st2.offset.view(1))
         for stack, packed, state in ((plain, bp, st), (dq, bp2, st2)):
+            got = dequant_expert(stack, e)
             ref = bnb_default_dequantize_4bit(packed, state).view(40, 96)  # in the weight's dtype
-            assert same_bits(dequant_expert(stack, e), ref)
+            assert same_bits(got, ref)
             # bitsandbytes' native CPU kernel agrees up to the sign of zero: on some CPUs (seen on one
             # without AVX-512) it decodes FP4's code 8 to -0.0, where its default backend and moequant
             # give +0.0.
-            cpu = F.dequantize_4bit(packed, state).view(40, 96)
-            assert torch.equal(dequant_expert(stack, e), cpu)
+            assert torch.equal(got, F.dequantize_4bit(packed, state).view(40, 96))
 
 
 @requires_bnb
