@@ -54,6 +54,7 @@ from bench_experts import (  # noqa: E402
 )
 
 from moequant import ops  # noqa: E402
+from moequant.experts import experts_op_args  # noqa: E402
 
 SHAPES = dict(REFERENCE_SHAPES, tiny=(256, 128, 16, 8))  # tiny: CPU smoke runs
 
@@ -194,12 +195,12 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
 
             def mq_all():
                 for x, idx, w in inputs:
-                    ops.experts_forward(x, idx, w, *positional, blocksize=64, **format_kw)
+                    ops.experts_forward(*experts_op_args(x, idx, w, *positional, blocksize=64, **format_kw))
 
             x0, idx0, w0 = inputs[0]
 
             def mq_one():
-                ops.experts_forward(x0, idx0, w0, *positional, blocksize=64, **format_kw)
+                ops.experts_forward(*experts_op_args(x0, idx0, w0, *positional, blocksize=64, **format_kw))
 
             with env_var("MOEQUANT_DECODE_PDL", pdl):  # read at each call, so also by the captured launches
                 mq_err = first_host_sync(mq_all) if device.type == "cuda" else None

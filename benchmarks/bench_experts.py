@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moequant  # noqa: E402
 from moequant import ops  # noqa: E402
+from moequant.experts import experts_op_args  # noqa: E402
 
 # name: (hidden H, expert intermediate I, experts E, top-k)
 SHAPES = {
@@ -256,7 +257,7 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=
 
         def mq(kw, fmt=primary):
             positional, format_kw, _ = stacks[fmt]
-            return lambda xx: ops.experts_forward(xx, idx, w, *positional, **format_kw, **kw)
+            return lambda xx: ops.experts_forward(*experts_op_args(xx, idx, w, *positional, **format_kw, **kw))
 
         results = {}
         try:

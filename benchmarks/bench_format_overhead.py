@@ -37,6 +37,7 @@ from bench_experts import (  # noqa: E402
 )
 
 from moequant import ops  # noqa: E402
+from moequant.experts import experts_op_args  # noqa: E402
 
 
 def quartiles(values):
@@ -50,10 +51,10 @@ def cell_fn(mode, stack, x, idx, w, grad, lora):
 
     def nograd():
         with torch.no_grad():
-            ops.experts_forward(x, idx, w, *positional, **kw)
+            ops.experts_forward(*experts_op_args(x, idx, w, *positional, **kw))
 
     def fwd_bwd():
-        out = ops.experts_forward(x, idx, w, *positional, **kw)
+        out = ops.experts_forward(*experts_op_args(x, idx, w, *positional, **kw))
         out.backward(grad)
         x.grad = None
 

@@ -28,6 +28,7 @@ def measure(args) -> dict:
     from bench_experts import SHAPES, build_bf16_experts, lora_kwargs, profiled_kernels, quantize_experts, routing
 
     from moequant import ops
+    from moequant.experts import experts_op_args
 
     dev = "cuda"
     H, I, E, k = SHAPES[args.shape]
@@ -38,7 +39,7 @@ def measure(args) -> dict:
     x = torch.randn(args.tokens, H, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_()
 
     def step():
-        out = ops.experts_forward(x, idx, w, *positional, **kw)
+        out = ops.experts_forward(*experts_op_args(x, idx, w, *positional, **kw))
         out.backward(torch.ones_like(out))
 
     events, fwd_bwd_ms = profiled_kernels(step, args.reps)

@@ -23,6 +23,7 @@ from bench_experts import (
 )
 
 from moequant import ops
+from moequant.experts import experts_op_args
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
             out.backward(torch.ones_like(out))
 
     impls = {
-        f"moequant[{args.format}]": lambda: ops.experts_forward(x, idx, w, *positional, **kw),
+        f"moequant[{args.format}]": lambda: ops.experts_forward(*experts_op_args(x, idx, w, *positional, **kw)),
         "bf16_grouped_mm": lambda: experts(x, idx, w),
     }
     for name, fn in impls.items():

@@ -59,29 +59,57 @@ def experts_forward(
         )
     gu_a, gu_b, gu_s = gate_up_lora if gate_up_lora is not None else (None, None, 1.0)
     d_a, d_b, d_s = down_lora if down_lora is not None else (None, None, 1.0)
-    return ops.experts_forward(
-        hidden_states,
-        top_k_index,
-        top_k_weights,
-        gate_up.packed,
-        gate_up.absmax,
-        down.packed,
-        down.absmax,
-        blocksize=gate_up.blocksize,
-        activation=activation,
-        transposed=transposed,
-        interleaved=interleaved,
-        gate_up_bias=gate_up_bias,
-        down_bias=down_bias,
-        gate_up_lora_A=gu_a,
-        gate_up_lora_B=gu_b,
-        gate_up_lora_scaling=float(gu_s),
-        down_lora_A=d_a,
-        down_lora_B=d_b,
-        down_lora_scaling=float(d_s),
-        act_alpha=act_alpha,
-        act_limit=act_limit,
-        quant_type=gate_up.quant_type,
-        **gate_up.op_kwargs("gate_up_"),
-        **down.op_kwargs("down_"),
-    )
+    return ops.experts_forward(*experts_op_args(
+        hidden_states, top_k_index, top_k_weights, gate_up.packed, gate_up.absmax, down.packed, down.absmax,
+        blocksize=gate_up.blocksize, activation=activation, transposed=transposed, interleaved=interleaved,
+        gate_up_bias=gate_up_bias, down_bias=down_bias, gate_up_lora_A=gu_a, gate_up_lora_B=gu_b,
+        gate_up_lora_scaling=float(gu_s), down_lora_A=d_a, down_lora_B=d_b, down_lora_scaling=float(d_s),
+        act_alpha=act_alpha, act_limit=act_limit, quant_type=gate_up.quant_type,
+        gate_up_absmax_scale=gate_up.absmax_scale, gate_up_absmax_offset=gate_up.absmax_offset,
+        down_absmax_scale=down.absmax_scale, down_absmax_offset=down.absmax_offset,
+    ))
+
+
+def experts_op_args(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_packed: torch.Tensor,
+    gate_up_absmax: torch.Tensor,
+    down_packed: torch.Tensor,
+    down_absmax: torch.Tensor,
+    blocksize: int = 64,
+    activation: str = "silu",
+    transposed: bool = False,
+    interleaved: bool = False,
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
+    gate_up_lora_A: Optional[torch.Tensor] = None,
+    gate_up_lora_B: Optional[torch.Tensor] = None,
+    gate_up_lora_scaling: float = 1.0,
+    down_lora_A: Optional[torch.Tensor] = None,
+    down_lora_B: Optional[torch.Tensor] = None,
+    down_lora_scaling: float = 1.0,
+    act_alpha: float = 1.702,
+    act_limit: float = 7.0,
+    quant_type: str = "nf4",
+    gate_up_absmax_scale: Optional[torch.Tensor] = None,
+    gate_up_absmax_offset: Optional[torch.Tensor] = None,
+    down_absmax_scale: Optional[torch.Tensor] = None,
+    down_absmax_offset: Optional[torch.Tensor] = None,
+) -> tuple:
+    """The arguments of ``torch.ops.moequant.experts_forward`` (and ``_experts_forward_train``) as
+    one positional tuple in schema order, from the schema's own names and defaults.
+
+    ``torch.ops`` matches keyword arguments by name against the whole schema on every call, which
+    costs a few microseconds per call more than positional arguments and grows with each keyword
+    given: on a decode step, where the call is bound by the host, enough to show as a format's cost
+    (double-quantized stacks pass four statistics tensors more than plain ones). Callers on hot
+    paths pass ``*experts_op_args(...)``; ``tests/test_experts.py`` checks that this signature
+    matches the registered schema.
+    """
+    return (hidden_states, top_k_index, top_k_weights, gate_up_packed, gate_up_absmax, down_packed, down_absmax,
+            blocksize, activation, transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A,
+            gate_up_lora_B, gate_up_lora_scaling, down_lora_A, down_lora_B, down_lora_scaling, act_alpha,
+            act_limit, quant_type, gate_up_absmax_scale, gate_up_absmax_offset, down_absmax_scale,
+            down_absmax_offset)

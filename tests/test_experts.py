@@ -1,9 +1,12 @@
 """experts_forward / experts_backward on CPU against the plain-PyTorch reference and autograd."""
 
+import inspect
+
 import pytest
 import torch
 
 from moequant import ops
+from moequant.experts import experts_op_args
 from moequant.reference import experts_forward_reference
 
 from experts_cases import make_case, rel_err
@@ -253,3 +256,27 @@ def test_bad_inputs():
         call(weights=c.weights.to("meta"))
     with pytest.raises(RuntimeError, match="absmax must have shape"):
         call(gu_a=c.gate_up.absmax[:, :-1])
+
+
+@pytest.mark.parametrize("op_name", ["experts_forward", "_experts_forward_train"])
+def test_experts_op_args_follows_the_schema(op_name):
+    # The hot paths call the op positionally through experts_op_args; a schema change that the
+    # helper does not follow would pass arguments to the wrong parameters.
+    schema = getattr(ops, op_name).default._schema
+    params = list(inspect.signature(experts_op_args).parameters.values())
+    assert [p.name for p in params] == [a.name for a in schema.arguments]
+    for p, a in zip(params, schema.arguments):
+        if a.has_default_value():
+            assert p.default == a.default_value, p.name
+        else:
+            assert p.default is inspect.Parameter.empty, p.name
+    names = [p.name for p in params]
+    sentinel_args = experts_op_args(*range(7), **{n: n for n in names[7:]})
+    assert list(sentinel_args) == list(range(7)) + names[7:]
+
+
+def test_experts_op_args_gives_the_keyword_call():
+    case = make_case(transposed=True, interleaved=True, bias=True, lora=(True, True), dtype=torch.float32)
+    by_keyword = ops.experts_forward(*case.args(), **case.kwargs)
+    positional = ops.experts_forward(*experts_op_args(*case.args(), **case.kwargs))
+    assert torch.equal(by_keyword, positional)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..experts import experts_op_args
 from .parametrize import is_quantized, nf4_stack_of
 
 logger = logging.getLogger(__name__)
@@ -256,14 +257,15 @@ def moequant_experts_forward(
         hidden_states = hidden_states.repeat_interleave(top_k, dim=0)
         top_k_index = top_k_index.reshape(num_tokens * top_k, 1)
         top_k_weights = torch.ones_like(top_k_index, dtype=top_k_weights.dtype)
-    out = torch.ops.moequant.experts_forward(
+    # Positional (experts_op_args): torch.ops' keyword matching costs microseconds per call.
+    out = torch.ops.moequant.experts_forward(*experts_op_args(
         hidden_states,
         top_k_index,
         top_k_weights,
-        gate_up_packed=gate_up.packed,
-        gate_up_absmax=gate_up.absmax,
-        down_packed=down.packed,
-        down_absmax=down.absmax,
+        gate_up.packed,
+        gate_up.absmax,
+        down.packed,
+        down.absmax,
         blocksize=gate_up.blocksize,
         activation=layout.activation,
         transposed=layout.transposed,
@@ -271,10 +273,12 @@ def moequant_experts_forward(
         act_alpha=layout.act_alpha,
         act_limit=layout.act_limit,
         quant_type=gate_up.quant_type,  # one format per module (quantize_experts_module)
-        **gate_up.op_kwargs("gate_up_"),
-        **down.op_kwargs("down_"),
+        gate_up_absmax_scale=gate_up.absmax_scale,
+        gate_up_absmax_offset=gate_up.absmax_offset,
+        down_absmax_scale=down.absmax_scale,
+        down_absmax_offset=down.absmax_offset,
         **kwargs,
-    )
+    ))
     if layout.post_expert_norm:
         pair_out = self.post_expert_norm(out).view(num_tokens, top_k, -1)
         return (pair_out * routing_weights.unsqueeze(-1)).sum(dim=1).to(out_dtype)
