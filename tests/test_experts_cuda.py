@@ -824,7 +824,7 @@ def test_format_mismatch_errors():
 
 # ---- read-once switches, compared bit for bit -------------------------------------------------
 # A switch read once per process (MOEQUANT_LOW_RANK_KERNEL, MOEQUANT_KN_DQ_SCALES,
-# MOEQUANT_DECODE_DQ_BOUNDS) is compared by running the same saved cases in two fresh processes,
+# MOEQUANT_KN_PLAIN_SCALES, MOEQUANT_DECODE_DQ_BOUNDS) is compared by running the same saved cases in two fresh processes,
 # the default and the switch set to "0": each saves its results and the kernels it launched whose
 # names contain a filter (none are seen under compute-sanitizer, where the profiler sees nothing).
 SWITCH_CHILD = r"""
@@ -915,13 +915,15 @@ def test_low_rank_stream_kernel_bitwise(tmp_path):
     assert_results_bitwise(new, old, len(cases), outputs=8)
 
 
-# The [K, N] mma.sync kernel reads double-quantized block scales through registers by default and
-# through its shared-memory stages with MOEQUANT_KN_DQ_SCALES=0: both must give the same bits, with
-# the fused kernels forced (MOEQUANT_KN_WGMMA=0: the [K, N] products on mma.sync), training
-# forward + backward. H=320, I=192: 5 / 6 / 3 k-tiles, the 320- and 192-column products end in
-# part-filled 128-column tiles; blocksizes 32 / 64 / 256; 1 to 100 rows per expert (T=3 over 8
-# experts; skewed routing puts about 100 on two experts).
-def test_kn_double_quant_scales_bitwise(tmp_path):
+# The [K, N] mma.sync kernel reads 4-bit block scales through registers (double quant: by default;
+# plain: MOEQUANT_KN_PLAIN_SCALES=1, every tile height) or through its shared-memory stages
+# (MOEQUANT_KN_DQ_SCALES=0 / MOEQUANT_KN_PLAIN_SCALES=0): both must give the same bits, with the fused kernels
+# forced (MOEQUANT_KN_WGMMA=0: the [K, N] products on mma.sync), training forward + backward.
+# H=320, I=192: 5 / 6 / 3 k-tiles, the 320- and 192-column products end in part-filled 128-column
+# tiles; blocksizes 32 / 64 / 256; 1 to 100 rows per expert (T=3 over 8 experts; skewed routing
+# puts about 100 on two experts).
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double_quant", "plain"])
+def test_kn_scales_in_registers_bitwise(tmp_path, double_quant):
     # (T, routing, blocksize, dtype, layout, quant_type, lora)
     specs = [(3, "uniform", 64, torch.bfloat16, "plain", "nf4", False),
              (60, "uniform", 32, torch.float16, "transposed", "nf4", False),
@@ -934,18 +936,41 @@ def test_kn_double_quant_scales_bitwise(tmp_path):
         case = cuda_case(T=T, H=320, I=192, E=8, k=2, dtype=dtype, transposed=layout == "transposed",
                          routing=routing, sentinels=T == 200, blocksize=blocksize, bias=True, lora=(lora, lora),
                          rank=8, requires_grad=False)
-        fc = FormatCase(case, quant_type, True)
-        assert fc.stacks[1].dtype == torch.uint8 and fc.stacks[3].dtype == torch.uint8  # double-quantized
+        fc = FormatCase(case, quant_type, double_quant)
+        absmax_dtype = torch.uint8 if double_quant else torch.float32
+        assert fc.stacks[1].dtype == absmax_dtype and fc.stacks[3].dtype == absmax_dtype
         cases.append({"args": list(fc.args()), "kwargs": fc.kwargs, "grad_out": torch.randn_like(case.hidden)})
-    run = lambda value: run_switch_cases(tmp_path, cases, "train", "nf4_gemm_kn", "MOEQUANT_KN_DQ_SCALES",  # noqa: E731
+    switch = "MOEQUANT_KN_DQ_SCALES" if double_quant else "MOEQUANT_KN_PLAIN_SCALES"
+    run = lambda value: run_switch_cases(tmp_path, cases, "train", "nf4_gemm_kn", switch,  # noqa: E731
                                          value, MOEQUANT_EXPERTS_FUSED_GEMM="1", MOEQUANT_DECODE_MAX_PAIRS="0",
                                          MOEQUANT_KN_WGMMA="0")
-    new, old = run(None), run("0")
-    assert ran(new, "nf4_gemm_kn_dq_regs_kernel") and ran_not(new, "nf4_gemm_kn_kernel"), new["names"]
-    assert ran(old, "nf4_gemm_kn_kernel") and ran_not(old, "nf4_gemm_kn_dq_regs_kernel"), old["names"]
+    new, old = run(None if double_quant else "1"), run("0")
+    assert ran(new, "nf4_gemm_kn_regs_kernel") and ran_not(new, "nf4_gemm_kn_kernel"), new["names"]
+    assert ran(old, "nf4_gemm_kn_kernel") and ran_not(old, "nf4_gemm_kn_regs_kernel"), old["names"]
     assert_results_bitwise(new, old, len(cases), outputs=8)
     for got in new["results"]:
         assert got[2].float().norm() > 0  # the gradient of hidden
+    if not double_quant:  # plain stacks by default: registers for 16-row tiles only
+        default = run(None)
+        regs = [n for n in default["names"] if "nf4_gemm_kn_regs_kernel" in n]
+        assert regs and tile_heights(regs) == {16}, default["names"]
+        assert tile_heights([n for n in default["names"] if "nf4_gemm_kn_kernel" in n]) - {16}, default["names"]
+        assert_results_bitwise(default, old, len(cases), outputs=8)
+
+
+def test_kn_plain_scales_bad_switch():
+    """A MOEQUANT_KN_PLAIN_SCALES value that is no height raises a clear error at the first [K, N] product."""
+    code = ("import torch, sys; sys.path.insert(0, 'tests');"
+            "from test_experts_cuda import cuda_case, check_case;"
+            "case = cuda_case(T=40, H=256, I=128, E=4, k=2, dtype=torch.bfloat16);"
+            "check_case(case, torch.bfloat16)")
+    env = dict(os.environ, MOEQUANT_KN_PLAIN_SCALES="48", MOEQUANT_DECODE_MAX_PAIRS="0",
+               MOEQUANT_EXPERTS_FUSED_GEMM="1", MOEQUANT_KN_WGMMA="0")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(tests_dir), env=env, capture_output=True,
+                       text=True)
+    assert r.returncode != 0
+    assert 'MOEQUANT_KN_PLAIN_SCALES must be 0, 1, 16, 32, 64 or 128, got "48"' in r.stderr, r.stderr[-3000:]
 
 
 # The decode GEMV of double-quantized stacks runs gemv_dq_kernel on sm_90+ (bounded to three CTAs

@@ -50,8 +50,8 @@ def ran_kn_wgmma(names, counts, quantized_4bit=True):
     if names is None:  # no profiler (e.g. under compute-sanitizer): the numeric checks still ran
         return True
     kn_wgmma = any("nf4_gemm_kn_wgmma" in n for n in names)
-    # the mma.sync [K, N] kernel under either name (double quant: nf4_gemm_kn_dq_regs_kernel)
-    kn_mma = any("nf4_gemm_kn_kernel" in n or "nf4_gemm_kn_dq_regs_kernel" in n for n in names)
+    # the mma.sync [K, N] kernel under either name (scales through registers: nf4_gemm_kn_regs_kernel)
+    kn_mma = any("nf4_gemm_kn_kernel" in n or "nf4_gemm_kn_regs_kernel" in n for n in names)
     heights = tile_heights(counts)
     on_wgmma = HOPPER and quantized_4bit and MIN_WGMMA_HEIGHT > 0
     want_wgmma = on_wgmma and any(h >= MIN_WGMMA_HEIGHT for h in heights)

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -277,16 +278,30 @@ nf4_gemm_nk_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   store_tile<T, S>(acc, ct, out, N);
 }
 
-// How the [K, N] kernel gets double-quantized block scales: by default through registers
-// (nf4_gemm_kn_dq_regs_kernel); MOEQUANT_KN_DQ_SCALES=0 keeps them in the shared-memory stages
-// (the group scale and the 4-byte word holding the 8-bit code: two more 4-byte cp.async a chunk),
-// for same-run comparisons. Read once per process.
-bool kn_dq_scales_in_registers() {
-  static const bool on = [] {
+// How the [K, N] kernel gets 4-bit block scales: through registers (nf4_gemm_kn_regs_kernel),
+// loaded one k-tile ahead by the thread that decodes the chunk, or through the shared-memory
+// stages (double quant: the group scale and the 4-byte word holding the 8-bit code, two more
+// 4-byte cp.async a chunk; plain: the absmax, one). Registers free 4 KiB of stages, which gives
+// 16-row tiles a third CTA per SM (72-73 KiB, see below) and taller ones nothing but 15-30 more
+// registers. Double-quantized stacks take registers at every height (MOEQUANT_KN_DQ_SCALES=0:
+// shared memory); plain ones at 16 rows (MOEQUANT_KN_PLAIN_SCALES: "0" never, "1" every height,
+// a height h: tiles of h rows or fewer). Read once per process.
+static bool kn_scales_in_registers(bool double_quant, int height) {
+  static const bool dq = [] {
     const char* v = std::getenv("MOEQUANT_KN_DQ_SCALES");
     return v == nullptr || std::strcmp(v, "0") != 0;
   }();
-  return on;
+  static const int plain_max_height = [] {
+    const char* v = std::getenv("MOEQUANT_KN_PLAIN_SCALES");
+    if (v == nullptr) return 16;
+    const std::string s(v);
+    if (s == "0") return 0;
+    if (s == "1") return 1 << 30;
+    TORCH_CHECK(s == "16" || s == "32" || s == "64" || s == "128",
+                "MOEQUANT_KN_PLAIN_SCALES must be 0, 1, 16, 32, 64 or 128, got \"", s, "\"");
+    return std::stoi(s);
+  }();
+  return double_quant ? dq : height <= plain_max_height;
 }
 
 // Dynamic shared memory of the [K, N] kernel: a ring of stages (rows of `in`, packed codes,
@@ -294,18 +309,18 @@ bool kn_dq_scales_in_registers() {
 // holding their 8-bit code), then one decoded k-tile. Per CTA, with the static tables (32 KiB pair
 // table, 1 KiB map with double quant), against 228 KiB per SM and 1 KiB reserved per CTA (two
 // CTAs: at most 113 KiB each, three: 75 KiB): Tile16/32/64 take 76 / 84 / 100 KiB plain and
-// 81 / 89 / 105 KiB with double quant through shared memory (two CTAs per SM), 73 / 81 / 97 KiB
-// with double quant through registers (kDqRegs: the stages hold no scales; Tile16 three CTAs).
-// Tile128Kn: 111 KiB plain, 115 KiB with double quant through shared memory (one CTA per SM),
-// 109 KiB through registers (two).
+// 81 / 89 / 105 KiB with double quant through shared memory (two CTAs per SM); with the scales
+// through registers (kScaleRegs: the stages hold no scales) 72 / 80 / 96 KiB plain and 73 / 81 /
+// 97 KiB with double quant (Tile16: three CTAs). Tile128Kn: 111 KiB plain, 115 KiB with double
+// quant through shared memory (one CTA per SM), 108 / 109 KiB through registers (two).
 // int8: a 16-byte chunk holds 16 codes (twice the chunks) and its scale is its k row's.
-template <class S, bool kDoubleQuant, bool kInt8, bool kDqRegs = false>
+template <class S, bool kDoubleQuant, bool kInt8, bool kScaleRegs = false>
 struct KnSmem {
-  static_assert(!kDqRegs || kDoubleQuant, "only double-quantized scales travel through registers");
+  static_assert(!kScaleRegs || !kInt8, "only 4-bit block scales travel through registers");
   static constexpr int kChunkCodes = kInt8 ? kInt8ChunkWeights : kChunkWeights;  // codes per chunk
   static constexpr int kParts = S::BN / kChunkCodes;             // packed chunks per k row
   static constexpr int kChunks = kTileK * kParts;                // packed chunks per k-tile
-  static constexpr int kScaleBytes = kDqRegs ? 0 : kDoubleQuant ? 8 : 4;  // per chunk
+  static constexpr int kScaleBytes = kScaleRegs ? 0 : kDoubleQuant ? 8 : 4;  // per chunk
   static constexpr int kStageBytes = S::kSmemA + kChunks * (16 + kScaleBytes);
   static constexpr int kBytes = S::kStages * kStageBytes + kTileK * S::BN * 2;
 };
@@ -317,17 +332,18 @@ struct KnSmem {
 // (kInt8): a chunk is 16 codes of one k row, whose scale is the stored row's (k's) absmax; it
 // decodes to two 16-byte chunks of the decoded tile instead of four.
 //
-// Double quant with kDqRegs: the thread that decodes chunk c is the one that copies it, so the
-// chunk's 8-bit code and group scale skip shared memory: loaded into registers (ld.global.nc)
-// one k-tile ahead and resolved in decode with the same dynamic_map_decode ops as through shared
-// memory (bit-identical results). Two register sets reloaded two k-tiles ahead (the loop unrolled
-// by two) spilled 68 bytes in Tile128Kn under its 128-register bound.
-template <typename T, class S, bool kDoubleQuant, bool kInt8, bool kDqRegs>
+// kScaleRegs (4-bit): the thread that decodes chunk c is the one that copies it, so the chunk's
+// block scale (plain: the absmax; double quant: the 8-bit code and group scale) skips shared
+// memory: loaded into registers (ld.global.nc) one k-tile ahead and resolved in decode with the
+// same ops as through shared memory (bit-identical results). Two register sets reloaded two
+// k-tiles ahead (the loop unrolled by two) spilled 68 bytes in Tile128Kn under its 128-register
+// bound (double quant).
+template <typename T, class S, bool kDoubleQuant, bool kInt8, bool kScaleRegs>
 __device__ __forceinline__ void nf4_gemm_kn(const T* __restrict__ in, T* __restrict__ out,
                                             const uint8_t* __restrict__ packed, const Quant4Args& args,
                                             const RowTile* __restrict__ tiles, int64_t N, int64_t K, int n_tiles,
                                             int log2_blocksize) {
-  using L = KnSmem<S, kDoubleQuant, kInt8, kDqRegs>;
+  using L = KnSmem<S, kDoubleQuant, kInt8, kScaleRegs>;
   constexpr int kParts = L::kParts, kChunks = L::kChunks, kStageBytes = L::kStageBytes, kCodes = L::kChunkCodes;
   constexpr int kChunksPerThread = kChunks / S::kThreads;
   constexpr int kRowChunks = S::BN / 8;                         // 16-byte chunks per decoded row
@@ -363,7 +379,7 @@ __device__ __forceinline__ void nf4_gemm_kn(const T* __restrict__ in, T* __restr
       if (!chunk_valid(c)) continue;
       const int64_t elem = chunk_elem(c, k0);
       cp_async16(smem_addr(base + S::kSmemA + c * 16), packed + code_bytes<kInt8>(ct.w0 + elem), true);
-      if constexpr (!kDqRegs) {  // kDqRegs: the scales go through registers (load_scales)
+      if constexpr (!kScaleRegs) {  // kScaleRegs: the scales go through registers (load_scales)
         const int64_t block = kInt8 ? k0 + c / kParts : elem >> log2_blocksize;  // int8: the stored row
         const uint32_t scale_dst = smem_addr(base + S::kSmemA + kChunks * 16 + c * L::kScaleBytes);
         if constexpr (kDoubleQuant) {
@@ -376,7 +392,7 @@ __device__ __forceinline__ void nf4_gemm_kn(const T* __restrict__ in, T* __restr
       }
     }
   };
-  // kDqRegs: the code and group scale of each of this thread's chunks of the k-tile at k0.
+  // kScaleRegs: the block scale of each of this thread's chunks of the k-tile at k0.
   struct ChunkScales {
     LoadedScale s[kChunksPerThread];
   };
@@ -395,8 +411,8 @@ __device__ __forceinline__ void nf4_gemm_kn(const T* __restrict__ in, T* __restr
       if (!chunk_valid(c)) continue;  // columns past N: whatever is there only reaches masked outputs
       const uint4 codes = *reinterpret_cast<const uint4*>(base + S::kSmemA + c * 16);
       const uint8_t* const scale_src = base + S::kSmemA + kChunks * 16 + c * L::kScaleBytes;
-      float scale = kDqRegs ? scales.resolve(cs->s[i]) : *reinterpret_cast<const float*>(scale_src);
-      if constexpr (kDoubleQuant && !kDqRegs) {
+      float scale = kScaleRegs ? scales.resolve(cs->s[i]) : *reinterpret_cast<const float*>(scale_src);
+      if constexpr (kDoubleQuant && !kScaleRegs) {
         const uintptr_t code = reinterpret_cast<uintptr_t>(scales.code + (chunk_elem(c, k0) >> log2_blocksize));
         const uint32_t word = *reinterpret_cast<const uint32_t*>(scale_src + 4);
         scale = scales.resolve(LoadedScale{scale, (word >> (8 * (code & 3))) & 0xFFu});
@@ -451,24 +467,24 @@ __device__ __forceinline__ void nf4_gemm_kn(const T* __restrict__ in, T* __restr
     if (s < k_tiles) load_stage(s, s * kTileK);
     cp_async_commit();
   }
-  // kDqRegs: the scales of k-tile kt + 1 are loaded before k-tile kt is decoded, so that a
+  // kScaleRegs: the scales of k-tile kt + 1 are loaded before k-tile kt is decoded, so that a
   // k-tile's decode and mma hide their latency.
   [[maybe_unused]] ChunkScales current, following;
-  if constexpr (kDqRegs) load_scales(current, 0);
+  if constexpr (kScaleRegs) load_scales(current, 0);
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<S::kStages - 2>();
     __syncthreads();  // k-tile kt landed; everyone is done with `decoded` and slot kt - 1
     const int64_t next = kt + S::kStages - 1;
     if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
     cp_async_commit();
-    if constexpr (kDqRegs) {
+    if constexpr (kScaleRegs) {
       following = current;
       if (kt + 1 < k_tiles) load_scales(following, (kt + 1) * kTileK);
     }
-    decode(static_cast<int>(kt % S::kStages), kt * kTileK, kDqRegs ? &current : nullptr);
+    decode(static_cast<int>(kt % S::kStages), kt * kTileK, kScaleRegs ? &current : nullptr);
     __syncthreads();
     compute(static_cast<int>(kt % S::kStages));
-    if constexpr (kDqRegs) current = following;
+    if constexpr (kScaleRegs) current = following;
   }
   store_tile<T, S>(acc, ct, out, N);
 }
@@ -481,15 +497,15 @@ nf4_gemm_kn_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t*
   nf4_gemm_kn<T, S, kDoubleQuant, kInt8, false>(in, out, packed, args, tiles, N, K, n_tiles, log2_blocksize);
 }
 
-// Double quant, scales through registers: at least two CTAs per SM, as the shared memory allows
-// for every tile height. The bound only binds Tile128Kn (256 threads: at most 128 registers;
-// uncapped it takes 129-164 depending on the loop, and one CTA per SM).
-template <typename T, class S>
+// 4-bit scales through registers: at least two CTAs per SM, as the shared memory allows for
+// every tile height. The bound only binds Tile128Kn (256 threads: at most 128 registers;
+// uncapped, double quant takes 129-164 depending on the loop, and one CTA per SM).
+template <typename T, class S, bool kDoubleQuant>
 __global__ void __launch_bounds__(S::kThreads, 2)
-nf4_gemm_kn_dq_regs_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
-                           const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N,
-                           int64_t K, int n_tiles, int log2_blocksize) {
-  nf4_gemm_kn<T, S, true, false, true>(in, out, packed, args, tiles, N, K, n_tiles, log2_blocksize);
+nf4_gemm_kn_regs_kernel(const T* __restrict__ in, T* __restrict__ out, const uint8_t* __restrict__ packed,
+                        const __grid_constant__ Quant4Args args, const RowTile* __restrict__ tiles, int64_t N,
+                        int64_t K, int n_tiles, int log2_blocksize) {
+  nf4_gemm_kn<T, S, kDoubleQuant, false, true>(in, out, packed, args, tiles, N, K, n_tiles, log2_blocksize);
 }
 
 // Row-tile heights. Short tiles keep CTAs from multiplying padding when experts get a handful of
@@ -529,13 +545,13 @@ void launch(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const 
   if constexpr (kNK) {
     kernel = nf4_gemm_nk_kernel<T, S, kDoubleQuant, kInt8>;
     smem = S::kStages * S::kSmemA;
-  } else if constexpr (kDoubleQuant) {
-    if (kn_dq_scales_in_registers()) {
-      kernel = nf4_gemm_kn_dq_regs_kernel<T, S>;
-      smem = KnSmem<S, true, false, true>::kBytes;
+  } else if constexpr (!kInt8) {
+    if (kn_scales_in_registers(kDoubleQuant, S::BM)) {
+      kernel = nf4_gemm_kn_regs_kernel<T, S, kDoubleQuant>;
+      smem = KnSmem<S, kDoubleQuant, false, true>::kBytes;
     } else {
-      kernel = nf4_gemm_kn_kernel<T, S, true, false>;
-      smem = KnSmem<S, true, false, false>::kBytes;
+      kernel = nf4_gemm_kn_kernel<T, S, kDoubleQuant, false>;
+      smem = KnSmem<S, kDoubleQuant, false, false>::kBytes;
     }
   } else {
     kernel = nf4_gemm_kn_kernel<T, S, kDoubleQuant, kInt8>;
