@@ -102,11 +102,10 @@ def experts_op_args(
     one positional tuple in schema order, from the schema's own names and defaults.
 
     ``torch.ops`` matches keyword arguments by name against the whole schema on every call, which
-    costs a few microseconds per call more than positional arguments and grows with each keyword
-    given: on a decode step, where the call is bound by the host, enough to show as a format's cost
-    (double-quantized stacks pass four statistics tensors more than plain ones). Callers on hot
-    paths pass ``*experts_op_args(...)``; ``tests/test_experts.py`` checks that this signature
-    matches the registered schema.
+    costs the host a few microseconds per call more than positional arguments (7-11% of a
+    one-token call on an H200 host, ``benchmarks/bench_call_overhead.py``), and an eager decode
+    step waits on exactly that. Callers on hot paths pass ``*experts_op_args(...)``;
+    ``tests/test_experts.py`` checks that this signature matches the registered schema.
     """
     return (hidden_states, top_k_index, top_k_weights, gate_up_packed, gate_up_absmax, down_packed, down_absmax,
             blocksize, activation, transposed, interleaved, gate_up_bias, down_bias, gate_up_lora_A,
