@@ -3,8 +3,7 @@
 A decode step of an eager model calls the experts op once per layer with one token, and there the
 call is bound by the host: issuing it takes longer than its kernels run. ``torch.ops`` matches
 keyword arguments by name against the whole 26-argument schema on every call, so the same call
-costs more with keywords than with positional arguments, and more with every keyword given (a
-double-quantized stack passes four statistics tensors more than a plain one). Styles, timed
+costs more with keywords than with positional arguments. Styles, timed
 round-robin in one process on the same stacks and inputs:
 
   keyword     torch.ops.moequant.experts_forward(x, idx, w, gate_up_packed=..., ...): every option

@@ -65,8 +65,7 @@ def experts_forward(
         gate_up_bias=gate_up_bias, down_bias=down_bias, gate_up_lora_A=gu_a, gate_up_lora_B=gu_b,
         gate_up_lora_scaling=float(gu_s), down_lora_A=d_a, down_lora_B=d_b, down_lora_scaling=float(d_s),
         act_alpha=act_alpha, act_limit=act_limit, quant_type=gate_up.quant_type,
-        gate_up_absmax_scale=gate_up.absmax_scale, gate_up_absmax_offset=gate_up.absmax_offset,
-        down_absmax_scale=down.absmax_scale, down_absmax_offset=down.absmax_offset,
+        **gate_up.op_kwargs("gate_up_"), **down.op_kwargs("down_"),
     ))
 
 

@@ -273,10 +273,8 @@ def moequant_experts_forward(
         act_alpha=layout.act_alpha,
         act_limit=layout.act_limit,
         quant_type=gate_up.quant_type,  # one format per module (quantize_experts_module)
-        gate_up_absmax_scale=gate_up.absmax_scale,
-        gate_up_absmax_offset=gate_up.absmax_offset,
-        down_absmax_scale=down.absmax_scale,
-        down_absmax_offset=down.absmax_offset,
+        **gate_up.op_kwargs("gate_up_"),
+        **down.op_kwargs("down_"),
         **kwargs,
     ))
     if layout.post_expert_norm:
