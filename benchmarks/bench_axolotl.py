@@ -178,7 +178,10 @@ def train(config: str, workdir: str, label: str, pairs: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    mode = argv[0]
+    mode = argv[0] if argv else None
+    if mode in ("-h", "--help"):
+        print(__doc__)
+        return
     if mode == "make-checkpoint":
         layers = int(argv[argv.index("--layers") + 1]) if "--layers" in argv else 2
         report = make_checkpoint(argv[1], layers, tiny="--tiny" in argv)

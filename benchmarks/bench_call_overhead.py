@@ -25,9 +25,7 @@ the keyword style of the same format and LoRA setting.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +33,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_experts import LORA_ALPHA, RANK, SHAPES, default_results_path, parse_format, routing  # noqa: E402
+from bench_experts import LORA_ALPHA, RANK, SHAPES, parse_format, routing  # noqa: E402
+from results_io import default_results_path, device_name, run_metadata, write_results  # noqa: E402
 
 import moequant  # noqa: E402
 from moequant.experts import experts_op_args  # noqa: E402
@@ -100,11 +99,10 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    dev_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    dev_name = device_name(device)
     out = args.out or default_results_path("bench_call_overhead", dev_name)
     rows = []
-    meta = dict(device=dev_name, torch=torch.__version__, python=platform.python_version(),
-                command=" ".join(sys.argv), calls_per_burst=args.calls, rounds=args.rounds, rows=rows)
+    meta = dict(run_metadata(dev_name), calls_per_burst=args.calls, rounds=args.rounds, rows=rows)
     gen = torch.Generator(device=device).manual_seed(0)
     for name in args.shapes.split(","):
         H, I, E, k = SIZES[name]
@@ -144,10 +142,7 @@ def main() -> None:
                         print(f"{name:14s} T={T:<4d} {fmt:7s} lora={int(row['lora'])} {s:10s} issue "
                               f"{row['issue_us']:7.2f} us ({row['issue_ratio_to_keyword']:.3f}) | wall "
                               f"{row['wall_us']:7.2f} us ({row['wall_ratio_to_keyword']:.3f})", flush=True)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(meta, f, indent=1)
-    print(f"wrote {out}")
+    print(f"wrote {write_results(out, meta)}")
 
 
 if __name__ == "__main__":

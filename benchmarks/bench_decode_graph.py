@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,13 +43,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_experts import SHAPES as REFERENCE_SHAPES  # noqa: E402
 from bench_experts import (  # noqa: E402
     build_bf16_experts,
-    default_results_path,
     first_host_sync,
     format_name,
     parse_format,
     quantize_experts,
     time_ms,
 )
+from results_io import default_results_path, device_name, run_metadata, write_results  # noqa: E402
 
 from moequant import ops  # noqa: E402
 from moequant.experts import experts_op_args  # noqa: E402
@@ -264,17 +262,14 @@ def main():
     tokens = [int(t) for t in args.tokens.split(",")]
     if args.calls < 1:
         ap.error("--calls must be >= 1")
-    import transformers
-
     device = torch.device(args.device)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    dev_name = device_name(device)
     out_path = args.out or default_results_path("bench_decode_graph", dev_name)
     copy_rate = copy_gbps(device, args.reps) if device.type == "cuda" else None
     if copy_rate:
         print(f"device copy: {copy_rate:.0f} GB/s (read + write)", flush=True)
     rows = []
-    meta = dict(device=dev_name, torch=torch.__version__, transformers=transformers.__version__,
-                python=platform.python_version(), command=" ".join(sys.argv), copy_gbps=copy_rate,
+    meta = dict(run_metadata(dev_name, ("transformers",)), copy_gbps=copy_rate,
                 timing=f"CUDA events, 3 warm-ups, median of {args.reps} replays of a graph of {args.calls} calls",
                 rows=rows)
     for name in shapes:
@@ -283,9 +278,7 @@ def main():
         gc.collect()  # the shape's weights and graphs
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        with open(out_path, "w") as f:
-            json.dump(meta, f, indent=1)
+        write_results(out_path, meta)
     print(f"wrote {out_path}")
 
 

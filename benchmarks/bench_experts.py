@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
-import re
 import statistics
 import sys
 import traceback
@@ -36,6 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moequant  # noqa: E402
 from moequant import ops  # noqa: E402
 from moequant.experts import experts_op_args  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import default_results_path, run_metadata, write_results  # noqa: E402
 
 # name: (hidden H, expert intermediate I, experts E, top-k)
 SHAPES = {
@@ -77,12 +77,6 @@ def profiled_kernels(step, reps, warmups=2):
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     return events, sum(e.self_device_time_total for e in events) / 1e3 / reps
-
-
-def default_results_path(stem, device_name):
-    """benchmarks/results/<stem>-<device name as an identifier>.json, where runs record their JSON."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{stem}-{slug}.json")
 
 
 def first_host_sync(fn):
@@ -393,24 +387,17 @@ def main():
         fmt = parse_format(spec)
         if fmt not in formats[1:]:  # the primary format again: a same-run control of the noise
             formats.append(fmt)
-    import peft
-    import transformers
-
     device = torch.device("cuda")
     dev_name = torch.cuda.get_device_name(device)
     out_path = args.out or default_results_path("bench_experts", dev_name)
     rows = []
-    meta = dict(device=dev_name, torch=torch.__version__, transformers=transformers.__version__,
-                peft=peft.__version__, python=platform.python_version(), command=" ".join(sys.argv),
-                rank=RANK, timing="CUDA events, 3 warm-ups, median of --reps",
+    meta = dict(run_metadata(dev_name, ("transformers", "peft")), rank=RANK, timing="CUDA events, 3 warm-ups, median of --reps",
                 quant_type=args.quant_type, double_quant=args.double_quant,
                 formats=[format_name(*f) for f in formats], rows=rows)
     for name in args.shapes.split(","):
         bench_shape(name, [int(t) for t in args.tokens.split(",")], args.reps, rows, device, not args.no_lora,
                     args.compare_rungs, tuple(formats), args.compare_tile_plans)
-        os.makedirs(os.path.dirname(out_path), exist_ok=True)
-        with open(out_path, "w") as f:
-            json.dump(meta, f, indent=1)
+        write_results(out_path, meta)
     print(f"wrote {out_path}")
 
 

@@ -15,9 +15,7 @@ method, and a format whose overhead is inside that floor cannot be told apart fr
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 
@@ -27,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_experts import (  # noqa: E402
     SHAPES,
     build_bf16_experts,
-    default_results_path,
     format_name,
     lora_kwargs,
     parse_format,
@@ -35,6 +32,7 @@ from bench_experts import (  # noqa: E402
     routing,
     time_ms,
 )
+from results_io import default_results_path, run_metadata, write_results  # noqa: E402
 
 from moequant import ops  # noqa: E402
 from moequant.experts import experts_op_args  # noqa: E402
@@ -123,7 +121,7 @@ def main() -> None:
     dev_name = torch.cuda.get_device_name(device)
     out = args.out or default_results_path("bench_format_overhead", dev_name)
     rows = []
-    meta = dict(device=dev_name, torch=torch.__version__, python=platform.python_version(), command=" ".join(sys.argv),
+    meta = dict(run_metadata(dev_name),
                 method="round-robin; per round, each format's median of --reps over the NF4 turn just before it; "
                        "median and quartiles of those paired ratios over --rounds", rounds=args.rounds, reps=args.reps,
                 rows=rows)
@@ -135,9 +133,7 @@ def main() -> None:
             except torch.OutOfMemoryError as err:
                 print(f"{name} T={T}: out of memory ({err}); skipped", flush=True)
                 torch.cuda.empty_cache()
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            with open(out, "w") as f:
-                json.dump(meta, f, indent=1)
+            write_results(out, meta)
         del stacks
         torch.cuda.empty_cache()
     print(f"wrote {out}")

@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -43,6 +42,7 @@ sys.path.insert(0, ROOT)
 # The model shape and the CPU smoke shape are bench_load_train's (same Qwen3-30B-A3B config).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_load_train import QWEN3_30B_A3B, SMOKE  # noqa: E402
+from results_io import device_name, run_metadata, write_results  # noqa: E402
 
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -208,9 +208,8 @@ def run(args) -> dict:
     dist.all_gather_object(gathered, per_rank)
     steady = slice(1, None) if args.steps > 1 else slice(0, None)
     steady_steps = range(args.steps)[steady]
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     result = {
-        "world_size": world, "device": device_name, "torch": torch.__version__, "args": vars(args),
+        **run_metadata(device_name(device)), "world_size": world, "args": vars(args),
         "losses": losses, "experts_full_bytes": experts_full, "per_rank": gathered,
         # a step lasts as long as its slowest rank
         "step_s_mean": sum(max(r["step_s"][i] for r in gathered) for i in steady_steps) / len(steady_steps),
@@ -251,9 +250,7 @@ def main(argv=None):
             summary = {k: v for k, v in result.items() if k != "per_rank"}
             print(text if len(text) < 4000 else json.dumps(summary, indent=1))
             if args.out:
-                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-                with open(args.out, "w") as f:
-                    f.write(text + "\n")
+                write_results(args.out, result)
     finally:
         dist.destroy_process_group()
 

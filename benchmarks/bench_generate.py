@@ -38,7 +38,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from bench_experts import default_results_path, first_host_sync  # noqa: E402
+from bench_experts import first_host_sync  # noqa: E402
+from results_io import default_results_path, device_name, run_metadata, write_results  # noqa: E402
 
 # Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B), layers cut by --layers.
 QWEN3_30B_A3B = dict(
@@ -318,15 +318,11 @@ def main():
         worker(args)
         return
 
-    import peft
-    import transformers
-
     device = torch.device(args.device)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    dev_name = device_name(device)
     out_path = args.out or default_results_path("bench_generate", dev_name)
     rows, failures = [], []
-    meta = dict(device=dev_name, torch=torch.__version__, transformers=transformers.__version__,
-                peft=peft.__version__, python=platform.python_version(), command=" ".join(sys.argv),
+    meta = dict(run_metadata(dev_name, ("transformers", "peft")),
                 model=dict(SIZES[args.size], num_hidden_layers=args.layers), rows=rows, failures=failures)
     passthrough = ["--layers", str(args.layers), "--size", args.size, "--batches", args.batches,
                    "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
@@ -356,9 +352,7 @@ def main():
                 os.unlink(worker_out)
         print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
         summarize(rows, meta)
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        with open(out_path, "w") as f:
-            json.dump(meta, f, indent=1)
+        write_results(out_path, meta)
     print_table(rows)
     print(f"wrote {out_path}")
 

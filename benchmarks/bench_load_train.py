@@ -34,7 +34,6 @@ import gc
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -43,6 +42,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from results_io import default_results_path, device_name, run_metadata, write_results  # noqa: E402
 
 MB = 1024 * 1024
 QWEN3_30B_A3B = dict(
@@ -285,16 +286,11 @@ def main() -> None:
 
     if not torch.cuda.is_available() and not args.smoke:
         raise SystemExit("bench_load_train.py needs a CUDA device (--smoke runs toy shapes on the CPU)")
-    import peft
-    import transformers
-
     tag = ("smoke" if args.smoke else "qwen3-30b-a3b") + f"-{args.layers}l"
     args.checkpoint = args.checkpoint or os.path.join(args.workdir, tag)
     args.cache = args.cache or os.path.join(args.workdir, tag + "-moequant")
     results = {
-        "device": torch.cuda.get_device_name() if _cuda() else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "python": platform.python_version(), "command": "python " + " ".join(sys.argv),
+        **run_metadata(device_name("cuda" if _cuda() else "cpu"), ("transformers", "peft")),
         "shape": dict(_shape(args), num_hidden_layers=args.layers),
         "tokens": args.tokens, "seq_len": args.seq_len, "lora": LORA, "bnb_linear": args.bnb,
         "gradient_checkpointing": args.gradient_checkpointing,
@@ -361,12 +357,8 @@ def main() -> None:
 
     name = "bench_load_train" + ("-smoke" if args.smoke else "") + ("-bnb" if args.bnb else "")
     name += "-gc" if args.gradient_checkpointing else ""
-    device = results["device"].replace(" ", "_")
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"{name}-{device}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {out}")
+    out = args.out or default_results_path(name, results["device"])
+    print(f"wrote {write_results(out, results)}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import run_metadata, write_results  # noqa: E402
+
 VARIANTS = {"old (add_low_rank_mma_kernel)": "0", "new (default)": None}
 
 
@@ -86,11 +89,8 @@ def main() -> None:
         print(f"{name:32s} {r['calls_per_step']:5d} {r['low_rank_ms']:8.3f} {r['low_rank_gb_s'] or 0:7.0f} "
               f"{r['fwd_bwd_kernels_ms']:10.3f}  {', '.join(k[:40] for k in r['kernels'])}")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "command": " ".join(sys.argv), "shape": args.shape, "tokens": args.tokens,
-                       "reps": args.reps, "results": results}, f, indent=1)
+        write_results(args.out, dict(run_metadata(torch.cuda.get_device_name()), shape=args.shape, tokens=args.tokens,
+                                     reps=args.reps, results=results))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_experts import default_results_path  # noqa: E402
+from results_io import default_results_path, run_metadata, write_results  # noqa: E402
 from moequant import ops  # noqa: E402
 
 try:
@@ -191,12 +190,7 @@ def main():
 
     result = {
         "benchmark": "bench_nf4",
-        "device": props.name,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "bitsandbytes": bitsandbytes.__version__ if use_bnb else None,
-        "python": platform.python_version(),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        **run_metadata(props.name, ("bitsandbytes",) if use_bnb else ()),
         "quant_type": qt,
         "double_quant": dq,
         "timing": f"CUDA events, 3 warm-ups, median of {args.reps}",
@@ -206,9 +200,7 @@ def main():
     }
     out = args.out or default_results_path(
         "bench_nf4" + ("" if qt == "nf4" and not dq else f"-{qt}{'_dq' if dq else ''}"), props.name)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_results(out, result)
     print(json.dumps(result["summary"]))
     print("wrote", out)
 

@@ -1,0 +1,73 @@
+"""The benchmark scripts stay runnable where CI can reach them: every script answers --help, a CPU
+smoke run writes its record, and every record starts with the same run header (results_io)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+import results_io  # noqa: E402
+
+
+def _scripts():
+    for path in sorted(glob.glob(os.path.join(BENCHMARKS, "*.py"))):
+        with open(path) as f:
+            if 'if __name__ == "__main__":' in f.read():
+                yield os.path.basename(path)
+
+
+def _run(args, **kwargs):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300, **kwargs)
+
+
+def test_every_script_is_found():
+    # The scripts the README documents; a rename must update this list (and the README).
+    assert {"bench_experts.py", "bench_nf4.py", "bench_decode_graph.py", "bench_generate.py",
+            "bench_load_train.py", "bench_axolotl.py"} <= set(_scripts())
+
+
+@pytest.mark.parametrize("script", list(_scripts()))
+def test_script_answers_help(script):
+    r = _run([os.path.join("benchmarks", script), "--help"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "usage:" in r.stdout or "python benchmarks/" in r.stdout
+
+
+def test_default_results_path_names_the_device():
+    path = results_io.default_results_path("bench_x", "NVIDIA H200 (MIG 1g.18gb)")
+    assert path == os.path.join(BENCHMARKS, "results", "bench_x-NVIDIA_H200_MIG_1g_18gb.json")
+
+
+def test_run_metadata_and_write_results(tmp_path):
+    meta = results_io.run_metadata("cpu", ("transformers", "no-such-package-moequant"))
+    assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["cuda"] == torch.version.cuda
+    transformers = pytest.importorskip("transformers")
+    assert meta["transformers"] == transformers.__version__
+    assert meta["no-such-package-moequant"] is None
+    assert meta["command"].startswith("python ")
+    out = tmp_path / "nested" / "folder" / "r.json"
+    written = results_io.write_results(str(out), dict(meta, rows=[{"a": 1.5}]))
+    assert written == str(out)
+    assert json.loads(out.read_text()) == dict(meta, rows=[{"a": 1.5}])
+
+
+def test_cpu_smoke_run_writes_its_record(tmp_path):
+    out = tmp_path / "call_overhead.json"
+    r = _run(["benchmarks/bench_call_overhead.py", "--device", "cpu", "--shapes", "tiny", "--calls", "3",
+              "--rounds", "2", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(out.read_text())
+    header = results_io.run_metadata(results_io.device_name("cpu"))
+    for key in ("device", "torch", "cuda", "python"):
+        assert record[key] == header[key], key
+    assert record["command"].startswith("python benchmarks/bench_call_overhead.py --device cpu")
+    assert record["rows"] and all(row["issue_us"] > 0 for row in record["rows"])
