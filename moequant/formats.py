@@ -153,6 +153,15 @@ class QuantStack:
     ) -> "QuantStack":
         """Rebuild a stack; ``quant_type`` / ``double_quant``, when given, are what the caller expects,
         and a stack saved in another format is a ``ValueError`` (states without ``quant_type`` are NF4)."""
+        missing = [key for key in ("packed", "absmax", "shape", "blocksize", "dtype") if key not in state]
+        if "absmax_scale" in state and "absmax_offset" not in state:
+            missing.append("absmax_offset")  # double-quantized statistics travel as a pair
+        if missing:
+            raise ValueError(
+                f"QuantStack.from_state_dict: the state lacks {', '.join(map(repr, missing))}; "
+                f"it has {sorted(state)} (a QuantStack.state_dict() holds packed, absmax, shape, blocksize, dtype, "
+                f"quant_type, and absmax_scale/absmax_offset when double-quantized)"
+            )
         dtype = getattr(torch, state["dtype"], None)
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"QuantStack.from_state_dict: unsupported dtype {state['dtype']!r}")

@@ -286,6 +286,11 @@ def test_state_dict_format_mismatch_is_an_error():
     broken = dict(state, absmax=state["absmax"].float())
     with pytest.raises(ValueError, match="absmax is torch.float32"):
         QuantStack.from_state_dict(broken)
+    # a state missing a tensor names it (not a bare KeyError)
+    for key in ("packed", "absmax", "blocksize", "absmax_offset"):
+        partial = {k: v for k, v in state.items() if k != key}
+        with pytest.raises(ValueError, match=f"the state lacks '{key}'"):
+            QuantStack.from_state_dict(partial)
 
 
 def test_python_format_errors():
