@@ -6,14 +6,15 @@
 # installed version so pip can never replace it.
 #
 # The newest release is tried first, with what it needs pinned (transformers 5.25.0 requires
-# kernels>=0.19.1,<0.20); where that does not install, the run falls back to 5.24.0.
+# kernels>=0.19.1,<0.20) and the newest accelerate (1.16.0; the main suite pins 1.15.0); where that
+# does not install, the run falls back to 5.24.0.
 # MOEQUANT_NEWEST_TRANSFORMERS overrides the list (one requirement set per line). 5.25 turns hub
 # kernels on in from_pretrained by default, so where it installs the tests run with hub kernels on
 # (offline: test_hub_kernels_compose_or_are_refused maps a local RMSNorm kernel build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-CANDIDATES=${MOEQUANT_NEWEST_TRANSFORMERS:-"transformers==5.25.0 kernels==0.19.1
+CANDIDATES=${MOEQUANT_NEWEST_TRANSFORMERS:-"transformers==5.25.0 kernels==0.19.1 accelerate==1.16.0
 transformers==5.24.0"}
 VENV=${MOEQUANT_NEWEST_VENV:-${TMPDIR:-/tmp}/moequant-newest-transformers}
 
@@ -40,7 +41,9 @@ fi
 import sys
 import torch, transformers, moequant  # noqa: F401  (moequant: the build this interpreter uses)
 assert torch.__version__ == sys.argv[1], f"torch changed in the venv: {torch.__version__} != {sys.argv[1]}"
-print(f"newest-transformers run: transformers {transformers.__version__}, torch {torch.__version__}")
+import accelerate
+print(f"newest-transformers run: transformers {transformers.__version__}, accelerate {accelerate.__version__}, "
+      f"torch {torch.__version__}")
 EOF
 "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider \
   tests/test_integration_transformers.py tests/test_integration_experts_compat.py tests/test_integration_peft.py "$@"
