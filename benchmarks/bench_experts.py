@@ -35,7 +35,7 @@ from moequant import ops  # noqa: E402
 from moequant.experts import experts_op_args  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_io import default_results_path, run_metadata, write_results  # noqa: E402
+from results_io import default_results_path, device_name, run_metadata, write_results  # noqa: E402
 
 # name: (hidden H, expert intermediate I, experts E, top-k)
 SHAPES = {
@@ -388,7 +388,7 @@ def main():
         if fmt not in formats[1:]:  # the primary format again: a same-run control of the noise
             formats.append(fmt)
     device = torch.device("cuda")
-    dev_name = torch.cuda.get_device_name(device)
+    dev_name = device_name(device)
     out_path = args.out or default_results_path("bench_experts", dev_name)
     rows = []
     meta = dict(run_metadata(dev_name, ("transformers", "peft")), rank=RANK, timing="CUDA events, 3 warm-ups, median of --reps",

@@ -32,7 +32,7 @@ from bench_experts import (  # noqa: E402
     routing,
     time_ms,
 )
-from results_io import default_results_path, run_metadata, write_results  # noqa: E402
+from results_io import default_results_path, device_name, run_metadata, write_results  # noqa: E402
 
 from moequant import ops  # noqa: E402
 from moequant.experts import experts_op_args  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> None:
     if bad:
         ap.error(f"unknown --modes {sorted(bad)}: expected nograd, fwd_bwd, lora_fwd_bwd")
     device = torch.device("cuda")
-    dev_name = torch.cuda.get_device_name(device)
+    dev_name = device_name(device)
     out = args.out or default_results_path("bench_format_overhead", dev_name)
     rows = []
     meta = dict(run_metadata(dev_name),

@@ -290,7 +290,7 @@ def main() -> None:
     args.checkpoint = args.checkpoint or os.path.join(args.workdir, tag)
     args.cache = args.cache or os.path.join(args.workdir, tag + "-moequant")
     results = {
-        **run_metadata(device_name("cuda" if _cuda() else "cpu"), ("transformers", "peft")),
+        **run_metadata(device_name(DEVICE), ("transformers", "peft")),
         "shape": dict(_shape(args), num_hidden_layers=args.layers),
         "tokens": args.tokens, "seq_len": args.seq_len, "lora": LORA, "bnb_linear": args.bnb,
         "gradient_checkpointing": args.gradient_checkpointing,

@@ -25,8 +25,8 @@ def _scripts():
                 yield os.path.basename(path)
 
 
-def _run(args, **kwargs):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300, **kwargs)
+def _run(args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
 def test_every_script_is_found():
