@@ -18,12 +18,25 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def cpuinfo_field(name: str) -> str | None:
+    """The first value of `name` in /proc/cpuinfo (Linux), else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
 def device_name(device: torch.device | str | None = None) -> str:
-    """The CUDA device's name, or the host processor's (or "cpu") for a CPU run."""
+    """The CUDA device's name, or the host processor's model (or "cpu") for a CPU run."""
     on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     if on_cuda:
         return torch.cuda.get_device_name(device)
-    return platform.processor() or "cpu"
+    return cpuinfo_field("model name") or platform.processor() or "cpu"
 
 
 def default_results_path(stem: str, device: str) -> str:

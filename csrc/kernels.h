@@ -32,6 +32,13 @@ struct QuantMatrices {
 template <typename out_t>
 void dequant_matrices_cpu(const QuantMatrices& m, int64_t first, int64_t count, out_t* out);
 
+// x [x_rows, K] (fp32) times matrix `matrix` of a stack, S [rows, cols], without an fp32 copy of
+// all of S: `x . S^T` (K = cols, out [x_rows, rows]) or, with times_stored, `x . S` (K = rows,
+// out [x_rows, cols]). Up to `on_the_fly_rows` rows, S is decoded into L1 as it is used, with sums
+// in a fixed order (bitwise the same for any thread count or CPU); above, in pieces for BLAS.
+at::Tensor quant_matmul_cpu(const QuantMatrices& m, int64_t matrix, int64_t rows, int64_t cols, const at::Tensor& x,
+                            bool times_stored, int64_t on_the_fly_rows);
+
 #ifdef MOEQUANT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& weight, int64_t blocksize,
                                                      c10::string_view quant_type);

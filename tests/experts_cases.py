@@ -1,5 +1,6 @@
 """Random experts problems shared by the CPU and CUDA experts tests."""
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -73,3 +74,19 @@ def make_case(T=12, H=64, I=32, E=6, k=3, dtype=torch.float32, device="cpu", act
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+def in_format(case: ExpertsCase, quant_type: str, double_quant: bool) -> ExpertsCase:
+    """The case with its stacks re-quantized (from their NF4 values) in another format."""
+    def convert(stack):
+        return moequant.quantize(stack.dequantize(torch.float32), quant_type, stack.blocksize, double_quant)
+
+    return dataclasses.replace(case, gate_up=convert(case.gate_up), down=convert(case.down))
+
+
+def format_kwargs(case: ExpertsCase) -> dict:
+    """The case's keyword arguments plus its stacks' format arguments (quant_type, statistics)."""
+    kw = dict(case.kwargs, quant_type=case.gate_up.quant_type)
+    kw.update(case.gate_up.op_kwargs("gate_up_"))
+    kw.update(case.down.op_kwargs("down_"))
+    return kw

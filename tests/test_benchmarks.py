@@ -71,3 +71,19 @@ def test_cpu_smoke_run_writes_its_record(tmp_path):
         assert record[key] == header[key], key
     assert record["command"].startswith("python benchmarks/bench_call_overhead.py --device cpu")
     assert record["rows"] and all(row["issue_us"] > 0 for row in record["rows"])
+
+
+def test_cpu_experts_smoke_run_writes_its_record(tmp_path):
+    out = tmp_path / "cpu_experts.json"
+    r = _run(["benchmarks/bench_cpu_experts.py", "--shapes", "tiny", "--tokens", "1,30", "--formats", "nf4_dq,int8",
+              "--reps", "1", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["device"] == results_io.device_name("cpu") and record["threads"] >= 1
+    impls = {(row["impl"], row.get("strategy")) for row in record["rows"]}
+    assert impls == {("bf16", None), ("fp32", None)} | {
+        (f"moequant[{f}]", s) for f in ("nf4_dq", "int8") for s in ("default", "blas_only")}
+    for row in record["rows"]:
+        assert row["nograd_ms"] > 0
+        if row["impl"].startswith("moequant"):
+            assert row["fwd_bwd_ratio_fp32"] > 0 and row["nograd_ratio_bf16"] > 0

@@ -20,7 +20,7 @@ from moequant import QuantStack, compress_statistics, dequant_expert, ops, quant
 from moequant.reference import experts_forward_reference
 
 from conftest import HAS_BNB
-from experts_cases import make_case, rel_err
+from experts_cases import format_kwargs, in_format, make_case, rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "..", "csrc", "quant_format.h")
@@ -347,28 +347,13 @@ def test_op_errors():
 # ---- experts ops per format ----------------------------------------------------------------
 
 
-def requantize(case, quant_type, double_quant):
-    """The case with its stacks re-quantized (from their NF4 values) in another format."""
-    def convert(stack):
-        return quantize(stack.dequantize(torch.float32), quant_type, stack.blocksize, double_quant)
-
-    return dataclasses.replace(case, gate_up=convert(case.gate_up), down=convert(case.down))
-
-
-def format_kwargs(case) -> dict:
-    kw = dict(case.kwargs, quant_type=case.gate_up.quant_type)
-    kw.update(case.gate_up.op_kwargs("gate_up_"))
-    kw.update(case.down.op_kwargs("down_"))
-    return kw
-
-
 @pytest.mark.parametrize("fmt", FORMATS[1:], ids=FORMAT_IDS[1:])
 @pytest.mark.parametrize("layout", ["plain", "transposed_interleaved"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_experts_match_reference_per_format(fmt, layout, lora):
     case = make_case(transposed=layout != "plain", interleaved=layout != "plain", bias=layout != "plain",
                      lora=(lora, lora), activation="swiglu_oai" if layout != "plain" else "silu", sentinels=True)
-    case = requantize(case, *fmt)
+    case = in_format(case, *fmt)
     kw = format_kwargs(case)
     out = ops.experts_forward(*case.args(), **kw)
     ref = experts_forward_reference(*case.args(), **kw)
@@ -403,7 +388,7 @@ def test_experts_mixed_double_quant_per_projection():
 
 
 def test_experts_op_format_errors():
-    case = requantize(make_case(requires_grad=False), "nf4", True)
+    case = in_format(make_case(requires_grad=False), "nf4", True)
     kw = format_kwargs(case)
     with pytest.raises(RuntimeError, match='quant_type must be one of "nf4", "fp4", "int8", got "int4"'):
         ops.experts_forward(*case.args(), **dict(kw, quant_type="int4"))
@@ -415,7 +400,7 @@ def test_experts_op_format_errors():
         ops.experts_forward(*case.args(), **dict(kw, down_absmax_scale=kw["down_absmax_scale"][:3]))
     with pytest.raises(RuntimeError, match='gate_up_packed must be int8 \\[E, N, K\\] for quant_type "int8"'):
         ops.experts_forward(*case.args(), **dict(kw, quant_type="int8"))
-    i8 = requantize(make_case(requires_grad=False), "int8", False)
+    i8 = in_format(make_case(requires_grad=False), "int8", False)
     with pytest.raises(RuntimeError, match="int8 stacks have no double-quantized statistics"):
         ops.experts_forward(*i8.args()[:3], i8.gate_up.packed, case.gate_up.absmax[:, :64], *i8.args()[5:],
                             **dict(format_kwargs(i8), gate_up_absmax_scale=kw["gate_up_absmax_scale"],
@@ -443,9 +428,9 @@ def test_opcheck_stack_ops(fmt):
 
 @pytest.mark.parametrize("fmt", [("nf4", True), ("fp4", True), ("int8", False)], ids=["nf4+dq", "fp4+dq", "int8"])
 def test_opcheck_experts_ops(fmt):
-    case = requantize(make_case(T=6, lora=(True, True), bias=True), *fmt)
+    case = in_format(make_case(T=6, lora=(True, True), bias=True), *fmt)
     torch.library.opcheck(ops.experts_forward.default, case.args(), format_kwargs(case))
-    nograd = requantize(make_case(T=6, lora=(True, True), bias=True, requires_grad=False), *fmt)
+    nograd = in_format(make_case(T=6, lora=(True, True), bias=True, requires_grad=False), *fmt)
     kw = format_kwargs(nograd)
     torch.library.opcheck(ops._experts_forward_train.default, nograd.args(), kw)
     out, h = ops._experts_forward_train(*nograd.args(), **kw)
@@ -455,7 +440,7 @@ def test_opcheck_experts_ops(fmt):
 
 def test_compile_fullgraph_double_quant():
     torch._dynamo.reset()
-    case = requantize(make_case(lora=(True, False), bias=True, requires_grad=False), "nf4", True)
+    case = in_format(make_case(lora=(True, False), bias=True, requires_grad=False), "nf4", True)
     kw = format_kwargs(case)
     lora_a = kw.pop("gate_up_lora_A").clone().requires_grad_()
 

@@ -1,12 +1,17 @@
 // CPU kernel of dequant_expert, and the decode every CPU experts kernel uses: a block's scale
 // through BlockScales (plain or double-quantized), its codes through the format's decode,
-// rounded once into the output dtype. Parallel over blocks.
+// rounded once into the output dtype. Parallel over blocks; fp32 output takes CpuLoops' decode
+// (AVX2 where the CPU has it), which gives the same values.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "../kernels.h"
 #include "../quant_checks.h"
+#include "cpu_loops.h"
 
 namespace moequant {
 
@@ -17,6 +22,20 @@ void dequant_matrices_cpu(const QuantMatrices& m, int64_t first, int64_t count, 
   const int64_t num_blocks = count * blocks_per_matrix;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / m.block_numel);
   const float* codebook = is_4bit(m.type) ? codebook_of(m.type) : nullptr;
+  if constexpr (std::is_same_v<out_t, float>) {
+    const CpuLoops loops = CpuLoops::for_this_cpu();
+    at::parallel_for(0, num_blocks, grain, [&](int64_t begin, int64_t end) {
+      // Runs of blocks within one matrix.
+      for (int64_t b = begin; b < end;) {
+        const int64_t matrix = b / blocks_per_matrix;
+        const int64_t stop = std::min(end, (matrix + 1) * blocks_per_matrix);
+        loops.decode(m, first + matrix, (b - matrix * blocks_per_matrix) * m.block_numel,
+                     (stop - b) * m.block_numel, out + b * m.block_numel);
+        b = stop;
+      }
+    });
+    return;
+  }
   at::parallel_for(0, num_blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t matrix = first + b / blocks_per_matrix;

@@ -1,10 +1,14 @@
 // CPU kernels of the experts ops: route (stable counting sort of the T*k pairs by expert), then
-// per expert dequantize its two matrices once into fp32 (fp64 for fp64 inputs) through the
-// format layer (any quant_type, plain or double-quantized statistics), run the
-// projections with ATen's BLAS-backed mm, and reduce the k slots of each token in a fixed order.
-// Deterministic; the reference and oracle for the CUDA kernels.
+// per expert run its two projections through the format layer (any quant_type, plain or
+// double-quantized statistics) and reduce the k slots of each token in a fixed order. The
+// products read the packed matrices through quant_matmul_cpu (decoded in L1-sized pieces for
+// experts that few pairs reach, in reused million-weight pieces for BLAS otherwise); fp64 inputs
+// dequantize each expert whole into fp64. Deterministic; the reference and oracle for the CUDA
+// kernels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include <cstdlib>
 
 #include "../error_text.h"
 #include "../experts_checks.h"
@@ -14,6 +18,22 @@
 
 namespace moequant {
 namespace {
+
+// Up to this many rows an expert's products decode its matrix on the fly; above, decoding
+// pieces for BLAS's faster multiply wins (one expert on a 2-core Zen 3 EPYC with AVX2, qwen3 and
+// olmoe shapes: even at about 28 rows forward, 45 with the backward).
+// MOEQUANT_CPU_ON_THE_FLY_ROWS overrides it (0: always BLAS), read on every call.
+constexpr int64_t kOnTheFlyRows = 24;
+
+int64_t on_the_fly_rows() {
+  const char* v = std::getenv("MOEQUANT_CPU_ON_THE_FLY_ROWS");
+  if (v == nullptr) return kOnTheFlyRows;
+  char* end = nullptr;
+  const long long rows = std::strtoll(v, &end, 10);
+  TORCH_CHECK(*v != '\0' && *end == '\0' && rows >= 0,
+              "MOEQUANT_CPU_ON_THE_FLY_ROWS must be a non-negative integer, got \"", v, "\"");
+  return rows;
+}
 
 // Pairs p = t*k + j grouped by expert (stable): rows [offsets[e], offsets[e+1]) of `order`.
 // Sentinel pairs (index >= E) are left out.
@@ -85,6 +105,7 @@ struct CpuExperts {
   at::Tensor gate_up_bias, down_bias;                        // undefined when absent
   at::Tensor gu_A, gu_B, d_A, d_B;                           // undefined when absent
   double gu_scaling, d_scaling;
+  int64_t on_the_fly_rows;  // experts reached by at most this many pairs decode on the fly
 
   // Expert e's dequantized matrix of a stack, in the compute dtype.
   at::Tensor weight(const CpuStack& stack, int64_t e) const {
@@ -96,17 +117,18 @@ struct CpuExperts {
     }
     return w;
   }
-  // Weight as [in, out] so that y = x.mm(w_in_out).
-  at::Tensor gate_up_in_out(int64_t e) const {
-    at::Tensor w = weight(gate_up_stack, e);
-    return transposed ? w : w.t();
+  // x times expert e's matrix of a stack as the forward applies it ([in, out]: S^T, or S for a
+  // transposed stack), or with `backward` times its transpose.
+  at::Tensor times(const CpuStack& stack, int64_t e, const at::Tensor& x, bool backward) const {
+    const bool times_stored = transposed != backward;
+    if (compute == at::kFloat) {
+      return quant_matmul_cpu(stack.view, e, stack.rows, stack.cols, x, times_stored, on_the_fly_rows);
+    }
+    const at::Tensor w = weight(stack, e);  // fp64: dequantized whole, for BLAS
+    return x.mm(times_stored ? w : w.t());
   }
-  at::Tensor down_in_out(int64_t e) const {
-    at::Tensor w = weight(down_stack, e);
-    return transposed ? w : w.t();
-  }
-  at::Tensor gate_up(const at::Tensor& x, const at::Tensor& w_in_out, int64_t e) const {
-    at::Tensor h = x.mm(w_in_out);
+  at::Tensor gate_up(const at::Tensor& x, int64_t e) const {
+    at::Tensor h = times(gate_up_stack, e, x, /*backward=*/false);
     if (gate_up_bias.defined()) h += gate_up_bias[e];
     if (gu_A.defined()) h += x.mm(gu_A[e].t()).mm(gu_B[e].t()) * gu_scaling;
     return h;
@@ -140,7 +162,8 @@ CpuExperts make_problem(const char* op, const at::Tensor& hidden_states, const a
                     opt_to(down_lora_A, compute),
                     opt_to(down_lora_B, compute),
                     gate_up_lora_scaling,
-                    down_lora_scaling};
+                    down_lora_scaling,
+                    on_the_fly_rows()};
 }
 
 // Shared forward; also fills `gate_up_out` (routing order) when it is defined.
@@ -157,10 +180,10 @@ at::Tensor forward_cpu(const CpuExperts& c, const at::Tensor& hidden_states, con
     if (begin == end) continue;
     const at::Tensor pairs = r.order.slice(0, begin, end);
     const at::Tensor xe = x.index_select(0, at::floor_divide(pairs, k));
-    const at::Tensor h = c.gate_up(xe, c.gate_up_in_out(e), e);
+    const at::Tensor h = c.gate_up(xe, e);
     if (gate_up_out.defined()) gate_up_out.slice(0, begin, end).copy_(h);
     const at::Tensor a = gated_activation_forward(h, c.problem.activation, c.interleaved, c.alpha, c.limit);
-    at::Tensor y = a.mm(c.down_in_out(e));
+    at::Tensor y = c.times(c.down_stack, e, a, /*backward=*/false);
     if (c.down_bias.defined()) y += c.down_bias[e];
     if (c.d_A.defined()) y += a.mm(c.d_A[e].t()).mm(c.d_B[e].t()) * c.d_scaling;
     y_pairs.index_copy_(0, pairs, y * w.index_select(0, pairs).unsqueeze(1));
@@ -230,12 +253,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor xe = x.index_select(0, tokens);
     const at::Tensor ge = g.index_select(0, tokens);  // gradient of the token, before routing weight
     const at::Tensor we = w.index_select(0, pairs).unsqueeze(1);
-    const at::Tensor w_gu = c.gate_up_in_out(e);  // recomputed from the packed stack
     const at::Tensor h = gate_up_out.has_value() ? gate_up_out->slice(0, begin, end).to(c.compute)
-                                                 : c.gate_up(xe, w_gu, e);
+                                                 : c.gate_up(xe, e);
     const at::Tensor a = gated_activation_forward(h, c.problem.activation, c.interleaved, c.alpha, c.limit);
     // ga = grad_out · W_d,eff (unweighted): gives both d(routing weight) and d(activation).
-    at::Tensor ga = ge.mm(c.down_in_out(e).t());
+    at::Tensor ga = c.times(c.down_stack, e, ge, /*backward=*/true);
     if (c.d_A.defined()) ga += ge.mm(c.d_B[e]).mm(c.d_A[e]) * c.d_scaling;
     at::Tensor gw = (ga * a).sum(1);
     if (c.down_bias.defined()) gw += ge.mv(c.down_bias[e]);
@@ -247,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     const at::Tensor dh = gated_activation_backward(h, ga * we, c.problem.activation, c.interleaved, c.alpha,
                                                     c.limit);
-    at::Tensor dx = dh.mm(w_gu.t());
+    at::Tensor dx = c.times(c.gate_up_stack, e, dh, /*backward=*/true);
     if (c.gu_A.defined()) {
       const at::Tensor dh_B = dh.mm(c.gu_B[e]);
       dx += dh_B.mm(c.gu_A[e]) * c.gu_scaling;
