@@ -118,3 +118,20 @@ def test_bad_on_the_fly_rows_setting(value, monkeypatch):
     case = odd_case(("nf4", False), "plain", lora=False)
     with pytest.raises(RuntimeError, match="MOEQUANT_CPU_ON_THE_FLY_ROWS must be a non-negative integer"):
         ops.experts_forward(*case.args(), **format_kwargs(case))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("layout", ["plain", "transposed"])
+@pytest.mark.parametrize("H", [76, 304])
+def test_one_token_alone_equals_its_row_in_the_batch(fmt, layout, H, monkeypatch):
+    # On the fly, each activation row's sums do not depend on the other rows, and a lone row
+    # (decode, T=1) takes the fused decode-and-dot loop: bitwise the same output row.
+    monkeypatch.setenv("MOEQUANT_CPU_ON_THE_FLY_ROWS", ALWAYS_ON_THE_FLY)
+    case = odd_case(fmt, layout, lora=False, T=10, H=H)
+    kw = format_kwargs(case)
+    with torch.no_grad():
+        batch = ops.experts_forward(*case.args(), **kw)
+        for t in (0, 4, 9):
+            alone = ops.experts_forward(case.hidden[t:t + 1], case.index[t:t + 1], case.weights[t:t + 1],
+                                        *case.args()[3:], **kw)
+            assert torch.equal(alone[0], batch[t])

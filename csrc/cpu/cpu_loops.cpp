@@ -57,6 +57,27 @@ void dots_portable(const float* w, const float* x, int64_t x_stride, int64_t x_r
   }
 }
 
+float row_dot_4bit_split_portable(const QuantMatrices& m, int64_t matrix, int64_t begin, int64_t count,
+                                  const float* x) {
+  const uint8_t* codes = static_cast<const uint8_t*>(m.data) + (matrix * m.matrix_numel + begin) / 2;
+  const float* codebook = codebook_of(m.type);
+  float acc[kLanes] = {};
+  int64_t block = begin / m.block_numel;
+  for (int64_t pos = begin, end = begin + count; pos < end; ++block) {
+    const int64_t stop = std::min(end, (block + 1) * m.block_numel);
+    const float scale = m.scales(matrix, block);
+    for (int64_t i = pos - begin; i < stop - begin; i += 16) {
+      for (int j = 0; j < 8; ++j) {
+        const uint8_t byte = codes[i / 2 + j];
+        acc[(i + j) % kLanes] += nf4_decode(byte >> 4, scale, codebook) * x[i + j];
+        acc[(i + 8 + j) % kLanes] += nf4_decode(byte & 0xF, scale, codebook) * x[i + 8 + j];
+      }
+    }
+    pos = stop;
+  }
+  return reduce_lanes(acc);
+}
+
 void axpys_portable(const float* a, int count, const float* x, int64_t x_stride, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float sum = y[i];
@@ -124,6 +145,41 @@ __attribute__((target("avx2"))) void decode_int8_avx2(const int8_t* codes, int64
   decode_int8_portable(codes + i, count - i, row_absmax, out + i);
 }
 
+__attribute__((target("avx2"))) float row_dot_4bit_split_avx2(const QuantMatrices& m, int64_t matrix, int64_t begin,
+                                                               int64_t count, const float* x) {
+  const uint8_t* codes = static_cast<const uint8_t*>(m.data) + (matrix * m.matrix_numel + begin) / 2;
+  const Lookup16 lookup(codebook_of(m.type));
+  const __m256i nibble = _mm256_set1_epi32(0xF);
+  // Lanes 0..31 of dots_portable: 16-element groups at even multiples of 16 feed acc0/acc1,
+  // at odd ones acc2/acc3.
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  int64_t block = begin / m.block_numel;
+  for (int64_t pos = begin, end = begin + count; pos < end; ++block) {
+    const int64_t stop = std::min(end, (block + 1) * m.block_numel);
+    const __m256 scale8 = _mm256_set1_ps(m.scales(matrix, block));
+    for (int64_t i = pos - begin; i < stop - begin; i += 16) {
+      const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i / 2)));
+      const __m256 high = _mm256_mul_ps(_mm256_mul_ps(lookup(_mm256_srli_epi32(bytes, 4)), scale8), _mm256_loadu_ps(x + i));
+      const __m256 low =
+          _mm256_mul_ps(_mm256_mul_ps(lookup(_mm256_and_si256(bytes, nibble)), scale8), _mm256_loadu_ps(x + i + 8));
+      if ((i & 16) == 0) {
+        acc0 = _mm256_add_ps(acc0, high);
+        acc1 = _mm256_add_ps(acc1, low);
+      } else {
+        acc2 = _mm256_add_ps(acc2, high);
+        acc3 = _mm256_add_ps(acc3, low);
+      }
+    }
+    pos = stop;
+  }
+  float acc[kLanes];
+  _mm256_storeu_ps(acc, acc0);
+  _mm256_storeu_ps(acc + 8, acc1);
+  _mm256_storeu_ps(acc + 16, acc2);
+  _mm256_storeu_ps(acc + 24, acc3);
+  return reduce_lanes(acc);
+}
+
 // Sums of `rows` (1 or 2) rows at once, sharing the loads of w; lanes as dots_portable.
 template <int rows>
 __attribute__((target("avx2"))) void dots_avx2_rows(const float* w, const float* x, int64_t x_stride, int64_t n,
@@ -181,11 +237,13 @@ CpuLoops CpuLoops::for_this_cpu() {
   const bool simd_allowed = knob == nullptr || std::strcmp(knob, "0") != 0;
 #ifdef MOEQUANT_CPU_AVX2
   if (simd_allowed && __builtin_cpu_supports("avx2")) {
-    return {decode_4bit_avx2, decode_4bit_split_avx2, decode_int8_avx2, dots_avx2, axpys_avx2};
+    return {decode_4bit_avx2, decode_4bit_split_avx2, decode_int8_avx2, dots_avx2, row_dot_4bit_split_avx2,
+            axpys_avx2};
   }
 #endif
   (void)simd_allowed;
-  return {decode_4bit_portable, decode_4bit_split_portable, decode_int8_portable, dots_portable, axpys_portable};
+  return {decode_4bit_portable, decode_4bit_split_portable, decode_int8_portable, dots_portable,
+          row_dot_4bit_split_portable, axpys_portable};
 }
 
 void CpuLoops::decode(const QuantMatrices& m, int64_t matrix, int64_t begin, int64_t count, float* out,

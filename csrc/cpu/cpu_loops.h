@@ -21,6 +21,10 @@ struct CpuLoops {
   // interleaved lanes (lane i % 32) reduced by one fixed pairwise tree.
   void (*dots)(const float* w, const float* x, int64_t x_stride, int64_t x_rows, int64_t n, float* out,
                int64_t out_stride);
+  // Dot product of elements [begin, begin + count) of a 4-bit matrix, decoded in split order,
+  // with x (split order too): bitwise what decode(..., split) then dots gives, without storing
+  // the decoded values. For one activation row.
+  float (*row_dot_4bit_split)(const QuantMatrices& m, int64_t matrix, int64_t begin, int64_t count, const float* x);
   // y[i] = (...((y[i] + a[0] * x[0][i]) + a[1] * x[1][i]) ...) + a[count-1] * x[count-1][i], x[j]
   // at x + j * x_stride, for count <= kMaxAxpyRows: the same sums, in the same order, as
   // `count` single-row updates, with one load and store of y (multiplies and adds never fused).

@@ -1,7 +1,7 @@
 // Products of activation rows with one quantized matrix of a stack, without an fp32 copy of the
 // whole matrix:
 // - few rows (decode, small batches): each stored row, or a piece of it, is decoded into L1 and
-//   used at once by every activation row;
+//   used at once by every activation row (one row: decoded straight into its dot product);
 // - more rows: pieces of about a million weights are decoded into one reused buffer and
 //   multiplied with ATen's BLAS-backed mm. Dequantizing a whole expert instead spends most of
 //   its time faulting in fresh pages (an fp32 mixtral expert is 470 MB).
@@ -38,7 +38,8 @@ std::vector<float> to_split_order(const float* x, int64_t count) {
 }
 
 // out[r, n] = x[r, :] . S[n, :]: each stored row decoded once, then dotted with every x row (in
-// split order, x too: a dot product does not care which order its terms come in).
+// split order, x too: a dot product does not care which order its terms come in). A lone 4-bit
+// row decodes straight into its sums, with the same result as the two steps.
 void times_transposed_on_the_fly(const CpuLoops& loops, const QuantMatrices& m, int64_t matrix, int64_t rows,
                                  int64_t cols, const float* x, int64_t x_rows, float* out) {
   const bool split = use_split_order(m, cols);
@@ -46,6 +47,12 @@ void times_transposed_on_the_fly(const CpuLoops& loops, const QuantMatrices& m, 
   if (split) x_split = to_split_order(x, x_rows * cols);
   const float* xs = split ? x_split.data() : x;
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(cols, 1));
+  if (split && x_rows == 1) {
+    at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
+      for (int64_t n = first; n < last; ++n) out[n] = loops.row_dot_4bit_split(m, matrix, n * cols, cols, xs);
+    });
+    return;
+  }
   at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
     std::vector<float> row(cols);
     for (int64_t n = first; n < last; ++n) {
