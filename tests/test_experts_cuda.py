@@ -676,10 +676,13 @@ def decoded_absmax(packed, codes, scale, offset, blocksize, quant_type):
 
 # Double-quantized statistics are decoded inside each kernel: every rung must compute exactly what
 # it computes from a plain absmax holding the decoded values (same weights, same order).
+# Blocks of 32 and 64 weights: the wgmma [N, K] kernel and the GEMV share decoded scales between
+# the threads whose weights lie in one block (blocks of 64: four threads of a quad, two lanes).
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("rung", ["scratch", "fused", "fused_mma", "gemv"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
-def test_double_quant_bitwise_equals_decoded_plain(quant_type, rung, transposed, env):
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_double_quant_bitwise_equals_decoded_plain(quant_type, rung, transposed, blocksize, env):
     if rung == "fused_mma" and not HOPPER:
         pytest.skip("the mma.sync form differs from 'fused' only on Hopper")
     if rung == "gemv":
@@ -689,12 +692,12 @@ def test_double_quant_bitwise_equals_decoded_plain(quant_type, rung, transposed,
             env(k, v)
     T = 3 if rung == "gemv" else 70
     case = cuda_case(T=T, H=320, I=64, E=4, k=2, dtype=torch.bfloat16, transposed=transposed and rung != "gemv",
-                     bias=True, lora=(rung != "gemv",) * 2, rank=8, requires_grad=False, blocksize=32)
+                     bias=True, lora=(rung != "gemv",) * 2, rank=8, requires_grad=False, blocksize=blocksize)
     fc = FormatCase(case, quant_type, True)
     plain = list(fc.stacks)
     for i, name in ((1, "gate_up"), (3, "down")):
         plain[i] = decoded_absmax(fc.stacks[i - 1], fc.stacks[i], fc.kwargs[f"{name}_absmax_scale"],
-                                  fc.kwargs[f"{name}_absmax_offset"], 32, quant_type)
+                                  fc.kwargs[f"{name}_absmax_offset"], blocksize, quant_type)
     kw_plain = {k: v for k, v in fc.kwargs.items() if "absmax_" not in k}
     base = (case.hidden, case.index, case.weights)
     out_dq = ops.experts_forward(*fc.args(), **fc.kwargs)
@@ -989,4 +992,25 @@ def test_decode_double_quant_bounds_bitwise(tmp_path):
     new, old = run(None), run("0")
     assert ran(new, "gemv_dq_kernel" if HOPPER else "gemv_kernel"), new["names"]
     assert ran(old, "gemv_kernel") and ran_not(old, "gemv_dq_kernel"), old["names"]
+    assert_results_bitwise(new, old, len(cases), outputs=1)
+
+
+# gemv_dq_kernel's pair scales (lanes 2j and 2j + 1 decode two rows' block scales each and swap
+# them) against each lane decoding all four (MOEQUANT_DECODE_PAIR_SCALES=0): the same bits.
+# Blocks of 64, 128 and 256 weights; rows of an even number of units (H = 128, I = 192) and of an
+# odd number (I = 32 * 67, whose down GEMV keeps per-lane scales), split inputs (H = 32 * 130),
+# T = 1 and 3, LoRA.
+def test_decode_pair_scales_bitwise(tmp_path):
+    cases = []
+    for T, H, I, blocksize, quant_type, lora in [(1, 128, 192, 64, "nf4", False), (3, 128, 192, 128, "fp4", True),
+                                                 (2, 32 * 130, 32 * 67, 64, "nf4", False),
+                                                 (1, 256, 128, 256, "nf4", False)]:
+        case = cuda_case(T=T, k=4 if T < 2 else 2, E=8 if H < 1000 else 4, H=H, I=I, dtype=torch.bfloat16, bias=True,
+                         lora=(lora, lora), rank=8, requires_grad=False, blocksize=blocksize)
+        fc = FormatCase(case, quant_type, True)
+        cases.append({"args": list(fc.args()), "kwargs": fc.kwargs})
+    run = lambda value: run_switch_cases(tmp_path, cases, "decode", "gemv", "MOEQUANT_DECODE_PAIR_SCALES",  # noqa: E731
+                                         value, MOEQUANT_DECODE_MAX_PAIRS="64")
+    new, old = run(None), run("0")
+    assert ran(new, "gemv_dq_kernel" if HOPPER else "gemv_kernel"), new["names"]
     assert_results_bitwise(new, old, len(cases), outputs=1)

@@ -296,8 +296,13 @@ struct UnitCodes {
 
 // kInt8: the decode step reads one byte per weight (one scale per row, applied once per unit);
 // otherwise a 4-bit codebook through the pair table, with plain or double-quantized block scales.
+// kPairScales (double quant, blocks of 64+ weights, rows of an even number of units): lanes 2j
+// and 2j + 1 read units of the same block in each row, so each loads and decodes the scales of
+// two of the warp's four rows and takes the other two from its partner (one shuffle each): half
+// the scale loads and map lookups of a step.
 // The kernels' body; gemv_kernel and gemv_dq_kernel (below) differ in their launch bounds only.
-template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8>
+template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8,
+          bool kPairScales = false>
 __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Quant4Args& args, int64_t N, int64_t K,
     int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E, int64_t top_k,
     GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first, bool half_table, float* __restrict__ out) {
@@ -367,8 +372,13 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
     if (st.u0 >= units) st = {st.tile + gridDim.x, 0};
     return st;
   };
+  static_assert(!kPairScales || (kDoubleQuant && kRowsPerWarp % 2 == 0), "pair scales: double quant, row pairs");
+  // The rows whose scales this lane loads: all of them, or (kPairScales) rows 2p and 2p + 1 of
+  // lane parity p.
+  constexpr int kScaleRows = kPairScales ? kRowsPerWarp / 2 : kRowsPerWarp;
+  const uint32_t first_scale_row = kPairScales ? 2u * (lane & 1) : 0u;
   UnitCodes<kInt8> bytes[kRowsPerWarp];
-  LoadedScale amax[kRowsPerWarp];
+  LoadedScale amax[kScaleRows];
   auto load_step = [&](Step st) {
     if (st.tile >= row_tiles) return;
     const uint32_t u = static_cast<uint32_t>(unit0) + static_cast<uint32_t>(st.u0 + lane < units ? st.u0 + lane : 0);
@@ -379,7 +389,30 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
       const uint32_t unit = r * row_units + u;  // from the start of the expert's matrix
       bytes[rr] = expert_units[unit];
       // int8: one scale per row (its "block"); 4-bit: one per block of units.
-      amax[rr] = scales.load(kInt8 ? r : unit >> log2_units_per_block);
+      if constexpr (!kPairScales) amax[rr] = scales.load(kInt8 ? r : unit >> log2_units_per_block);
+    }
+    if constexpr (kPairScales) {
+#pragma unroll
+      for (int i = 0; i < kScaleRows; ++i) {
+        const uint32_t r = min(row0 + first_scale_row + i, last_row);
+        amax[i] = scales.load((r * row_units + u) >> log2_units_per_block);
+      }
+    }
+  };
+  // The scales of the step's rows, resolved. kPairScales: every lane of the warp takes part (the
+  // shuffles), before the lanes past the split's units leave the step.
+  [[maybe_unused]] auto paired_scales = [&](const LoadedScale (&loaded)[kScaleRows], float (&scale)[kRowsPerWarp]) {
+    float own[kScaleRows], partner[kScaleRows];
+#pragma unroll
+    for (int i = 0; i < kScaleRows; ++i) {
+      own[i] = scales.resolve(loaded[i]);
+      partner[i] = __shfl_xor_sync(0xffffffffu, own[i], 1);
+    }
+    const bool odd = lane & 1;
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const bool mine = (rr / kScaleRows == 1) == odd;  // rows [0, 2) are the even lane's
+      scale[rr] = mine ? own[rr % kScaleRows] : partner[rr % kScaleRows];
     }
   };
   float acc[kRowsPerWarp];
@@ -403,11 +436,15 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   __syncthreads();
   while (st.tile < row_tiles) {
     UnitCodes<kInt8> cur[kRowsPerWarp];
-    LoadedScale cur_amax[kRowsPerWarp];
+    LoadedScale cur_amax[kScaleRows];
 #pragma unroll
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) cur[rr] = bytes[rr], cur_amax[rr] = amax[rr];
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) cur[rr] = bytes[rr];
+#pragma unroll
+    for (int i = 0; i < kScaleRows; ++i) cur_amax[i] = amax[i];
     const Step next = next_step(st);
     load_step(next);
+    [[maybe_unused]] float pair_scale[kRowsPerWarp];
+    if constexpr (kPairScales) paired_scales(cur_amax, pair_scale);
     const int u = st.u0 + lane;
     if (u < units) {
       const float4* xu = reinterpret_cast<const float4*>(xs) + u * (kPaddedUnitFloats / 4);
@@ -458,8 +495,12 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
         }
       }
 #pragma unroll
-      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-        acc[rr] = fmaf(sum[rr], scales.resolve(cur_amax[rr]), acc[rr]);  // one scale per unit
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) {  // one scale per unit
+        if constexpr (kPairScales) {
+          acc[rr] = fmaf(sum[rr], pair_scale[rr], acc[rr]);
+        } else {
+          acc[rr] = fmaf(sum[rr], scales.resolve(cur_amax[rr]), acc[rr]);
+        }
       }
     }
     if (next.tile != st.tile) {  // the tile's last step: reduce its rows
@@ -506,14 +547,14 @@ gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Ar
 // Unbounded, the GEMV of the hidden states (gate_up) takes 99 registers with double quant: two
 // CTAs of 256 threads per SM, a third fewer loads in flight in a latency-bound kernel. (sm_80: the
 // bound spills 12-16 bytes in the down GEMV, so there the unbounded kernel runs.)
-template <typename in_t, bool kActInput, GatedActivation kAct>
+template <typename in_t, bool kActInput, GatedActivation kAct, bool kPairScales>
 __global__ void __launch_bounds__(kGemvThreads, 3)
 gemv_dq_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
                int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
                int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first,
                bool half_table, float* __restrict__ out) {
-  gemv<in_t, kActInput, kAct, true, false>(packed, args, N, K, split_units, log2_units_per_block, pair_expert, E,
-                                           top_k, in, lora, first, half_table, out);
+  gemv<in_t, kActInput, kAct, true, false, kPairScales>(packed, args, N, K, split_units, log2_units_per_block,
+                                                        pair_expert, E, top_k, in, lora, first, half_table, out);
 }
 
 // Whether 4-bit GEMVs on 16-bit inputs decode through the table of 16-bit entries: opt-in,
@@ -524,6 +565,16 @@ gemv_dq_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant
 static bool decode_half_table() {
   const char* v = std::getenv("MOEQUANT_DECODE_HALF_TABLE");
   return v != nullptr && std::string(v) == "1";
+}
+
+// Whether double-quant GEMVs share block scales between lane pairs (gemv_dq_kernel's kPairScales)
+// where the stack allows it: MOEQUANT_DECODE_PAIR_SCALES=0 turns it off (comparisons; read once).
+static bool decode_pair_scales() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOEQUANT_DECODE_PAIR_SCALES");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
 }
 
 // Whether the double-quant GEMV runs gemv_dq_kernel: sm_90+, and MOEQUANT_DECODE_DQ_BOUNDS is not
@@ -618,10 +669,14 @@ template <typename in_t, bool kActInput, GatedActivation kAct>
 static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert, int64_t top_k,
                               const GemvInput<in_t, kActInput, kAct>& input, const GemvLora<in_t>& lora, float* out,
                               cudaStream_t stream, bool dependent, bool first) {
+  // Pair scales: lanes 2j and 2j + 1 read units 2j and 2j + 1 of a row, one block when blocks
+  // hold two or more units and rows (hence splits and steps) start on even units.
+  const bool pair_scales = w.blocksize >= 64 && (w.cols / 32) % 2 == 0 && decode_pair_scales();
   const auto kernel = !is_4bit(w.type)     ? gemv_kernel<in_t, kActInput, kAct, false, true>   // int8
                       : !w.double_quant()   ? gemv_kernel<in_t, kActInput, kAct, false, false>  // plain scales
-                      : decode_dq_bounded() ? gemv_dq_kernel<in_t, kActInput, kAct>
-                                            : gemv_kernel<in_t, kActInput, kAct, true, false>;
+                      : !decode_dq_bounded() ? gemv_kernel<in_t, kActInput, kAct, true, false>
+                      : pair_scales          ? gemv_dq_kernel<in_t, kActInput, kAct, true>
+                                             : gemv_dq_kernel<in_t, kActInput, kAct, false>;
   launch_gemv(kernel, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent, first);
 }
 

@@ -187,11 +187,20 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
     row_elem[h] = row_valid[h] ? static_cast<uint32_t>(n * K + 32 * (q / 2)) : 0u;
   }
   const uint8_t* const expert_packed = packed + code_bytes<kInt8>(int64_t{tile.expert} * N * K);
-  // Per feature row: 4-bit, the 16 packed bytes of the 32-element range and its block scale;
-  // int8, the 32 code bytes of the range (the row's scale is the same for every k: row_scale).
+  // Double quant: the four threads of a quad (q = 0..3) hold the same two feature rows, threads
+  // q and q ^ 1 the same 32-element range, so each block scale is needed by two or four threads.
+  // Each thread loads and decodes one, that of row h = q % 2 in its own range, and takes the
+  // other from its partner (resolve_scales): half the scale loads and map decodes per k-tile.
+  const int own_row = q % 2;
+  const uint32_t own_elem = own_row ? row_elem[1] : row_elem[0];
+  const bool own_valid = own_row ? row_valid[1] : row_valid[0];
+  constexpr int kLoadedScales = kDoubleQuant ? 1 : 2;
+  // Per feature row: 4-bit, the 16 packed bytes of the 32-element range and its block scale
+  // (double quant: the one scale this thread decodes); int8, the 32 code bytes of the range (the
+  // row's scale is the same for every k: row_scale).
   struct Codes {
     uint4 bytes[2][kInt8 ? 2 : 1];
-    LoadedScale scale[2];
+    LoadedScale scale[kLoadedScales];
   };
   // A thread's 16 weights of a row lie in one 32-element range, hence in one NF4 block (B >= 32).
   auto load_codes = [&](Codes& c, uint32_t k0) {
@@ -199,7 +208,7 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int i = 0; i < (kInt8 ? 2 : 1); ++i) c.bytes[h][i] = make_uint4(0, 0, 0, 0);
-      c.scale[h] = LoadedScale{0.0f, 0u};
+      if constexpr (!kDoubleQuant) c.scale[h] = LoadedScale{0.0f, 0u};
       if (row_valid[h]) {
         const uint32_t elem = row_elem[h] + k0;
         if constexpr (kInt8) {
@@ -207,9 +216,12 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
           c.bytes[h][1] = load_packed16(expert_packed + elem + 16);
         } else {
           c.bytes[h][0] = load_packed16(expert_packed + elem / 2);
-          c.scale[h] = scales.load(elem >> log2_blocksize);
+          if constexpr (!kDoubleQuant) c.scale[h] = scales.load(elem >> log2_blocksize);
         }
       }
+    }
+    if constexpr (kDoubleQuant) {
+      c.scale[0] = own_valid ? scales.load((own_elem + k0) >> log2_blocksize) : LoadedScale{0.0f, 0u};
     }
   };
   // int8: the scale of each feature row, for the whole K loop (0 past N: those rows decode as 0).
@@ -220,6 +232,22 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
       if (row_valid[h]) row_scale[h] = scales.load(n0 + feature + 8 * h).value;
     }
   }
+  // The block scales of the thread's two rows for a k-tile's codes. Double quant: the quad's
+  // threads (q & 2) and (q & 2) + 1 decoded those of rows 0 and 1 in this thread's range.
+  auto resolve_scales = [&](const Codes& c, float (&amax)[2]) {
+    if constexpr (kInt8) {
+      amax[0] = row_scale[0];
+      amax[1] = row_scale[1];
+    } else if constexpr (kDoubleQuant) {
+      const float own = scales.resolve(c.scale[0]);
+      const int first = (lane & ~3) | (q & 2);
+      amax[0] = __shfl_sync(0xffffffffu, own, first);
+      amax[1] = __shfl_sync(0xffffffffu, own, first | 1);
+    } else {
+      amax[0] = scales.resolve(c.scale[0]);
+      amax[1] = scales.resolve(c.scale[1]);
+    }
+  };
   // A fragments of step s. 4-bit: byte i = 2 s + h of the thread's 8 (parity q % 2 of its 16) per
   // row. int8: words 2 (s % 2) and 2 (s % 2) + 1 of 16-byte half s / 2 hold elements 8 s + [0, 4)
   // and 8 s + [4, 8) of the range; their code pairs of parity q % 2 are slots h = 0 and h = 1.
@@ -277,8 +305,8 @@ nf4_gemm_nk_wgmma_kernel(const T* __restrict__ in, T* __restrict__ out, const ui
         if (next < k_tiles) load_stage(static_cast<int>(next % S::kStages), next * kTileK);
         cp_async_commit();
         const uint64_t desc = wgmma_desc_k_major_sw128(ring + static_cast<uint32_t>(t % S::kStages) * S::kStageBytes);
-        const float amax[2] = {kInt8 ? row_scale[0] : scales.resolve(codes[u].scale[0]),
-                               kInt8 ? row_scale[1] : scales.resolve(codes[u].scale[1])};
+        float amax[2];
+        resolve_scales(codes[u], amax);
 #pragma unroll
         for (int s = 0; s < kTileK / 16; ++s) {
           if (s > 0) wgmma_wait<1>();  // step s - 2, the last reader of a[s % 2], retired
