@@ -206,9 +206,12 @@ def parse_format(spec):
 def quantize_experts(experts, quant_type, double_quant, blocksize=64):
     """The op's stack arguments for both projections in one format: positional (packed, absmax)
     pairs and the keyword arguments (quant_type, double-quant statistics)."""
+    # Every format passes the statistics keywords (None when plain), as the transformers
+    # integration does (QuantStack.op_kwargs): the host cost of the call is then the format's own.
     positional, kwargs = [], {"quant_type": quant_type}
     for name, w in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
         packed, absmax = ops.quantize_nf4(w.detach(), blocksize, quant_type)
+        kwargs[f"{name}_absmax_scale"] = kwargs[f"{name}_absmax_offset"] = None
         if double_quant:
             absmax, kwargs[f"{name}_absmax_scale"], kwargs[f"{name}_absmax_offset"] = ops.compress_statistics(absmax)
         positional += [packed, absmax]

@@ -715,6 +715,38 @@ def test_double_quant_bitwise_equals_decoded_plain(quant_type, rung, transposed,
         assert torch.equal(a, b)
 
 
+# The decode GEMV on tensor cores (16-bit inputs; 4-bit codes in blocks of 64 or more; input
+# dimensions of whole 256-weight steps: H=768 splits into 3 steps over 4 warps, one of them idle)
+# in every 4-bit format, against the dense reference and its FFMA path (MOEQUANT_DECODE_MMA=0), with
+# bias, LoRA and sentinel slots; reproducible; and double-quantized statistics bitwise what their
+# decoded plain absmax gives.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("fmt", ["nf4", "nf4_dq", "fp4", "fp4_dq"])
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+def test_decode_gemv_tensor_cores(dtype, fmt, blocksize, env):
+    env("MOEQUANT_DECODE_MAX_PAIRS", "64")
+    case = cuda_case(T=3, k=4, E=8, H=768, I=256, dtype=dtype, bias=True, sentinels=True, lora=(True, True),
+                     rank=8, requires_grad=False, blocksize=blocksize)
+    quant_type, double_quant = fmt.split("_")[0], fmt.endswith("_dq")
+    fc = FormatCase(case, quant_type, double_quant)
+    mma = ops.experts_forward(*fc.args(), **fc.kwargs)
+    assert torch.equal(mma, ops.experts_forward(*fc.args(), **fc.kwargs))  # fixed summation order
+    env("MOEQUANT_DECODE_MMA", "0")
+    ffma = ops.experts_forward(*fc.args(), **fc.kwargs)
+    ref = dense_reference(fc, case.hidden, case.weights, case.kwargs)
+    assert rel_err(mma, ref) < TOL[dtype] and rel_err(ffma, ref) < TOL[dtype]
+    assert not torch.equal(mma, ffma)  # the switch chose another path (codes enter the products in dtype)
+    assert rel_err(mma, ffma) < TOL[dtype]
+    if double_quant:
+        env("MOEQUANT_DECODE_MMA", "1")
+        plain = list(fc.stacks)
+        for i, name in ((1, "gate_up"), (3, "down")):
+            plain[i] = decoded_absmax(fc.stacks[i - 1], fc.stacks[i], fc.kwargs[f"{name}_absmax_scale"],
+                                      fc.kwargs[f"{name}_absmax_offset"], blocksize, quant_type)
+        kw_plain = {k: v for k, v in fc.kwargs.items() if "absmax_" not in k}
+        assert torch.equal(mma, ops.experts_forward(case.hidden, case.index, case.weights, *plain, **kw_plain))
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_int8_row_sliced_scratch(transposed, env):
     """int8 stacks through row slices of one expert (a scratch budget below one expert) and an
@@ -976,23 +1008,30 @@ def test_kn_plain_scales_bad_switch():
     assert 'MOEQUANT_KN_PLAIN_SCALES must be 0, 1, 16, 32, 64 or 128, got "48"' in r.stderr, r.stderr[-3000:]
 
 
+def decode_dq_switch(tmp_path, specs, switch):
+    """No-grad decode cases of double-quantized bf16 stacks, one per (T, H, I, blocksize, quant_type,
+    lora) spec, run by the FFMA GEMV (MOEQUANT_DECODE_MMA=0: the switches below are its own) in a
+    process with `switch` unset and one with it "0"; both processes' results."""
+    cases = []
+    for T, H, I, blocksize, quant_type, lora in specs:
+        case = cuda_case(T=T, k=4 if T < 2 else 2, E=8 if H < 1000 else 4, H=H, I=I, dtype=torch.bfloat16, bias=True,
+                         lora=(lora, lora), rank=8, requires_grad=False, blocksize=blocksize)
+        fc = FormatCase(case, quant_type, True)
+        cases.append({"args": list(fc.args()), "kwargs": fc.kwargs})
+    new, old = (run_switch_cases(tmp_path, cases, "decode", "gemv", switch, value, MOEQUANT_DECODE_MAX_PAIRS="64",
+                                 MOEQUANT_DECODE_MMA="0") for value in (None, "0"))
+    assert_results_bitwise(new, old, len(cases), outputs=1)
+    return new, old
+
+
 # The decode GEMV of double-quantized stacks runs gemv_dq_kernel on sm_90+ (bounded to three CTAs
 # per SM) and gemv_kernel with MOEQUANT_DECODE_DQ_BOUNDS=0: the same body, so the same bits.
 # No-grad decode cases: T=1, 2; the gate_up input split in two ranges (H = 32 * 130); LoRA.
 def test_decode_double_quant_bounds_bitwise(tmp_path):
-    cases = []
-    for T, H, I, quant_type, lora in [(1, 128, 64, "nf4", False), (2, 32 * 130, 32 * 67, "fp4", False),
-                                      (1, 256, 128, "nf4", True)]:
-        case = cuda_case(T=T, k=4 if T < 2 else 2, E=8 if H < 1000 else 4, H=H, I=I, dtype=torch.bfloat16, bias=True,
-                         lora=(lora, lora), rank=8, requires_grad=False)
-        fc = FormatCase(case, quant_type, True)
-        cases.append({"args": list(fc.args()), "kwargs": fc.kwargs})
-    run = lambda value: run_switch_cases(tmp_path, cases, "decode", "gemv", "MOEQUANT_DECODE_DQ_BOUNDS",  # noqa: E731
-                                         value, MOEQUANT_DECODE_MAX_PAIRS="64")
-    new, old = run(None), run("0")
+    new, old = decode_dq_switch(tmp_path, [(1, 128, 64, 64, "nf4", False), (2, 32 * 130, 32 * 67, 64, "fp4", False),
+                                           (1, 256, 128, 64, "nf4", True)], "MOEQUANT_DECODE_DQ_BOUNDS")
     assert ran(new, "gemv_dq_kernel" if HOPPER else "gemv_kernel"), new["names"]
     assert ran(old, "gemv_kernel") and ran_not(old, "gemv_dq_kernel"), old["names"]
-    assert_results_bitwise(new, old, len(cases), outputs=1)
 
 
 # gemv_dq_kernel's pair scales (lanes 2j and 2j + 1 decode two rows' block scales each and swap
@@ -1001,16 +1040,7 @@ def test_decode_double_quant_bounds_bitwise(tmp_path):
 # odd number (I = 32 * 67, whose down GEMV keeps per-lane scales), split inputs (H = 32 * 130),
 # T = 1 and 3, LoRA.
 def test_decode_pair_scales_bitwise(tmp_path):
-    cases = []
-    for T, H, I, blocksize, quant_type, lora in [(1, 128, 192, 64, "nf4", False), (3, 128, 192, 128, "fp4", True),
-                                                 (2, 32 * 130, 32 * 67, 64, "nf4", False),
-                                                 (1, 256, 128, 256, "nf4", False)]:
-        case = cuda_case(T=T, k=4 if T < 2 else 2, E=8 if H < 1000 else 4, H=H, I=I, dtype=torch.bfloat16, bias=True,
-                         lora=(lora, lora), rank=8, requires_grad=False, blocksize=blocksize)
-        fc = FormatCase(case, quant_type, True)
-        cases.append({"args": list(fc.args()), "kwargs": fc.kwargs})
-    run = lambda value: run_switch_cases(tmp_path, cases, "decode", "gemv", "MOEQUANT_DECODE_PAIR_SCALES",  # noqa: E731
-                                         value, MOEQUANT_DECODE_MAX_PAIRS="64")
-    new, old = run(None), run("0")
+    new, _ = decode_dq_switch(tmp_path, [(1, 128, 192, 64, "nf4", False), (3, 128, 192, 128, "fp4", True),
+                                         (2, 32 * 130, 32 * 67, 64, "nf4", False), (1, 256, 128, 256, "nf4", False)],
+                              "MOEQUANT_DECODE_PAIR_SCALES")
     assert ran(new, "gemv_dq_kernel" if HOPPER else "gemv_kernel"), new["names"]
-    assert_results_bitwise(new, old, len(cases), outputs=1)

@@ -372,7 +372,9 @@ def test_first_kernel_reads_routing_written_just_before(pdl, lora, monkeypatch):
 def test_half_pair_table_within_fp16_rounding_of_codes(fmt, dtype, monkeypatch):
     """MOEQUANT_DECODE_HALF_TABLE=1: on 16-bit inputs the 4-bit GEMV decodes through half2 table
     entries (codes rounded to fp16): within that rounding of the float2 table's result, far below
-    the input dtype's own."""
+    the input dtype's own. The table is the FFMA path's (MOEQUANT_DECODE_MMA=0: gate_up's rows of
+    256 weights would run on tensor cores)."""
+    monkeypatch.setenv("MOEQUANT_DECODE_MMA", "0")
     call = decode_call(*make_stacks(fmt))
     for T in (1, 8):
         hidden, index, weights = routed_inputs(T, seed=20 + T)

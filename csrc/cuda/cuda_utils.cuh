@@ -12,6 +12,7 @@
 #include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 namespace moequant {
 
@@ -69,6 +70,31 @@ struct OccupancyCache {
     return cache;
   }
 };
+
+// Dynamic shared memory each kernel was opted in to, per device, kept for the process.
+struct DynamicSmemOptIns {
+  std::mutex mutex;
+  std::map<std::pair<const void*, int>, int> bytes;  // (kernel, device) -> bytes opted in
+  static DynamicSmemOptIns& get() {
+    static DynamicSmemOptIns opt_ins;
+    return opt_ins;
+  }
+};
+
+// Opts `kernel` in to `bytes` of dynamic shared memory on the current device (required once static
+// plus dynamic shared memory exceed 48 KiB), calling the driver only the first time a kernel needs
+// more than it was given: decode launches on every token. Call it before persistent_grid, whose
+// occupancy query honours the opt-in.
+template <typename Kernel>
+inline void allow_dynamic_smem(Kernel kernel, int bytes) {
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), static_cast<int>(c10::cuda::current_device()));
+  DynamicSmemOptIns& opt_ins = DynamicSmemOptIns::get();
+  std::lock_guard<std::mutex> lock(opt_ins.mutex);
+  int& allowed = opt_ins.bytes[key];
+  if (bytes <= allowed) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  allowed = bytes;
+}
 
 // Enough CTAs to fill every SM once at the kernel's occupancy (the loop strides over the rest).
 template <typename Kernel>

@@ -12,6 +12,11 @@
 // byte-pair table in shared memory, whose lookups bound the kernel when it is fully occupied
 // (shared-memory wavefronts, not instruction issue); decode_half_table() opts in to half2 entries
 // on 16-bit inputs (one wavefront per warp lookup instead of two; the codes rounded to fp16).
+// On 16-bit inputs with 4-bit codes in blocks of 64+ and rows of whole 256-weight steps, the
+// products run on tensor cores instead (gemv_mma_applies): the codes reach shared memory through
+// a per-warp cp.async ring, each lookup reads one 32-bit entry (two codes in the input dtype, an
+// mma.sync A-fragment register: half the wavefronts of the float2 entries, no conversions), the
+// multiply-adds leave the FMA pipe, and each 64 weights' fp32 sum takes its block scale.
 // Sums run in a fixed order: results are reproducible. With LoRA, one small
 // kernel per projection computes u = A[e] in[p] for every pair (lora_a_kernel; for down,
 // act(h + b_gu) is recomputed from the gate_up splits while staging), and the GEMV adds
@@ -51,7 +56,21 @@ constexpr int64_t kMaxGridZ = 65535;  // the GEMV grid's z dimension, one index 
 constexpr int64_t kSplitUnits = 64;
 constexpr int kPaddedUnitFloats = 36;  // 32 inputs + 4 floats of padding per unit in shared memory
 constexpr int kStagedPerThread = kSplitUnits * 32 / kGemvThreads;
+constexpr int kMaxStagedBytes = static_cast<int>(kSplitUnits * kPaddedUnitFloats * sizeof(float));
 constexpr int kRowsPerCta = kGemvWarps * kRowsPerWarp;
+// Tensor-core decode (gemv_mma_applies): a CTA tile's rows as kMmaRowGroups groups of 16 (an
+// mma.sync m16n8k16 A operand), each group's split input range divided among kMmaKParts warps
+// (so that the tile's 32 rows keep the balance of the FFMA path's tiles over the grid), in steps
+// of 8 units (256 weights) a warp; the parts' row sums meet in shared memory once per tile.
+constexpr int kMmaRowGroups = kRowsPerCta / 16;
+constexpr int kMmaKParts = kGemvWarps / kMmaRowGroups;
+constexpr int kMmaStepUnits = 8;  // 256 weights: 128 bytes of a row
+// A warp's steps reach shared memory through a ring of kMmaStages stages (cp.async, 16-byte pieces:
+// four full rows per copy instruction), two steps ahead of the one decoded.
+constexpr int kMmaStages = 3;
+constexpr int kMmaStageBytes = 16 * kMmaStepUnits * 16;
+constexpr int kMmaRingBytes = kGemvWarps * kMmaStages * kMmaStageBytes;
+static_assert(kRowsPerCta % 16 == 0 && kGemvWarps % kMmaRowGroups == 0, "whole m16 row groups, whole warps a group");
 // Input elements per CTA of the LoRA A product: its u partial sums are [P, rank, ceil(K / this)].
 constexpr int64_t kLoraChunk = 1024;
 // CUDA_KERNEL_ASSERT_MSG prints this as the failed assertion (with file, line, block and thread).
@@ -300,9 +319,10 @@ struct UnitCodes {
 // and 2j + 1 read units of the same block in each row, so each loads and decodes the scales of
 // two of the warp's four rows and takes the other two from its partner (one shuffle each): half
 // the scale loads and map lookups of a step.
+// kMma: the 4-bit products on tensor cores (gemv_mma_applies; the input vector staged in in_t).
 // The kernels' body; gemv_kernel and gemv_dq_kernel (below) differ in their launch bounds only.
 template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8,
-          bool kPairScales = false>
+          bool kPairScales = false, bool kMma = false>
 __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Quant4Args& args, int64_t N, int64_t K,
     int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E, int64_t top_k,
     GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first, bool half_table, float* __restrict__ out) {
@@ -312,7 +332,9 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   float2* const pair_table = tables.pair;
   // 16-bit inputs: the table with 16-bit entries (half the shared-memory wavefronts per lookup).
   auto fill_table = [&] {
-    if (half_table) {
+    if constexpr (kMma) {
+      fill_mma_pair_table<in_t>(pair_table, args.codebook);
+    } else if (half_table) {
       fill_half_pair_table(pair_table, args.codebook);
     } else {
       fill_pair_table(pair_table, args.codebook);  // one LDS.64 decodes two weights, conflict-free
@@ -351,7 +373,7 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   const MatrixScales<kDoubleQuant> scales(args.scales, e, tables.map);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint32_t copy_offset = half_table ? half_pair_lane_offset() : lane_table_copy_offset();
+  const uint32_t copy_offset = kMma || half_table ? half_pair_lane_offset() : lane_table_copy_offset();
   // The expert's matrix, found once with 64-bit math; offsets within it are 32-bit (its units and
   // blocks fit: decode_gemv_applies): 4-5% fewer instructions per step than 64-bit offsets.
   const UnitCodes<kInt8>* const expert_units =
@@ -366,6 +388,10 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   struct Step {
     int64_t tile;
     int u0;
+  };
+  struct MmaStep {
+    int64_t tile;
+    int s;
   };
   auto next_step = [&](Step st) {
     st.u0 += 32;
@@ -419,22 +445,137 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr] = 0.0f;
   Step st{blockIdx.x, 0};
+  // Tensor-core steps: warp (group, part) takes 16 rows of each tile over steps [mma_begin,
+  // mma_end) of the split; lane (g, t) holds rows g and g + 8 (m16n8k16 A fragment rows).
+  const int mma_group = warp % kMmaRowGroups, mma_part = warp / kMmaRowGroups, g = lane / 4, t = lane % 4;
+  const int mma_steps = units / kMmaStepUnits;
+  const int mma_begin = mma_part * mma_steps / kMmaKParts, mma_end = (mma_part + 1) * mma_steps / kMmaKParts;
+  // A step is 16 rows x 128 bytes of codes, copied into this warp's ring (16-byte piece c of row r
+  // at slot c ^ 2 (r % 4), so that the fragment reads below are conflict-free), and lane t's two
+  // scales: row g (t < 2) or g + 8, the step's 64-weight pieces 2 (t % 2) and 2 (t % 2) + 1.
+  using MmaScales = LoadedScale[2];
+  auto next_mma_step = [&](MmaStep m) {
+    if (++m.s >= mma_end) m = {m.tile + gridDim.x, mma_begin};
+    return m;
+  };
+  MmaStep mst{blockIdx.x, mma_begin};
+  MmaStep ahead = next_mma_step(mst);
+  [[maybe_unused]] MmaScales mma_scales[2];  // the steps mst and ahead
+  char* const mma_ring = reinterpret_cast<char*>(staged) + kMaxStagedBytes + warp * kMmaStages * kMmaStageBytes;
+  auto issue_mma_step = [&](MmaStep m, int stage, MmaScales& q) {
+    if (m.tile < row_tiles && mma_begin < mma_end) {
+      const uint32_t row0 = static_cast<uint32_t>(m.tile * kRowsPerCta + mma_group * 16);
+      const uint32_t u = static_cast<uint32_t>(unit0) + static_cast<uint32_t>(m.s * kMmaStepUnits);
+      const uint32_t dst = smem_addr(mma_ring + stage * kMmaStageBytes);
+      const int c = lane % 8;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = lane / 8 + 4 * i;
+        const uint32_t row = min(row0 + r, last_row);
+        cp_async16(dst + r * 128 + ((c ^ ((r & 3) << 1)) << 4), expert_units + (row * row_units + u + c), true);
+      }
+      const uint32_t own_row = min(row0 + g + (t < 2 ? 0u : 8u), last_row);
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        q[k] = scales.load((own_row * row_units + u + 2 * (2 * (t & 1) + k)) >> log2_units_per_block);
+      }
+    }
+    cp_async_commit();  // empty past the end: one group per step either way
+  };
   // The first step's weights only depend on the expert: their loads are in flight while the
   // table is filled and the input vector staged (one memory latency per CTA instead of two).
-  load_step(st);
+  if constexpr (kMma) {
+    issue_mma_step(mst, 0, mma_scales[0]);
+    issue_mma_step(ahead, 1, mma_scales[1]);
+  } else {
+    load_step(st);
+  }
   if constexpr (!kInt8) {
     if (!first) fill_table();
   }
   wait_for_previous_kernel();  // h (down's input) and the LoRA u sums come from earlier kernels
   float* xs = reinterpret_cast<float*>(staged);
+  in_t* const xh = reinterpret_cast<in_t*>(staged);  // kMma: the input vector in in_t, unpadded
 #pragma unroll
   for (int k = 0; k < kStagedPerThread; ++k) {  // unrolled: all input loads in flight at once
     const int i = k * kGemvThreads + threadIdx.x;
-    if (i < units * 32) xs[i + (i / 32) * (kPaddedUnitFloats - 32)] = gemv_input(in, unit0 * 32 + i, K, p, P, e, top_k);
+    if (i < units * 32) {
+      const float x = gemv_input(in, unit0 * 32 + i, K, p, P, e, top_k);
+      if constexpr (kMma) {
+        xh[i] = from_float<in_t>(x);
+      } else {
+        xs[i + (i / 32) * (kPaddedUnitFloats - 32)] = x;
+      }
+    }
   }
   if constexpr (kDoubleQuant) map_entries.store(tables.map);
   __syncthreads();
-  while (st.tile < row_tiles) {
+  if constexpr (kMma) {
+    // Per tile, each warp's row sums of its input range (rows g and g + 8 of its group) go to
+    // `partial`, double-buffered by tile; after one barrier the first 32 threads add the kMmaKParts
+    // parts of each row in order and store them (fixed order: reproducible).
+    __shared__ float partial[2][kMmaKParts][kRowsPerCta];
+    int buffer = 0;
+    float mma_acc = 0.0f;
+    int stage = 0;  // mst's stage in the ring
+    while (mst.tile < row_tiles) {
+      const LoadedScale cur_scales[2] = {mma_scales[0][0], mma_scales[0][1]};
+      mma_scales[0][0] = mma_scales[1][0], mma_scales[0][1] = mma_scales[1][1];
+      ahead = next_mma_step(ahead);
+      __syncwarp();  // every lane has read the stage `ahead` refills (it held the previous step)
+      issue_mma_step(ahead, stage == 0 ? 2 : stage - 1, mma_scales[1]);
+      cp_async_wait<2>();  // this lane's pieces of mst have landed ...
+      __syncwarp();        // ... and every lane's
+      if (mma_begin < mma_end) {
+        const char* const codes = mma_ring + stage * kMmaStageBytes;
+        float half_sums[4];
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          // 64 weights of rows g and g + 8: lane t's bytes [8t, 8t + 8) of them (piece 2h + t / 2).
+          const int piece = ((2 * h + (t >> 1)) ^ ((g & 3) << 1)) * 16 + 8 * (t & 1);
+          const uint2 q0 = *reinterpret_cast<const uint2*>(codes + g * 128 + piece);
+          const uint2 q1 = *reinterpret_cast<const uint2*>(codes + (g + 8) * 128 + piece);
+          // Chunk c: bytes 2c and 2c + 1 of each lane's 8, i.e. input elements 16t + 4c .. 16t + 4c + 3
+          // of these 64 in lane t (the B fragment's k = 2t, 2t + 1, 2t + 8, 2t + 9).
+          const uint4* xv = reinterpret_cast<const uint4*>(xh + mst.s * (kMmaStepUnits * 32) + h * 64 + 16 * t);
+          const uint4 x0 = xv[0], x1 = xv[1];
+          const uint32_t xb[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+          float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const uint32_t lo = c < 2 ? q0.x : q0.y, hi = c < 2 ? q1.x : q1.y;
+            const int i = 2 * (c & 1);
+            const uint32_t a[4] = {mma_pair_lookup(pair_table, lo, i, copy_offset),
+                                   mma_pair_lookup(pair_table, hi, i, copy_offset),
+                                   mma_pair_lookup(pair_table, lo, i + 1, copy_offset),
+                                   mma_pair_lookup(pair_table, hi, i + 1, copy_offset)};
+            mma_16816<in_t>(d, a, xb[2 * c], xb[2 * c + 1]);
+          }
+          half_sums[h] = t < 2 ? d[0] : d[2];  // every column holds the same product
+        }
+        mma_acc = fmaf(t & 1 ? half_sums[2] : half_sums[0], scales.resolve(cur_scales[0]), mma_acc);
+        mma_acc = fmaf(t & 1 ? half_sums[3] : half_sums[1], scales.resolve(cur_scales[1]), mma_acc);
+      }
+      stage = stage == kMmaStages - 1 ? 0 : stage + 1;
+      const MmaStep next = next_mma_step(mst);
+      if (next.tile != mst.tile) {  // the tile's last step: reduce its rows
+        const float v = mma_acc + __shfl_xor_sync(0xffffffffu, mma_acc, 1);  // both halves of the row
+        if ((t & 1) == 0) partial[buffer][mma_part][mma_group * 16 + g + (t < 2 ? 0 : 8)] = v;
+        mma_acc = 0.0f;
+        __syncthreads();
+        if (threadIdx.x < kRowsPerCta) {
+          const int64_t row = mst.tile * kRowsPerCta + threadIdx.x;
+          float sum = 0.0f;
+#pragma unroll
+          for (int k = 0; k < kMmaKParts; ++k) sum += partial[buffer][k][threadIdx.x];
+          if (row < N) out[(s * P + p) * N + row] = sum;
+        }
+        buffer ^= 1;
+      }
+      mst = next;
+    }
+  }
+  while (!kMma && st.tile < row_tiles) {
     UnitCodes<kInt8> cur[kRowsPerWarp];
     LoadedScale cur_amax[kScaleRows];
 #pragma unroll
@@ -521,6 +662,7 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   // the loop, so that its registers are not live while loads are in flight (the same value as
   // adding it before the store).
   if (add_lora) {
+    if constexpr (kMma) __syncthreads();  // the rows were stored by warp 0
     for (int64_t tile = blockIdx.x; tile < row_tiles; tile += gridDim.x) {
       const int64_t row0 = tile * kRowsPerCta + warp * kRowsPerWarp;
       float terms[kRowsPerWarp];
@@ -533,14 +675,15 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   }
 }
 
-template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8>
+template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8, bool kMma = false>
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
                 int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
                 int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first,
                 bool half_table, float* __restrict__ out) {
-  gemv<in_t, kActInput, kAct, kDoubleQuant, kInt8>(packed, args, N, K, split_units, log2_units_per_block, pair_expert,
-                                                   E, top_k, in, lora, first, half_table, out);
+  gemv<in_t, kActInput, kAct, kDoubleQuant, kInt8, false, kMma>(packed, args, N, K, split_units,
+                                                                log2_units_per_block, pair_expert, E, top_k, in, lora,
+                                                                first, half_table, out);
 }
 
 // Double-quantized 4-bit stacks on sm_90+: three CTAs per SM, as plain stacks get (78 registers).
@@ -575,6 +718,18 @@ static bool decode_pair_scales() {
     return v == nullptr || std::string(v) != "0";
   }();
   return on;
+}
+
+// Whether a stack's GEMV on 16-bit inputs runs on tensor cores (gemv<..., kMma>): 4-bit codes in
+// blocks of 64 or more (an m16n8k16 step takes 64 weights of one block), rows of whole 256-weight
+// steps, sm_80+, and MOEQUANT_DECODE_MMA is not "0" (the FFMA path, for comparisons and tests; read
+// per call). The codes enter the products in the input dtype (bfloat16: 8 significant bits, as
+// dequant_expert's weights have), the block scale is applied to each 64 weights' fp32 sum.
+static bool gemv_mma_applies(const PackedStack& w) {
+  const char* v = std::getenv("MOEQUANT_DECODE_MMA");
+  if (v != nullptr && std::string(v) == "0") return false;
+  return is_4bit(w.type) && w.blocksize >= 64 && w.cols % (kMmaStepUnits * 32) == 0 &&
+         at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
 // Whether the double-quant GEMV runs gemv_dq_kernel: sm_90+, and MOEQUANT_DECODE_DQ_BOUNDS is not
@@ -646,11 +801,14 @@ static void dispatch_gemv_activation(GatedActivation kind, F&& f) {
 template <typename KernelT, typename in_t>
 static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert,
                         int64_t top_k, const auto& input, const GemvLora<in_t>& lora, float* out, cudaStream_t stream,
-                        bool dependent, bool first) {
+                        bool dependent, bool first, bool mma = false) {
   const QuantStackView view = w.view();
   const Quant4Args args{view.scales, view.codebook, view.type};
   const GemvSplit split = gemv_split(w.cols);
-  const int smem = static_cast<int>(split.units * kPaddedUnitFloats * sizeof(float));  // + 32 KB static table
+  // The staged input vector (+ 32 KB of static table); on tensor cores also the warps' code rings.
+  const int smem = mma ? kMaxStagedBytes + kMmaRingBytes
+                       : static_cast<int>(split.units * kPaddedUnitFloats * sizeof(float));
+  if (mma) allow_dynamic_smem(kernel, smem);
   // One wave: as many CTAs as fit at once, each looping over row tiles of its (split, pair), so
   // the table and the input vector are built once per CTA.
   const int64_t row_tiles = (w.rows + kRowsPerCta - 1) / kRowsPerCta;
@@ -669,6 +827,14 @@ template <typename in_t, bool kActInput, GatedActivation kAct>
 static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert, int64_t top_k,
                               const GemvInput<in_t, kActInput, kAct>& input, const GemvLora<in_t>& lora, float* out,
                               cudaStream_t stream, bool dependent, bool first) {
+  if constexpr (sizeof(in_t) == 2) {
+    if (gemv_mma_applies(w)) {
+      const auto kernel = w.double_quant() ? gemv_kernel<in_t, kActInput, kAct, true, false, true>
+                                           : gemv_kernel<in_t, kActInput, kAct, false, false, true>;
+      launch_gemv(kernel, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent, first, true);
+      return;
+    }
+  }
   // Pair scales: lanes 2j and 2j + 1 read units 2j and 2j + 1 of a row, one block when blocks
   // hold two or more units and rows (hence splits and steps) start on even units.
   const bool pair_scales = w.blocksize >= 64 && (w.cols / 32) % 2 == 0 && decode_pair_scales();

@@ -195,6 +195,24 @@ __device__ __forceinline__ float2 half_pair_lookup(const float2* table, uint32_t
   return __half22float2(*reinterpret_cast<const __half2*>(reinterpret_cast<const char*>(table) + offset));
 }
 
+// The pair table as tensor-core operands, in the same 32 KB: (byte b, copy c) at byte b * 128 + c * 4
+// holds b's two codes as a packed pair of T (bfloat16 or half; the high nibble, the lower input
+// index, in the low half): the register an mma.sync A fragment takes for two weights of a row.
+template <typename T>
+__device__ __forceinline__ void fill_mma_pair_table(float2* table, const Codebook16& codebook) {
+  uint32_t* entries = reinterpret_cast<uint32_t*>(table);
+  for (int j = threadIdx.x; j < 256 * kHalfPairCopies; j += blockDim.x) {
+    const int b = j / kHalfPairCopies;
+    entries[j] = pack2<T>(codebook.v[b >> 4], codebook.v[b & 0xF]);
+  }
+}
+
+// The packed pair of byte i (0..3) of `word`; lane_offset = half_pair_lane_offset().
+__device__ __forceinline__ uint32_t mma_pair_lookup(const float2* table, uint32_t word, int i, uint32_t lane_offset) {
+  const uint32_t offset = lane_table_offset<0x7F80>(i == 0 ? word << 7 : word >> (8 * i - 7), lane_offset);
+  return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(table) + offset);
+}
+
 // Packed bytes of one 16-byte output chunk: 4 for 16-bit outputs (8 values), 2 for fp32 (4 values).
 template <typename T>
 using PackedChunk = std::conditional_t<sizeof(T) == 4, uint16_t, uint32_t>;
