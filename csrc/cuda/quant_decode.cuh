@@ -163,10 +163,15 @@ __device__ __forceinline__ void fill_pair_table(float2* table, const Codebook16&
   }
 }
 
-// The two decoded codes of byte i (0..3, a compile-time constant after unrolling) of `word`;
-// lane_offset = lane_table_copy_offset().
+// Byte offset of the entry of byte i (0..3, a compile-time constant after unrolling) of `word` in
+// the lane's copy of a table with 128-byte rows (every pair table): the byte shifted to bits 7..14.
+__device__ __forceinline__ uint32_t pair_entry_offset(uint32_t word, int i, uint32_t lane_offset) {
+  return lane_table_offset<0x7F80>(i == 0 ? word << 7 : word >> (8 * i - 7), lane_offset);
+}
+
+// The two decoded codes of byte i (0..3) of `word`; lane_offset = lane_table_copy_offset().
 __device__ __forceinline__ float2 pair_lookup(const float2* table, uint32_t word, int i, uint32_t lane_offset) {
-  const uint32_t offset = lane_table_offset<0x7F80>(i == 0 ? word << 7 : word >> (8 * i - 7), lane_offset);
+  const uint32_t offset = pair_entry_offset(word, i, lane_offset);
   return *reinterpret_cast<const float2*>(reinterpret_cast<const char*>(table) + offset);
 }
 
@@ -178,20 +183,24 @@ __device__ __forceinline__ float2 pair_lookup(const float2* table, uint32_t word
 constexpr int kHalfPairCopies = 32;
 static_assert(kHalfPairCopies * 4 == kLaneTableCopies * kLaneTableEntryBytes, "both tables have 128-byte rows");
 
-__device__ __forceinline__ void fill_half_pair_table(float2* table, const Codebook16& codebook) {
+// Fills a table of 32-bit entries (kHalfPairCopies copies of each byte's) with entry_of_byte(b).
+__device__ __forceinline__ void fill_pair_table32(float2* table, auto entry_of_byte) {
   uint32_t* entries = reinterpret_cast<uint32_t*>(table);
-  for (int j = threadIdx.x; j < 256 * kHalfPairCopies; j += blockDim.x) {
-    const int b = j / kHalfPairCopies;
+  for (int j = threadIdx.x; j < 256 * kHalfPairCopies; j += blockDim.x) entries[j] = entry_of_byte(j / kHalfPairCopies);
+}
+
+__device__ __forceinline__ void fill_half_pair_table(float2* table, const Codebook16& codebook) {
+  fill_pair_table32(table, [&](int b) {
     const __half2 v = __floats2half2_rn(codebook.v[b >> 4], codebook.v[b & 0xF]);
-    entries[j] = *reinterpret_cast<const uint32_t*>(&v);
-  }
+    return *reinterpret_cast<const uint32_t*>(&v);
+  });
 }
 
 __device__ __forceinline__ uint32_t half_pair_lane_offset() { return threadIdx.x % kHalfPairCopies * 4u; }
 
 // The two codes of byte i (0..3) of `word` from the 16-bit table, as floats.
 __device__ __forceinline__ float2 half_pair_lookup(const float2* table, uint32_t word, int i, uint32_t lane_offset) {
-  const uint32_t offset = lane_table_offset<0x7F80>(i == 0 ? word << 7 : word >> (8 * i - 7), lane_offset);
+  const uint32_t offset = pair_entry_offset(word, i, lane_offset);
   return __half22float2(*reinterpret_cast<const __half2*>(reinterpret_cast<const char*>(table) + offset));
 }
 
@@ -200,16 +209,12 @@ __device__ __forceinline__ float2 half_pair_lookup(const float2* table, uint32_t
 // index, in the low half): the register an mma.sync A fragment takes for two weights of a row.
 template <typename T>
 __device__ __forceinline__ void fill_mma_pair_table(float2* table, const Codebook16& codebook) {
-  uint32_t* entries = reinterpret_cast<uint32_t*>(table);
-  for (int j = threadIdx.x; j < 256 * kHalfPairCopies; j += blockDim.x) {
-    const int b = j / kHalfPairCopies;
-    entries[j] = pack2<T>(codebook.v[b >> 4], codebook.v[b & 0xF]);
-  }
+  fill_pair_table32(table, [&](int b) { return pack2<T>(codebook.v[b >> 4], codebook.v[b & 0xF]); });
 }
 
 // The packed pair of byte i (0..3) of `word`; lane_offset = half_pair_lane_offset().
 __device__ __forceinline__ uint32_t mma_pair_lookup(const float2* table, uint32_t word, int i, uint32_t lane_offset) {
-  const uint32_t offset = lane_table_offset<0x7F80>(i == 0 ? word << 7 : word >> (8 * i - 7), lane_offset);
+  const uint32_t offset = pair_entry_offset(word, i, lane_offset);
   return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(table) + offset);
 }
 
