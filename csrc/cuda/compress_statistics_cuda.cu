@@ -150,7 +150,7 @@ template <typename Index>
 void launch_compress_statistics(const float* absmax, const float* offset, uint8_t* codes, float* scale,
                                 int64_t num_groups, int64_t blocks, int64_t groups, const uint4* code_of_grid) {
   auto kernel = compress_statistics_kernel<Index>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kCodeTableBytes));
+  allow_dynamic_smem(kernel, kCodeTableBytes);
   constexpr int kWarpsPerCta = kCompressThreads / 32;
   const int64_t ctas =
       persistent_grid(kernel, kCompressThreads, (num_groups + kWarpsPerCta - 1) / kWarpsPerCta, kCodeTableBytes);

@@ -557,7 +557,7 @@ void launch(const at::Tensor& in, at::Tensor& out, const uint8_t* packed, const 
     kernel = nf4_gemm_kn_kernel<T, S, kDoubleQuant, kInt8>;
     smem = KnSmem<S, kDoubleQuant, kInt8>::kBytes;
   }
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  allow_dynamic_smem(kernel, smem);
   kernel<<<static_cast<unsigned>(ctas), S::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()), packed, args,
       tiles, N, K, static_cast<int>(n_tiles), log2_blocksize);

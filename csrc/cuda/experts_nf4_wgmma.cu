@@ -359,7 +359,7 @@ void launch_tiles(Kernel kernel, int bn, int threads, int smem, const at::Tensor
   const int64_t n_tiles = (N + bn - 1) / bn;
   const int64_t ctas = num_tiles * n_tiles;
   TORCH_CHECK(ctas < (int64_t{1} << 31), "moequant: fused 4-bit GEMM grid too large (", num_str(ctas), " CTAs)");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  allow_dynamic_smem(kernel, smem);
   kernel<<<static_cast<unsigned>(ctas), threads, smem, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(in.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()), packed, args,
       tiles, N, K, static_cast<int>(n_tiles), log2_blocksize);
