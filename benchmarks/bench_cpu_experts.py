@@ -16,9 +16,13 @@ seconds (qwen3_30b_a3b T=64: 12.8 s on a 2-core EPYC), so the backward is compar
 --max-experts caps E to fit a shape in host memory (the routed work per token does not depend on
 E); the record says which E ran.
 
+--lora-storages peft,fp32,bf16 also times the first format (default strategy) with LoRA r=--lora-rank
+on both projections, its factors stored as PEFT passes them at inference ("peft": float32, B an
+expert-minor view of [out, r*E]), contiguous float32, or contiguous bfloat16 (same values).
+
     python benchmarks/bench_cpu_experts.py [--shapes qwen3_30b_a3b,olmoe_1b_7b] [--tokens 1,8,64,256]
         [--formats nf4,nf4_dq,int8] [--modes nograd,fwd_bwd] [--strategies default,blas_only] [--reps 5]
-        [--max-experts 64] [--out FILE]
+        [--max-experts 64] [--lora-storages peft,fp32,bf16] [--lora-rank 16] [--out FILE]
     python benchmarks/bench_cpu_experts.py --shapes tiny --tokens 1,4 --reps 1   # smoke
 """
 
@@ -95,7 +99,24 @@ def with_knob(value, fn):
             os.environ[KNOB] = old
 
 
-def bench_shape(name, tokens, formats, modes, reps, max_experts, strategies):
+def lora_factors(H, I, E, rank, storage):
+    """The op's LoRA kwargs on both projections in one storage (see --lora-storages); same values in each."""
+    gen = torch.Generator().manual_seed(1)
+    kw = dict(gate_up_lora_A=torch.randn(E, rank, H, generator=gen) * H**-0.5,
+              gate_up_lora_B=torch.randn(E, 2 * I, rank, generator=gen) * 0.01,
+              down_lora_A=torch.randn(E, rank, I, generator=gen) * I**-0.5,
+              down_lora_B=torch.randn(E, H, rank, generator=gen) * 0.01)
+    for key, f in kw.items():
+        f = f.bfloat16()
+        if storage == "peft":
+            f = f.float()
+            kw[key] = f.permute(1, 2, 0).contiguous().permute(2, 0, 1) if key.endswith("_B") else f
+        else:
+            kw[key] = f.float() if storage == "fp32" else f
+    return dict(kw, gate_up_lora_scaling=2.0, down_lora_scaling=2.0)
+
+
+def bench_shape(name, tokens, formats, modes, reps, max_experts, strategies, lora_storages=(), lora_rank=16):
     H, I, E, k = SIZES[name]
     E = min(E, max_experts) if max_experts else E
     experts = build_bf16_experts(H, I, E, k, "cpu")
@@ -129,6 +150,17 @@ def bench_shape(name, tokens, formats, modes, reps, max_experts, strategies):
                 rows.append(row)
                 timings = {k: v for k, v in row.items() if k.endswith("ms") or "ratio" in k}
                 print(name, T, row["impl"], strategy, timings, flush=True)
+        positional, kwargs = stacks[formats[0]]
+        for storage in lora_storages:
+            lora = lora_factors(H, I, E, lora_rank, storage)
+
+            def lora_call(h, positional=positional, kwargs=dict(kwargs, **lora)):
+                return ops.experts_forward(h, idx, w, *positional, blocksize=64, **kwargs)
+            got = timed_modes(lora_call, x, modes, reps)
+            row = {"shape": name, "E": E, "T": T, "impl": f"moequant[{format_name(*formats[0])}]+lora{lora_rank}",
+                   "lora_storage": storage, "strategy": "default", **got}
+            rows.append(row)
+            print(name, T, row["impl"], storage, got, flush=True)
     return rows
 
 
@@ -141,6 +173,8 @@ def main():
     ap.add_argument("--strategies", default="default,blas_only")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-experts", type=int, default=0, help="cap E (0: the shape's own)")
+    ap.add_argument("--lora-storages", default="", help="peft, fp32 and/or bf16 (see above); empty: no LoRA rows")
+    ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     shapes = args.shapes.split(",")
@@ -155,12 +189,16 @@ def main():
     if not set(strategies) <= set(STRATEGIES):
         ap.error(f"--strategies takes {' and/or '.join(STRATEGIES)}, got {args.strategies!r}")
     tokens = [int(t) for t in args.tokens.split(",")]
+    lora_storages = [s for s in args.lora_storages.split(",") if s]
+    if not set(lora_storages) <= {"peft", "fp32", "bf16"}:
+        ap.error(f"--lora-storages takes peft, fp32 and/or bf16, got {args.lora_storages!r}")
     device = device_name("cpu")
     out = args.out or default_results_path("bench_cpu_experts", device)
     record = {**run_metadata(device, ("transformers",)), "threads": torch.get_num_threads(), "simd": simd_flags(),
               "on_the_fly_rows": os.environ.get(KNOB, "default (24)"), "rows": []}
     for name in shapes:
-        record["rows"] += bench_shape(name, tokens, formats, modes, args.reps, args.max_experts, strategies)
+        record["rows"] += bench_shape(name, tokens, formats, modes, args.reps, args.max_experts, strategies,
+                                      lora_storages, args.lora_rank)
         write_results(out, record)
     print("wrote", write_results(out, record))
 

@@ -10,7 +10,10 @@ torch.cuda.set_sync_debug_mode("error") first) and capture succeeds; otherwise i
 and the row says so (`bf16_captured`, `bf16_capture_error`).
 
 --lora-rank r (default 16) also times the first format with LoRA r on both projections (row
-"<format>+lora<r>"; its bandwidth counts the packed bytes only). --no-pdl-rows also times the first
+"<format>+lora<r>", factors contiguous in bfloat16; its bandwidth counts the packed bytes only).
+--peft-lora-row also times them as PEFT hands them to the op at inference (row "<format>+lora<r>-peft":
+float32, A [E*r, in] viewed [E, r, in], B [out, r*E] viewed [E, out, r], expert-minor: a gather per
+element of B), same values. --no-pdl-rows also times the first
 format (and its LoRA row) with MOEQUANT_DECODE_PDL=0 (plain launches instead of programmatic dependent
 launches; rows "<format>-nopdl"). --profile-kernels prints, per shape and T, the CUDA kernels of one
 eager call of the first format (and its LoRA row) with their device times (torch.profiler).
@@ -21,7 +24,7 @@ copy (read + write bytes / time of a 1 GiB `copy_`).
 
     python benchmarks/bench_decode_graph.py [--shapes qwen3_30b_a3b,olmoe_1b_7b,mixtral_8x7b,deepseek_v3]
         [--tokens 1,8] [--formats nf4,nf4_dq,fp4,fp4_dq,int8] [--calls 16] [--reps 20]
-        [--lora-rank 16] [--no-pdl-rows] [--profile-kernels]
+        [--lora-rank 16] [--peft-lora-row] [--no-pdl-rows] [--profile-kernels]
         [--out benchmarks/results/bench_decode_graph-<device>.json]
     python benchmarks/bench_decode_graph.py --device cpu --shapes tiny --reps 2   # smoke: eager only
 """
@@ -150,23 +153,40 @@ def timed(run_all, calls, reps, device, graphable=True):
 
 
 @torch.no_grad()
+def lora_factors(H, I, E, rank, device, peft_storage=False):
+    """LoRA kwargs on both projections (B non-zero): contiguous bfloat16 [E, r, in] / [E, out, r], or the
+    same values as PEFT stores them and passes them at inference (float32, B an expert-minor view)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+
+    def factor(*shape, scale):
+        return torch.randn(*shape, device=device, generator=gen) * scale
+
+    kw = dict(gate_up_lora_A=factor(E, rank, H, scale=H**-0.5), gate_up_lora_B=factor(E, 2 * I, rank, scale=0.01),
+              gate_up_lora_scaling=2.0, down_lora_A=factor(E, rank, I, scale=I**-0.5),
+              down_lora_B=factor(E, H, rank, scale=0.01), down_lora_scaling=2.0)
+    for name, v in kw.items():
+        if not torch.is_tensor(v):
+            continue
+        v = v.to(torch.bfloat16).float()  # the same values in both storages
+        if peft_storage and name.endswith("_B"):  # lora_B.weight [out, r*E]: expert-minor
+            v = v.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        kw[name] = v if peft_storage else v.to(torch.bfloat16)
+    return kw
+
+
 def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate, rows, no_pdl_rows=False,
-                profile_kernels=False):
+                profile_kernels=False, peft_lora_row=False):
     H, I, E, k = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
     experts = build_bf16_experts(H, I, E, k, device)
     stacks = {fmt: quantize_experts(experts, *fmt) for fmt in formats}
-    variants = [(fmt, {}, None) for fmt in formats]  # (format, LoRA kwargs, MOEQUANT_DECODE_PDL)
-    if lora_rank:  # the first format again with LoRA on both projections (PEFT layout: A [E, r, in], B [E, out, r])
-        lora = dict(gate_up_lora_A=torch.randn(E, lora_rank, H, device=device, dtype=torch.bfloat16) * H**-0.5,
-                    gate_up_lora_B=torch.randn(E, 2 * I, lora_rank, device=device, dtype=torch.bfloat16) * 0.01,
-                    gate_up_lora_scaling=2.0,
-                    down_lora_A=torch.randn(E, lora_rank, I, device=device, dtype=torch.bfloat16) * I**-0.5,
-                    down_lora_B=torch.randn(E, H, lora_rank, device=device, dtype=torch.bfloat16) * 0.01,
-                    down_lora_scaling=2.0)
-        variants.append((formats[0], lora, None))
+    variants = [(fmt, {}, None, "") for fmt in formats]  # (format, LoRA kwargs, MOEQUANT_DECODE_PDL, suffix)
+    if lora_rank:  # the first format again with LoRA on both projections
+        variants.append((formats[0], lora_factors(H, I, E, lora_rank, device), None, ""))
+        if peft_lora_row:
+            variants.append((formats[0], lora_factors(H, I, E, lora_rank, device, peft_storage=True), None, "-peft"))
     if no_pdl_rows:
-        variants += [(fmt, kw, "0") for fmt, kw, _ in list(variants) if fmt == formats[0]]
+        variants += [(fmt, kw, "0", suffix) for fmt, kw, _, suffix in list(variants) if fmt == formats[0]]
     bf16_expert_bytes = 3 * H * I * 2
     for T in tokens:
         inputs = routed_calls(T, H, E, k, calls, device, gen)
@@ -186,10 +206,11 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
             bf16 = timed(bf16_all, calls, reps, device, graphable=False)
         bf16_captured = "graph_ms" in bf16
         bf16_ms = bf16.get("graph_ms", bf16["eager_ms"])
-        for fmt, lora_kw, pdl in variants:
+        for fmt, lora_kw, pdl, suffix in variants:
             positional, format_kw, stack_bytes = stacks[fmt]
             format_kw = dict(format_kw, **lora_kw)
-            label = format_name(*fmt) + (f"+lora{lora_rank}" if lora_kw else "") + ("-nopdl" if pdl == "0" else "")
+            label = (format_name(*fmt) + (f"+lora{lora_rank}" if lora_kw else "") + suffix
+                     + ("-nopdl" if pdl == "0" else ""))
 
             def mq_all():
                 for x, idx, w in inputs:
@@ -225,7 +246,7 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
                 ratio_vs_bf16=mq_ms / bf16_ms,
             )
             rows.append(row)
-            print(f"{name:14s} T={T:<2d} {row['format']:13s} {'graph' if row['moequant_captured'] else 'EAGER'} "
+            print(f"{name:14s} T={T:<2d} {row['format']:18s} {'graph' if row['moequant_captured'] else 'EAGER'} "
                   f"{row['moequant_us']:7.1f} us (1-call graph {row['moequant_graph_1call_us'] or float('nan'):6.1f}, "
                   f"eager {row['moequant_eager_us']:6.1f}) {gbps:7.0f} GB/s = "
                   f"{row['pct_of_copy'] or float('nan'):5.1f}% of copy | bf16 "
@@ -247,6 +268,8 @@ def main():
     ap.add_argument("--lora-rank", type=int, default=16,
                     help="also time the first format with LoRA of this rank on both projections (0: no)")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--peft-lora-row", action="store_true",
+                    help="also time the LoRA row with the factors as PEFT passes them (float32, B expert-minor)")
     ap.add_argument("--no-pdl-rows", action="store_true",
                     help="also time the first format (and its LoRA row) with MOEQUANT_DECODE_PDL=0")
     ap.add_argument("--profile-kernels", action="store_true",
@@ -274,7 +297,8 @@ def main():
                 rows=rows)
     for name in shapes:
         bench_shape(name, tokens, formats, args.lora_rank, args.calls, args.reps, device, copy_rate, rows,
-                    no_pdl_rows=args.no_pdl_rows, profile_kernels=args.profile_kernels)
+                    no_pdl_rows=args.no_pdl_rows, profile_kernels=args.profile_kernels,
+                    peft_lora_row=args.peft_lora_row)
         gc.collect()  # the shape's weights and graphs
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -76,14 +76,16 @@ def test_cpu_smoke_run_writes_its_record(tmp_path):
 def test_cpu_experts_smoke_run_writes_its_record(tmp_path):
     out = tmp_path / "cpu_experts.json"
     r = _run(["benchmarks/bench_cpu_experts.py", "--shapes", "tiny", "--tokens", "1,30", "--formats", "nf4_dq,int8",
-              "--reps", "1", "--out", str(out)])
+              "--reps", "1", "--lora-storages", "peft,bf16", "--lora-rank", "4", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     record = json.loads(out.read_text())
     assert record["device"] == results_io.device_name("cpu") and record["threads"] >= 1
     impls = {(row["impl"], row.get("strategy")) for row in record["rows"]}
-    assert impls == {("bf16", None), ("fp32", None)} | {
+    assert impls == {("bf16", None), ("fp32", None), ("moequant[nf4_dq]+lora4", "default")} | {
         (f"moequant[{f}]", s) for f in ("nf4_dq", "int8") for s in ("default", "blas_only")}
+    assert {(row["T"], row["lora_storage"]) for row in record["rows"] if "lora_storage" in row} == {
+        (t, s) for t in (1, 30) for s in ("peft", "bf16")}
     for row in record["rows"]:
         assert row["nograd_ms"] > 0
-        if row["impl"].startswith("moequant"):
+        if row["impl"].startswith("moequant") and "lora_storage" not in row:
             assert row["fwd_bwd_ratio_fp32"] > 0 and row["nograd_ratio_bf16"] > 0

@@ -76,6 +76,32 @@ def test_int32_index_and_sentinels_contribute_zero():
     torch.testing.assert_close(a, b)
 
 
+# The CPU kernel reads LoRA factors as given, converting one routed expert's at a time: float32
+# factors on bf16/fp16 inputs, and B as PEFT passes it at inference (an expert-minor view of its
+# [out, r*E] storage), give what contiguous float32 copies give, forward and backward.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lora_factors_as_given(dtype):
+    case = make_case(T=9, E=8, k=2, dtype=dtype, lora=(True, True), rank=6, bias=True, requires_grad=False)
+    names = ("gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B")
+    contiguous = {n: case.kwargs[n].float() for n in names}
+    as_given = {n: (f.permute(1, 2, 0).contiguous().permute(2, 0, 1) if n.endswith("_B") else f)
+                for n, f in contiguous.items()}
+    assert not as_given["down_lora_B"].is_contiguous()
+    results = []
+    for factors in (contiguous, as_given):
+        leaves = {n: f.detach().requires_grad_() for n, f in factors.items()}
+        out = ops.experts_forward(*case.args(), **dict(case.kwargs, **leaves))
+        grads = torch.autograd.grad(out, list(leaves.values()), torch.ones_like(out))
+        results.append((out, grads))
+    (out, grads), (out_given, grads_given) = results
+    torch.testing.assert_close(out_given, out)  # the dtype's own tolerance: BLAS may sum in another order
+    for g, g_given in zip(grads, grads_given):
+        assert g_given.dtype == torch.float32
+        torch.testing.assert_close(g_given, g)
+    ref = experts_forward_reference(*case.args(), **dict(case.kwargs, **contiguous))
+    assert rel_err(out, ref) < TOL[dtype]
+
+
 def test_zero_token_experts_get_zero_lora_grads():
     case = make_case(routing="skewed", lora=(True, True), E=8, k=2)
     out = ops.experts_forward(*case.args(), **case.kwargs)

@@ -95,7 +95,8 @@ CpuStack cpu_stack(QuantType type, const at::Tensor& packed, const at::Tensor& a
   return s;
 }
 
-// The arguments of one call, with everything converted to the compute dtype.
+// The arguments of one call, converted to the compute dtype (dense LoRA factors one expert at a
+// time: lora_factor).
 struct CpuExperts {
   ExpertsProblem problem;
   at::ScalarType compute;
@@ -103,7 +104,7 @@ struct CpuExperts {
   bool transposed, interleaved;
   double alpha, limit;
   at::Tensor gate_up_bias, down_bias;                        // undefined when absent
-  at::Tensor gu_A, gu_B, d_A, d_B;                           // undefined when absent
+  at::Tensor gu_A, gu_B, d_A, d_B;  // as lora_factor keeps them; undefined when absent
   double gu_scaling, d_scaling;
   int64_t on_the_fly_rows;  // experts reached by at most this many pairs decode on the fly
 
@@ -117,6 +118,8 @@ struct CpuExperts {
     }
     return w;
   }
+  // Expert e's LoRA factor in the compute dtype (a no-op for factors lora_factor converted).
+  at::Tensor factor(const at::Tensor& f, int64_t e) const { return f[e].to(compute); }
   // x times expert e's matrix of a stack as the forward applies it ([in, out]: S^T, or S for a
   // transposed stack), or with `backward` times its transpose.
   at::Tensor times(const CpuStack& stack, int64_t e, const at::Tensor& x, bool backward) const {
@@ -130,13 +133,25 @@ struct CpuExperts {
   at::Tensor gate_up(const at::Tensor& x, int64_t e) const {
     at::Tensor h = times(gate_up_stack, e, x, /*backward=*/false);
     if (gate_up_bias.defined()) h += gate_up_bias[e];
-    if (gu_A.defined()) h += x.mm(gu_A[e].t()).mm(gu_B[e].t()) * gu_scaling;
+    if (gu_A.defined()) h += x.mm(factor(gu_A, e).t()).mm(factor(gu_B, e).t()) * gu_scaling;
     return h;
   }
 };
 
 at::Tensor opt_to(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
   return t.has_value() ? t->to(dtype).contiguous() : at::Tensor();
+}
+
+// A LoRA factor as the call keeps it. Where each expert's slice is dense (contiguous factors, in
+// any float dtype) it stays as given and CpuExperts::factor converts the routed experts' slices
+// only (bf16 factors, qwen3-30b-a3b shapes, T=1, no grad: 8.0-9.7 -> 4.3 ms a call). An
+// expert-minor view (B as PEFT passes it at inference) is converted whole: each expert's slice of
+// it is a gather, dearer than one copy of all of them once a call routes to more than a few
+// experts (T=8: 55-63 ms converted per expert against 49 ms whole).
+// (benchmarks/results/bench_cpu_experts-lora_factor_storage-AMD_EPYC.json)
+at::Tensor lora_factor(const std::optional<at::Tensor>& t, at::ScalarType compute) {
+  if (!t.has_value()) return {};
+  return t->size(0) == 0 || (*t)[0].is_contiguous() ? *t : t->to(compute).contiguous();
 }
 
 CpuExperts make_problem(const char* op, const at::Tensor& hidden_states, const at::Tensor& top_k_index,
@@ -157,10 +172,10 @@ CpuExperts make_problem(const char* op, const at::Tensor& hidden_states, const a
                     act_limit,
                     opt_to(gate_up_bias, compute),
                     opt_to(down_bias, compute),
-                    opt_to(gate_up_lora_A, compute),
-                    opt_to(gate_up_lora_B, compute),
-                    opt_to(down_lora_A, compute),
-                    opt_to(down_lora_B, compute),
+                    lora_factor(gate_up_lora_A, compute),
+                    lora_factor(gate_up_lora_B, compute),
+                    lora_factor(down_lora_A, compute),
+                    lora_factor(down_lora_B, compute),
                     gate_up_lora_scaling,
                     down_lora_scaling,
                     on_the_fly_rows()};
@@ -185,7 +200,7 @@ at::Tensor forward_cpu(const CpuExperts& c, const at::Tensor& hidden_states, con
     const at::Tensor a = gated_activation_forward(h, c.problem.activation, c.interleaved, c.alpha, c.limit);
     at::Tensor y = c.times(c.down_stack, e, a, /*backward=*/false);
     if (c.down_bias.defined()) y += c.down_bias[e];
-    if (c.d_A.defined()) y += a.mm(c.d_A[e].t()).mm(c.d_B[e].t()) * c.d_scaling;
+    if (c.d_A.defined()) y += a.mm(c.factor(c.d_A, e).t()).mm(c.factor(c.d_B, e).t()) * c.d_scaling;
     y_pairs.index_copy_(0, pairs, y * w.index_select(0, pairs).unsqueeze(1));
   }
   // Fixed-order fp32 reduction over the k slots of each token.
@@ -240,10 +255,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor w = top_k_weights.to(c.compute).contiguous().view(-1);
   at::Tensor grad_x_pairs = at::zeros({T * k, H}, x.options());
   at::Tensor grad_w = at::zeros({T * k}, x.options());
-  at::Tensor g_guA = c.gu_A.defined() ? at::zeros_like(c.gu_A) : at::Tensor();
-  at::Tensor g_guB = c.gu_B.defined() ? at::zeros_like(c.gu_B) : at::Tensor();
-  at::Tensor g_dA = c.d_A.defined() ? at::zeros_like(c.d_A) : at::Tensor();
-  at::Tensor g_dB = c.d_B.defined() ? at::zeros_like(c.d_B) : at::Tensor();
+  auto zero_grad = [&](const at::Tensor& factor) {  // contiguous, in the compute dtype
+    return factor.defined() ? at::zeros(factor.sizes(), x.options()) : at::Tensor();
+  };
+  at::Tensor g_guA = zero_grad(c.gu_A), g_guB = zero_grad(c.gu_B), g_dA = zero_grad(c.d_A), g_dB = zero_grad(c.d_B);
 
   for (int64_t e = 0; e < E; ++e) {
     const int64_t begin = r.offsets[e], end = r.offsets[e + 1];
@@ -256,24 +271,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor h = gate_up_out.has_value() ? gate_up_out->slice(0, begin, end).to(c.compute)
                                                  : c.gate_up(xe, e);
     const at::Tensor a = gated_activation_forward(h, c.problem.activation, c.interleaved, c.alpha, c.limit);
+    const at::Tensor guA = c.gu_A.defined() ? c.factor(c.gu_A, e) : at::Tensor();
+    const at::Tensor guB = c.gu_B.defined() ? c.factor(c.gu_B, e) : at::Tensor();
+    const at::Tensor dA = c.d_A.defined() ? c.factor(c.d_A, e) : at::Tensor();
+    const at::Tensor dB = c.d_B.defined() ? c.factor(c.d_B, e) : at::Tensor();
     // ga = grad_out · W_d,eff (unweighted): gives both d(routing weight) and d(activation).
     at::Tensor ga = c.times(c.down_stack, e, ge, /*backward=*/true);
-    if (c.d_A.defined()) ga += ge.mm(c.d_B[e]).mm(c.d_A[e]) * c.d_scaling;
+    if (dA.defined()) ga += ge.mm(dB).mm(dA) * c.d_scaling;
     at::Tensor gw = (ga * a).sum(1);
     if (c.down_bias.defined()) gw += ge.mv(c.down_bias[e]);
     grad_w.index_copy_(0, pairs, gw);
     const at::Tensor gy = ge * we;  // gradient of this expert's down output
-    if (c.d_A.defined()) {
-      g_dB[e].copy_(gy.t().mm(a.mm(c.d_A[e].t())) * c.d_scaling);
-      g_dA[e].copy_(gy.mm(c.d_B[e]).t().mm(a) * c.d_scaling);
+    if (dA.defined()) {
+      g_dB[e].copy_(gy.t().mm(a.mm(dA.t())) * c.d_scaling);
+      g_dA[e].copy_(gy.mm(dB).t().mm(a) * c.d_scaling);
     }
     const at::Tensor dh = gated_activation_backward(h, ga * we, c.problem.activation, c.interleaved, c.alpha,
                                                     c.limit);
     at::Tensor dx = c.times(c.gate_up_stack, e, dh, /*backward=*/true);
-    if (c.gu_A.defined()) {
-      const at::Tensor dh_B = dh.mm(c.gu_B[e]);
-      dx += dh_B.mm(c.gu_A[e]) * c.gu_scaling;
-      g_guB[e].copy_(dh.t().mm(xe.mm(c.gu_A[e].t())) * c.gu_scaling);
+    if (guA.defined()) {
+      const at::Tensor dh_B = dh.mm(guB);
+      dx += dh_B.mm(guA) * c.gu_scaling;
+      g_guB[e].copy_(dh.t().mm(xe.mm(guA.t())) * c.gu_scaling);
       g_guA[e].copy_(dh_B.t().mm(xe) * c.gu_scaling);
     }
     grad_x_pairs.index_copy_(0, pairs, dx);
