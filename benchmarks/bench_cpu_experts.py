@@ -39,7 +39,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_experts import SHAPES, build_bf16_experts, format_name, parse_format, quantize_experts, routing  # noqa: E402
+from bench_experts import (  # noqa: E402
+    LORA_STORAGES,
+    SHAPES,
+    build_bf16_experts,
+    format_name,
+    lora_factors,
+    parse_format,
+    quantize_experts,
+    routing,
+)
 from results_io import cpuinfo_field, default_results_path, device_name, run_metadata, write_results  # noqa: E402
 
 from moequant import ops  # noqa: E402
@@ -99,23 +108,6 @@ def with_knob(value, fn):
             os.environ[KNOB] = old
 
 
-def lora_factors(H, I, E, rank, storage):
-    """The op's LoRA kwargs on both projections in one storage (see --lora-storages); same values in each."""
-    gen = torch.Generator().manual_seed(1)
-    kw = dict(gate_up_lora_A=torch.randn(E, rank, H, generator=gen) * H**-0.5,
-              gate_up_lora_B=torch.randn(E, 2 * I, rank, generator=gen) * 0.01,
-              down_lora_A=torch.randn(E, rank, I, generator=gen) * I**-0.5,
-              down_lora_B=torch.randn(E, H, rank, generator=gen) * 0.01)
-    for key, f in kw.items():
-        f = f.bfloat16()
-        if storage == "peft":
-            f = f.float()
-            kw[key] = f.permute(1, 2, 0).contiguous().permute(2, 0, 1) if key.endswith("_B") else f
-        else:
-            kw[key] = f.float() if storage == "fp32" else f
-    return dict(kw, gate_up_lora_scaling=2.0, down_lora_scaling=2.0)
-
-
 def bench_shape(name, tokens, formats, modes, reps, max_experts, strategies, lora_storages=(), lora_rank=16):
     H, I, E, k = SIZES[name]
     E = min(E, max_experts) if max_experts else E
@@ -152,7 +144,7 @@ def bench_shape(name, tokens, formats, modes, reps, max_experts, strategies, lor
                 print(name, T, row["impl"], strategy, timings, flush=True)
         positional, kwargs = stacks[formats[0]]
         for storage in lora_storages:
-            lora = lora_factors(H, I, E, lora_rank, storage)
+            lora = lora_factors(H, I, E, lora_rank, "cpu", storage)
 
             def lora_call(h, positional=positional, kwargs=dict(kwargs, **lora)):
                 return ops.experts_forward(h, idx, w, *positional, blocksize=64, **kwargs)
@@ -190,8 +182,8 @@ def main():
         ap.error(f"--strategies takes {' and/or '.join(STRATEGIES)}, got {args.strategies!r}")
     tokens = [int(t) for t in args.tokens.split(",")]
     lora_storages = [s for s in args.lora_storages.split(",") if s]
-    if not set(lora_storages) <= {"peft", "fp32", "bf16"}:
-        ap.error(f"--lora-storages takes peft, fp32 and/or bf16, got {args.lora_storages!r}")
+    if not set(lora_storages) <= set(LORA_STORAGES):
+        ap.error(f"--lora-storages takes {', '.join(LORA_STORAGES)}, got {args.lora_storages!r}")
     device = device_name("cpu")
     out = args.out or default_results_path("bench_cpu_experts", device)
     record = {**run_metadata(device, ("transformers",)), "threads": torch.get_num_threads(), "simd": simd_flags(),

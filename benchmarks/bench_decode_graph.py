@@ -48,6 +48,7 @@ from bench_experts import (  # noqa: E402
     build_bf16_experts,
     first_host_sync,
     format_name,
+    lora_factors,
     parse_format,
     quantize_experts,
     time_ms,
@@ -153,27 +154,6 @@ def timed(run_all, calls, reps, device, graphable=True):
 
 
 @torch.no_grad()
-def lora_factors(H, I, E, rank, device, peft_storage=False):
-    """LoRA kwargs on both projections (B non-zero): contiguous bfloat16 [E, r, in] / [E, out, r], or the
-    same values as PEFT stores them and passes them at inference (float32, B an expert-minor view)."""
-    gen = torch.Generator(device=device).manual_seed(1)
-
-    def factor(*shape, scale):
-        return torch.randn(*shape, device=device, generator=gen) * scale
-
-    kw = dict(gate_up_lora_A=factor(E, rank, H, scale=H**-0.5), gate_up_lora_B=factor(E, 2 * I, rank, scale=0.01),
-              gate_up_lora_scaling=2.0, down_lora_A=factor(E, rank, I, scale=I**-0.5),
-              down_lora_B=factor(E, H, rank, scale=0.01), down_lora_scaling=2.0)
-    for name, v in kw.items():
-        if not torch.is_tensor(v):
-            continue
-        v = v.to(torch.bfloat16).float()  # the same values in both storages
-        if peft_storage and name.endswith("_B"):  # lora_B.weight [out, r*E]: expert-minor
-            v = v.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-        kw[name] = v if peft_storage else v.to(torch.bfloat16)
-    return kw
-
-
 def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate, rows, no_pdl_rows=False,
                 profile_kernels=False, peft_lora_row=False):
     H, I, E, k = SHAPES[name]
@@ -184,7 +164,7 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
     if lora_rank:  # the first format again with LoRA on both projections
         variants.append((formats[0], lora_factors(H, I, E, lora_rank, device), None, ""))
         if peft_lora_row:
-            variants.append((formats[0], lora_factors(H, I, E, lora_rank, device, peft_storage=True), None, "-peft"))
+            variants.append((formats[0], lora_factors(H, I, E, lora_rank, device, "peft"), None, "-peft"))
     if no_pdl_rows:
         variants += [(fmt, kw, "0", suffix) for fmt, kw, _, suffix in list(variants) if fmt == formats[0]]
     bf16_expert_bytes = 3 * H * I * 2

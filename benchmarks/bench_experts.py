@@ -220,6 +220,26 @@ def quantize_experts(experts, quant_type, double_quant, blocksize=64):
     return positional, kwargs, stack_bytes
 
 
+LORA_STORAGES = ("bf16", "fp32", "peft")
+
+
+def lora_factors(H, I, E, rank, device, storage="bf16"):
+    """Inference LoRA kwargs on both projections (B non-zero), the same values in every storage:
+    contiguous bfloat16 or float32 [E, r, in] / [E, out, r], or "peft": float32 as PEFT stores the
+    factors and passes them at inference (B a view of lora_B.weight [out, r*E]: expert-minor)."""
+    gen = torch.Generator().manual_seed(1)
+    kw = dict(gate_up_lora_A=torch.randn(E, rank, H, generator=gen) * H**-0.5,
+              gate_up_lora_B=torch.randn(E, 2 * I, rank, generator=gen) * 0.01,
+              down_lora_A=torch.randn(E, rank, I, generator=gen) * I**-0.5,
+              down_lora_B=torch.randn(E, H, rank, generator=gen) * 0.01)
+    for name, f in kw.items():
+        f = f.to(device, torch.bfloat16)
+        if storage == "peft" and name.endswith("_B"):
+            f = f.float().permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        kw[name] = f if storage == "bf16" else f.float()
+    return dict(kw, gate_up_lora_scaling=2.0, down_lora_scaling=2.0)
+
+
 def lora_kwargs(H, I, E, device):
     """The op's LoRA keyword arguments, r=RANK on both projections, factors requiring grad, B non-zero."""
     lora = {

@@ -118,8 +118,9 @@ struct CpuExperts {
     }
     return w;
   }
-  // Expert e's LoRA factor in the compute dtype (a no-op for factors lora_factor converted).
-  at::Tensor factor(const at::Tensor& f, int64_t e) const { return f[e].to(compute); }
+  // Expert e's LoRA factor in the compute dtype (a no-op for factors lora_factor converted);
+  // undefined when the factor is absent.
+  at::Tensor factor(const at::Tensor& f, int64_t e) const { return f.defined() ? f[e].to(compute) : at::Tensor(); }
   // x times expert e's matrix of a stack as the forward applies it ([in, out]: S^T, or S for a
   // transposed stack), or with `backward` times its transpose.
   at::Tensor times(const CpuStack& stack, int64_t e, const at::Tensor& x, bool backward) const {
@@ -271,10 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor h = gate_up_out.has_value() ? gate_up_out->slice(0, begin, end).to(c.compute)
                                                  : c.gate_up(xe, e);
     const at::Tensor a = gated_activation_forward(h, c.problem.activation, c.interleaved, c.alpha, c.limit);
-    const at::Tensor guA = c.gu_A.defined() ? c.factor(c.gu_A, e) : at::Tensor();
-    const at::Tensor guB = c.gu_B.defined() ? c.factor(c.gu_B, e) : at::Tensor();
-    const at::Tensor dA = c.d_A.defined() ? c.factor(c.d_A, e) : at::Tensor();
-    const at::Tensor dB = c.d_B.defined() ? c.factor(c.d_B, e) : at::Tensor();
+    const at::Tensor guA = c.factor(c.gu_A, e), guB = c.factor(c.gu_B, e);
+    const at::Tensor dA = c.factor(c.d_A, e), dB = c.factor(c.d_B, e);
     // ga = grad_out · W_d,eff (unweighted): gives both d(routing weight) and d(activation).
     at::Tensor ga = c.times(c.down_stack, e, ge, /*backward=*/true);
     if (dA.defined()) ga += ge.mm(dB).mm(dA) * c.d_scaling;
