@@ -47,7 +47,8 @@ def default_results_path(stem: str, device: str) -> str:
 
 def run_metadata(device: str, packages: tuple[str, ...] = ()) -> dict:
     """The fields every record starts with: device, torch (and its CUDA), the versions of
-    `packages` as installed, Python, and the command line that reproduces the run."""
+    `packages` as installed, Python, the command line that reproduces the run, and the MOEQUANT_*
+    environment variables it ran with (they switch kernel paths)."""
     meta = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda}
     for name in packages:
         try:
@@ -56,6 +57,7 @@ def run_metadata(device: str, packages: tuple[str, ...] = ()) -> dict:
             meta[name] = None
     meta["python"] = platform.python_version()
     meta["command"] = " ".join(["python"] + sys.argv)
+    meta["environment"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MOEQUANT_")}
     return meta
 
 

@@ -47,8 +47,11 @@ def test_default_results_path_names_the_device():
     assert path == os.path.join(BENCHMARKS, "results", "bench_x-NVIDIA_H200_MIG_1g_18gb.json")
 
 
-def test_run_metadata_and_write_results(tmp_path):
+def test_run_metadata_and_write_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEQUANT_DECODE_MMA", "0")
+    monkeypatch.setenv("NOT_MOEQUANT_X", "1")
     meta = results_io.run_metadata("cpu", ("transformers", "no-such-package-moequant"))
+    assert meta["environment"].get("MOEQUANT_DECODE_MMA") == "0" and "NOT_MOEQUANT_X" not in meta["environment"]
     assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["cuda"] == torch.version.cuda
     transformers = pytest.importorskip("transformers")
     assert meta["transformers"] == transformers.__version__

@@ -171,10 +171,12 @@ def test_lora_factors_match_peft_dense_delta(checkpoints):
 
 
 def test_inference_hands_peft_factors_over_uncopied(checkpoints):
-    """Without autograd the experts' LoRA factors reach the op as PEFT stores them: float32 views of
-    its weights (no per-step copy of every expert's factors), which the op rounds to the compute dtype
-    itself. The logits equal, bit for bit, those of a forward with autograd on, where the factors are
-    converted to bf16 before the op."""
+    """Without autograd the experts' LoRA factors reach the op in PEFT's dtype (float32), which the
+    op rounds to the compute dtype itself, with no per-step copy of every expert's factors: on CPU
+    A as a view of PEFT's weight and B from a copy made once (expert-major, the layout the CPU op
+    reads by expert; see test_cpu_inference_keeps_one_copy_of_b). The logits equal, bit for bit,
+    those of a forward with autograd on, where the factors are converted to bf16 before the op
+    (PEFT's fresh float32 factors hold bf16 values)."""
     from moequant.integrations import lora_factors
 
     model = get_peft_model(quantized(checkpoints["qwen3_moe"]), lora_config(init_lora_weights=False)).eval()
@@ -186,7 +188,8 @@ def test_inference_hands_peft_factors_over_uncopied(checkpoints):
         with torch.no_grad():
             a, b, _ = lora_factors(wrapper, ["default"], torch.bfloat16)
         assert a.dtype == b.dtype == torch.float32
-        assert a.data_ptr() == weight_a.data_ptr() and b.data_ptr() == weight_b.data_ptr()  # views, no copy
+        assert a.data_ptr() == weight_a.data_ptr()  # a view, no copy
+        assert b.is_contiguous() and torch.equal(b, weight_b.view(b.shape[1], -1, b.shape[0]).permute(2, 0, 1))
         a, b, _ = lora_factors(wrapper, ["default"], torch.bfloat16)  # autograd on: converted in the graph
         assert a.dtype == b.dtype == torch.bfloat16 and a.requires_grad
     ids = batch()
@@ -195,6 +198,78 @@ def test_inference_hands_peft_factors_over_uncopied(checkpoints):
     with_autograd = model(input_ids=ids).logits
     assert with_autograd.requires_grad
     assert torch.equal(inference, with_autograd.detach())
+
+
+def trained_like(model, seed=0):
+    """Perturb every LoRA weight by float32 noise, so that (unlike PEFT's fresh factors) they do not
+    hold bf16 values, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=g) * 1e-3)
+    return model
+
+
+def test_cpu_inference_keeps_one_copy_of_b(checkpoints, monkeypatch):
+    """On CPU the inference factors come from a copy made once per adapter version: the same object
+    on every step, remade after an in-place update of the weights (an optimizer step,
+    ``load_state_dict``) or a new tensor under the parameter, dropped by a forward with autograd,
+    and giving bit for bit the logits of the uncached path (MOEQUANT_PEFT_CPU_CACHE=0)."""
+    from moequant.integrations import lora_factors
+
+    model = get_peft_model(quantized(checkpoints["qwen3_moe"]), lora_config(init_lora_weights=False))
+    trained_like(model).eval()
+    wrapper = next(m for m in model.modules() if hasattr(m, "parameter_name") and hasattr(m, "lora_A"))
+    weight_b = wrapper.lora_B["default"].weight
+    ids = batch()
+    with torch.no_grad():
+        cached = model(input_ids=ids).logits
+        monkeypatch.setenv("MOEQUANT_PEFT_CPU_CACHE", "0")
+        uncached = model(input_ids=ids).logits
+        a_view, b_view, _ = lora_factors(wrapper, ["default"], torch.bfloat16)
+        assert not b_view.is_contiguous()  # PEFT's expert-minor layout, as the op got it before
+        b_before = b_view.clone()
+        monkeypatch.delenv("MOEQUANT_PEFT_CPU_CACHE")
+        assert torch.equal(cached, uncached)
+
+        first = lora_factors(wrapper, ["default"], torch.bfloat16)
+        assert lora_factors(wrapper, ["default"], torch.bfloat16)[1] is first[1]  # no copy per step
+        assert torch.equal(first[1], b_before) and first[1].is_contiguous()
+        weight_b.mul_(2)  # in place: the version counter moves
+        second = lora_factors(wrapper, ["default"], torch.bfloat16)
+        assert second[1] is not first[1] and torch.equal(second[1], 2 * b_before)
+        weight_b.data = weight_b.data * 3  # a new tensor under the same parameter
+        third = lora_factors(wrapper, ["default"], torch.bfloat16)
+        assert torch.equal(third[1], weight_b.view(b_view.shape[1], -1, b_view.shape[0]).permute(2, 0, 1))
+        assert torch.equal(third[1], 6 * b_before)
+    model(input_ids=ids).logits.sum().backward()  # training drops the copies
+    assert all(getattr(m, "_moequant_cpu_lora_cache", None) is None for m in model.modules())
+
+
+def test_cpu_inference_cache_with_two_adapters(checkpoints, monkeypatch):
+    """Two active adapters at inference: their concatenation is made once, not on every step, and
+    gives the uncached path's logits; switching adapters remakes it."""
+    config = lora_config(init_lora_weights=False)
+    model = get_peft_model(quantized(checkpoints["qwen3_moe"]), config, adapter_name="first")
+    model.add_adapter("second", lora_config(init_lora_weights=False))
+    trained_like(model).eval()
+    ids = batch()
+    with torch.no_grad():
+        model.base_model.set_adapter(["first", "second"])
+        both = model(input_ids=ids).logits
+        wrapper = next(m for m in model.modules() if hasattr(m, "parameter_name") and hasattr(m, "lora_A"))
+        entry = wrapper._moequant_cpu_lora_cache
+        model(input_ids=ids)
+        assert wrapper._moequant_cpu_lora_cache is entry
+        model.base_model.set_adapter("second")
+        only_second = model(input_ids=ids).logits
+        assert wrapper._moequant_cpu_lora_cache is not entry
+        monkeypatch.setenv("MOEQUANT_PEFT_CPU_CACHE", "0")
+        assert torch.equal(model(input_ids=ids).logits, only_second)
+        model.base_model.set_adapter(["first", "second"])
+        assert torch.equal(model(input_ids=ids).logits, both)
+        assert not torch.equal(both, only_second)
 
 
 def test_multiple_adapters_and_disable(checkpoints):

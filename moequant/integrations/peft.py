@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -53,10 +54,15 @@ def lora_factors(wrapper, adapters: list[str], dtype: torch.dtype) -> tuple[torc
     parameter is stored transposed, which is also the op's convention. Several active adapters are
     concatenated along the rank with their scalings folded into ``B``.
 
-    Without autograd (inference) one adapter's factors go to the op as PEFT stores them, views in
-    their own dtype (float32 by default): the op reads the few experts a decode step routes to and
-    rounds to ``dtype`` as it computes, instead of every step copying every expert's factors (tens of
-    MB per layer). With autograd they are converted here, as part of the graph.
+    With autograd the factors are converted here, as part of the graph. Without it (inference) one
+    adapter's factors go to the op in their own dtype (float32 by default), which rounds to
+    ``dtype`` as it reads them, instead of every step copying every expert's factors (tens of MB per
+    layer):
+
+    * on CUDA as views of PEFT's weights: the decode kernels read the few routed experts' elements;
+    * on CPU from a copy with ``B`` expert-major, made once per adapter version (see
+      :func:`_cpu_inference_factors`): the CPU op converts whole any factor whose experts are not
+      dense slices, which ``B``'s expert-minor view is not.
     """
     num_experts = wrapper.num_experts
     a_list, b_list, scalings = [], [], []
@@ -67,15 +73,72 @@ def lora_factors(wrapper, adapters: list[str], dtype: torch.dtype) -> tuple[torc
         b_list.append(weight_b.reshape(weight_b.shape[0], -1, num_experts).permute(2, 0, 1))
         scalings.append(float(wrapper.scaling[name]))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in a_list + b_list)
-    if len(adapters) == 1 and not needs_grad:
+    if not needs_grad and a_list[0].device.type == "cpu" and _cpu_cache_enabled():
+        return _cpu_inference_factors(wrapper, adapters, dtype, a_list, b_list, scalings)
+    if not torch.compiler.is_compiling():
+        # training (a copy would be stale after the next optimizer step), another device or the
+        # cache turned off: a CPU copy would only hold memory
+        _drop_cpu_cache(wrapper)
+    return _combined_factors(a_list, b_list, scalings, dtype, views=not needs_grad)
+
+
+def _combined_factors(a_list, b_list, scalings, dtype, views: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One adapter's factors (as the views given when ``views``, else converted to ``dtype``), or
+    several adapters' concatenated along the rank in ``dtype``, their scalings folded into ``B``."""
+    if len(a_list) == 1 and views:
         return a_list[0], b_list[0], scalings[0]
     a_list = [a.to(dtype) for a in a_list]
     b_list = [b.to(dtype) for b in b_list]
-    if len(adapters) == 1:
+    if len(a_list) == 1:
         return a_list[0].contiguous(), b_list[0].contiguous(), scalings[0]
     lora_a = torch.cat(a_list, dim=1).contiguous()
     lora_b = torch.cat([b * s for b, s in zip(b_list, scalings)], dim=2).contiguous()
     return lora_a, lora_b, 1.0
+
+
+_CPU_CACHE_ATTR = "_moequant_cpu_lora_cache"
+
+
+def _cpu_cache_enabled() -> bool:
+    """``MOEQUANT_PEFT_CPU_CACHE=0`` turns the CPU inference copy off (read on every call)."""
+    return not torch.compiler.is_compiling() and os.environ.get("MOEQUANT_PEFT_CPU_CACHE", "1") != "0"
+
+
+def _drop_cpu_cache(wrapper) -> None:
+    if getattr(wrapper, _CPU_CACHE_ATTR, None) is not None:
+        setattr(wrapper, _CPU_CACHE_ATTR, None)
+
+
+def _cpu_inference_factors(wrapper, adapters, dtype, a_list, b_list, scalings):
+    """The CPU op's factors at inference, cached on the wrapper until an adapter's weights change.
+
+    One adapter: ``A`` as PEFT's view (already expert-major) and ``B`` copied once to ``[E, out,
+    r]`` contiguous in its own dtype, so the op converts only the routed experts' slices (qwen3-30b-a3b
+    shapes, T=1: 16-21 ms a layer call with the expert-minor view, 4.1-5.5 ms with dense factors;
+    ``benchmarks/results/bench_cpu_experts-lora_factor_storage-AMD_EPYC.json``); the values, and so
+    the results, are those of the view. Several adapters: their concatenation, as
+    :func:`_combined_factors` builds it on every call otherwise. Costs one copy of ``B`` (of all
+    factors for several adapters) per wrapper while CPU inference runs; a call with autograd, or on
+    another device, drops it.
+
+    The key holds each weight's address and version counter (in-place updates such as an optimizer
+    step or ``load_state_dict`` bump it) and the entry keeps the weights it was made from alive, so
+    an address cannot be reused by other weights while it is cached.
+    """
+    weights = [w for name in adapters for w in (wrapper.lora_A[name].weight, wrapper.lora_B[name].weight)]
+    if any(w.is_inference() for w in weights):  # no version counter: nothing tells when they change
+        return _combined_factors(a_list, b_list, scalings, dtype, views=True)
+    key = (tuple(adapters), dtype, tuple(scalings), tuple((w.data_ptr(), w._version) for w in weights))
+    cached = getattr(wrapper, _CPU_CACHE_ATTR, None)
+    if cached is not None and cached[0] == key:
+        return cached[2]
+    with torch.no_grad():
+        if len(adapters) == 1:
+            factors = (a_list[0], b_list[0].contiguous(), scalings[0])
+        else:
+            factors = _combined_factors(a_list, b_list, scalings, dtype, views=False)
+    setattr(wrapper, _CPU_CACHE_ATTR, (key, [w.detach() for w in weights], factors))
+    return factors
 
 
 def _get_param(self):
