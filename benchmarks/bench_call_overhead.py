@@ -11,6 +11,9 @@ round-robin in one process on the same stacks and inputs:
   positional  torch.ops.moequant.experts_forward(*experts_op_args(x, idx, w, ...)): the same
               keywords turned into one positional tuple first (the integration now)
   typed       moequant.experts_forward(x, idx, w, gate_up, down, ...): the typed API (QuantStack)
+  module      experts(x, idx, w): transformers' Qwen3MoeExperts holding the same stacks, through
+              the "moequant" experts implementation (what an eager model's layer pays; LoRA rows
+              set the factors as the PEFT integration does while an adapter is active)
 
 Per row: issue_us, the host time to issue one call within a burst of --calls calls (no sync
 inside the burst); wall_us, the burst's wall time per call including the final sync (the eager
@@ -40,7 +43,7 @@ import moequant  # noqa: E402
 from moequant.experts import experts_op_args  # noqa: E402
 
 SIZES = dict(SHAPES, tiny=(256, 128, 8, 2))
-STYLES = ("keyword", "positional", "typed")
+STYLES = ("keyword", "positional", "typed", "module")
 
 
 def build_stacks(H, I, E, quant_type, double_quant, device, gen):
@@ -51,8 +54,26 @@ def build_stacks(H, I, E, quant_type, double_quant, device, gen):
     return stack(2 * I, H), stack(H, I)
 
 
-def call_fns(x, idx, w, gate_up, down, lora):
-    """The three styles of one call, each a no-argument function returning the output."""
+def experts_module(H, I, E, k, gate_up, down, device):
+    """transformers' Qwen3MoeExperts (built on meta: no dense weights) holding the two stacks."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    from moequant.integrations import experts_layout, quantize_parameter
+    from moequant.integrations.experts import select_experts_implementation
+
+    config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k)
+    with torch.device("meta"):
+        module = Qwen3MoeExperts(config)
+    module._moequant_layout = experts_layout(module)
+    quantize_parameter(module, "gate_up_proj", stack=gate_up)
+    quantize_parameter(module, "down_proj", stack=down)
+    select_experts_implementation(module)
+    return module
+
+
+def call_fns(x, idx, w, gate_up, down, lora, module):
+    """The styles of one call, each a no-argument function returning the output."""
     op = torch.ops.moequant.experts_forward
     kw = dict(
         gate_up_packed=gate_up.packed, gate_up_absmax=gate_up.absmax, down_packed=down.packed,
@@ -62,15 +83,18 @@ def call_fns(x, idx, w, gate_up, down, lora):
         down_absmax_scale=down.absmax_scale, down_absmax_offset=down.absmax_offset,
     )
     typed_lora = {}
+    module._moequant_lora = {}  # what the PEFT integration sets while an adapter is active
     if lora is not None:
         (gu_a, gu_b), (d_a, d_b), scaling = lora
         kw.update(gate_up_lora_A=gu_a, gate_up_lora_B=gu_b, gate_up_lora_scaling=scaling, down_lora_A=d_a,
                   down_lora_B=d_b, down_lora_scaling=scaling)
         typed_lora = dict(gate_up_lora=(gu_a, gu_b, scaling), down_lora=(d_a, d_b, scaling))
+        module._moequant_lora = {"gate_up_proj": (gu_a, gu_b, scaling), "down_proj": (d_a, d_b, scaling)}
     return {
         "keyword": lambda: op(x, idx, w, **kw),
         "positional": lambda: op(*experts_op_args(x, idx, w, **kw)),
         "typed": lambda: moequant.experts_forward(x, idx, w, gate_up, down, **typed_lora),
+        "module": lambda: module(x, idx, w),
     }
 
 
@@ -115,11 +139,12 @@ def main() -> None:
         )
         for fmt in args.formats.split(","):
             gate_up, down = build_stacks(H, I, E, *parse_format(fmt), device, gen)
+            module = experts_module(H, I, E, k, gate_up, down, device)
             for T in [int(t) for t in args.tokens.split(",")]:
                 idx, w = routing(T, E, k, device, gen)
                 x = torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16)
                 for lora in (None, lora_factors):
-                    fns = call_fns(x, idx, w, gate_up, down, lora)
+                    fns = call_fns(x, idx, w, gate_up, down, lora, module)
                     issue = {s: [] for s in STYLES}
                     wall = {s: [] for s in STYLES}
                     with torch.no_grad():

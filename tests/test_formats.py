@@ -483,3 +483,26 @@ def test_parametrization_reads_dequantized_and_keeps_statistics(fmt):
     if dq:
         assert back.absmax_scale.dtype == torch.float32 and back.absmax_offset.dtype == torch.float32
     assert torch.equal(module.w, stack.dequantize(torch.float16))
+
+
+def test_quant_stack_or_none():
+    """The experts forward's one-walk lookup: the stack quant_stack_of gives for a quantized
+    parameter, None for a plain one, one parametrized by something else, or a module without any."""
+    from torch.nn.utils import parametrize
+
+    from moequant.integrations.parametrize import quant_stack_of, quant_stack_or_none, quantize_parameter
+
+    class Double(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    module = torch.nn.Module()
+    assert quant_stack_or_none(module, "w") is None
+    module.w = torch.nn.Parameter(torch.randn(2, 32, 64))
+    module.v = torch.nn.Parameter(torch.randn(2, 32, 64))
+    parametrize.register_parametrization(module, "v", Double())
+    assert quant_stack_or_none(module, "w") is None and quant_stack_or_none(module, "v") is None
+    quantize_parameter(module, "w", 32, quant_type="nf4", double_quant=True)
+    found, expected = quant_stack_or_none(module, "w"), quant_stack_of(module, "w")
+    assert found == expected and found.packed is module.parametrizations.w.original
+    assert quant_stack_or_none(module, "v") is None

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..experts import experts_op_args
-from .parametrize import is_quantized, nf4_stack_of
+from .parametrize import quant_stack_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -231,13 +231,13 @@ def moequant_experts_forward(
 ) -> torch.Tensor:
     """``ExpertsInterface`` entry: ``[T, H]`` tokens routed to ``top_k_index [T, k]`` -> ``[T, H]``."""
     layout: Optional[ExpertsLayout] = getattr(self, "_moequant_layout", None)
-    if layout is None or not all(is_quantized(self, n) for n in layout.weight_names):
+    gate_up = None if layout is None else quant_stack_or_none(self, layout.gate_up_name)
+    down = None if layout is None else quant_stack_or_none(self, layout.down_name)
+    if gate_up is None or down is None:  # not quantized, or dequantized since (merge)
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
         fallback = ALL_EXPERTS_FUNCTIONS.get(FALLBACK_IMPLEMENTATION)
         return fallback(self, hidden_states, top_k_index, top_k_weights)
-    gate_up = nf4_stack_of(self, layout.gate_up_name)
-    down = nf4_stack_of(self, layout.down_name)
     if gate_up.blocksize != down.blocksize:
         raise ValueError(
             f"{type(self).__name__}: gate_up and down stacks use blocksizes {gate_up.blocksize} and {down.blocksize}; "

@@ -118,6 +118,25 @@ def quant_stack_of(module: nn.Module, name: str) -> QuantStack:
 nf4_stack_of = quant_stack_of  # the name of earlier versions
 
 
+def quant_stack_or_none(module: nn.Module, name: str) -> Optional[QuantStack]:
+    """:func:`quant_stack_of` where ``module.<name>`` may not be quantized by moequant: None then.
+
+    One walk over the parametrization instead of :func:`is_quantized` and :func:`quant_stack_of`
+    one after the other: the experts forward asks it for both projections on every call, and an
+    eager decode step waits on that host time.
+    """
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is None or name not in parametrizations:
+        return None
+    parametrization_list = parametrizations[name]
+    for p in parametrization_list:
+        if isinstance(p, QuantParametrization):
+            absmax, scale, offset = p.statistics()
+            return QuantStack(parametrization_list.original, absmax, p.shape, p.blocksize, p.dtype, p.quant_type,
+                              scale, offset)
+    return None
+
+
 def quantize_parameter(
     module: nn.Module,
     name: str,
