@@ -64,22 +64,24 @@ def lora_factors(wrapper, adapters: list[str], dtype: torch.dtype) -> tuple[torc
       :func:`_cpu_inference_factors`): the CPU op converts whole any factor whose experts are not
       dense slices, which ``B``'s expert-minor view is not.
     """
-    num_experts = wrapper.num_experts
-    a_list, b_list, scalings = [], [], []
-    for name in adapters:  # views in PEFT's storage, [E, r, in] and [E, out, r]
-        weight_a = wrapper.lora_A[name].weight
-        weight_b = wrapper.lora_B[name].weight
-        a_list.append(weight_a.reshape(num_experts, -1, weight_a.shape[-1]))
-        b_list.append(weight_b.reshape(weight_b.shape[0], -1, num_experts).permute(2, 0, 1))
-        scalings.append(float(wrapper.scaling[name]))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in a_list + b_list)
-    if not needs_grad and a_list[0].device.type == "cpu" and _cpu_cache_enabled():
-        return _cpu_inference_factors(wrapper, adapters, dtype, a_list, b_list, scalings)
+    weights = [(wrapper.lora_A[name].weight, wrapper.lora_B[name].weight) for name in adapters]
+    scalings = [float(wrapper.scaling[name]) for name in adapters]
+    needs_grad = torch.is_grad_enabled() and any(w.requires_grad for pair in weights for w in pair)
+    if not needs_grad and weights[0][0].device.type == "cpu" and _cpu_cache_enabled():
+        return _cpu_inference_factors(wrapper, adapters, dtype, weights, scalings)
     if not torch.compiler.is_compiling():
         # training (a copy would be stale after the next optimizer step), another device or the
         # cache turned off: a CPU copy would only hold memory
         _drop_cpu_cache(wrapper)
+    a_list, b_list = _expert_views(wrapper.num_experts, weights)
     return _combined_factors(a_list, b_list, scalings, dtype, views=not needs_grad)
+
+
+def _expert_views(num_experts: int, weights) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each adapter's factors as views in PEFT's storage: ``A [E, r, in]`` and ``B [E, out, r]``."""
+    a_list = [a.reshape(num_experts, -1, a.shape[-1]) for a, _ in weights]
+    b_list = [b.reshape(b.shape[0], -1, num_experts).permute(2, 0, 1) for _, b in weights]
+    return a_list, b_list
 
 
 def _combined_factors(a_list, b_list, scalings, dtype, views: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -109,7 +111,7 @@ def _drop_cpu_cache(wrapper) -> None:
         setattr(wrapper, _CPU_CACHE_ATTR, None)
 
 
-def _cpu_inference_factors(wrapper, adapters, dtype, a_list, b_list, scalings):
+def _cpu_inference_factors(wrapper, adapters, dtype, weights, scalings):
     """The CPU op's factors at inference, cached on the wrapper until an adapter's weights change.
 
     One adapter: ``A`` as PEFT's view (already expert-major) and ``B`` copied once to ``[E, out,
@@ -125,19 +127,20 @@ def _cpu_inference_factors(wrapper, adapters, dtype, a_list, b_list, scalings):
     step or ``load_state_dict`` bump it) and the entry keeps the weights it was made from alive, so
     an address cannot be reused by other weights while it is cached.
     """
-    weights = [w for name in adapters for w in (wrapper.lora_A[name].weight, wrapper.lora_B[name].weight)]
-    if any(w.is_inference() for w in weights):  # no version counter: nothing tells when they change
-        return _combined_factors(a_list, b_list, scalings, dtype, views=True)
-    key = (tuple(adapters), dtype, tuple(scalings), tuple((w.data_ptr(), w._version) for w in weights))
+    flat = [w for pair in weights for w in pair]
+    if any(w.is_inference() for w in flat):  # no version counter: nothing tells when they change
+        return _combined_factors(*_expert_views(wrapper.num_experts, weights), scalings, dtype, views=True)
+    key = (tuple(adapters), dtype, tuple(scalings), tuple((w.data_ptr(), w._version) for w in flat))
     cached = getattr(wrapper, _CPU_CACHE_ATTR, None)
     if cached is not None and cached[0] == key:
         return cached[2]
+    a_list, b_list = _expert_views(wrapper.num_experts, weights)
     with torch.no_grad():
         if len(adapters) == 1:
             factors = (a_list[0], b_list[0].contiguous(), scalings[0])
         else:
             factors = _combined_factors(a_list, b_list, scalings, dtype, views=False)
-    setattr(wrapper, _CPU_CACHE_ATTR, (key, [w.detach() for w in weights], factors))
+    setattr(wrapper, _CPU_CACHE_ATTR, (key, [w.detach() for w in flat], factors))
     return factors
 
 
