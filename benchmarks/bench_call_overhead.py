@@ -54,7 +54,7 @@ def build_stacks(H, I, E, quant_type, double_quant, device, gen):
     return stack(2 * I, H), stack(H, I)
 
 
-def experts_module(H, I, E, k, gate_up, down, device):
+def experts_module(H, I, E, k, gate_up, down):
     """transformers' Qwen3MoeExperts (built on meta: no dense weights) holding the two stacks."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
@@ -139,7 +139,7 @@ def main() -> None:
         )
         for fmt in args.formats.split(","):
             gate_up, down = build_stacks(H, I, E, *parse_format(fmt), device, gen)
-            module = experts_module(H, I, E, k, gate_up, down, device)
+            module = experts_module(H, I, E, k, gate_up, down)
             for T in [int(t) for t in args.tokens.split(",")]:
                 idx, w = routing(T, E, k, device, gen)
                 x = torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16)
