@@ -506,3 +506,6 @@ def test_quant_stack_or_none():
     found, expected = quant_stack_or_none(module, "w"), quant_stack_of(module, "w")
     assert found == expected and found.packed is module.parametrizations.w.original
     assert quant_stack_or_none(module, "v") is None
+    for name in ("v", "u"):  # parametrized otherwise, and no such parameter
+        with pytest.raises(ValueError, match=f"Module.{name} is not quantized by moequant"):
+            quant_stack_of(module, name)

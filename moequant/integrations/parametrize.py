@@ -107,23 +107,10 @@ def _quant_parametrization(module: nn.Module, name: str) -> QuantParametrization
     raise ValueError(f"{type(module).__name__}.{name} is not quantized by moequant")
 
 
-def quant_stack_of(module: nn.Module, name: str) -> QuantStack:
-    """The packed stack behind a quantized parameter, without dequantizing anything."""
-    p = _quant_parametrization(module, name)
-    absmax, scale, offset = p.statistics()
-    return QuantStack(module.parametrizations[name].original, absmax, p.shape, p.blocksize, p.dtype, p.quant_type,
-                      scale, offset)
-
-
-nf4_stack_of = quant_stack_of  # the name of earlier versions
-
-
 def quant_stack_or_none(module: nn.Module, name: str) -> Optional[QuantStack]:
-    """:func:`quant_stack_of` where ``module.<name>`` may not be quantized by moequant: None then.
-
-    One walk over the parametrization instead of :func:`is_quantized` and :func:`quant_stack_of`
-    one after the other: the experts forward asks it for both projections on every call, and an
-    eager decode step waits on that host time.
+    """The packed stack behind ``module.<name>``, without dequantizing anything, or None when moequant
+    does not quantize it: one walk over the parametrization, which the experts forward makes for
+    both projections on every call (an eager decode step waits on that host time).
     """
     parametrizations = getattr(module, "parametrizations", None)
     if parametrizations is None or name not in parametrizations:
@@ -135,6 +122,17 @@ def quant_stack_or_none(module: nn.Module, name: str) -> Optional[QuantStack]:
             return QuantStack(parametrization_list.original, absmax, p.shape, p.blocksize, p.dtype, p.quant_type,
                               scale, offset)
     return None
+
+
+def quant_stack_of(module: nn.Module, name: str) -> QuantStack:
+    """The packed stack behind a quantized parameter, without dequantizing anything."""
+    stack = quant_stack_or_none(module, name)
+    if stack is None:
+        raise ValueError(f"{type(module).__name__}.{name} is not quantized by moequant")
+    return stack
+
+
+nf4_stack_of = quant_stack_of  # the name of earlier versions
 
 
 def quantize_parameter(
