@@ -5,7 +5,11 @@ Each graph holds --calls consecutive experts calls, each with its own input and 
 softmax(randn)), so that what one call reads is not in L2 for the next (as consecutive layers of a
 model step); the time per call is the graph's replay time / --calls (CUDA events, 3 warm-ups,
 median of --reps). Also timed: a graph of one call (includes the graph launch) and the same calls
-eagerly. The bf16 baseline is graph-captured when its eager call makes no host sync (checked with
+eagerly. The calls of a graph are independent, so a call may start (programmatic dependent launch,
+a side stream) before the one before it ends; in a model the next layer waits for this one.
+--chain makes each call's input depend on the previous call's output, as a residual add does
+(`x + 0 * out`, one elementwise kernel a call, values unchanged); the row then also holds that
+kernel's own time per call (`separator_us`, a graph of the adds alone), included in the call times. The bf16 baseline is graph-captured when its eager call makes no host sync (checked with
 torch.cuda.set_sync_debug_mode("error") first) and capture succeeds; otherwise it is timed eagerly
 and the row says so (`bf16_captured`, `bf16_capture_error`).
 
@@ -24,7 +28,7 @@ copy (read + write bytes / time of a 1 GiB `copy_`).
 
     python benchmarks/bench_decode_graph.py [--shapes qwen3_30b_a3b,olmoe_1b_7b,mixtral_8x7b,deepseek_v3]
         [--tokens 1,8] [--formats nf4,nf4_dq,fp4,fp4_dq,int8] [--calls 16] [--reps 20]
-        [--lora-rank 16] [--peft-lora-row] [--no-pdl-rows] [--profile-kernels]
+        [--lora-rank 16] [--peft-lora-row] [--no-pdl-rows] [--profile-kernels] [--chain]
         [--out benchmarks/results/bench_decode_graph-<device>.json]
     python benchmarks/bench_decode_graph.py --device cpu --shapes tiny --reps 2   # smoke: eager only
 """
@@ -143,6 +147,17 @@ def routed_calls(T, H, E, k, calls, device, gen):
     return out
 
 
+def calls_of(call, inputs, chain):
+    """A function making call(x, idx, w) on each input; with chain, each x waits for the previous output."""
+    def run_all():
+        out = None
+        for x, idx, w in inputs:
+            if chain and out is not None:
+                x = torch.add(x, out, alpha=0)  # x's values, but after the previous call (a residual add)
+            out = call(x, idx, w)
+    return run_all
+
+
 def timed(run_all, calls, reps, device, graphable=True):
     """Per-call ms of run_all (which makes `calls` calls): eager, and replayed from a graph."""
     r = {"eager_ms": median_ms(run_all, reps, device) / calls}
@@ -155,7 +170,7 @@ def timed(run_all, calls, reps, device, graphable=True):
 
 @torch.no_grad()
 def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate, rows, no_pdl_rows=False,
-                profile_kernels=False, peft_lora_row=False):
+                profile_kernels=False, peft_lora_row=False, chain=False):
     H, I, E, k = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
     experts = build_bf16_experts(H, I, E, k, device)
@@ -173,9 +188,13 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
         distinct = [torch.unique(idx).numel() for _, idx, _ in inputs]  # host-side, outside timing
         mean_distinct = statistics.mean(distinct)
 
-        def bf16_all():
-            for x, idx, w in inputs:
-                experts(x, idx, w)
+        bf16_all = calls_of(experts, inputs, chain)
+        separator_us = None
+        if chain and device.type == "cuda":  # the adds alone, to read the calls' times net of them
+            out0 = torch.zeros_like(inputs[0][0])
+            adds = capture(lambda: [torch.add(x, out0, alpha=0) for x, _, _ in inputs[1:]])
+            separator_us = median_ms(adds.replay, reps, device) / calls * 1e3
+            del adds
 
         bf16_err = first_host_sync(bf16_all) if device.type == "cuda" else None
         try:
@@ -192,14 +211,15 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
             label = (format_name(*fmt) + (f"+lora{lora_rank}" if lora_kw else "") + suffix
                      + ("-nopdl" if pdl == "0" else ""))
 
-            def mq_all():
-                for x, idx, w in inputs:
-                    ops.experts_forward(*experts_op_args(x, idx, w, *positional, blocksize=64, **format_kw))
+            def mq_call(x, idx, w, positional=positional, format_kw=format_kw):
+                return ops.experts_forward(*experts_op_args(x, idx, w, *positional, blocksize=64, **format_kw))
+
+            mq_all = calls_of(mq_call, inputs, chain)
 
             x0, idx0, w0 = inputs[0]
 
             def mq_one():
-                ops.experts_forward(*experts_op_args(x0, idx0, w0, *positional, blocksize=64, **format_kw))
+                mq_call(x0, idx0, w0)
 
             with env_var("MOEQUANT_DECODE_PDL", pdl):  # read at each call, so also by the captured launches
                 mq_err = first_host_sync(mq_all) if device.type == "cuda" else None
@@ -214,7 +234,7 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
             read_bytes = mean_distinct * stack_bytes / E
             gbps = read_bytes / (mq_ms * 1e-3) / 1e9
             row = dict(
-                shape=name, T=T, format=label, calls_per_graph=calls,
+                shape=name, T=T, format=label, calls_per_graph=calls, chained=chain, separator_us=separator_us,
                 mean_distinct_experts=mean_distinct, packed_bytes_read=read_bytes,
                 moequant_us=mq_ms * 1e3, moequant_captured="graph_ms" in mq,
                 moequant_graph_1call_us=mq["graph1_ms"] * 1e3 if "graph1_ms" in mq else None,
@@ -228,6 +248,7 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
             rows.append(row)
             print(f"{name:14s} T={T:<2d} {row['format']:18s} {'graph' if row['moequant_captured'] else 'EAGER'} "
                   f"{row['moequant_us']:7.1f} us (1-call graph {row['moequant_graph_1call_us'] or float('nan'):6.1f}, "
+                  + (f"add {separator_us:4.1f}, " if separator_us is not None else "") +
                   f"eager {row['moequant_eager_us']:6.1f}) {gbps:7.0f} GB/s = "
                   f"{row['pct_of_copy'] or float('nan'):5.1f}% of copy | bf16 "
                   f"{'graph' if bf16_captured else 'eager'} {row['bf16_us']:7.1f} us | ratio {row['ratio_vs_bf16']:.2f}",
@@ -254,6 +275,8 @@ def main():
                     help="also time the first format (and its LoRA row) with MOEQUANT_DECODE_PDL=0")
     ap.add_argument("--profile-kernels", action="store_true",
                     help="print the CUDA kernels of one call of the first format (and its LoRA row) per shape and T")
+    ap.add_argument("--chain", action="store_true",
+                    help="each call's input waits for the previous call's output (one add a call), as in a model")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: eager smoke run, no graphs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -273,12 +296,13 @@ def main():
         print(f"device copy: {copy_rate:.0f} GB/s (read + write)", flush=True)
     rows = []
     meta = dict(run_metadata(dev_name, ("transformers",)), copy_gbps=copy_rate,
-                timing=f"CUDA events, 3 warm-ups, median of {args.reps} replays of a graph of {args.calls} calls",
+                timing=f"CUDA events, 3 warm-ups, median of {args.reps} replays of a graph of {args.calls} calls"
+                + (", each call's input after the previous call's output (--chain)" if args.chain else ""),
                 rows=rows)
     for name in shapes:
         bench_shape(name, tokens, formats, args.lora_rank, args.calls, args.reps, device, copy_rate, rows,
                     no_pdl_rows=args.no_pdl_rows, profile_kernels=args.profile_kernels,
-                    peft_lora_row=args.peft_lora_row)
+                    peft_lora_row=args.peft_lora_row, chain=args.chain)
         gc.collect()  # the shape's weights and graphs
         if device.type == "cuda":
             torch.cuda.empty_cache()

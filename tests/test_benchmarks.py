@@ -92,3 +92,35 @@ def test_cpu_experts_smoke_run_writes_its_record(tmp_path):
         assert row["nograd_ms"] > 0
         if row["impl"].startswith("moequant") and "lora_storage" not in row:
             assert row["fwd_bwd_ratio_fp32"] > 0 and row["nograd_ratio_bf16"] > 0
+
+
+def test_decode_graph_chain_orders_the_calls():
+    # --chain: every call after the first gets its input through the previous call's output (same values),
+    # so a captured graph cannot start a call before the one before it ends, as in a model.
+    bench_decode_graph = pytest.importorskip("bench_decode_graph")
+    gen = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(2, 4, generator=gen), None, None) for _ in range(3)]
+    seen = []
+
+    def call(x, idx, w):
+        seen.append(x)
+        # the first output is NaN (x + 0 * NaN is NaN: the next input read it), the others finite
+        return torch.full_like(x, float("nan") if len(seen) == 1 else 1.0)
+
+    bench_decode_graph.calls_of(call, inputs, chain=False)()
+    assert all(s is x for s, (x, _, _) in zip(seen, inputs))
+    seen.clear()
+    bench_decode_graph.calls_of(call, inputs, chain=True)()
+    assert seen[0] is inputs[0][0] and all(s is not x for s, (x, _, _) in zip(seen[1:], inputs[1:]))
+    assert seen[1].isnan().all()  # it did read the previous output
+    torch.testing.assert_close(seen[2], inputs[2][0], rtol=0, atol=0)
+
+
+def test_decode_graph_chained_smoke_run(tmp_path):
+    out = tmp_path / "decode_graph.json"
+    r = _run(["benchmarks/bench_decode_graph.py", "--device", "cpu", "--shapes", "tiny", "--tokens", "1",
+              "--formats", "nf4", "--lora-rank", "0", "--reps", "1", "--calls", "2", "--chain", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert "--chain" in record["timing"] and record["rows"]
+    assert all(row["chained"] and row["moequant_us"] > 0 and row["bf16_us"] > 0 for row in record["rows"])
