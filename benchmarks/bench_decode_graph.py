@@ -9,7 +9,8 @@ eagerly. The calls of a graph are independent, so a call may start (programmatic
 a side stream) before the one before it ends; in a model the next layer waits for this one.
 --chain makes each call's input depend on the previous call's output, as a residual add does
 (`x + 0 * out`, one elementwise kernel a call, values unchanged); the row then also holds that
-kernel's own time per call (`separator_us`, a graph of the adds alone), included in the call times. The bf16 baseline is graph-captured when its eager call makes no host sync (checked with
+kernel's own time per call (`separator_us`, a graph of the adds alone), included in the call times.
+The bf16 baseline is graph-captured when its eager call makes no host sync (checked with
 torch.cuda.set_sync_debug_mode("error") first) and capture succeeds; otherwise it is timed eagerly
 and the row says so (`bf16_captured`, `bf16_capture_error`).
 
