@@ -86,11 +86,17 @@ class QuantParametrization(nn.Module):
 NF4Parametrization = QuantParametrization
 
 
+def _quant_parametrization_or_none(module: nn.Module, name: str) -> Optional[QuantParametrization]:
+    """moequant's parametrization of ``module.<name>``, or None: the one walk every lookup below
+    makes (the experts forward makes it for both projections on every call)."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    return next((p for p in module.parametrizations[name] if isinstance(p, QuantParametrization)), None)
+
+
 def is_quantized(module: nn.Module, name: str) -> bool:
     """Whether ``module.<name>`` is a quantized stack parametrized by moequant."""
-    if not parametrize.is_parametrized(module, name):
-        return False
-    return any(isinstance(p, QuantParametrization) for p in module.parametrizations[name])
+    return _quant_parametrization_or_none(module, name) is not None
 
 
 def stored_numel(module: nn.Module, name: str) -> int:
@@ -101,35 +107,28 @@ def stored_numel(module: nn.Module, name: str) -> int:
 
 
 def _quant_parametrization(module: nn.Module, name: str) -> QuantParametrization:
-    for p in module.parametrizations[name]:
-        if isinstance(p, QuantParametrization):
-            return p
-    raise ValueError(f"{type(module).__name__}.{name} is not quantized by moequant")
+    p = _quant_parametrization_or_none(module, name)
+    if p is None:
+        raise ValueError(f"{type(module).__name__}.{name} is not quantized by moequant")
+    return p
+
+
+def _stack(module: nn.Module, name: str, p: QuantParametrization) -> QuantStack:
+    absmax, scale, offset = p.statistics()
+    return QuantStack(module.parametrizations[name].original, absmax, p.shape, p.blocksize, p.dtype, p.quant_type,
+                      scale, offset)
 
 
 def quant_stack_or_none(module: nn.Module, name: str) -> Optional[QuantStack]:
     """The packed stack behind ``module.<name>``, without dequantizing anything, or None when moequant
-    does not quantize it: one walk over the parametrization, which the experts forward makes for
-    both projections on every call (an eager decode step waits on that host time).
-    """
-    parametrizations = getattr(module, "parametrizations", None)
-    if parametrizations is None or name not in parametrizations:
-        return None
-    parametrization_list = parametrizations[name]
-    for p in parametrization_list:
-        if isinstance(p, QuantParametrization):
-            absmax, scale, offset = p.statistics()
-            return QuantStack(parametrization_list.original, absmax, p.shape, p.blocksize, p.dtype, p.quant_type,
-                              scale, offset)
-    return None
+    does not quantize it."""
+    p = _quant_parametrization_or_none(module, name)
+    return None if p is None else _stack(module, name, p)
 
 
 def quant_stack_of(module: nn.Module, name: str) -> QuantStack:
     """The packed stack behind a quantized parameter, without dequantizing anything."""
-    stack = quant_stack_or_none(module, name)
-    if stack is None:
-        raise ValueError(f"{type(module).__name__}.{name} is not quantized by moequant")
-    return stack
+    return _stack(module, name, _quant_parametrization(module, name))
 
 
 nf4_stack_of = quant_stack_of  # the name of earlier versions
