@@ -747,6 +747,55 @@ def test_decode_gemv_tensor_cores(dtype, fmt, blocksize, env):
         assert torch.equal(mma, ops.experts_forward(case.hidden, case.index, case.weights, *plain, **kw_plain))
 
 
+# The tensor-core GEMV's two ring depths (MOEQUANT_DECODE_MMA_STAGES: two stages a warp at three
+# CTAs per SM, three at two) add the same products in the same order: bitwise equal, with and without
+# LoRA, on input splits of 3 and 8 steps (H=768 and 2048). Without the switch a projection takes two
+# stages where three CTAs per SM hold its row tiles in one wave and two would not, without LoRA:
+# qwen3-30b-a3b's sizes at T=1 on 132 SMs, gate_up two stages (48 tiles a pair, 8 pairs), down
+# three (64 tiles: two waves either way).
+@pytest.mark.parametrize("fmt", ["nf4", "nf4_dq"])
+@pytest.mark.parametrize("H,I,T", [(768, 256, 3), (2048, 768, 1)])
+@pytest.mark.parametrize("lora", [False, True], ids=["no_lora", "lora"])
+def test_decode_gemv_ring_depths(fmt, H, I, T, lora, env, monkeypatch):
+    env("MOEQUANT_DECODE_MAX_PAIRS", "64")
+    case = cuda_case(T=T, k=8, E=16, H=H, I=I, dtype=torch.bfloat16, bias=True, sentinels=T > 1,
+                     lora=(lora, lora), rank=8, requires_grad=False, blocksize=64)
+    fc = FormatCase(case, fmt.split("_")[0], fmt.endswith("_dq"))
+    call = lambda: ops.experts_forward(*fc.args(), **fc.kwargs)  # noqa: E731
+    outs, names = {}, {}
+    for stages in ("2", "3", None):
+        if stages is None:
+            monkeypatch.delenv("MOEQUANT_DECODE_MMA_STAGES", raising=False)
+        else:
+            env("MOEQUANT_DECODE_MMA_STAGES", stages)
+        names[stages] = cuda_kernel_names(lambda: outs.__setitem__(stages, call()))
+    assert torch.equal(outs["2"], outs["3"]) and torch.equal(outs[None], outs["3"])
+    assert rel_err(outs[None], dense_reference(fc, case.hidden, case.weights, case.kwargs)) < TOL[torch.bfloat16]
+    if names[None] is None:
+        return
+
+    def depths(found, act_input):  # ring depths of the gate_up (act_input false) or down GEMVs that ran
+        kernels = [re.search(r"gemv_mma_kernel<[^,]+, (\w+), [^,]+, \w+, (\d+)>", n) for n in found]
+        return {int(m.group(2)) for m in kernels if m and m.group(1) == act_input}
+
+    for forced in ("2", "3"):
+        assert depths(names[forced], "false") == depths(names[forced], "true") == {int(forced)}, names[forced]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    pairs = T * 8  # one split of the input dimension (H, I <= 2048), 32 rows a tile
+
+    def rounds(tiles, ctas_per_sm):  # row tiles of the busiest CTA of the persistent grid
+        per_pair = min(max(ctas_per_sm * sms // pairs, 1), tiles)
+        return -(-tiles // per_pair)
+
+    def expected(tiles):
+        return 2 if not lora and rounds(tiles, 3) == 1 < rounds(tiles, 2) else 3
+
+    assert depths(names[None], "false") == {expected(2 * I // 32)}, names[None]
+    assert depths(names[None], "true") == {expected(H // 32)}, names[None]
+    if sms == 132 and (H, I, T) == (2048, 768, 1):  # H100 SXM / H200: the case the rule is for
+        assert (expected(2 * I // 32), expected(H // 32)) == (2, 3)
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_int8_row_sliced_scratch(transposed, env):
     """int8 stacks through row slices of one expert (a scratch budget below one expert) and an

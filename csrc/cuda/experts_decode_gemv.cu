@@ -56,7 +56,6 @@ constexpr int64_t kMaxGridZ = 65535;  // the GEMV grid's z dimension, one index 
 constexpr int64_t kSplitUnits = 64;
 constexpr int kPaddedUnitFloats = 36;  // 32 inputs + 4 floats of padding per unit in shared memory
 constexpr int kStagedPerThread = kSplitUnits * 32 / kGemvThreads;
-constexpr int kMaxStagedBytes = static_cast<int>(kSplitUnits * kPaddedUnitFloats * sizeof(float));
 constexpr int kRowsPerCta = kGemvWarps * kRowsPerWarp;
 // Tensor-core decode (gemv_mma_applies): a CTA tile's rows as kMmaRowGroups groups of 16 (an
 // mma.sync m16n8k16 A operand), each group's split input range divided among kMmaKParts warps
@@ -64,12 +63,14 @@ constexpr int kRowsPerCta = kGemvWarps * kRowsPerWarp;
 // of 8 units (256 weights) a warp; the parts' row sums meet in shared memory once per tile.
 constexpr int kMmaRowGroups = kRowsPerCta / 16;
 constexpr int kMmaKParts = kGemvWarps / kMmaRowGroups;
+// A warp's steps reach shared memory through a ring of stages (cp.async, 16-byte pieces: four full
+// rows per copy instruction), stages - 1 steps ahead of the one decoded. Three stages at two CTAs
+// per SM, or two at three where only that makes the grid one wave (gemv_mma_stages). The rings
+// follow the input vector, staged in the 16-bit input dtype.
 constexpr int kMmaStepUnits = 8;  // 256 weights: 128 bytes of a row
-// A warp's steps reach shared memory through a ring of kMmaStages stages (cp.async, 16-byte pieces:
-// four full rows per copy instruction), two steps ahead of the one decoded.
-constexpr int kMmaStages = 3;
 constexpr int kMmaStageBytes = 16 * kMmaStepUnits * 16;
-constexpr int kMmaRingBytes = kGemvWarps * kMmaStages * kMmaStageBytes;
+constexpr int kMmaStagedBytes = static_cast<int>(kSplitUnits * 32 * 2);
+constexpr int mma_smem_bytes(int stages) { return kMmaStagedBytes + kGemvWarps * stages * kMmaStageBytes; }
 static_assert(kRowsPerCta % 16 == 0 && kGemvWarps % kMmaRowGroups == 0, "whole m16 row groups, whole warps a group");
 // Input elements per CTA of the LoRA A product: its u partial sums are [P, rank, ceil(K / this)].
 constexpr int64_t kLoraChunk = 1024;
@@ -319,10 +320,12 @@ struct UnitCodes {
 // and 2j + 1 read units of the same block in each row, so each loads and decodes the scales of
 // two of the warp's four rows and takes the other two from its partner (one shuffle each): half
 // the scale loads and map lookups of a step.
-// kMma: the 4-bit products on tensor cores (gemv_mma_applies; the input vector staged in in_t).
-// The kernels' body; gemv_kernel and gemv_dq_kernel (below) differ in their launch bounds only.
+// kMma: the 4-bit products on tensor cores (gemv_mma_applies; the input vector staged in in_t),
+// through code rings of kStages stages a warp.
+// The kernels' body; gemv_kernel, gemv_dq_kernel and gemv_mma_kernel (below) differ in their
+// launch bounds only.
 template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8,
-          bool kPairScales = false, bool kMma = false>
+          bool kPairScales = false, bool kMma = false, int kStages = 3>
 __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Quant4Args& args, int64_t N, int64_t K,
     int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E, int64_t top_k,
     GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first, bool half_table, float* __restrict__ out) {
@@ -454,14 +457,16 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   // at slot c ^ 2 (r % 4), so that the fragment reads below are conflict-free), and lane t's two
   // scales: row g (t < 2) or g + 8, the step's 64-weight pieces 2 (t % 2) and 2 (t % 2) + 1.
   using MmaScales = LoadedScale[2];
+  static_assert(kStages >= 2, "a step in flight while one is decoded");
+  constexpr int kAhead = kStages - 1;  // steps issued and not yet decoded, while one is
   auto next_mma_step = [&](MmaStep m) {
     if (++m.s >= mma_end) m = {m.tile + gridDim.x, mma_begin};
     return m;
   };
   MmaStep mst{blockIdx.x, mma_begin};
-  MmaStep ahead = next_mma_step(mst);
-  [[maybe_unused]] MmaScales mma_scales[2];  // the steps mst and ahead
-  char* const mma_ring = reinterpret_cast<char*>(staged) + kMaxStagedBytes + warp * kMmaStages * kMmaStageBytes;
+  MmaStep ahead = mst;  // the last step issued
+  [[maybe_unused]] MmaScales mma_scales[kAhead];  // the steps issued ahead of mst, oldest first
+  char* const mma_ring = reinterpret_cast<char*>(staged) + kMmaStagedBytes + warp * kStages * kMmaStageBytes;
   auto issue_mma_step = [&](MmaStep m, int stage, MmaScales& q) {
     if (m.tile < row_tiles && mma_begin < mma_end) {
       const uint32_t row0 = static_cast<uint32_t>(m.tile * kRowsPerCta + mma_group * 16);
@@ -486,7 +491,11 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   // table is filled and the input vector staged (one memory latency per CTA instead of two).
   if constexpr (kMma) {
     issue_mma_step(mst, 0, mma_scales[0]);
-    issue_mma_step(ahead, 1, mma_scales[1]);
+#pragma unroll
+    for (int i = 1; i < kAhead; ++i) {
+      ahead = next_mma_step(ahead);
+      issue_mma_step(ahead, i, mma_scales[i]);
+    }
   } else {
     load_step(st);
   }
@@ -520,11 +529,14 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
     int stage = 0;  // mst's stage in the ring
     while (mst.tile < row_tiles) {
       const LoadedScale cur_scales[2] = {mma_scales[0][0], mma_scales[0][1]};
-      mma_scales[0][0] = mma_scales[1][0], mma_scales[0][1] = mma_scales[1][1];
+#pragma unroll
+      for (int i = 0; i + 1 < kAhead; ++i) {
+        mma_scales[i][0] = mma_scales[i + 1][0], mma_scales[i][1] = mma_scales[i + 1][1];
+      }
       ahead = next_mma_step(ahead);
       __syncwarp();  // every lane has read the stage `ahead` refills (it held the previous step)
-      issue_mma_step(ahead, stage == 0 ? 2 : stage - 1, mma_scales[1]);
-      cp_async_wait<2>();  // this lane's pieces of mst have landed ...
+      issue_mma_step(ahead, stage == 0 ? kAhead : stage - 1, mma_scales[kAhead - 1]);
+      cp_async_wait<kAhead>();  // this lane's pieces of mst have landed ...
       __syncwarp();        // ... and every lane's
       if (mma_begin < mma_end) {
         const char* const codes = mma_ring + stage * kMmaStageBytes;
@@ -556,7 +568,7 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
         mma_acc = fmaf(t & 1 ? half_sums[2] : half_sums[0], scales.resolve(cur_scales[0]), mma_acc);
         mma_acc = fmaf(t & 1 ? half_sums[3] : half_sums[1], scales.resolve(cur_scales[1]), mma_acc);
       }
-      stage = stage == kMmaStages - 1 ? 0 : stage + 1;
+      stage = stage == kStages - 1 ? 0 : stage + 1;
       const MmaStep next = next_mma_step(mst);
       if (next.tile != mst.tile) {  // the tile's last step: reduce its rows
         const float v = mma_acc + __shfl_xor_sync(0xffffffffu, mma_acc, 1);  // both halves of the row
@@ -675,15 +687,29 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   }
 }
 
-template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8, bool kMma = false>
+template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8>
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
                 int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
                 int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first,
                 bool half_table, float* __restrict__ out) {
-  gemv<in_t, kActInput, kAct, kDoubleQuant, kInt8, false, kMma>(packed, args, N, K, split_units,
-                                                                log2_units_per_block, pair_expert, E, top_k, in, lora,
-                                                                first, half_table, out);
+  gemv<in_t, kActInput, kAct, kDoubleQuant, kInt8>(packed, args, N, K, split_units, log2_units_per_block,
+                                                   pair_expert, E, top_k, in, lora, first, half_table, out);
+}
+
+// The tensor-core GEMV with rings of kStages stages: 85-86 KB of shared memory a CTA with three
+// (two CTAs per SM), 69-70 KB with two (three CTAs per SM: it takes 69-80 registers unbounded, which
+// three CTAs hold; a bound of three CTAs made ptxas spill, and a bound of one or two made it take
+// 128-154 registers).
+template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, int kStages>
+__global__ void __launch_bounds__(kGemvThreads)
+gemv_mma_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
+                int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
+                int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first,
+                bool half_table, float* __restrict__ out) {
+  gemv<in_t, kActInput, kAct, kDoubleQuant, false, false, true, kStages>(packed, args, N, K, split_units,
+                                                                         log2_units_per_block, pair_expert, E, top_k,
+                                                                         in, lora, first, half_table, out);
 }
 
 // Double-quantized 4-bit stacks on sm_90+: three CTAs per SM, as plain stacks get (78 registers).
@@ -798,28 +824,61 @@ static void dispatch_gemv_activation(GatedActivation kind, F&& f) {
   }
 }
 
-template <typename KernelT, typename in_t>
-static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert,
-                        int64_t top_k, const auto& input, const GemvLora<in_t>& lora, float* out, cudaStream_t stream,
-                        bool dependent, bool first, bool mma = false) {
-  const QuantStackView view = w.view();
-  const Quant4Args args{view.scales, view.codebook, view.type};
+// A GEMV launch's dynamic shared memory and grid. One wave: as many CTAs as fit at once, each
+// looping over row tiles of its (split, pair), so the table and the input vector are built once per
+// CTA. `mma_stages`: the tensor-core kernel's ring depth, 0 for the FFMA kernels.
+struct GemvGrid {
+  int smem;
+  dim3 grid;
+  int64_t rounds;  // row tiles of the busiest CTA
+};
+
+template <typename KernelT>
+static GemvGrid gemv_grid(KernelT kernel, const PackedStack& w, int64_t num_pairs, int mma_stages) {
   const GemvSplit split = gemv_split(w.cols);
   // The staged input vector (+ 32 KB of static table); on tensor cores also the warps' code rings.
-  const int smem = mma ? kMaxStagedBytes + kMmaRingBytes
-                       : static_cast<int>(split.units * kPaddedUnitFloats * sizeof(float));
-  if (mma) allow_dynamic_smem(kernel, smem);
-  // One wave: as many CTAs as fit at once, each looping over row tiles of its (split, pair), so
-  // the table and the input vector are built once per CTA.
+  const int smem = mma_stages > 0 ? mma_smem_bytes(mma_stages)
+                                  : static_cast<int>(split.units * kPaddedUnitFloats * sizeof(float));
+  if (mma_stages > 0) allow_dynamic_smem(kernel, smem);
   const int64_t row_tiles = (w.rows + kRowsPerCta - 1) / kRowsPerCta;
   const int64_t ctas = persistent_grid(kernel, kGemvThreads, row_tiles * split.splits * num_pairs, smem);
   const int64_t ctas_x = std::clamp<int64_t>(ctas / (split.splits * num_pairs), 1, row_tiles);
   const dim3 grid(static_cast<unsigned>(ctas_x), static_cast<unsigned>(split.splits), static_cast<unsigned>(num_pairs));
+  return {smem, grid, (row_tiles + ctas_x - 1) / ctas_x};
+}
+
+template <typename KernelT, typename in_t>
+static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert,
+                        int64_t top_k, const auto& input, const GemvLora<in_t>& lora, float* out, cudaStream_t stream,
+                        bool dependent, bool first, int mma_stages = 0) {
+  const QuantStackView view = w.view();
+  const Quant4Args args{view.scales, view.codebook, view.type};
+  const GemvSplit split = gemv_split(w.cols);
+  const GemvGrid g = gemv_grid(kernel, w, num_pairs, mma_stages);
   const int log2_units_per_block =
       is_4bit(w.type) ? __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32)) : 0;  // int8: unused
-  launch_kernel(kernel, grid, kGemvThreads, smem, stream, dependent, static_cast<const uint8_t*>(view.data), args,
+  launch_kernel(kernel, g.grid, kGemvThreads, g.smem, stream, dependent, static_cast<const uint8_t*>(view.data), args,
                 w.rows, w.cols, split.units, log2_units_per_block, pair_expert.const_data_ptr<int64_t>(), w.experts,
                 top_k, input, lora, first, is_4bit(w.type) && sizeof(in_t) == 2 && decode_half_table(), out);
+}
+
+// The tensor-core GEMV's ring depth: two stages (three CTAs per SM) where that makes the grid a
+// single wave of row tiles and three stages (two CTAs per SM) would take more, else three. Such a
+// call is bound by each CTA's latency, not by bandwidth: qwen3-30b-a3b's gate_up at T=1 (384 row
+// tiles) is one wave on 132 SMs at three CTAs each and two at two (H100, chained calls: -10% a
+// call). Elsewhere the deeper ring is kept: olmoe-1b-7b at T=1 (512 tiles, two waves either way)
+// is 5% slower with two stages and 13% with LoRA; with LoRA the pass after the loop runs on the
+// CTAs a wave holds. (Two stages also read faster at T=8 on qwen3-30b-a3b and olmoe-1b-7b, -1 to
+// -5%, not yet measured on the larger shapes.) MOEQUANT_DECODE_MMA_STAGES = "2" or "3" forces a
+// depth (comparisons and tests; read per call).
+template <typename KernelT>
+static int gemv_mma_stages(const PackedStack& w, int64_t num_pairs, bool lora, KernelT deep, KernelT shallow) {
+  if (const char* v = std::getenv("MOEQUANT_DECODE_MMA_STAGES")) {
+    if (std::string(v) == "2") return 2;
+    if (std::string(v) == "3") return 3;
+  }
+  if (lora) return 3;
+  return gemv_grid(shallow, w, num_pairs, 2).rounds == 1 && gemv_grid(deep, w, num_pairs, 3).rounds > 1 ? 2 : 3;
 }
 
 // The GEMV of one stack, instantiated for its format.
@@ -829,9 +888,16 @@ static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at:
                               cudaStream_t stream, bool dependent, bool first) {
   if constexpr (sizeof(in_t) == 2) {
     if (gemv_mma_applies(w)) {
-      const auto kernel = w.double_quant() ? gemv_kernel<in_t, kActInput, kAct, true, false, true>
-                                           : gemv_kernel<in_t, kActInput, kAct, false, false, true>;
-      launch_gemv(kernel, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent, first, true);
+      const bool dq = w.double_quant();
+      const auto deep =
+          dq ? gemv_mma_kernel<in_t, kActInput, kAct, true, 3> : gemv_mma_kernel<in_t, kActInput, kAct, false, 3>;
+      const auto shallow =
+          dq ? gemv_mma_kernel<in_t, kActInput, kAct, true, 2> : gemv_mma_kernel<in_t, kActInput, kAct, false, 2>;
+      if (gemv_mma_stages(w, num_pairs, lora.B != nullptr, deep, shallow) == 2) {
+        launch_gemv(shallow, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent, first, 2);
+      } else {
+        launch_gemv(deep, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent, first, 3);
+      }
       return;
     }
   }
