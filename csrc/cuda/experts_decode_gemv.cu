@@ -863,14 +863,14 @@ static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs,
 }
 
 // The tensor-core GEMV's ring depth: two stages (three CTAs per SM) where that makes the grid a
-// single wave of row tiles and three stages (two CTAs per SM) would take more, else three. Such a
-// call is bound by each CTA's latency, not by bandwidth: qwen3-30b-a3b's gate_up at T=1 (384 row
-// tiles) is one wave on 132 SMs at three CTAs each and two at two (H100, chained calls: -10% a
-// call). Elsewhere the deeper ring is kept: olmoe-1b-7b at T=1 (512 tiles, two waves either way)
-// is 5% slower with two stages and 13% with LoRA; with LoRA the pass after the loop runs on the
-// CTAs a wave holds. (Two stages also read faster at T=8 on qwen3-30b-a3b and olmoe-1b-7b, -1 to
-// -5%, not yet measured on the larger shapes.) MOEQUANT_DECODE_MMA_STAGES = "2" or "3" forces a
-// depth (comparisons and tests; read per call).
+// single wave of row tiles and three stages (two CTAs per SM) would not, without LoRA; else three.
+// Such a call is bound by its CTAs' latency, not by bandwidth: qwen3-30b-a3b's gate_up at T=1 (384
+// row tiles) is one wave on 132 SMs at three CTAs each and two at two (H100, chained calls: -10% a
+// call). Where both depths take as many rounds the deeper ring is faster: olmoe-1b-7b at T=1 (512
+// tiles, two rounds either way) is 5% slower with two stages, 13% with LoRA. (With fewer rounds
+// but more than one, two stages read faster at T=8 on qwen3-30b-a3b and olmoe-1b-7b, -1 to -5%;
+// not yet measured on the larger shapes.) MOEQUANT_DECODE_MMA_STAGES = "2" or "3" forces a depth
+// (comparisons and tests; read per call).
 template <typename KernelT>
 static int gemv_mma_stages(const PackedStack& w, int64_t num_pairs, bool lora, KernelT deep, KernelT shallow) {
   if (const char* v = std::getenv("MOEQUANT_DECODE_MMA_STAGES")) {
