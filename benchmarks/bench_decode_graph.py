@@ -18,10 +18,13 @@ and the row says so (`bf16_captured`, `bf16_capture_error`).
 "<format>+lora<r>", factors contiguous in bfloat16; its bandwidth counts the packed bytes only).
 --peft-lora-row also times them as PEFT hands them to the op at inference (row "<format>+lora<r>-peft":
 float32, A [E*r, in] viewed [E, r, in], B [out, r*E] viewed [E, out, r], expert-minor: a gather per
-element of B), same values. --no-pdl-rows also times the first
-format (and its LoRA row) with MOEQUANT_DECODE_PDL=0 (plain launches instead of programmatic dependent
-launches; rows "<format>-nopdl"). --profile-kernels prints, per shape and T, the CUDA kernels of one
-eager call of the first format (and its LoRA row) with their device times (torch.profiler).
+element of B), same values. --no-pdl-rows also times the first format (and its LoRA row) with
+MOEQUANT_DECODE_PDL=0 (plain launches instead of programmatic dependent launches; rows
+"<format>-nopdl"). --env-row NAME=VALUE (repeatable) does the same with any knob the kernels read per
+call (rows "<format>-NAME=VALUE", the setting in the row's `env`), so that two settings are compared
+in one process, on the same weights and inputs, a minute apart. --profile-kernels prints, per shape
+and T, the CUDA kernels of one eager call of the first format (and its LoRA row) with their device
+times (torch.profiler).
 
 Bandwidth: GB/s of the packed bytes the call reads (codes + statistics of the distinct experts its
 routing selects, both projections) over the per-call time, and its % of a same-run device-to-device
@@ -29,7 +32,7 @@ copy (read + write bytes / time of a 1 GiB `copy_`).
 
     python benchmarks/bench_decode_graph.py [--shapes qwen3_30b_a3b,olmoe_1b_7b,mixtral_8x7b,deepseek_v3]
         [--tokens 1,8] [--formats nf4,nf4_dq,fp4,fp4_dq,int8] [--calls 16] [--reps 20]
-        [--lora-rank 16] [--peft-lora-row] [--no-pdl-rows] [--profile-kernels] [--chain]
+        [--lora-rank 16] [--peft-lora-row] [--no-pdl-rows] [--env-row NAME=VALUE ...] [--profile-kernels] [--chain]
         [--out benchmarks/results/bench_decode_graph-<device>.json]
     python benchmarks/bench_decode_graph.py --device cpu --shapes tiny --reps 2   # smoke: eager only
 """
@@ -106,19 +109,18 @@ def capture(fn):
 
 
 @contextlib.contextmanager
-def env_var(name, value):
-    """os.environ[name] = value inside the block (None: unchanged)."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
+def env_vars(settings):
+    """os.environ updated with `settings` ({name: value}) inside the block, restored after it."""
+    old = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if value is not None:
-            if old is None:
+        for name, value in old.items():
+            if value is None:
                 os.environ.pop(name, None)
             else:
-                os.environ[name] = old
+                os.environ[name] = value
 
 
 def print_kernels(label, fn):
@@ -171,18 +173,21 @@ def timed(run_all, calls, reps, device, graphable=True):
 
 @torch.no_grad()
 def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate, rows, no_pdl_rows=False,
-                profile_kernels=False, peft_lora_row=False, chain=False):
+                profile_kernels=False, peft_lora_row=False, chain=False, env_rows=()):
     H, I, E, k = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
     experts = build_bf16_experts(H, I, E, k, device)
     stacks = {fmt: quantize_experts(experts, *fmt) for fmt in formats}
-    variants = [(fmt, {}, None, "") for fmt in formats]  # (format, LoRA kwargs, MOEQUANT_DECODE_PDL, suffix)
+    variants = [(fmt, {}, {}, "") for fmt in formats]  # (format, LoRA kwargs, environment, suffix)
     if lora_rank:  # the first format again with LoRA on both projections
-        variants.append((formats[0], lora_factors(H, I, E, lora_rank, device), None, ""))
+        variants.append((formats[0], lora_factors(H, I, E, lora_rank, device), {}, ""))
         if peft_lora_row:
-            variants.append((formats[0], lora_factors(H, I, E, lora_rank, device, "peft"), None, "-peft"))
+            variants.append((formats[0], lora_factors(H, I, E, lora_rank, device, "peft"), {}, "-peft"))
+    first = [v for v in variants if v[0] == formats[0]]
     if no_pdl_rows:
-        variants += [(fmt, kw, "0", suffix) for fmt, kw, _, suffix in list(variants) if fmt == formats[0]]
+        variants += [(fmt, kw, {"MOEQUANT_DECODE_PDL": "0"}, suffix + "-nopdl") for fmt, kw, _, suffix in first]
+    for env_name, value in env_rows:
+        variants += [(fmt, kw, {env_name: value}, f"{suffix}-{env_name}={value}") for fmt, kw, _, suffix in first]
     bf16_expert_bytes = 3 * H * I * 2
     for T in tokens:
         inputs = routed_calls(T, H, E, k, calls, device, gen)
@@ -206,11 +211,10 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
             bf16 = timed(bf16_all, calls, reps, device, graphable=False)
         bf16_captured = "graph_ms" in bf16
         bf16_ms = bf16.get("graph_ms", bf16["eager_ms"])
-        for fmt, lora_kw, pdl, suffix in variants:
+        for fmt, lora_kw, env, suffix in variants:
             positional, format_kw, stack_bytes = stacks[fmt]
             format_kw = dict(format_kw, **lora_kw)
-            label = (format_name(*fmt) + (f"+lora{lora_rank}" if lora_kw else "") + suffix
-                     + ("-nopdl" if pdl == "0" else ""))
+            label = format_name(*fmt) + (f"+lora{lora_rank}" if lora_kw else "") + suffix
 
             def mq_call(x, idx, w, positional=positional, format_kw=format_kw):
                 return ops.experts_forward(*experts_op_args(x, idx, w, *positional, blocksize=64, **format_kw))
@@ -222,7 +226,7 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
             def mq_one():
                 mq_call(x0, idx0, w0)
 
-            with env_var("MOEQUANT_DECODE_PDL", pdl):  # read at each call, so also by the captured launches
+            with env_vars(env):  # read at each call, so also by the captured launches
                 mq_err = first_host_sync(mq_all) if device.type == "cuda" else None
                 mq = timed(mq_all, calls, reps, device, graphable=mq_err is None)
                 if device.type == "cuda" and mq_err is None:  # one call per graph: includes the graph launch
@@ -235,7 +239,7 @@ def bench_shape(name, tokens, formats, lora_rank, calls, reps, device, copy_rate
             read_bytes = mean_distinct * stack_bytes / E
             gbps = read_bytes / (mq_ms * 1e-3) / 1e9
             row = dict(
-                shape=name, T=T, format=label, calls_per_graph=calls, chained=chain, separator_us=separator_us,
+                shape=name, T=T, format=label, env=env, calls_per_graph=calls, chained=chain, separator_us=separator_us,
                 mean_distinct_experts=mean_distinct, packed_bytes_read=read_bytes,
                 moequant_us=mq_ms * 1e3, moequant_captured="graph_ms" in mq,
                 moequant_graph_1call_us=mq["graph1_ms"] * 1e3 if "graph1_ms" in mq else None,
@@ -274,6 +278,8 @@ def main():
                     help="also time the LoRA row with the factors as PEFT passes them (float32, B expert-minor)")
     ap.add_argument("--no-pdl-rows", action="store_true",
                     help="also time the first format (and its LoRA row) with MOEQUANT_DECODE_PDL=0")
+    ap.add_argument("--env-row", action="append", default=[], metavar="NAME=VALUE",
+                    help="also time the first format (and its LoRA rows) with this environment setting; repeatable")
     ap.add_argument("--profile-kernels", action="store_true",
                     help="print the CUDA kernels of one call of the first format (and its LoRA row) per shape and T")
     ap.add_argument("--chain", action="store_true",
@@ -282,6 +288,12 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     formats = [parse_format(f) for f in args.formats.split(",") if f]
+    env_rows = []
+    for item in args.env_row:
+        env_name, sep, value = item.partition("=")
+        if not sep or not env_name:
+            ap.error(f"--env-row expects NAME=VALUE, got {item!r}")
+        env_rows.append((env_name, value))
     shapes = args.shapes.split(",")
     for s in shapes:
         if s not in SHAPES:
@@ -303,7 +315,7 @@ def main():
     for name in shapes:
         bench_shape(name, tokens, formats, args.lora_rank, args.calls, args.reps, device, copy_rate, rows,
                     no_pdl_rows=args.no_pdl_rows, profile_kernels=args.profile_kernels,
-                    peft_lora_row=args.peft_lora_row, chain=args.chain)
+                    peft_lora_row=args.peft_lora_row, chain=args.chain, env_rows=env_rows)
         gc.collect()  # the shape's weights and graphs
         if device.type == "cuda":
             torch.cuda.empty_cache()

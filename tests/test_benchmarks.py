@@ -116,6 +116,30 @@ def test_decode_graph_chain_orders_the_calls():
     torch.testing.assert_close(seen[2], inputs[2][0], rtol=0, atol=0)
 
 
+def test_decode_graph_env_rows(tmp_path, monkeypatch):
+    """--env-row NAME=VALUE adds the first format's rows (LoRA included) timed with that setting,
+    labelled and recorded in the row; the setting holds only while those rows run."""
+    out = tmp_path / "decode_graph.json"
+    r = _run(["benchmarks/bench_decode_graph.py", "--device", "cpu", "--shapes", "tiny", "--tokens", "1",
+              "--formats", "nf4,nf4_dq", "--lora-rank", "4", "--reps", "1", "--calls", "2",
+              "--env-row", "MOEQUANT_DECODE_MMA_STAGES=2", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["format"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"nf4", "nf4_dq", "nf4+lora4", "nf4-MOEQUANT_DECODE_MMA_STAGES=2",
+                         "nf4+lora4-MOEQUANT_DECODE_MMA_STAGES=2"}, sorted(rows)
+    assert rows["nf4+lora4-MOEQUANT_DECODE_MMA_STAGES=2"]["env"] == {"MOEQUANT_DECODE_MMA_STAGES": "2"}
+    assert rows["nf4"]["env"] == {} and rows["nf4-MOEQUANT_DECODE_MMA_STAGES=2"]["moequant_us"] > 0
+    bad = _run(["benchmarks/bench_decode_graph.py", "--device", "cpu", "--env-row", "NOVALUE"])
+    assert bad.returncode == 2 and "--env-row expects NAME=VALUE" in bad.stderr
+
+    bench_decode_graph = pytest.importorskip("bench_decode_graph")
+    monkeypatch.delenv("MOEQUANT_X_UNSET", raising=False)
+    monkeypatch.setenv("MOEQUANT_X_SET", "old")
+    with bench_decode_graph.env_vars({"MOEQUANT_X_UNSET": "1", "MOEQUANT_X_SET": "new"}):
+        assert os.environ["MOEQUANT_X_UNSET"] == "1" and os.environ["MOEQUANT_X_SET"] == "new"
+    assert "MOEQUANT_X_UNSET" not in os.environ and os.environ["MOEQUANT_X_SET"] == "old"
+
+
 def test_decode_graph_chained_smoke_run(tmp_path):
     out = tmp_path / "decode_graph.json"
     r = _run(["benchmarks/bench_decode_graph.py", "--device", "cpu", "--shapes", "tiny", "--tokens", "1",
