@@ -65,7 +65,7 @@ constexpr int kMmaRowGroups = kRowsPerCta / 16;
 constexpr int kMmaKParts = kGemvWarps / kMmaRowGroups;
 // A warp's steps reach shared memory through a ring of stages (cp.async, 16-byte pieces: four full
 // rows per copy instruction), stages - 1 steps ahead of the one decoded. Three stages at two CTAs
-// per SM, or two at three where only that makes the grid one wave (gemv_mma_stages). The rings
+// per SM, or two at three where that takes fewer rounds of row tiles (gemv_mma_stages). The rings
 // follow the input vector, staged in the 16-bit input dtype.
 constexpr int kMmaStepUnits = 8;  // 256 weights: 128 bytes of a row
 constexpr int kMmaStageBytes = 16 * kMmaStepUnits * 16;
@@ -862,23 +862,23 @@ static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs,
                 top_k, input, lora, first, is_4bit(w.type) && sizeof(in_t) == 2 && decode_half_table(), out);
 }
 
-// The tensor-core GEMV's ring depth: two stages (three CTAs per SM) where that makes the grid a
-// single wave of row tiles and three stages (two CTAs per SM) would not, without LoRA; else three.
-// Such a call is bound by its CTAs' latency, not by bandwidth: qwen3-30b-a3b's gate_up at T=1 (384
-// row tiles) is one wave on 132 SMs at three CTAs each and two at two (H100, chained calls: -10% a
-// call). Where both depths take as many rounds the deeper ring is faster: olmoe-1b-7b at T=1 (512
-// tiles, two rounds either way) is 5% slower with two stages, 13% with LoRA. (With fewer rounds
-// but more than one, two stages read faster at T=8 on qwen3-30b-a3b and olmoe-1b-7b, -1 to -5%;
-// not yet measured on the larger shapes.) MOEQUANT_DECODE_MMA_STAGES = "2" or "3" forces a depth
-// (comparisons and tests; read per call).
+// The tensor-core GEMV's ring depth: two stages (three CTAs per SM) where that gives the busiest
+// CTA fewer row tiles than three stages (two CTAs per SM) do, else three. These calls are paced by
+// their CTAs more than by the bytes each keeps in flight: qwen3-30b-a3b's gate_up at T=1 (384 row
+// tiles) is one round at three CTAs per SM and two at two (H100, chained calls: -10% a call), and
+// two stages gain 0.6-8.5% wherever they take fewer rounds (T=8 on the four reference shapes, T=1
+// on mixtral-8x7b and deepseek-v3, LoRA included). Where both depths take as many rounds the
+// deeper ring is faster: olmoe-1b-7b at T=1 (512 tiles, two rounds either way) is 5% slower with
+// two stages, 13% with LoRA; deepseek-v3 at T=8 with LoRA, 25% slower with both projections on two
+// stages (its gate_up has one CTA per split and pair at either depth; down alone on two: -2%).
+// MOEQUANT_DECODE_MMA_STAGES = "2" or "3" forces a depth (comparisons and tests; read per call).
 template <typename KernelT>
-static int gemv_mma_stages(const PackedStack& w, int64_t num_pairs, bool lora, KernelT deep, KernelT shallow) {
+static int gemv_mma_stages(const PackedStack& w, int64_t num_pairs, KernelT deep, KernelT shallow) {
   if (const char* v = std::getenv("MOEQUANT_DECODE_MMA_STAGES")) {
     if (std::string(v) == "2") return 2;
     if (std::string(v) == "3") return 3;
   }
-  if (lora) return 3;
-  return gemv_grid(shallow, w, num_pairs, 2).rounds == 1 && gemv_grid(deep, w, num_pairs, 3).rounds > 1 ? 2 : 3;
+  return gemv_grid(shallow, w, num_pairs, 2).rounds < gemv_grid(deep, w, num_pairs, 3).rounds ? 2 : 3;
 }
 
 // The GEMV of one stack, instantiated for its format.
@@ -893,7 +893,7 @@ static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at:
           dq ? gemv_mma_kernel<in_t, kActInput, kAct, true, 3> : gemv_mma_kernel<in_t, kActInput, kAct, false, 3>;
       const auto shallow =
           dq ? gemv_mma_kernel<in_t, kActInput, kAct, true, 2> : gemv_mma_kernel<in_t, kActInput, kAct, false, 2>;
-      if (gemv_mma_stages(w, num_pairs, lora.B != nullptr, deep, shallow) == 2) {
+      if (gemv_mma_stages(w, num_pairs, deep, shallow) == 2) {
         launch_gemv(shallow, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent, first, 2);
       } else {
         launch_gemv(deep, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent, first, 3);
