@@ -73,11 +73,12 @@ def test_cuda_sources_compile(tmp_path):
     assert not spilling, spilling
     plain = {n: v[0] for n, v in gemv.items() if gemv_template_flags(n)[1:3] == [False, False]}
     assert plain and max(plain.values()) <= THREE_CTAS_REGISTERS, plain
-    # The tensor-core GEMV with two-stage rings runs three CTAs per SM (its launch bound): the
-    # bound holds without spills (checked above) for every format and activation.
-    shallow = {n: v[0] for n, v in kernels.items() if re.search(r"gemv_mma_kernel<.*, 2>\(", n)}
+    # The tensor-core GEMV with two-stage rings (gemv_kernel<..., kMma = true, 2>) is chosen for three
+    # CTAs per SM, without a launch bound (one made ptxas spill): its registers must fit that budget
+    # unbounded, for every format and activation.
+    shallow = {n: v[0] for n, v in kernels.items() if re.search(r"gemv_kernel<.*, true, 2>\(", n)}
     assert shallow and max(shallow.values()) <= THREE_CTAS_REGISTERS, shallow
-    assert any(re.search(r"gemv_mma_kernel<.*, 3>\(", n) for n in kernels), sorted(kernels)[:5]
+    assert any(re.search(r"gemv_kernel<.*, true, 3>\(", n) for n in kernels), sorted(kernels)[:5]
     # The CUDA registrations compile too (plain C++ that names the CUDA kernels).
     reg = subprocess.run(["g++", "-std=c++20", "-fsyntax-only", "-DMOEQUANT_WITH_CUDA",
                           *[f"-I{p}" for p in includes], os.path.join(ROOT, "ops", "register_cuda.cpp")],

@@ -775,7 +775,8 @@ def test_decode_gemv_ring_depths(fmt, H, I, T, lora, env, monkeypatch):
         return
 
     def depths(found, act_input):  # ring depths of the gate_up (act_input false) or down GEMVs that ran
-        kernels = [re.search(r"gemv_mma_kernel<[^,]+, (\w+), [^,]+, \w+, (\d+)>", n) for n in found]
+        # gemv_kernel<in_t, kActInput, kAct, kDoubleQuant, kInt8, kMma, kStages>
+        kernels = [re.search(r"gemv_kernel<[^,]+, (\w+), [^,]+, \w+, \w+, true, (\d+)>", n) for n in found]
         return {int(m.group(2)) for m in kernels if m and m.group(1) == act_input}
 
     for forced in ("2", "3"):

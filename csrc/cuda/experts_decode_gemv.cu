@@ -322,8 +322,7 @@ struct UnitCodes {
 // the scale loads and map lookups of a step.
 // kMma: the 4-bit products on tensor cores (gemv_mma_applies; the input vector staged in in_t),
 // through code rings of kStages stages a warp.
-// The kernels' body; gemv_kernel, gemv_dq_kernel and gemv_mma_kernel (below) differ in their
-// launch bounds only.
+// The kernels' body; gemv_kernel and gemv_dq_kernel (below) differ in their launch bounds only.
 template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8,
           bool kPairScales = false, bool kMma = false, int kStages = 3>
 __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Quant4Args& args, int64_t N, int64_t K,
@@ -687,27 +686,18 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   }
 }
 
-template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8>
+// kMma: the tensor-core GEMV, with rings of kStages stages: 85-86 KB of shared memory a CTA with
+// three (two CTAs per SM), 69-70 KB with two (three CTAs per SM: it takes 69-80 registers
+// unbounded, which three CTAs hold; a bound of three CTAs made ptxas spill, and a bound of one or
+// two made it take 128-154 registers).
+template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, bool kInt8, bool kMma = false,
+          int kStages = 3>
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
                 int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
                 int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first,
                 bool half_table, float* __restrict__ out) {
-  gemv<in_t, kActInput, kAct, kDoubleQuant, kInt8>(packed, args, N, K, split_units, log2_units_per_block,
-                                                   pair_expert, E, top_k, in, lora, first, half_table, out);
-}
-
-// The tensor-core GEMV with rings of kStages stages: 85-86 KB of shared memory a CTA with three
-// (two CTAs per SM), 69-70 KB with two (three CTAs per SM: it takes 69-80 registers unbounded, which
-// three CTAs hold; a bound of three CTAs made ptxas spill, and a bound of one or two made it take
-// 128-154 registers).
-template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant, int kStages>
-__global__ void __launch_bounds__(kGemvThreads)
-gemv_mma_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
-                int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
-                int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first,
-                bool half_table, float* __restrict__ out) {
-  gemv<in_t, kActInput, kAct, kDoubleQuant, false, false, true, kStages>(packed, args, N, K, split_units,
+  gemv<in_t, kActInput, kAct, kDoubleQuant, kInt8, false, kMma, kStages>(packed, args, N, K, split_units,
                                                                          log2_units_per_block, pair_expert, E, top_k,
                                                                          in, lora, first, half_table, out);
 }
@@ -830,6 +820,7 @@ static void dispatch_gemv_activation(GatedActivation kind, F&& f) {
 struct GemvGrid {
   int smem;
   dim3 grid;
+  int64_t split_units;
   int64_t rounds;  // row tiles of the busiest CTA
 };
 
@@ -844,21 +835,20 @@ static GemvGrid gemv_grid(KernelT kernel, const PackedStack& w, int64_t num_pair
   const int64_t ctas = persistent_grid(kernel, kGemvThreads, row_tiles * split.splits * num_pairs, smem);
   const int64_t ctas_x = std::clamp<int64_t>(ctas / (split.splits * num_pairs), 1, row_tiles);
   const dim3 grid(static_cast<unsigned>(ctas_x), static_cast<unsigned>(split.splits), static_cast<unsigned>(num_pairs));
-  return {smem, grid, (row_tiles + ctas_x - 1) / ctas_x};
+  return {smem, grid, split.units, (row_tiles + ctas_x - 1) / ctas_x};
 }
 
+// Launches `kernel` on the grid gemv_grid gave it.
 template <typename KernelT, typename in_t>
-static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert,
+static void launch_gemv(KernelT kernel, const GemvGrid& g, const PackedStack& w, const at::Tensor& pair_expert,
                         int64_t top_k, const auto& input, const GemvLora<in_t>& lora, float* out, cudaStream_t stream,
-                        bool dependent, bool first, int mma_stages = 0) {
+                        bool dependent, bool first) {
   const QuantStackView view = w.view();
   const Quant4Args args{view.scales, view.codebook, view.type};
-  const GemvSplit split = gemv_split(w.cols);
-  const GemvGrid g = gemv_grid(kernel, w, num_pairs, mma_stages);
   const int log2_units_per_block =
       is_4bit(w.type) ? __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32)) : 0;  // int8: unused
   launch_kernel(kernel, g.grid, kGemvThreads, g.smem, stream, dependent, static_cast<const uint8_t*>(view.data), args,
-                w.rows, w.cols, split.units, log2_units_per_block, pair_expert.const_data_ptr<int64_t>(), w.experts,
+                w.rows, w.cols, g.split_units, log2_units_per_block, pair_expert.const_data_ptr<int64_t>(), w.experts,
                 top_k, input, lora, first, is_4bit(w.type) && sizeof(in_t) == 2 && decode_half_table(), out);
 }
 
@@ -872,13 +862,12 @@ static void launch_gemv(KernelT kernel, const PackedStack& w, int64_t num_pairs,
 // two stages, 13% with LoRA; deepseek-v3 at T=8 with LoRA, 25% slower with both projections on two
 // stages (its gate_up has one CTA per split and pair at either depth; down alone on two: -2%).
 // MOEQUANT_DECODE_MMA_STAGES = "2" or "3" forces a depth (comparisons and tests; read per call).
-template <typename KernelT>
-static int gemv_mma_stages(const PackedStack& w, int64_t num_pairs, KernelT deep, KernelT shallow) {
+static int gemv_mma_stages(const GemvGrid& shallow, const GemvGrid& deep) {
   if (const char* v = std::getenv("MOEQUANT_DECODE_MMA_STAGES")) {
     if (std::string(v) == "2") return 2;
     if (std::string(v) == "3") return 3;
   }
-  return gemv_grid(shallow, w, num_pairs, 2).rounds < gemv_grid(deep, w, num_pairs, 3).rounds ? 2 : 3;
+  return shallow.rounds < deep.rounds ? 2 : 3;
 }
 
 // The GEMV of one stack, instantiated for its format.
@@ -889,14 +878,15 @@ static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at:
   if constexpr (sizeof(in_t) == 2) {
     if (gemv_mma_applies(w)) {
       const bool dq = w.double_quant();
-      const auto deep =
-          dq ? gemv_mma_kernel<in_t, kActInput, kAct, true, 3> : gemv_mma_kernel<in_t, kActInput, kAct, false, 3>;
-      const auto shallow =
-          dq ? gemv_mma_kernel<in_t, kActInput, kAct, true, 2> : gemv_mma_kernel<in_t, kActInput, kAct, false, 2>;
-      if (gemv_mma_stages(w, num_pairs, deep, shallow) == 2) {
-        launch_gemv(shallow, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent, first, 2);
+      const auto deep = dq ? gemv_kernel<in_t, kActInput, kAct, true, false, true, 3>
+                           : gemv_kernel<in_t, kActInput, kAct, false, false, true, 3>;
+      const auto shallow = dq ? gemv_kernel<in_t, kActInput, kAct, true, false, true, 2>
+                              : gemv_kernel<in_t, kActInput, kAct, false, false, true, 2>;
+      const GemvGrid deep_grid = gemv_grid(deep, w, num_pairs, 3), shallow_grid = gemv_grid(shallow, w, num_pairs, 2);
+      if (gemv_mma_stages(shallow_grid, deep_grid) == 2) {
+        launch_gemv(shallow, shallow_grid, w, pair_expert, top_k, input, lora, out, stream, dependent, first);
       } else {
-        launch_gemv(deep, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent, first, 3);
+        launch_gemv(deep, deep_grid, w, pair_expert, top_k, input, lora, out, stream, dependent, first);
       }
       return;
     }
@@ -909,7 +899,8 @@ static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at:
                       : !decode_dq_bounded() ? gemv_kernel<in_t, kActInput, kAct, true, false>
                       : pair_scales          ? gemv_dq_kernel<in_t, kActInput, kAct, true>
                                              : gemv_dq_kernel<in_t, kActInput, kAct, false>;
-  launch_gemv(kernel, w, num_pairs, pair_expert, top_k, input, lora, out, stream, dependent, first);
+  launch_gemv(kernel, gemv_grid(kernel, w, num_pairs, 0), w, pair_expert, top_k, input, lora, out, stream, dependent,
+              first);
 }
 
 // u partial sums of one projection's LoRA for every pair (lora_a_kernel) into `u_parts`, and the
