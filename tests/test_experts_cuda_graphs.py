@@ -140,8 +140,9 @@ def test_compile_reduce_overhead_matches_eager(lora):
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
-# LoRA in the decode path (u = A[e] x per pair in one kernel, scaling * B[e] u added in the GEMV's
-# LoRA pass) against the routed path on the same stacks (MOEQUANT_DECODE_MAX_PAIRS=0).
+# LoRA in the decode path (u = A[e] x per pair in a kernel beside each GEMV; scaling * B[e] u added
+# by lora_b_kernel to h for gate_up, to y for down) against the routed path on the same stacks
+# (MOEQUANT_DECODE_MAX_PAIRS=0).
 @pytest.mark.parametrize("which", ["both", "gate_up", "down"])
 @pytest.mark.parametrize("activation,interleaved,bias", [("silu", False, False), ("gelu", False, True),
                                                           ("gelu_tanh", False, False), ("swiglu_oai", True, True)])
@@ -284,10 +285,12 @@ def assert_decode_matches_routed(call, inputs, no_lora_call, tol, monkeypatch):
 
 
 # Shapes where every loop of the decode LoRA has a tail: H = 4160 is 3 GEMV splits of the gate_up
-# input (64 + 64 + 2 units) and 5 chunks of the A product (4 x 1024 + 64), I = 2112 is 2 splits of
-# the down input (64 + 2) and 3 chunks; rank 40 is more than one rank element per lane in the LoRA pass, rank
-# 8 fewer than the lanes; slot 1 of token 0 is a sentinel.
-@pytest.mark.parametrize("rank", [8, 40])
+# input (64 + 64 + 2 units), 5 chunks of its A product (4 x 1024 + 64) and 17 row blocks of down's B
+# product (16 x 256 + 64 rows); I = 2112 is 2 splits of the down input (64 + 2), 3 chunks and 17 row
+# blocks of gate_up's B product (4224 rows); rank 40 is five rank rows a warp in the A product, rank
+# 5 leaves three of its eight warps idle (and is fewer than the B product's prefetched elements);
+# slot 1 of token 0 is a sentinel.
+@pytest.mark.parametrize("rank", [5, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @torch.no_grad()
@@ -310,6 +313,21 @@ def test_lora_decode_matches_routed_path_with_tails(fmt, dtype, rank, monkeypatc
         weights = torch.softmax(rnd(T, k, scale=1.0), dim=-1).to(dtype)
         assert_decode_matches_routed(call, (hidden, index, weights), no_lora_call,
                                      2e-4 if dtype == torch.float32 else 2e-2, monkeypatch)
+
+
+# The B product stages u in shared memory 1024 ranks at a time: a rank of 1100 takes two chunks.
+@torch.no_grad()
+def test_lora_decode_rank_beyond_one_staged_chunk(monkeypatch):
+    gate_up, down = make_stacks("nf4")
+    call = decode_call(gate_up, down, **lora_factors(rank=1100))
+    inputs = routed_inputs(2, seed=4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call(*inputs)
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    if names:  # CUPTI is there (not under compute-sanitizer): the decode kernels served the call
+        assert any("lora_b_kernel" in n for n in names), sorted(names)
+    assert_decode_matches_routed(call, inputs, decode_call(gate_up, down), 2e-2, monkeypatch)
 
 
 NEGATIVE_ID_SCRIPT = textwrap.dedent(

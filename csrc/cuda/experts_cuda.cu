@@ -62,9 +62,10 @@ LoraFactors lora_factors(const std::optional<at::Tensor>& A, const std::optional
 }
 
 // The decode path's view of a projection's LoRA factors: as given when they are in the compute
-// dtype or float32 (the kernels round float32 elements as they read them), A made contiguous, B
-// with its own strides. Converting them up front would copy every expert's factors on every call
-// (PEFT's float32 adapters: tens of MB per layer and decode step) for the few experts it reads.
+// dtype or float32 (the kernels round float32 elements as they read them), A made contiguous and
+// 16-byte aligned (the A product reads its rows in 16-byte pieces), B with its own strides.
+// Converting them up front would copy every expert's factors on every call (PEFT's float32
+// adapters: tens of MB per layer and decode step) for the few experts it reads.
 DecodeLora decode_lora(const std::optional<at::Tensor>& A, const std::optional<at::Tensor>& B, double scaling,
                        at::ScalarType dtype) {
   DecodeLora l;
@@ -72,7 +73,7 @@ DecodeLora decode_lora(const std::optional<at::Tensor>& A, const std::optional<a
   auto readable = [&](const at::Tensor& t) {
     return t.scalar_type() == dtype || t.scalar_type() == at::kFloat ? t : t.to(dtype);
   };
-  l.A = readable(*A).contiguous();
+  l.A = contiguous_aligned16(readable(*A));
   l.B = readable(*B);
   l.scaling = scaling;
   return l;

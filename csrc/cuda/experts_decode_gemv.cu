@@ -17,15 +17,16 @@
 // a per-warp cp.async ring, each lookup reads one 32-bit entry (two codes in the input dtype, an
 // mma.sync A-fragment register: half the wavefronts of the float2 entries, no conversions), the
 // multiply-adds leave the FMA pipe, and each 64 weights' fp32 sum takes its block scale.
-// Sums run in a fixed order: results are reproducible. With LoRA, one small
-// kernel per projection computes u = A[e] in[p] for every pair (lora_a_kernel; for down,
-// act(h + b_gu) is recomputed from the gate_up splits while staging), and the GEMV adds
-// scaling * B[e][row] . u to split 0 of its rows after its loop: two kernels for both projections
-// instead of a chain of small ATen ops. The factors are read as given (float32 or the input dtype,
-// B with any strides) and rounded to the input dtype as they are read. On sm_90+ every kernel is a
-// programmatic dependent launch: it starts while its predecessor drains, does what does not depend
-// on it (the decode table; after the first kernel, also the expert ids and its weights' first
-// step), and only then waits for the predecessor's results (griddepcontrol.wait), so the
+// Sums run in a fixed order: results are reproducible. With LoRA, a small kernel beside each GEMV
+// computes the A product u = A[e] in[p] for every pair (lora_a_kernel: the GEMV's dependent, it
+// reads the GEMV's input as soon as the GEMV has waited for it and runs while the GEMV does), and
+// another after both adds the B product scaling * B[e][row] . u to split 0 of the GEMV's sums
+// (lora_b_kernel, a thread per row): no LoRA work between a GEMV's weight loads. The
+// factors are read as given (float32 or the input dtype, B with any strides) and rounded to the
+// input dtype as they are read. On sm_90+ every kernel is a programmatic dependent launch: it
+// starts while its predecessor drains, does what does not depend on it (the decode table; after
+// the first kernel, also the expert ids and its weights' first step), and only then waits for the
+// predecessor's results (griddepcontrol.wait), so the
 // per-kernel fixed costs overlap; the first kernel's predecessor is the stream's previous kernel
 // (the router's, or the previous layer's combine). No host synchronization anywhere: the path can
 // be captured in a CUDA graph.
@@ -72,8 +73,6 @@ constexpr int kMmaStageBytes = 16 * kMmaStepUnits * 16;
 constexpr int kMmaStagedBytes = static_cast<int>(kSplitUnits * 32 * 2);
 constexpr int mma_smem_bytes(int stages) { return kMmaStagedBytes + kGemvWarps * stages * kMmaStageBytes; }
 static_assert(kRowsPerCta % 16 == 0 && kGemvWarps % kMmaRowGroups == 0, "whole m16 row groups, whole warps a group");
-// Input elements per CTA of the LoRA A product: its u partial sums are [P, rank, ceil(K / this)].
-constexpr int64_t kLoraChunk = 1024;
 // CUDA_KERNEL_ASSERT_MSG prints this as the failed assertion (with file, line, block and thread).
 #define MOEQUANT_NEGATIVE_EXPERT_ID_MSG \
   "moequant.experts_forward: top_k_index holds a negative expert id; ids must be in [0, E) (or >= E for sentinel " \
@@ -122,6 +121,13 @@ static void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, int threads,
 struct DecodeLaunches {
   bool chain = false, first = false;
 };
+
+// Where a GEMV waits for its predecessor and lets the next kernel launch. kChained: it triggers at
+// once, and reads the expert ids and issues its first weight loads before its wait. kFirst: the
+// call's first kernel (its predecessor may have written the routing): only the table before the
+// wait, the trigger after it. kBeforeLora: as kChained, but the trigger after the wait, for the
+// LoRA A product launched as its dependent, which reads the same input without waiting.
+enum class GemvStart : int { kChained, kFirst, kBeforeLora };
 
 static DecodeLaunches decode_launches() {
   const char* v = std::getenv("MOEQUANT_DECODE_PDL");
@@ -211,12 +217,22 @@ __device__ __forceinline__ float gemv_input(const GemvInput<in_t, kActInput, kAc
   }
 }
 
-// One projection's LoRA as the GEMV's LoRA pass sees it: u = A[e] in[p] as partial sums over
-// input chunks [P, rank, parts] (lora_a_kernel), B [E, N, rank] with any strides, in the input
-// dtype or float32 (b_float). `B` null: none.
-template <typename in_t>
-struct GemvLora {
-  const float* u_parts = nullptr;
+// One projection's LoRA A product (lora_a_kernel): u[p, q, c] = A[e][q, chunk c] . in[p], partial
+// sums over chunks of the input. A [E, rank, K] contiguous and 16-byte aligned, in the input dtype or
+// float32 (a_float).
+struct LoraA {
+  const void* A = nullptr;
+  bool a_float = false;
+  int64_t rank = 0;
+  float* u_parts = nullptr;
+};
+
+// One projection's LoRA B product (lora_b_kernel): scaling * B[e][row, :] . u[p], u the sum of the A
+// product's parts in order, rounded to the input dtype as the routed path's product in the factors'
+// dtype is. B [E, N, rank] with any strides (PEFT's is an expert-minor view), in the input dtype or
+// float32 (b_float).
+struct LoraB {
+  const float* u_parts = nullptr;  // [P, rank, parts]
   int64_t parts = 0;
   const void* B = nullptr;
   int64_t b_stride[3] = {0, 0, 0};  // elements, for (expert, row, rank)
@@ -237,75 +253,123 @@ __device__ __forceinline__ float factor_value(factor_t v) {
   }
 }
 
-// u[p, q] = A[e][q, :] . in[p] for chunk blockIdx.x of the input dimension and pair blockIdx.y;
-// the GEMV's LoRA pass sums the chunks in order and rounds u to the input dtype, as the routed
-// path's product in the factors' dtype does. The input elements are rounded to the dtype too (for down,
-// act(h) in the dtype, as the routed path feeds its LoRA). A warp per rank row, lanes over the
-// chunk, a fixed reduction order: reproducible.
-template <typename in_t, bool kActInput, GatedActivation kAct>
-__global__ void __launch_bounds__(kGemvThreads)
-lora_a_kernel(const void* __restrict__ A, bool a_float, int64_t rank, int64_t K, const int64_t* __restrict__ pair_expert,
-              int64_t E, int64_t top_k, GemvInput<in_t, kActInput, kAct> in, bool first, float* __restrict__ u_parts) {
-  __shared__ float xs[kLoraChunk];
-  // The call's first kernel lets the next one launch only once the routing is written: the next
-  // reads the expert ids before its own wait.
-  if (!first) allow_next_kernel_launch();
-  wait_for_previous_kernel();  // the routing, or the down projection's input (the previous kernel's output)
-  if (first) allow_next_kernel_launch();
-  const int64_t chunk = blockIdx.x, parts = gridDim.x, p = blockIdx.y, P = gridDim.y;
-  const int64_t e = pair_expert[p];
-  if (e < 0 || e >= E) return;  // sentinel slot (a negative id asserts in gemv_kernel)
-  const int64_t c0 = chunk * kLoraChunk;
-  const int n = static_cast<int>(K - c0 < kLoraChunk ? K - c0 : kLoraChunk);
-  for (int i = threadIdx.x; i < n; i += kGemvThreads) {
-    xs[i] = to_float(from_float<in_t>(gemv_input(in, c0 + i, K, p, P, e, top_k)));
-  }
-  __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  auto dot = [&](const auto* a) {  // one rank row of A [E, rank, K] (contiguous) over the chunk
-    float acc = 0.0f;
-#pragma unroll 8
-    for (int i = lane; i < n; i += 32) acc = fmaf(factor_value<in_t>(a[i]), xs[i], acc);
-    return acc;
-  };
-  for (int64_t q = warp; q < rank; q += kGemvWarps) {
-    const int64_t row = (e * rank + q) * K + c0;
-    float acc = a_float ? dot(static_cast<const float*>(A) + row) : dot(static_cast<const in_t*>(A) + row);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) u_parts[(p * rank + q) * parts + chunk] = acc;
-  }
-}
+// The A product of one projection's LoRA for every pair: u[p, q, chunk] = A[e][q, chunk] . in[p]
+// over chunks of kLoraChunk input elements (grid: chunks x pairs). It runs beside the projection's
+// GEMV, launched as its dependent: the GEMV lets it launch once the input is there (its own wait is
+// over), so it reads the input at once and waits for the GEMV only at its end (its completion must
+// imply its predecessors'). The chunk of the input is staged rounded to the input dtype (for down,
+// act(h + b_gu) recomputed from the gate_up splits, in the dtype as the routed path feeds its LoRA);
+// a warp per rank row, each lane multiplying groups of 8 elements (16 or 32 bytes of factors; the
+// same elements and order for float32 and 16-bit factors, so that float32 factors give bitwise
+// what converted ones do), the lanes summed in a fixed order: reproducible.
+constexpr int kLoraChunk = 1024;
 
-// scaling * B[e][row0 + rr, :] . u[p] for the kRowsPerWarp rows of a warp, summed over its lanes
-// (every lane gets the results; call from all 32 lanes). The rows' B loads are issued together, so
-// a tile pays one load latency. Tail rows (>= N): zero, nothing read.
-template <int kRows, typename in_t>
-__device__ __forceinline__ void lora_row_terms(const GemvLora<in_t>& lora, int64_t e, int64_t p, int64_t N,
-                                               int64_t row0, int lane, float (&terms)[kRows]) {
+template <typename in_t, typename factor_t>
+__device__ __forceinline__ float lora_a_row_chunk(const factor_t* row, const float* xs, int n, int lane) {
+  constexpr int kGroup = 8;  // n is a multiple of 32
+  constexpr int kLoads = kGroup * sizeof(factor_t) / 16;
+  constexpr int kUnroll = kLoads == 1 ? 4 : 2;  // 64 bytes in flight a lane
+  float acc = 0.0f;
+#pragma unroll kUnroll
+  for (int i = 0; i < kLoraChunk / kGroup / 32; ++i) {
+    const int group = lane + 32 * i;
+    if (group * kGroup < n) {
+      uint4 bits[kLoads];
 #pragma unroll
-  for (int rr = 0; rr < kRows; ++rr) terms[rr] = 0.0f;
-  for (int64_t q = lane; q < lora.rank; q += 32) {
-    const float* parts = lora.u_parts + (p * lora.rank + q) * lora.parts;
-    float u = 0.0f;
-    for (int64_t c = 0; c < lora.parts; ++c) u += __ldg(parts + c);  // fixed order
-    u = to_float(from_float<in_t>(u));
-    const int64_t b0 = e * lora.b_stride[0] + q * lora.b_stride[2];
+      for (int l = 0; l < kLoads; ++l) bits[l] = __ldg(reinterpret_cast<const uint4*>(row + group * kGroup) + l);
+      const factor_t* f = reinterpret_cast<const factor_t*>(bits);
+      // Two 16-byte reads of the staged input (scalar reads 8 floats apart conflict 8 ways).
+      float x[kGroup];
+      *reinterpret_cast<float4*>(x) = reinterpret_cast<const float4*>(xs + group * kGroup)[0];
+      *reinterpret_cast<float4*>(x + 4) = reinterpret_cast<const float4*>(xs + group * kGroup)[1];
 #pragma unroll
-    for (int rr = 0; rr < kRows; ++rr) {
-      const int64_t row = row0 + rr, b = b0 + row * lora.b_stride[1];
-      if (row >= N) continue;
-      const float v = lora.b_float ? factor_value<in_t>(static_cast<const float*>(lora.B)[b])
-                                   : factor_value<in_t>(static_cast<const in_t*>(lora.B)[b]);
-      terms[rr] = fmaf(v, u, terms[rr]);
+      for (int j = 0; j < kGroup; ++j) acc = fmaf(factor_value<in_t>(f[j]), x[j], acc);
     }
   }
 #pragma unroll
-  for (int rr = 0; rr < kRows; ++rr) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) terms[rr] += __shfl_xor_sync(0xffffffffu, terms[rr], o);
-    terms[rr] *= lora.scaling;
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  return acc;
+}
+
+// Six CTAs per SM (at most 40 registers): small enough to run beside the GEMV's CTAs; unbounded,
+// ptxas gave some activations 32 registers and spilled.
+template <typename in_t, bool kActInput, GatedActivation kAct>
+__global__ void __launch_bounds__(kGemvThreads, 6)
+lora_a_kernel(LoraA lora, int64_t K, const int64_t* __restrict__ pair_expert, int64_t E, int64_t top_k,
+              GemvInput<in_t, kActInput, kAct> in) {
+  __shared__ __align__(16) float xs[kLoraChunk];
+  allow_next_kernel_launch();  // the B product, which waits for this kernel
+  const int64_t chunk = blockIdx.x, parts = gridDim.x, p = blockIdx.y, P = gridDim.y;
+  const int64_t e = pair_expert[p];
+  if (e >= 0 && e < E) {  // else a sentinel slot (a negative id asserts in gemv_kernel)
+    const int64_t c0 = chunk * kLoraChunk;
+    const int n = static_cast<int>(K - c0 < kLoraChunk ? K - c0 : kLoraChunk);
+    for (int i = threadIdx.x; i < n; i += kGemvThreads) {
+      xs[i] = to_float(from_float<in_t>(gemv_input(in, c0 + i, K, p, P, e, top_k)));
+    }
+    __syncthreads();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int64_t q = warp; q < lora.rank; q += kGemvWarps) {
+      const int64_t row = (e * lora.rank + q) * K + c0;
+      const float acc = lora.a_float ? lora_a_row_chunk<in_t>(static_cast<const float*>(lora.A) + row, xs, n, lane)
+                                     : lora_a_row_chunk<in_t>(static_cast<const in_t*>(lora.A) + row, xs, n, lane);
+      if (lane == 0) lora.u_parts[(p * lora.rank + q) * parts + chunk] = acc;
+    }
   }
+  wait_for_previous_kernel();  // the GEMV beside it
+}
+
+// A projection's LoRA B product: out[0, p, row] += scaling * B[e][row, :] . u[p] for every row and
+// pair (grid: row blocks x pairs), into split 0 of the GEMV's partial sums [S, P, N] (for gate_up
+// before the down GEMV stages act(h), as the routed path adds it before the activation; for down
+// before the combine). A thread per row: its first kLoraPrefetch elements of B are loaded before
+// the wait (they depend on no kernel), the rest after; u, the A product's parts summed in order and
+// rounded to the input dtype, is staged in shared memory kLoraRankChunk ranks at a time.
+constexpr int kLoraRankChunk = 1024;
+constexpr int kLoraPrefetch = 16;
+
+template <typename in_t>
+__global__ void __launch_bounds__(kGemvThreads)
+lora_b_kernel(LoraB lora, const int64_t* __restrict__ pair_expert, int64_t E, int64_t N, float* __restrict__ out) {
+  __shared__ float u[kLoraRankChunk];
+  allow_next_kernel_launch();  // the next GEMV (or the combine) reads its expert ids meanwhile
+  const int64_t p = blockIdx.y, e = pair_expert[p];
+  const int64_t row = int64_t{blockIdx.x} * kGemvThreads + threadIdx.x;
+  const bool active = e >= 0 && e < E && row < N;  // e outside [0, E): a sentinel slot
+  const int64_t b0 = e * lora.b_stride[0] + row * lora.b_stride[1], step = lora.b_stride[2];
+  auto b_value = [&](int64_t q) {
+    return lora.b_float ? factor_value<in_t>(static_cast<const float*>(lora.B)[b0 + q * step])
+                        : factor_value<in_t>(static_cast<const in_t*>(lora.B)[b0 + q * step]);
+  };
+  float ahead[kLoraPrefetch];
+#pragma unroll
+  for (int q = 0; q < kLoraPrefetch; ++q) ahead[q] = active && q < lora.rank ? b_value(q) : 0.0f;
+  wait_for_previous_kernel();  // u (the A product, which waited for the GEMV) and the GEMV's sums
+  if (e < 0 || e >= E) return;
+  float acc = 0.0f;
+  for (int64_t q0 = 0; q0 < lora.rank; q0 += kLoraRankChunk) {
+    const int m = static_cast<int>(std::min<int64_t>(lora.rank - q0, kLoraRankChunk));
+    if (q0 > 0) __syncthreads();  // every thread is done with the previous chunk
+    for (int i = threadIdx.x; i < m; i += kGemvThreads) {
+      const float* parts = lora.u_parts + (p * lora.rank + q0 + i) * lora.parts;
+      float sum = 0.0f;
+      for (int64_t c = 0; c < lora.parts; ++c) sum += parts[c];  // fixed order: reproducible
+      u[i] = to_float(from_float<in_t>(sum));
+    }
+    __syncthreads();
+    if (!active) continue;
+    int q = 0;
+    if (q0 == 0) {
+#pragma unroll
+      for (int j = 0; j < kLoraPrefetch; ++j) {
+        if (j < m) acc = fmaf(ahead[j], u[j], acc);
+      }
+      q = m < kLoraPrefetch ? m : kLoraPrefetch;
+    }
+#pragma unroll 16
+    for (; q < m; ++q) acc = fmaf(b_value(q0 + q), u[q], acc);
+  }
+  if (active) out[p * N + row] += acc * lora.scaling;
 }
 
 // The codes of one 16-byte unit of a 4-bit row (32 weights) or two of an int8 row (32 weights).
@@ -327,7 +391,7 @@ template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant
           bool kPairScales = false, bool kMma = false, int kStages = 3>
 __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Quant4Args& args, int64_t N, int64_t K,
     int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E, int64_t top_k,
-    GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first, bool half_table, float* __restrict__ out) {
+    GemvInput<in_t, kActInput, kAct> in, GemvStart start, bool half_table, float* __restrict__ out) {
   extern __shared__ float4 staged[];  // split_units * kPaddedUnitFloats floats
   // Static, so that the pair table's address folds into the LDS instructions' immediate.
   __shared__ DecodeTables<kDoubleQuant> tables;
@@ -343,14 +407,15 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
     }
   };
   const int64_t s = blockIdx.y, p = blockIdx.z, P = gridDim.z;
+  const bool first = start == GemvStart::kFirst;
   if (first) {
     // The call's first kernel, launched as a dependent of the stream's previous kernel (which may
     // have written the routing and the hidden states): only the table before the wait, and the
-    // next kernel, which reads the expert ids before its own wait, launches after it.
+    // next kernel launches after it (a LoRA A product reads the input at once).
     if constexpr (!kInt8) fill_table();
     wait_for_previous_kernel();
   }
-  allow_next_kernel_launch();
+  if (start != GemvStart::kBeforeLora) allow_next_kernel_launch();
   // Before the wait, only what no kernel of this call writes: expert ids, weights, the table.
   const int64_t e = pair_expert[p];
   // Double quant: the dynamic map's loads go out with the expert id's, and the map is stored
@@ -381,23 +446,23 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   const UnitCodes<kInt8>* const expert_units =
       reinterpret_cast<const UnitCodes<kInt8>*>(packed) + e * N * units_per_row;
   const uint32_t row_units = static_cast<uint32_t>(units_per_row), last_row = static_cast<uint32_t>(N - 1);
-  const int64_t row_tiles = (N + kRowsPerCta - 1) / kRowsPerCta;
-  const bool add_lora = lora.B != nullptr && s == 0;  // the LoRA term joins split 0 of each row (after the loop)
+  // Row tiles in 32 bits (N < 2^31: decode_gemv_applies), so that the loop's indices take one register each.
+  const int row_tiles = static_cast<int>((N + kRowsPerCta - 1) / kRowsPerCta);
 
   // A warp's work is a sequence of steps (row tile, u0): lane l takes unit u0 + l of its
   // kRowsPerWarp rows. The next step's loads are issued before this step's decode, so that every
   // warp keeps a load in flight while it computes (one step per warp was latency-bound).
   struct Step {
-    int64_t tile;
+    int tile;
     int u0;
   };
   struct MmaStep {
-    int64_t tile;
+    int tile;
     int s;
   };
   auto next_step = [&](Step st) {
     st.u0 += 32;
-    if (st.u0 >= units) st = {st.tile + gridDim.x, 0};
+    if (st.u0 >= units) st = {st.tile + static_cast<int>(gridDim.x), 0};
     return st;
   };
   static_assert(!kPairScales || (kDoubleQuant && kRowsPerWarp % 2 == 0), "pair scales: double quant, row pairs");
@@ -446,7 +511,7 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   float acc[kRowsPerWarp];
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr] = 0.0f;
-  Step st{blockIdx.x, 0};
+  Step st{static_cast<int>(blockIdx.x), 0};
   // Tensor-core steps: warp (group, part) takes 16 rows of each tile over steps [mma_begin,
   // mma_end) of the split; lane (g, t) holds rows g and g + 8 (m16n8k16 A fragment rows).
   const int mma_group = warp % kMmaRowGroups, mma_part = warp / kMmaRowGroups, g = lane / 4, t = lane % 4;
@@ -459,10 +524,10 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   static_assert(kStages >= 2, "a step in flight while one is decoded");
   constexpr int kAhead = kStages - 1;  // steps issued and not yet decoded, while one is
   auto next_mma_step = [&](MmaStep m) {
-    if (++m.s >= mma_end) m = {m.tile + gridDim.x, mma_begin};
+    if (++m.s >= mma_end) m = {m.tile + static_cast<int>(gridDim.x), mma_begin};
     return m;
   };
-  MmaStep mst{blockIdx.x, mma_begin};
+  MmaStep mst{static_cast<int>(blockIdx.x), mma_begin};
   MmaStep ahead = mst;  // the last step issued
   [[maybe_unused]] MmaScales mma_scales[kAhead];  // the steps issued ahead of mst, oldest first
   char* const mma_ring = reinterpret_cast<char*>(staged) + kMmaStagedBytes + warp * kStages * kMmaStageBytes;
@@ -501,7 +566,8 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
   if constexpr (!kInt8) {
     if (!first) fill_table();
   }
-  wait_for_previous_kernel();  // h (down's input) and the LoRA u sums come from earlier kernels
+  wait_for_previous_kernel();  // h (down's input) comes from an earlier kernel
+  if (start == GemvStart::kBeforeLora) allow_next_kernel_launch();  // the A product reads the input now
   float* xs = reinterpret_cast<float*>(staged);
   in_t* const xh = reinterpret_cast<in_t*>(staged);  // kMma: the input vector in in_t, unpadded
 #pragma unroll
@@ -575,7 +641,7 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
         mma_acc = 0.0f;
         __syncthreads();
         if (threadIdx.x < kRowsPerCta) {
-          const int64_t row = mst.tile * kRowsPerCta + threadIdx.x;
+          const int64_t row = int64_t{mst.tile} * kRowsPerCta + threadIdx.x;
           float sum = 0.0f;
 #pragma unroll
           for (int k = 0; k < kMmaKParts; ++k) sum += partial[buffer][k][threadIdx.x];
@@ -656,7 +722,7 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
       }
     }
     if (next.tile != st.tile) {  // the tile's last step: reduce its rows
-      const int64_t row0 = st.tile * kRowsPerCta + warp * kRowsPerWarp;
+      const int64_t row0 = int64_t{st.tile} * kRowsPerCta + warp * kRowsPerWarp;
 #pragma unroll
       for (int rr = 0; rr < kRowsPerWarp; ++rr) {
         float v = acc[rr];
@@ -669,21 +735,6 @@ __device__ __forceinline__ void gemv(const uint8_t* __restrict__ packed, const Q
     }
     st = next;
   }
-  // The LoRA term of split 0, added by the thread that stored each row: a pass of its own after
-  // the loop, so that its registers are not live while loads are in flight (the same value as
-  // adding it before the store).
-  if (add_lora) {
-    if constexpr (kMma) __syncthreads();  // the rows were stored by warp 0
-    for (int64_t tile = blockIdx.x; tile < row_tiles; tile += gridDim.x) {
-      const int64_t row0 = tile * kRowsPerCta + warp * kRowsPerWarp;
-      float terms[kRowsPerWarp];
-      lora_row_terms(lora, e, p, N, row0, lane, terms);
-#pragma unroll
-      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-        if (lane == 0 && row0 + rr < N) out[(s * P + p) * N + row0 + rr] += terms[rr];
-      }
-    }
-  }
 }
 
 // kMma: the tensor-core GEMV, with rings of kStages stages: 85-86 KB of shared memory a CTA with
@@ -695,11 +746,11 @@ template <typename in_t, bool kActInput, GatedActivation kAct, bool kDoubleQuant
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
                 int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
-                int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first,
+                int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvStart start,
                 bool half_table, float* __restrict__ out) {
   gemv<in_t, kActInput, kAct, kDoubleQuant, kInt8, false, kMma, kStages>(packed, args, N, K, split_units,
                                                                          log2_units_per_block, pair_expert, E, top_k,
-                                                                         in, lora, first, half_table, out);
+                                                                         in, start, half_table, out);
 }
 
 // Double-quantized 4-bit stacks on sm_90+: three CTAs per SM, as plain stacks get (78 registers).
@@ -710,10 +761,10 @@ template <typename in_t, bool kActInput, GatedActivation kAct, bool kPairScales>
 __global__ void __launch_bounds__(kGemvThreads, 3)
 gemv_dq_kernel(const uint8_t* __restrict__ packed, const __grid_constant__ Quant4Args args, int64_t N, int64_t K,
                int64_t split_units, int log2_units_per_block, const int64_t* __restrict__ pair_expert, int64_t E,
-               int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvLora<in_t> lora, bool first,
+               int64_t top_k, GemvInput<in_t, kActInput, kAct> in, GemvStart start,
                bool half_table, float* __restrict__ out) {
   gemv<in_t, kActInput, kAct, true, false, kPairScales>(packed, args, N, K, split_units, log2_units_per_block,
-                                                        pair_expert, E, top_k, in, lora, first, half_table, out);
+                                                        pair_expert, E, top_k, in, start, half_table, out);
 }
 
 // Whether 4-bit GEMVs on 16-bit inputs decode through the table of 16-bit entries: opt-in,
@@ -839,17 +890,17 @@ static GemvGrid gemv_grid(KernelT kernel, const PackedStack& w, int64_t num_pair
 }
 
 // Launches `kernel` on the grid gemv_grid gave it.
-template <typename KernelT, typename in_t>
+template <typename KernelT, typename in_t, bool kActInput, GatedActivation kAct>
 static void launch_gemv(KernelT kernel, const GemvGrid& g, const PackedStack& w, const at::Tensor& pair_expert,
-                        int64_t top_k, const auto& input, const GemvLora<in_t>& lora, float* out, cudaStream_t stream,
-                        bool dependent, bool first) {
+                        int64_t top_k, const GemvInput<in_t, kActInput, kAct>& input, float* out, cudaStream_t stream,
+                        bool dependent, GemvStart start) {
   const QuantStackView view = w.view();
   const Quant4Args args{view.scales, view.codebook, view.type};
   const int log2_units_per_block =
       is_4bit(w.type) ? __builtin_ctzll(static_cast<unsigned long long>(w.blocksize / 32)) : 0;  // int8: unused
   launch_kernel(kernel, g.grid, kGemvThreads, g.smem, stream, dependent, static_cast<const uint8_t*>(view.data), args,
                 w.rows, w.cols, g.split_units, log2_units_per_block, pair_expert.const_data_ptr<int64_t>(), w.experts,
-                top_k, input, lora, first, is_4bit(w.type) && sizeof(in_t) == 2 && decode_half_table(), out);
+                top_k, input, start, is_4bit(w.type) && sizeof(in_t) == 2 && decode_half_table(), out);
 }
 
 // The tensor-core GEMV's ring depth: two stages (three CTAs per SM) where that gives the busiest
@@ -873,8 +924,8 @@ static int gemv_mma_stages(const GemvGrid& shallow, const GemvGrid& deep) {
 // The GEMV of one stack, instantiated for its format.
 template <typename in_t, bool kActInput, GatedActivation kAct>
 static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at::Tensor& pair_expert, int64_t top_k,
-                              const GemvInput<in_t, kActInput, kAct>& input, const GemvLora<in_t>& lora, float* out,
-                              cudaStream_t stream, bool dependent, bool first) {
+                              const GemvInput<in_t, kActInput, kAct>& input, float* out, cudaStream_t stream,
+                              bool dependent, GemvStart start) {
   if constexpr (sizeof(in_t) == 2) {
     if (gemv_mma_applies(w)) {
       const bool dq = w.double_quant();
@@ -884,9 +935,9 @@ static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at:
                               : gemv_kernel<in_t, kActInput, kAct, false, false, true, 2>;
       const GemvGrid deep_grid = gemv_grid(deep, w, num_pairs, 3), shallow_grid = gemv_grid(shallow, w, num_pairs, 2);
       if (gemv_mma_stages(shallow_grid, deep_grid) == 2) {
-        launch_gemv(shallow, shallow_grid, w, pair_expert, top_k, input, lora, out, stream, dependent, first);
+        launch_gemv(shallow, shallow_grid, w, pair_expert, top_k, input, out, stream, dependent, start);
       } else {
-        launch_gemv(deep, deep_grid, w, pair_expert, top_k, input, lora, out, stream, dependent, first);
+        launch_gemv(deep, deep_grid, w, pair_expert, top_k, input, out, stream, dependent, start);
       }
       return;
     }
@@ -899,34 +950,60 @@ static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at:
                       : !decode_dq_bounded() ? gemv_kernel<in_t, kActInput, kAct, true, false>
                       : pair_scales          ? gemv_dq_kernel<in_t, kActInput, kAct, true>
                                              : gemv_dq_kernel<in_t, kActInput, kAct, false>;
-  launch_gemv(kernel, gemv_grid(kernel, w, num_pairs, 0), w, pair_expert, top_k, input, lora, out, stream, dependent,
-              first);
+  launch_gemv(kernel, gemv_grid(kernel, w, num_pairs, 0), w, pair_expert, top_k, input, out, stream, dependent,
+              start);
 }
 
-// u partial sums of one projection's LoRA for every pair (lora_a_kernel) into `u_parts`, and the
-// LoRA pass's view of them; an empty GemvLora when the projection has none. `in` is the GEMV's own
-// input spec.
-template <typename in_t, bool kActInput, GatedActivation kAct>
-static GemvLora<in_t> launch_lora_a(const DecodeLora& lora, int64_t num_pairs, const at::Tensor& pair_expert,
-                                    int64_t E, int64_t top_k, const GemvInput<in_t, kActInput, kAct>& in,
-                                    at::Tensor& u_parts, cudaStream_t stream, bool dependent, bool first) {
+// One projection's LoRA as the decode kernels see it: the A product (lora_a_kernel, into `u_parts`
+// [P, rank, chunks]) and the B product of the kernel after the projection's GEMV. Empty when the
+// projection has none.
+struct DecodeLoraViews {
+  LoraA a;
+  LoraB b;
+  int64_t chunks = 0;
+};
+
+static DecodeLoraViews lora_views(const DecodeLora& lora, int64_t num_pairs, at::Tensor& u_parts) {
   if (!lora.present()) return {};
-  const int64_t rank = lora.A.size(1), K = lora.A.size(2);
-  const int64_t parts = (K + kLoraChunk - 1) / kLoraChunk;
-  u_parts = at::empty({num_pairs, rank, parts}, lora.A.options().dtype(at::kFloat));
-  const dim3 grid(static_cast<unsigned>(parts), static_cast<unsigned>(num_pairs));
-  launch_kernel(lora_a_kernel<in_t, kActInput, kAct>, grid, kGemvThreads, 0, stream, dependent, lora.A.const_data_ptr(),
-                lora.A.scalar_type() == at::kFloat, rank, K, pair_expert.const_data_ptr<int64_t>(), E, top_k, in, first,
-                u_parts.mutable_data_ptr<float>());
-  GemvLora<in_t> view;
-  view.u_parts = u_parts.const_data_ptr<float>();
-  view.parts = parts;
-  view.B = lora.B.const_data_ptr();
-  for (int d = 0; d < 3; ++d) view.b_stride[d] = lora.B.stride(d);
-  view.b_float = lora.B.scalar_type() == at::kFloat;
-  view.rank = rank;
-  view.scaling = static_cast<float>(lora.scaling);
-  return view;
+  const int64_t rank = lora.A.size(1), chunks = (lora.A.size(2) + kLoraChunk - 1) / kLoraChunk;
+  u_parts = at::empty({num_pairs, rank, chunks}, lora.A.options().dtype(at::kFloat));
+  DecodeLoraViews v;
+  v.a.A = lora.A.const_data_ptr();
+  v.a.a_float = lora.A.scalar_type() == at::kFloat;
+  v.a.rank = rank;
+  v.a.u_parts = u_parts.mutable_data_ptr<float>();
+  v.b.u_parts = u_parts.const_data_ptr<float>();
+  v.b.parts = chunks;
+  v.b.B = lora.B.const_data_ptr();
+  for (int d = 0; d < 3; ++d) v.b.b_stride[d] = lora.B.stride(d);
+  v.b.b_float = lora.B.scalar_type() == at::kFloat;
+  v.b.rank = rank;
+  v.b.scaling = static_cast<float>(lora.scaling);
+  v.chunks = chunks;
+  return v;
+}
+
+// Launches the A product of a projection's LoRA (lora_a_kernel) on the GEMV's own input spec.
+template <typename in_t, bool kActInput, GatedActivation kAct>
+static void launch_lora_a(const DecodeLoraViews& lora, int64_t K, int64_t num_pairs, const at::Tensor& pair_expert,
+                          int64_t E, int64_t top_k, const GemvInput<in_t, kActInput, kAct>& in, cudaStream_t stream,
+                          bool dependent) {
+  // lora_a_row_chunk reads A's rows in 8-element, 16-byte aligned groups (decode_gemv_applies
+  // takes only inputs of whole 32-weight units; decode_lora aligns A).
+  TORCH_INTERNAL_ASSERT(K % 8 == 0 && reinterpret_cast<uintptr_t>(lora.a.A) % 16 == 0,
+                        "decode LoRA: A rows must be 16-byte aligned groups of 8, got K = ", K);
+  const dim3 grid(static_cast<unsigned>(lora.chunks), static_cast<unsigned>(num_pairs));
+  launch_kernel(lora_a_kernel<in_t, kActInput, kAct>, grid, kGemvThreads, 0, stream, dependent, lora.a, K,
+                pair_expert.const_data_ptr<int64_t>(), E, top_k, in);
+}
+
+// Launches the B product of a projection's LoRA (lora_b_kernel) into split 0 of `out` [S, P, N].
+template <typename in_t>
+static void launch_lora_b(const DecodeLoraViews& lora, int64_t N, int64_t num_pairs, const at::Tensor& pair_expert,
+                          int64_t E, float* out, cudaStream_t stream, bool dependent) {
+  const dim3 grid(static_cast<unsigned>((N + kGemvThreads - 1) / kGemvThreads), static_cast<unsigned>(num_pairs));
+  launch_kernel(lora_b_kernel<in_t>, grid, kGemvThreads, 0, stream, dependent, lora.b,
+                pair_expert.const_data_ptr<int64_t>(), E, N, out);
 }
 
 at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& top_k_index,
@@ -943,15 +1020,20 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
   // gemv_kernel; buffers come from the caching allocator): the call can be captured in a CUDA graph.
   const auto f32 = hidden.options().dtype(at::kFloat);
   const int64_t gu_splits = gemv_split(H).splits, d_splits = gemv_split(I).splits;
-  // Split partial sums (a LoRA term joins split 0 of its rows in the GEMV's LoRA pass).
+  // Split partial sums (a LoRA term joins split 0 of its projection's in lora_b_kernel).
   at::Tensor h = at::empty({gu_splits, P, 2 * I}, f32);
   at::Tensor y = at::empty({d_splits, P, H}, f32);
   at::Tensor out = at::empty({T, H}, hidden.options());
-  at::Tensor gate_up_u, down_u;  // LoRA u partial sums, alive until the GEMVs that read them have run
+  at::Tensor gate_up_u, down_u;  // LoRA A product parts, alive until the kernels that read them have run
+  const DecodeLoraViews lora1 = lora_views(gate_up_lora, P, gate_up_u);
+  const DecodeLoraViews lora2 = lora_views(down_lora, P, down_u);
   auto stream = at::cuda::getCurrentCUDAStream();
   // The first kernel reads its inputs (routing, hidden states) after waiting for the stream's
   // previous kernel when launched as its dependent (launches.first); the rest depend on their
-  // predecessor in the call (launches.chain).
+  // predecessor in the call (launches.chain). Without LoRA: GEMV, GEMV, combine. A projection's
+  // LoRA adds its A product beside the GEMV (launched as its dependent, once the GEMV has waited for
+  // its input, so that the A product can read the same input without waiting) and its B product
+  // after both: GEMV, A, B (into h), GEMV, A, B (into y), combine.
   const DecodeLaunches launches = decode_launches();
   const bool pdl = launches.chain;
   MOEQUANT_DISPATCH_EXPERTS_TYPES(hidden.scalar_type(), "moequant_decode_gemv", [&] {
@@ -960,16 +1042,25 @@ at::Tensor decode_gemv_forward(const at::Tensor& hidden_in, const at::Tensor& to
       constexpr GatedActivation kAct = decltype(kind)::value;
       const GemvInput<T_, false, kAct> in1{reinterpret_cast<const T_*>(hidden.const_data_ptr()), nullptr, 0, nullptr,
                                            act.interleaved, act.alpha, act.limit};
-      const GemvLora<T_> lora1 =
-          launch_lora_a(gate_up_lora, P, pair_expert, E, k, in1, gate_up_u, stream, launches.first, launches.first);
-      const bool gemv_first = !gate_up_lora.present();
-      launch_for_format(gate_up, P, pair_expert, k, in1, lora1, h.mutable_data_ptr<float>(), stream,
-                        gemv_first ? launches.first : pdl, gemv_first && launches.first);
+      const bool lora_gu = gate_up_lora.present(), lora_d = down_lora.present();
+      const auto start = [](bool is_first, bool lora) {
+        return is_first ? GemvStart::kFirst : lora ? GemvStart::kBeforeLora : GemvStart::kChained;
+      };
+      launch_for_format(gate_up, P, pair_expert, k, in1, h.mutable_data_ptr<float>(), stream, launches.first,
+                        start(launches.first, lora_gu));
+      if (lora_gu) {
+        launch_lora_a(lora1, H, P, pair_expert, E, k, in1, stream, pdl);
+        launch_lora_b<T_>(lora1, 2 * I, P, pair_expert, E, h.mutable_data_ptr<float>(), stream, pdl);
+      }
       const GemvInput<T_, true, kAct> in2{nullptr, h.const_data_ptr<float>(), gu_splits,
                                           gate_up_bias.defined() ? gate_up_bias.const_data_ptr<float>() : nullptr,
                                           act.interleaved, act.alpha, act.limit};
-      const GemvLora<T_> lora2 = launch_lora_a(down_lora, P, pair_expert, E, k, in2, down_u, stream, pdl, false);
-      launch_for_format(down, P, pair_expert, k, in2, lora2, y.mutable_data_ptr<float>(), stream, pdl, false);
+      launch_for_format(down, P, pair_expert, k, in2, y.mutable_data_ptr<float>(), stream, pdl,
+                        start(false, lora_d));
+      if (lora_d) {
+        launch_lora_a(lora2, I, P, pair_expert, E, k, in2, stream, pdl);
+        launch_lora_b<T_>(lora2, H, P, pair_expert, E, y.mutable_data_ptr<float>(), stream, pdl);
+      }
     });
     using out_t = T_;
     const auto weights_type = pair_weights.scalar_type();

@@ -1,8 +1,8 @@
 // Rung (c) of DESIGN.md §4: the decode path. With few (token, slot) pairs every expert sees
 // about one row, so a GEMM wastes its tiles; instead each pair runs a fused GEMV that reads the
 // quantized weights directly (4-bit: a quarter of bf16's bytes; int8: half), with no routing sort
-// and no scratch. A LoRA term costs one more small kernel per projection (u = A[e] x for every
-// pair); the GEMV adds scaling * B[e] u to its rows in a pass after its loop.
+// and no scratch. With LoRA, u = A[e] x runs in a small kernel beside each GEMV (while the GEMV
+// runs) and scaling * B[e] u in a small kernel after both, into the GEMV's sums.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,9 +18,10 @@ namespace moequant {
 // MOEQUANT_DECODE_MAX_PAIRS overrides the pair threshold (0 disables the path; tests use it).
 bool decode_gemv_applies(int64_t num_pairs, bool transposed, const PackedStack& gate_up, const PackedStack& down);
 
-// One projection's LoRA factors for the decode path: A [E, r, in] contiguous, B [E, out, r] with
-// any strides (PEFT's B is an expert-minor view), each in hidden's dtype or float32 (read as given
-// and rounded to hidden's dtype in the kernels); undefined when the projection has none.
+// One projection's LoRA factors for the decode path: A [E, r, in] contiguous and 16-byte aligned,
+// B [E, out, r] with any strides (PEFT's B is an expert-minor view), each in hidden's dtype or
+// float32 (read as given and rounded to hidden's dtype in the kernels); undefined when the
+// projection has none.
 struct DecodeLora {
   at::Tensor A, B;
   double scaling = 1.0;
