@@ -182,13 +182,15 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, bool train, cons
   return {out, gate_up_out};
 }
 
-// Rows scaled by the float32 per-row weights, rounded back to the rows' dtype.
-at::Tensor scale_rows(const at::Tensor& rows, const at::Tensor& row_weights) {
-  return (rows.to(at::kFloat) * row_weights.unsqueeze(1)).to(rows.scalar_type());
+// Rows scaled by float32 per-row factors, rounded back to the rows' dtype once.
+at::Tensor scale_rows(const at::Tensor& rows, const at::Tensor& row_factors) {
+  return (rows.to(at::kFloat) * row_factors.unsqueeze(1)).to(rows.scalar_type());
 }
 
-at::Tensor lora_grad(const at::Tensor& g, double scaling, at::ScalarType dtype) {
-  return g.mul_(scaling).to(dtype).contiguous();
+// A LoRA factor's gradient in the factor's dtype. Its scaling is already in the small [R, r]
+// operand of the product (a pass over [R, r] instead of one over [E, D, r]).
+at::Tensor lora_grad(const at::Tensor& g, at::ScalarType dtype) {
+  return g.to(dtype).contiguous();
 }
 
 }  // namespace
@@ -255,10 +257,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (c.down_lora.present()) {
       if (has_rows) {
         const at::Tensor u = stack_rows_gemm(ag.act, c.down_lora.A.transpose(1, 2), r);  // a @ A_d^T [R, r]
-        grad_dB = lora_grad(stack_weight_grad(g, scale_rows(u, row_weights), r), c.down_lora.scaling,
-                            c.down_lora.B_dtype);
-        grad_dA = lora_grad(stack_weight_grad(scale_rows(g_down_B, row_weights), ag.act, r), c.down_lora.scaling,
-                            c.down_lora.A_dtype);
+        const at::Tensor scaled_weights = row_weights * c.down_lora.scaling;
+        grad_dB = lora_grad(stack_weight_grad(g, scale_rows(u, scaled_weights), r), c.down_lora.B_dtype);
+        grad_dA = lora_grad(stack_weight_grad(scale_rows(g_down_B, scaled_weights), ag.act, r), c.down_lora.A_dtype);
       } else {
         grad_dA = at::zeros(c.down_lora.A.sizes(), opts.dtype(c.down_lora.A_dtype));
         grad_dB = at::zeros(c.down_lora.B.sizes(), opts.dtype(c.down_lora.B_dtype));
@@ -279,8 +280,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const at::Tensor dh_B = stack_rows_gemm(dh, l.B, r);  // [R, rank]
       const at::Tensor x = gather_rows(hidden_states, r);
       const at::Tensor u = stack_rows_gemm(x, l.A.transpose(1, 2), r);  // x @ A^T [R, r]
-      grad_guB = lora_grad(stack_weight_grad(dh, u, r), l.scaling, l.B_dtype);
-      grad_guA = lora_grad(stack_weight_grad(dh_B, x, r), l.scaling, l.A_dtype);
+      grad_guB = lora_grad(stack_weight_grad(dh, u.mul(l.scaling), r), l.B_dtype);
+      grad_guA = lora_grad(stack_weight_grad(dh_B.mul(l.scaling), x, r), l.A_dtype);
       gate_up_term = {dh_B, l.A.transpose(1, 2).contiguous(), static_cast<float>(l.scaling)};
     } else {
       grad_guA = at::zeros(l.A.sizes(), opts.dtype(l.A_dtype));

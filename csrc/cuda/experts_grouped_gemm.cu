@@ -71,7 +71,9 @@ at::Tensor stack_weight_grad(const at::Tensor& a, const at::Tensor& b, const Exp
   if (r.num_rows == 0) return at::zeros({E, M, N}, a.options());
   if (grouped_mm_enabled(a.scalar_type()) && grouped_mm_operands_ok(a.t(), b)) {
     // An expert with no rows is an empty reduction: do not trust whatever the kernel left there.
-    return at::_grouped_mm(a.t(), b, r.group_ends).masked_fill_(r.expert_rows.eq(0).view({E, 1, 1}), 0);
+    at::Tensor out = at::_grouped_mm(a.t(), b, r.group_ends);
+    if (static_cast<int64_t>(r.active_experts.size()) < E) out.masked_fill_(r.expert_rows.eq(0).view({E, 1, 1}), 0);
+    return out;
   }
   at::Tensor out = at::zeros({E, M, N}, a.options());
   for (const int32_t e : r.active_experts) {
