@@ -959,8 +959,7 @@ static void launch_for_format(const PackedStack& w, int64_t num_pairs, const at:
 // projection has none.
 struct DecodeLoraViews {
   LoraA a;
-  LoraB b;
-  int64_t chunks = 0;
+  LoraB b;  // b.parts: the A product's input chunks
 };
 
 static DecodeLoraViews lora_views(const DecodeLora& lora, int64_t num_pairs, at::Tensor& u_parts) {
@@ -979,7 +978,6 @@ static DecodeLoraViews lora_views(const DecodeLora& lora, int64_t num_pairs, at:
   v.b.b_float = lora.B.scalar_type() == at::kFloat;
   v.b.rank = rank;
   v.b.scaling = static_cast<float>(lora.scaling);
-  v.chunks = chunks;
   return v;
 }
 
@@ -992,7 +990,7 @@ static void launch_lora_a(const DecodeLoraViews& lora, int64_t K, int64_t num_pa
   // takes only inputs of whole 32-weight units; decode_lora aligns A).
   TORCH_INTERNAL_ASSERT(K % 8 == 0 && reinterpret_cast<uintptr_t>(lora.a.A) % 16 == 0,
                         "decode LoRA: A rows must be 16-byte aligned groups of 8, got K = ", K);
-  const dim3 grid(static_cast<unsigned>(lora.chunks), static_cast<unsigned>(num_pairs));
+  const dim3 grid(static_cast<unsigned>(lora.b.parts), static_cast<unsigned>(num_pairs));
   launch_kernel(lora_a_kernel<in_t, kActInput, kAct>, grid, kGemvThreads, 0, stream, dependent, lora.a, K,
                 pair_expert.const_data_ptr<int64_t>(), E, top_k, in);
 }
