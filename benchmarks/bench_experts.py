@@ -14,13 +14,15 @@ again is a control of the run's noise), each recorded as impl "moequant[<format>
 ratios.
 
     python benchmarks/bench_experts.py [--shapes qwen3_30b_a3b,...] [--tokens 1,8,256,4096,16384]
-        [--reps 10] [--no-lora] [--compare-rungs] [--compare-tile-plans] [--quant-type nf4] [--double-quant]
+        [--reps 10] [--no-lora] [--compare-rungs] [--compare-tile-plans] [--compare-scratch 2,4]
+        [--quant-type nf4] [--double-quant]
         [--also-formats nf4_dq,fp4,int8] [--out benchmarks/results/bench_experts-<device>.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -151,8 +153,26 @@ def peft_wrap(experts):
     return model
 
 
-def measure(fwd, x, grad, reps):
-    """fwd(x) -> out. Returns fwd (grad enabled), fwd under no_grad, fwd+bwd ms and fwd+bwd transient MB."""
+@contextlib.contextmanager
+def env_knobs(**knobs):
+    """MOEQUANT_* knobs set for the block (the kernels read them on every call, backward included),
+    e.g. MOEQUANT_EXPERTS_FUSED_GEMM="0" (rung (a) only) or "1" (the fused kernel wherever the shapes
+    allow), MOEQUANT_EXPERTS_WGMMA="0" (the fused kernel's mma.sync form on Hopper too)."""
+    old = {k: os.environ.get(k) for k in knobs}
+    os.environ.update(knobs)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
+def measure(fwd, x, grad, reps, **knobs):
+    """fwd(x) -> out. Returns fwd (grad enabled), fwd under no_grad, fwd+bwd ms and fwd+bwd transient MB,
+    with the MOEQUANT_* `knobs` set for forward and backward alike."""
     def f_grad():
         return fwd(x)
 
@@ -165,31 +185,14 @@ def measure(fwd, x, grad, reps):
         out.backward(grad)
         x.grad = None
 
-    return {
-        "fwd_ms": time_ms(f_grad, reps),
-        "fwd_nograd_ms": time_ms(f_nograd, reps),
-        "fwd_bwd_ms": time_ms(f_train, reps),
-        "fwd_bwd_transient_mb": transient_mb(f_train),
-        "fwd_nograd_transient_mb": transient_mb(f_nograd),
-    }
-
-
-def with_env(fn, **knobs):
-    """fn with MOEQUANT_* knobs set for the call (the kernels read them on every call), e.g.
-    MOEQUANT_EXPERTS_FUSED_GEMM="0" (rung (a) only) or "1" (the fused kernel wherever the shapes
-    allow), MOEQUANT_EXPERTS_WGMMA="0" (the fused kernel's mma.sync form on Hopper too)."""
-    def run(*a):
-        old = {k: os.environ.get(k) for k in knobs}
-        os.environ.update(knobs)
-        try:
-            return fn(*a)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    del os.environ[k]
-                else:
-                    os.environ[k] = v
-    return run
+    with env_knobs(**knobs):
+        return {
+            "fwd_ms": time_ms(f_grad, reps),
+            "fwd_nograd_ms": time_ms(f_nograd, reps),
+            "fwd_bwd_ms": time_ms(f_train, reps),
+            "fwd_bwd_transient_mb": transient_mb(f_train),
+            "fwd_nograd_transient_mb": transient_mb(f_nograd),
+        }
 
 
 def format_name(quant_type, double_quant):
@@ -256,8 +259,16 @@ def lora_kwargs(H, I, E, device):
     return lora
 
 
+def default_scratch_bytes(H, I, E):
+    """The experts ops' default dequant scratch budget for a bf16 layer (experts_scratch_budget in
+    csrc/cuda/experts_stack_gemm.cu): 5% of the layer, at least min(layer, 8 MiB). Set through
+    MOEQUANT_EXPERTS_SCRATCH_BYTES, a budget is fixed: the products do not grow it to fill the GPU."""
+    layer = 2 * (E * 2 * I * H + E * H * I)
+    return max(layer // 20, min(layer, 8 << 20))
+
+
 def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=False, formats=(("nf4", False),),
-                compare_tile_plans=False):
+                compare_tile_plans=False, scratch_multiples=()):
     H, I, E, k = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
     hopper = torch.cuda.get_device_capability(device) == (9, 0)
@@ -285,18 +296,22 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=
                 if with_lora:
                     results[f"moequant_lora[{format_name(*fmt)}]"] = measure(mq(lora, fmt), x, grad, reps)
             if compare_rungs:
-                results["moequant_rung_a"] = measure(with_env(mq({}), MOEQUANT_EXPERTS_FUSED_GEMM="0"), x, grad, reps)
-                results["moequant_rung_b"] = measure(with_env(mq({}), MOEQUANT_EXPERTS_FUSED_GEMM="1"), x, grad, reps)
+                results["moequant_rung_a"] = measure(mq({}), x, grad, reps, MOEQUANT_EXPERTS_FUSED_GEMM="0")
+                results["moequant_rung_b"] = measure(mq({}), x, grad, reps, MOEQUANT_EXPERTS_FUSED_GEMM="1")
                 if hopper:  # rung (b) with its [N, K] products on mma.sync instead of wgmma
-                    results["moequant_rung_b_mma"] = measure(
-                        with_env(mq({}), MOEQUANT_EXPERTS_FUSED_GEMM="1", MOEQUANT_EXPERTS_WGMMA="0"), x, grad, reps)
+                    results["moequant_rung_b_mma"] = measure(mq({}), x, grad, reps, MOEQUANT_EXPERTS_FUSED_GEMM="1",
+                                                             MOEQUANT_EXPERTS_WGMMA="0")
             if compare_tile_plans:  # the fused GEMM's previous row-tile rule, same stacks and inputs
-                results["moequant_plan_mean"] = measure(with_env(mq({}), MOEQUANT_TILE_PLAN="mean"), x, grad, reps)
+                results["moequant_plan_mean"] = measure(mq({}), x, grad, reps, MOEQUANT_TILE_PLAN="mean")
+            for m in scratch_multiples:  # a fixed scratch budget, m times the default (x1: no growth)
+                budget = dict(MOEQUANT_EXPERTS_SCRATCH_BYTES=str(int(m * default_scratch_bytes(H, I, E))))
+                results[f"moequant_scratch_x{m:g}"] = measure(mq({}), x, grad, reps, **budget)
+                if with_lora:
+                    results[f"moequant_lora_scratch_x{m:g}"] = measure(mq(lora), x, grad, reps, **budget)
             if with_lora:
                 results["moequant_lora"] = measure(mq(lora), x, grad, reps)
                 if compare_tile_plans:
-                    results["moequant_lora_plan_mean"] = measure(
-                        with_env(mq(lora), MOEQUANT_TILE_PLAN="mean"), x, grad, reps)
+                    results["moequant_lora_plan_mean"] = measure(mq(lora), x, grad, reps, MOEQUANT_TILE_PLAN="mean")
                 if peft_model is None:
                     peft_model = peft_wrap(experts)
                 results["peft_lora_bf16"] = measure(lambda xx: peft_model(xx, idx, w), x, grad, reps)
@@ -363,6 +378,16 @@ def bench_shape(name, tokens, reps, rows, device, with_lora=True, compare_rungs=
                 ratio["lora_plan_mean_fwd_bwd_vs_bf16"] = (results["moequant_lora_plan_mean"]["fwd_bwd_ms"]
                                                            / base["fwd_bwd_ms"])
                 line += f" LoRA f+b {ratio['lora_plan_mean_fwd_bwd_vs_bf16']:.2f}x"
+        for m in scratch_multiples:
+            sm = results[f"moequant_scratch_x{m:g}"]
+            ratio[f"scratch_x{m:g}_fwd_vs_bf16"] = sm["fwd_ms"] / base["fwd_ms"]
+            ratio[f"scratch_x{m:g}_fwd_bwd_vs_bf16"] = sm["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+            line += f" | scratch x{m:g} fwd {ratio[f'scratch_x{m:g}_fwd_vs_bf16']:.2f}x f+b {ratio[f'scratch_x{m:g}_fwd_bwd_vs_bf16']:.2f}x"
+            if with_lora:
+                lm = results[f"moequant_lora_scratch_x{m:g}"]
+                ratio[f"scratch_x{m:g}_lora_fwd_bwd_vs_bf16"] = lm["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+                line += (f" LoRA f+b {ratio[f'scratch_x{m:g}_lora_fwd_bwd_vs_bf16']:.2f}x"
+                         f" (transient {lm['fwd_bwd_transient_mb']:.0f} MB)")
         if with_lora:
             ml, peft = results["moequant_lora"], results["peft_lora_bf16"]
             ratio.update(lora_fwd_bwd_vs_bf16=ml["fwd_bwd_ms"] / base["fwd_bwd_ms"],
@@ -397,6 +422,9 @@ def main():
                          "Hopper rung (b) with mma.sync in place of wgmma")
     ap.add_argument("--compare-tile-plans", action="store_true",
                     help="also time the fused GEMM with its previous row-tile rule (MOEQUANT_TILE_PLAN=mean)")
+    ap.add_argument("--compare-scratch", default="",
+                    help="also time the ops with a fixed dequant scratch budget, these multiples of its default, "
+                         "e.g. 1,4 (MOEQUANT_EXPERTS_SCRATCH_BYTES; x1 is the budget before chunks grew to fill the GPU)")
     ap.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int8"], help="moequant's stack format")
     ap.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=False,
                     help="4-bit: double-quantized statistics (default: plain fp32 absmax)")
@@ -419,7 +447,8 @@ def main():
                 formats=[format_name(*f) for f in formats], rows=rows)
     for name in args.shapes.split(","):
         bench_shape(name, [int(t) for t in args.tokens.split(",")], args.reps, rows, device, not args.no_lora,
-                    args.compare_rungs, tuple(formats), args.compare_tile_plans)
+                    args.compare_rungs, tuple(formats), args.compare_tile_plans,
+                    tuple(float(m) for m in filter(None, args.compare_scratch.split(","))))
         write_results(out_path, meta)
     print(f"wrote {out_path}")
 

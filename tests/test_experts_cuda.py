@@ -263,6 +263,35 @@ def test_scratch_rung_lora_memory(env):
         assert increase < row_buffer / 2, (phase, increase, row_buffer)
 
 
+def kernel_launches(fn, name_part):
+    """How many kernels whose name contains name_part fn() launches, or None where the profiler
+    sees no kernels at all (CUPTI unavailable)."""
+    names = cuda_kernel_launches(fn)
+    return sum(name_part in n for n in names) if names else None
+
+
+# Without a budget set, a scratch chunk takes enough experts for its grouped GEMM to span a few
+# waves of tiles, up to the bytes of the routed rows the product reads. E=64 experts of about
+# 256 rows: the 5% default budget (10.07 MB) holds 4 gate_up / 9 down experts a chunk (16 + 8
+# dequant launches in a forward); the rows allow 16 of either (4 + 4).
+def test_scratch_chunks_fill_the_gpu(env):
+    T, H, I, E, k = 2048, 1024, 512, 64, 8
+    env("MOEQUANT_DECODE_MAX_PAIRS", "0")
+    env("MOEQUANT_EXPERTS_FUSED_GEMM", "0")
+    case = cuda_case(T=T, H=H, I=I, E=E, k=k, dtype=torch.bfloat16, lora=(True, True), rank=16)
+    check_case(case, torch.bfloat16)
+
+    def forward():
+        with torch.no_grad():
+            ops.experts_forward(*case.args(), **case.kwargs)
+
+    grown = kernel_launches(forward, "dequant_")
+    env("MOEQUANT_EXPERTS_SCRATCH_BYTES", str(2 * (E * 2 * I * H + E * H * I) // 20))  # the default, fixed
+    fixed = kernel_launches(forward, "dequant_")
+    if grown is not None:
+        assert fixed == 16 + 8 and grown < fixed, (grown, fixed)
+
+
 # The down LoRA's gradients need act(h) [R, I]; the activation backward writes it over the
 # [R, I] buffer it consumes, so LoRA adds well under one [R, I] buffer to the fwd+bwd peak (with
 # I = 4H here, the largest routing-order buffer besides gate_up's [R, 2I]).
@@ -273,14 +302,19 @@ def test_lora_backward_reuses_activation_buffer():
     assert increase < act_buffer / 2, (increase, act_buffer)
 
 
-def cuda_kernel_names(fn):
-    """Names of the CUDA kernels fn() launches, or None where the profiler sees none at all (CUPTI
-    is unavailable, e.g. under compute-sanitizer): the numeric checks in fn still run."""
+def cuda_kernel_launches(fn):
+    """The name of every CUDA kernel launch of fn(), in order ([] where the profiler sees none:
+    CUPTI is unavailable, e.g. under compute-sanitizer)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    names = {e.name for e in prof.events()}
-    return names or None
+    return [e.name for e in prof.events()]
+
+
+def cuda_kernel_names(fn):
+    """Names of the CUDA kernels fn() launches, or None where the profiler sees none at all (CUPTI
+    is unavailable, e.g. under compute-sanitizer): the numeric checks in fn still run."""
+    return set(cuda_kernel_launches(fn)) or None
 
 
 def ran_fused_gemm(names):

@@ -46,7 +46,7 @@ struct ExpertsCall {
   LoraFactors gate_up_lora, down_lora;
   bool decode = false;  // the decode GEMV serves the call (its LoRA factors are decode_*_lora)
   DecodeLora decode_gate_up_lora, decode_down_lora;
-  int64_t scratch_bytes = 0;
+  ScratchBudget scratch;
 };
 
 LoraFactors lora_factors(const std::optional<at::Tensor>& A, const std::optional<at::Tensor>& B, double scaling,
@@ -131,7 +131,7 @@ ExpertsCall prepare_call(const char* op, bool train, const at::Tensor& hidden, c
     c.gate_up_lora = lora_factors(gate_up_lora_A, gate_up_lora_B, gate_up_lora_scaling, c.dtype);
     c.down_lora = lora_factors(down_lora_A, down_lora_B, down_lora_scaling, c.dtype);
   }
-  c.scratch_bytes = experts_scratch_bytes(c.gate_up, c.down);
+  c.scratch = experts_scratch_budget(c.gate_up, c.down);
   return c;
 }
 
@@ -145,7 +145,7 @@ LowRankTerm lora_forward_term(const LoraFactors& lora, const at::Tensor& in, con
 // The gate_up projection output with LoRA and bias, in routing order: fills h [R, 2I] and
 // returns act(h) [R, I].
 at::Tensor gate_up_forward(const ExpertsCall& c, const ExpertsRouting& r, const at::Tensor& x, at::Tensor& h) {
-  packed_stack_gemm(x, h, c.gate_up, /*transpose_stored=*/!c.transposed, r, c.scratch_bytes,
+  packed_stack_gemm(x, h, c.gate_up, /*transpose_stored=*/!c.transposed, r, c.scratch,
                     lora_forward_term(c.gate_up_lora, x, r));
   return gate_up_bias_activation(h, c.gate_up_bias, r, c.act);
 }
@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, bool train, cons
   at::Tensor a = gate_up_forward(c, r, gather_rows(hidden.to(c.dtype), r), h);
   if (!train) h.reset();
   at::Tensor y = at::empty({r.num_rows, c.H}, hidden.options());
-  packed_stack_gemm(a, y, c.down, /*transpose_stored=*/!c.transposed, r, c.scratch_bytes,
+  packed_stack_gemm(a, y, c.down, /*transpose_stored=*/!c.transposed, r, c.scratch,
                     lora_forward_term(c.down_lora, a, r));
   a.reset();
   at::Tensor out = combine_rows(y, r, pair_weights, c.down_bias, c.T, c.dtype);
@@ -251,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         g_down_B.defined() ? LowRankTerm{g_down_B, c.down_lora.A.transpose(1, 2).contiguous(),
                                          static_cast<float>(c.down_lora.scaling)}
                            : LowRankTerm{};
-    packed_stack_gemm(g, z, c.down, /*transpose_stored=*/c.transposed, r, c.scratch_bytes, down_term);
+    packed_stack_gemm(g, z, c.down, /*transpose_stored=*/c.transposed, r, c.scratch, down_term);
     ActivationGrads ag =  // with down LoRA, ag.act is z's buffer overwritten by act(h)
         gate_up_activation_backward(h, z, row_weights, g, c.down_bias, r, c.act, c.down_lora.present());
     if (c.down_lora.present()) {
@@ -289,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   }
   at::Tensor dx = at::empty({r.num_rows, c.H}, opts);
-  packed_stack_gemm(dh, dx, c.gate_up, /*transpose_stored=*/c.transposed, r, c.scratch_bytes, gate_up_term);
+  packed_stack_gemm(dh, dx, c.gate_up, /*transpose_stored=*/c.transposed, r, c.scratch, gate_up_term);
   dh.reset();
   at::Tensor grad_hidden = combine_rows(dx, r, at::Tensor(), at::Tensor(), c.T, c.dtype);
   at::Tensor grad_weights = grad_pair_weights.view({c.T, c.k}).to(top_k_weights.scalar_type());

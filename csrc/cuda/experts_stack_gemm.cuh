@@ -31,10 +31,15 @@ struct PackedStack {
   QuantStackView view() const;
 };
 
-// Scratch bytes for one experts call: 5% of the layer's two stacks at bf16 (never below 8 MiB
-// unless the layer is smaller). MOEQUANT_EXPERTS_SCRATCH_BYTES overrides it (tests use it to
-// force row slicing).
-int64_t experts_scratch_bytes(const PackedStack& gate_up, const PackedStack& down);
+// The dequant scratch budget of one experts call: 5% of the layer's two stacks at bf16 (never
+// below 8 MiB unless the layer is smaller), which a product may raise to give its chunks enough
+// rows to fill the GPU (plan_chunks). MOEQUANT_EXPERTS_SCRATCH_BYTES sets it exactly (`fixed`:
+// tests use it to force row slicing, benchmarks to compare budgets).
+struct ScratchBudget {
+  int64_t bytes = 0;
+  bool fixed = false;
+};
+ScratchBudget experts_scratch_budget(const PackedStack& gate_up, const PackedStack& down);
 
 // out[rows of e] = in[rows of e] @ M_e (+ the low-rank term) for every expert with rows, where
 // M_e is the dequantized stored matrix S_e [N, K] (`transpose_stored` = false: in [R, N] -> out
@@ -43,6 +48,7 @@ int64_t experts_scratch_bytes(const PackedStack& gate_up, const PackedStack& dow
 // The low-rank term is added in place once the product is written, never materialized whole
 // (experts_low_rank.cuh).
 void packed_stack_gemm(const at::Tensor& in, at::Tensor& out, const PackedStack& w, bool transpose_stored,
-                       const ExpertsRouting& routing, int64_t scratch_bytes, const LowRankTerm& low_rank = {});
+                       const ExpertsRouting& routing, const ScratchBudget& scratch,
+                       const LowRankTerm& low_rank = {});
 
 }  // namespace moequant
