@@ -96,8 +96,11 @@ def check_case(case, dtype, tol_scale=1.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "swiglu_oai"])
 @pytest.mark.parametrize("layout", ["plain", "transposed", "interleaved", "transposed_interleaved"])
-def test_activations_layouts(dtype, activation, layout):
-    case = cuda_case(T=40, dtype=dtype, activation=activation, transposed="transposed" in layout,
+@pytest.mark.parametrize("I", [32, 36])
+def test_activations_layouts(dtype, activation, layout, I):
+    # I=32: the activation kernels take 16 bytes of each row a thread; I=36 (not a multiple of 8):
+    # one element a thread for 16-bit dtypes.
+    case = cuda_case(T=40, I=I, dtype=dtype, activation=activation, transposed="transposed" in layout,
                      interleaved="interleaved" in layout, bias=layout != "plain", E=8, k=4)
     check_case(case, dtype)
 
