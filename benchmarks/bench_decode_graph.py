@@ -40,7 +40,6 @@ copy (read + write bytes / time of a 1 GiB `copy_`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import statistics
@@ -54,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_experts import SHAPES as REFERENCE_SHAPES  # noqa: E402
 from bench_experts import (  # noqa: E402
     build_bf16_experts,
+    env_vars,
     first_host_sync,
     format_name,
     lora_factors,
@@ -106,21 +106,6 @@ def capture(fn):
         fn()
     torch.cuda.synchronize()
     return graph
-
-
-@contextlib.contextmanager
-def env_vars(settings):
-    """os.environ updated with `settings` ({name: value}) inside the block, restored after it."""
-    old = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def print_kernels(label, fn):

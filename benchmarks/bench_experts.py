@@ -154,20 +154,21 @@ def peft_wrap(experts):
 
 
 @contextlib.contextmanager
-def env_knobs(**knobs):
-    """MOEQUANT_* knobs set for the block (the kernels read them on every call, backward included),
-    e.g. MOEQUANT_EXPERTS_FUSED_GEMM="0" (rung (a) only) or "1" (the fused kernel wherever the shapes
+def env_vars(settings):
+    """os.environ updated with `settings` ({name: value}) inside the block, restored after it. The
+    kernels read their MOEQUANT_* knobs on every call (backward included), e.g.
+    MOEQUANT_EXPERTS_FUSED_GEMM="0" (rung (a) only) or "1" (the fused kernel wherever the shapes
     allow), MOEQUANT_EXPERTS_WGMMA="0" (the fused kernel's mma.sync form on Hopper too)."""
-    old = {k: os.environ.get(k) for k in knobs}
-    os.environ.update(knobs)
+    old = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                del os.environ[k]
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
             else:
-                os.environ[k] = v
+                os.environ[name] = value
 
 
 def measure(fwd, x, grad, reps, **knobs):
@@ -185,7 +186,7 @@ def measure(fwd, x, grad, reps, **knobs):
         out.backward(grad)
         x.grad = None
 
-    with env_knobs(**knobs):
+    with env_vars(knobs):
         return {
             "fwd_ms": time_ms(f_grad, reps),
             "fwd_nograd_ms": time_ms(f_nograd, reps),

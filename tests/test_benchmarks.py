@@ -148,3 +148,22 @@ def test_decode_graph_chained_smoke_run(tmp_path):
     record = json.loads(out.read_text())
     assert "--chain" in record["timing"] and record["rows"]
     assert all(row["chained"] and row["moequant_us"] > 0 and row["bf16_us"] > 0 for row in record["rows"])
+
+
+def test_profile_trace_gaps():
+    profile_experts = pytest.importorskip("profile_experts")
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "a", "ts": 0.0, "dur": 10.0},
+        {"ph": "X", "cat": "kernel", "name": "b", "ts": 5.0, "dur": 20.0},  # overlaps a: busy until 25
+        {"ph": "X", "cat": "gpu_memcpy", "name": "copy", "ts": 27.0, "dur": 1.0},  # 2 us after: not a gap
+        {"ph": "X", "cat": "kernel", "name": "c", "ts": 128.0, "dur": 2.0},  # 100 us idle
+        {"ph": "X", "cat": "kernel", "name": "d", "ts": 140.0, "dur": 5.0},  # 10 us idle
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 20.0, "dur": 90.0},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 120.0, "dur": 2.0},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 30.0, "dur": 50.0},
+        {"ph": "i", "cat": "kernel", "name": "instant", "ts": 60.0},
+    ]
+    busy_ms, gaps = profile_experts.trace_gaps(events)
+    assert busy_ms == pytest.approx(38e-3)
+    assert [(us, before, after) for us, before, after, _ in gaps] == [(100.0, "copy", "c"), (10.0, "c", "d")]
+    assert gaps[0][3] == ["cudaStreamSynchronize"] and gaps[1][3] == []

@@ -46,44 +46,6 @@ __device__ __forceinline__ float gated_act(float g, float u, float alpha, float 
   }
 }
 
-// kVec consecutive elements of a row as floats (and back), in 16-byte pieces where kVec elements
-// fill whole pieces: the rows are streamed once, so the kernels are bound by how many bytes each
-// thread keeps in flight (the scalar form reached 60-80% of HBM bandwidth on mixtral's rows).
-template <int kVec, typename T>
-__device__ __forceinline__ void load_floats(const T* p, float (&f)[kVec]) {
-  constexpr int kPiece = 16 / sizeof(T);
-  if constexpr (kVec % kPiece == 0) {
-    struct alignas(16) Piece { T v[kPiece]; };
-#pragma unroll
-    for (int j = 0; j < kVec / kPiece; ++j) {
-      const Piece piece = reinterpret_cast<const Piece*>(p)[j];
-#pragma unroll
-      for (int k = 0; k < kPiece; ++k) f[j * kPiece + k] = to_float(piece.v[k]);
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) f[k] = to_float(p[k]);
-  }
-}
-
-template <int kVec, typename T>
-__device__ __forceinline__ void store_floats(T* p, const float (&f)[kVec]) {
-  constexpr int kPiece = 16 / sizeof(T);
-  if constexpr (kVec % kPiece == 0) {
-    struct alignas(16) Piece { T v[kPiece]; };
-#pragma unroll
-    for (int j = 0; j < kVec / kPiece; ++j) {
-      Piece piece;
-#pragma unroll
-      for (int k = 0; k < kPiece; ++k) piece.v[k] = from_float<T>(f[j * kPiece + k]);
-      reinterpret_cast<Piece*>(p)[j] = piece;
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) p[k] = from_float<T>(f[k]);
-  }
-}
-
 // The gate and up values of kVec consecutive activations i0 .. i0 + kVec - 1 of a gate_up row
 // (halves, or interleaved pairs), and the matching stores.
 template <int kVec, typename T>
@@ -114,7 +76,7 @@ __device__ __forceinline__ void store_gate_up(T* h, int64_t i0, int64_t inter, b
   }
 }
 
-// kVec activations a thread: 16 bytes of each input row where activation_vector_width allows it, else 1.
+// kVec activations a thread: 16 bytes of each input row where row_vector_width allows it, else 1.
 template <typename T, GatedActivation kAct, int kVec>
 __global__ void __launch_bounds__(kActThreads)
 bias_activation_kernel(T* __restrict__ gate_up, const float* __restrict__ bias, const int32_t* __restrict__ sorted_expert,
@@ -183,28 +145,6 @@ activation_backward_kernel(const T* __restrict__ gate_up, const T* grad_act,
   if (threadIdx.x == 0) grad_pair_weights[sorted_pair[row]] = total;
 }
 
-// 16 bytes of T a thread where every row's activations start on 16-byte boundaries of every
-// buffer the kernel reads or writes, else one element.
-template <typename T>
-static int activation_vector_width(int64_t inter, std::initializer_list<const void*> buffers) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (inter % kVec != 0) return 1;
-  for (const void* b : buffers) {
-    if (reinterpret_cast<uintptr_t>(b) % 16 != 0) return 1;
-  }
-  return kVec;
-}
-
-// Runs f with the kernel's vector width as a compile-time constant.
-template <typename T, typename F>
-static void dispatch_vector_width(int width, F&& f) {
-  if (width == 1) {
-    f(std::integral_constant<int, 1>{});
-  } else {
-    f(std::integral_constant<int, 16 / sizeof(T)>{});
-  }
-}
-
 template <typename F>
 static void dispatch_activation(GatedActivation kind, F&& f) {
   switch (kind) {
@@ -226,7 +166,7 @@ at::Tensor gate_up_bias_activation(at::Tensor& gate_up, const at::Tensor& bias, 
   MOEQUANT_DISPATCH_EXPERTS_TYPES(gate_up.scalar_type(), "moequant_bias_activation", [&] {
     using T = typename native<scalar_t>::type;
     const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-    const int width = activation_vector_width<T>(inter, {gate_up.const_data_ptr(), b, act.const_data_ptr()});
+    const int width = row_vector_width<T>(inter, {gate_up.const_data_ptr(), b, act.const_data_ptr()});
     dispatch_activation(spec.kind, [&](auto kind) {
       dispatch_vector_width<T>(width, [&](auto vec) {
         bias_activation_kernel<T, decltype(kind)::value, decltype(vec)::value>
@@ -256,7 +196,7 @@ ActivationGrads gate_up_activation_backward(const at::Tensor& gate_up, at::Tenso
   auto stream = at::cuda::getCurrentCUDAStream();
   MOEQUANT_DISPATCH_EXPERTS_TYPES(gate_up.scalar_type(), "moequant_activation_backward", [&] {
     using T = typename native<scalar_t>::type;
-    const int width = activation_vector_width<T>(
+    const int width = row_vector_width<T>(
         inter, {gate_up.const_data_ptr(), grad_act.const_data_ptr(), out.grad_gate_up.const_data_ptr()});
     dispatch_activation(spec.kind, [&](auto kind) {
       dispatch_vector_width<T>(width, [&](auto vec) {
