@@ -79,9 +79,9 @@ combine_rows_kernel(const in_t* __restrict__ rows,
 #pragma unroll
         for (int i = 0; i < kVec; ++i) v[i] += b[i];
       }
-      const float w = pair_weights != nullptr ? pair_weights[p] : 1.0f;
+      const float w = pair_weights != nullptr ? pair_weights[p] : 1.0f;  // 1 * v is exact
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[i] += pair_weights != nullptr ? w * v[i] : v[i];
+      for (int i = 0; i < kVec; ++i) acc[i] += w * v[i];
     }
     store_floats<kVec>(out + t * D + c0, acc);
   }
